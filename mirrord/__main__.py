@@ -1,0 +1,3 @@
+from mirrord.cli import main
+
+raise SystemExit(main())
