@@ -1,0 +1,52 @@
+"""IMAP flags and their Maildir spelling, shared by the sync engine and the store.
+
+A Maildir file name carries message flags after ``:2,`` as single letters in
+ASCII order. Only the five IMAP system flags below have a letter; keywords
+(``$Forwarded``, ``Junk``, ...) and ``\\Recent`` have none and live only in the
+state DB. Comparing the *representable* part of two flag sets is how the engine
+decides whether a local file name must change.
+"""
+
+from __future__ import annotations
+
+Flags = frozenset[str]
+"""A message's IMAP flags, spelled as the server sends them (``\\Seen``, ``$Junk``)."""
+
+SEEN = "\\Seen"
+
+# IMAP system flag -> Maildir info letter (the Maildir spec's letters).
+_LETTER_FOR_FLAG = {
+    "\\draft": "D",
+    "\\flagged": "F",
+    "\\answered": "R",
+    "\\seen": "S",
+    "\\deleted": "T",
+}
+_FLAG_FOR_LETTER = {
+    "D": "\\Draft",
+    "F": "\\Flagged",
+    "R": "\\Answered",
+    "S": "\\Seen",
+    "T": "\\Deleted",
+}
+
+
+def maildir_info(flags: Flags) -> str:
+    """The info letters for ``flags``, sorted as the Maildir spec requires (e.g. ``"FS"``)."""
+    return "".join(
+        sorted({_LETTER_FOR_FLAG[f.lower()] for f in flags if f.lower() in _LETTER_FOR_FLAG})
+    )
+
+
+def flags_from_info(info: str) -> Flags:
+    """The IMAP system flags that ``info`` letters stand for; unknown letters are ignored."""
+    return frozenset(_FLAG_FOR_LETTER[c] for c in info if c in _FLAG_FOR_LETTER)
+
+
+def representable(flags: Flags) -> Flags:
+    """The part of ``flags`` that a Maildir file name can carry, in canonical spelling."""
+    return flags_from_info(maildir_info(flags))
+
+
+def is_seen(flags: Flags) -> bool:
+    return any(f.lower() == "\\seen" for f in flags)

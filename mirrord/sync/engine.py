@@ -1,0 +1,88 @@
+"""The sync engine: pure decisions about one mailbox, no I/O.
+
+Given what the server says (a complete UID -> flags listing under a UIDVALIDITY)
+and what we have locally (the state DB's rows and the files actually present in
+the Maildir), decide what to fetch, what to remove and whose flags to change.
+Everything that touches the network or the disk lives elsewhere; keeping the
+decisions here, free of I/O, is what lets them be tested exhaustively.
+
+The mirror is one-way: the server is the truth. A local copy is removed only
+on explicit server evidence (absence from a complete listing under an
+unchanged UIDVALIDITY, DESIGN invariant 2); a UIDVALIDITY change never leads
+to removal here (invariant 3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from mirrord.flags import Flags
+
+
+@dataclass(frozen=True)
+class ServerListing:
+    """A complete listing of one mailbox as the server reported it."""
+
+    uidvalidity: int
+    messages: Mapping[int, Flags]
+    """Every UID in the mailbox with its flags."""
+
+
+@dataclass(frozen=True)
+class KnownMessage:
+    """A state DB row: a message we fetched and the server flags we last applied."""
+
+    key: str
+    """The Maildir unique name of its local file (the part before ``:2,``)."""
+    flags: Flags
+
+
+@dataclass(frozen=True)
+class LocalSnapshot:
+    """What we have for one mailbox."""
+
+    uidvalidity: int | None
+    """UIDVALIDITY the state rows belong to; None if the mailbox was never synced."""
+    known: Mapping[int, KnownMessage]
+    """State rows by UID."""
+    files: Mapping[str, Flags]
+    """Files present in ``new/`` and ``cur/``: unique name -> flags their name carries."""
+
+
+@dataclass(frozen=True)
+class SyncPlan:
+    """What to do to make the local copy equal the server's mailbox."""
+
+    fetch: tuple[int, ...] = ()
+    """UIDs to download, ascending: new on the server, or their local file went missing."""
+    remove: tuple[int, ...] = ()
+    """UIDs whose local copy goes: known locally, absent from the server's complete listing."""
+    set_flags: Mapping[int, Flags] = field(default_factory=dict)
+    """UID -> the server's flags, for kept messages whose recorded or on-disk flags differ."""
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.fetch or self.remove or self.set_flags)
+
+
+class UidValidityChanged(Exception):
+    """The server's UIDVALIDITY differs from the one our state rows belong to.
+
+    Until re-matching lands, the mailbox must stop with this error: acting on
+    the new UIDs would remove or duplicate local mail.
+    """
+
+    def __init__(self, old: int, new: int) -> None:
+        super().__init__(f"UIDVALIDITY changed from {old} to {new}")
+        self.old = old
+        self.new = new
+
+
+def plan_sync(server: ServerListing, local: LocalSnapshot) -> SyncPlan:
+    """Decide how to bring ``local`` to equal ``server``.
+
+    Raises UidValidityChanged when the listing belongs to another UIDVALIDITY
+    than the state rows (and there are state rows to lose).
+    """
+    raise NotImplementedError
