@@ -1,0 +1,474 @@
+"""The Maildir store: the only code that creates, renames or removes message files.
+
+Mail readers (neomutt, aerc, mu, notmuch) watch ``new/`` and ``cur/`` and may
+read a file the moment its name appears there, so a file may appear there
+only complete and durable (DESIGN invariant 1): it is written in ``tmp/``,
+fsynced, closed, renamed into place, and the target directory is fsynced
+before the caller is told the key. Only then may the state DB row that points
+at it be committed.
+
+The mirror is one-way: a file name carries exactly the server's flags that a
+Maildir name can express (see :mod:`mirrord.flags`). Readers may rename files
+(new/ -> cur/, flag letters); such files are still found by their key, the
+unique name before the ``:2,`` info.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import socket
+import stat
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from mirrord.flags import Flags, flags_from_info, is_seen, maildir_info
+
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+_SUBDIRS = ("cur", "new", "tmp")
+
+# Socket chunks can be tiny (a literal split over many TCP segments); batching
+# them saves syscalls without holding much memory.
+_WRITE_BUFFER = 64 * 1024
+
+# Per-process part of unique names. The pid is read at each call, so a forked
+# child that inherits the counter still produces different names.
+_counter = itertools.count(1)
+
+# Keys of tmp/ files this process is still writing, across all Maildir
+# instances, so that clean_tmp() never pulls a file from under a live fetch.
+_live_tmp: set[str] = set()
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    """A message file found in ``new/`` or ``cur/``."""
+
+    subdir: str
+    """``"new"`` or ``"cur"``."""
+    filename: str
+    flags: Flags
+    """The IMAP flags the name's info letters stand for (unknown letters ignored)."""
+
+    @property
+    def key(self) -> str:
+        return split_name(self.filename)[0]
+
+
+def split_name(filename: str) -> tuple[str, str]:
+    """Split a Maildir file name into its key and its ``2,`` info letters.
+
+    Everything after the first ``:`` is info by the Maildir spec, so the key
+    is what precedes it; an info that is not version 2 carries no flags.
+    Names without ``:`` may use ``!2,`` (filesystems that forbid ``:``); our
+    own keys never contain ``!``, so the last ``!2,`` is the separator.
+    """
+    colon = filename.find(":")
+    if colon >= 0:
+        info = filename[colon + 1 :]
+        return filename[:colon], info[2:] if info.startswith("2,") else ""
+    bang = filename.rfind("!2,")
+    if bang >= 0:
+        return filename[:bang], filename[bang + 3 :]
+    return filename, ""
+
+
+def _escaped_hostname() -> str:
+    # "/" would make a path and ":" would start the info; "!" is escaped too
+    # because "!2," is accepted as an info separator when scanning.
+    host = socket.gethostname() or "localhost"
+    return host.replace("/", "\\057").replace(":", "\\072").replace("!", "\\041")
+
+
+def unique_name() -> str:
+    """A Maildir unique name that no other delivery, in any process, will produce.
+
+    Time, pid and a per-process counter make it unique on this host (the
+    counter survives clock steps backwards); 64 random bits cover pid reuse
+    across a reboot and hosts sharing the directory; the hostname comes last
+    as the Maildir convention has it.
+    """
+    sec, nsec = divmod(time.time_ns(), 1_000_000_000)
+    return (
+        f"{sec}.M{nsec // 1000}P{os.getpid()}Q{next(_counter)}"
+        f"R{os.urandom(8).hex()}.{_escaped_hostname()}"
+    )
+
+
+def _placement(key: str, flags: Flags, in_cur: bool) -> tuple[str, str]:
+    """Where a message with ``flags`` belongs: (subdir, filename).
+
+    \\Seen mail goes to cur/. Unseen mail stays in cur/ when it is already
+    there: readers move mail they have listed from new/ to cur/, and moving it
+    back would fight them and re-announce it as new. Names in cur/ always carry
+    an info part; in new/ only when there are letters to carry.
+    """
+    letters = maildir_info(flags)
+    if in_cur or is_seen(flags):
+        return "cur", f"{key}:2,{letters}"
+    return "new", f"{key}:2,{letters}" if letters else key
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_dir(path: Path) -> None:
+    try:
+        os.mkdir(path, DIR_MODE)
+    except FileExistsError:
+        if not path.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))
+        return
+    # mkdir's mode is filtered by the umask; the mail must be private anyway.
+    os.chmod(path, DIR_MODE)
+    _fsync_dir(path.parent)
+
+
+class TmpMessage:
+    """A message being written into ``tmp/``; hand it to :meth:`Maildir.deliver` or abort it.
+
+    IMAP sends messages with CRLF line ends, Maildir files use LF. The
+    conversion is done while streaming, so a CR that ends a chunk is held
+    back until the next chunk (or delivery) shows whether an LF follows.
+    """
+
+    def __init__(self, key: str, path: Path, fd: int) -> None:
+        self.key = key
+        self.path = path
+        self.size = 0
+        """Bytes of converted message accepted so far; the file's size once delivered."""
+        self._fd: int | None = fd
+        self._pending: list[bytes] = []
+        self._pending_len = 0
+        self._held_cr = False
+        self._state = "open"  # open -> closed -> delivered, or -> aborted
+
+    def __enter__(self) -> TmpMessage:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # Leaving the block without delivering means the fetch did not finish.
+        if self._state != "delivered":
+            self.abort()
+
+    def write(self, data: bytes) -> None:
+        """Append a chunk; on a disk error the file is aborted and the OSError raised."""
+        if self._state != "open":
+            raise ValueError(f"write to a {self._state} message {self.key}")
+        if not data:
+            return
+        if not isinstance(data, bytes):
+            data = bytes(data)
+        if self._held_cr:
+            data = b"\r" + data
+            self._held_cr = False
+        if data.endswith(b"\r"):
+            self._held_cr = True
+            data = data[:-1]
+        # Every piece handed on ends in a byte other than CR (the held one
+        # starts the next piece), so no CRLF can straddle two pieces.
+        out = data.replace(b"\r\n", b"\n")
+        if not out:
+            return
+        self._pending.append(out)
+        self._pending_len += len(out)
+        self.size += len(out)
+        if self._pending_len >= _WRITE_BUFFER:
+            try:
+                self._drain()
+            except BaseException:
+                self.abort()
+                raise
+
+    def abort(self) -> None:
+        """Close and unlink; safe to call more than once and after a failed delivery."""
+        if self._state == "delivered":
+            return
+        self._state = "aborted"
+        self._pending.clear()
+        _live_tmp.discard(self.key)
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def _drain(self) -> None:
+        assert self._fd is not None
+        data = b"".join(self._pending)
+        self._pending.clear()
+        self._pending_len = 0
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+
+    def finish(self) -> None:
+        """Make the content durable and release the file descriptor.
+
+        Delivery does this too; calling it as soon as the last byte arrives
+        keeps a large fetch batch from holding one open descriptor per message.
+        """
+        if self._state == "closed":
+            return
+        if self._state != "open":
+            raise ValueError(f"deliver of a {self._state} message {self.key}")
+        assert self._fd is not None
+        if self._held_cr:
+            # A CR at the very end has no LF after it: it is data.
+            self._held_cr = False
+            self._pending.append(b"\r")
+            self._pending_len += 1
+            self.size += 1
+        self._drain()
+        os.fsync(self._fd)
+        fd, self._fd = self._fd, None
+        self._state = "closed"
+        os.close(fd)
+
+    def _delivered(self) -> None:
+        self._state = "delivered"
+        _live_tmp.discard(self.key)
+
+
+class Maildir:
+    """One mailbox's Maildir directory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        missing: list[Path] = []
+        p = self.path
+        while not p.exists() and p.parent != p:
+            missing.append(p)
+            p = p.parent
+        for d in reversed(missing):
+            _make_dir(d)
+        for sub in _SUBDIRS:
+            _make_dir(self.path / sub)
+
+    def __repr__(self) -> str:
+        return f"Maildir({str(self.path)!r})"
+
+    # -- delivery ---------------------------------------------------------
+
+    def open_tmp(self) -> TmpMessage:
+        for _ in range(8):
+            key = unique_name()
+            path = self.path / "tmp" / key
+            try:
+                fd = os.open(
+                    path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE
+                )
+            except FileExistsError:
+                continue
+            try:
+                os.fchmod(fd, FILE_MODE)
+            except BaseException:
+                os.close(fd)
+                os.unlink(path)
+                raise
+            _live_tmp.add(key)
+            return TmpMessage(key, path, fd)
+        raise FileExistsError(errno.EEXIST, "could not find a free unique name", str(path))
+
+    def deliver(self, tmp: TmpMessage, flags: Flags) -> str:
+        """Move a finished message into new/ or cur/; see :meth:`deliver_many`."""
+        return self.deliver_many([(tmp, flags)])[0]
+
+    def deliver_many(self, items: Sequence[tuple[TmpMessage, Flags]]) -> list[str]:
+        """Deliver a batch with one fsync per target directory; returns the keys in order.
+
+        All or nothing: on any error every message of the batch is removed
+        again (renamed ones included) and the error raised, so the caller has
+        nothing to record and simply fetches the batch again.
+        """
+        items = list(items)
+        if not items:
+            return []
+        moved: list[Path] = []
+        try:
+            if len({id(tmp) for tmp, _ in items}) != len(items):
+                raise ValueError("the same TmpMessage twice in one batch")
+            for tmp, _ in items:
+                if tmp.path.parent != self.path / "tmp":
+                    raise ValueError(f"{tmp.key} was not opened in {self.path}")
+            for tmp, _ in items:
+                tmp.finish()
+            dirs: set[str] = set()
+            for tmp, flags in items:
+                subdir, name = _placement(tmp.key, flags, in_cur=False)
+                target = self.path / subdir / name
+                os.rename(tmp.path, target)
+                moved.append(target)
+                dirs.add(subdir)
+            for subdir in sorted(dirs):
+                _fsync_dir(self.path / subdir)
+        except BaseException:
+            # Complete files may already be visible; without a state row they
+            # would be orphans the next sync fetches again as duplicates.
+            for target in moved:
+                try:
+                    os.unlink(target)
+                except OSError:
+                    pass
+            for tmp, _ in items:
+                tmp.abort()
+            raise
+        for tmp, _ in items:
+            tmp._delivered()
+        return [tmp.key for tmp, _ in items]
+
+    # -- reading ----------------------------------------------------------
+
+    def _list(self) -> list[LocalFile]:
+        found = []
+        for subdir in ("new", "cur"):
+            with os.scandir(self.path / subdir) as entries:
+                for entry in entries:
+                    if entry.name.startswith("."):
+                        continue
+                    try:
+                        if not entry.is_file(follow_symlinks=False):
+                            continue
+                    except OSError:
+                        continue
+                    key, letters = split_name(entry.name)
+                    if key:
+                        found.append(LocalFile(subdir, entry.name, flags_from_info(letters)))
+        return found
+
+    def scan(self) -> dict[str, LocalFile]:
+        """Every message file by key.
+
+        If a key appears twice (a crash between the two directory fsyncs of a
+        new -> cur rename, or a reader's copy), the one in cur/ wins, being
+        the later state; ties go to the greatest name so the answer is stable.
+        """
+        result: dict[str, LocalFile] = {}
+        for lf in self._list():
+            prev = result.get(lf.key)
+            if prev is None or _rank(lf) > _rank(prev):
+                result[lf.key] = lf
+        return result
+
+    def _find_all(self, key: str) -> list[LocalFile]:
+        return [lf for lf in self._list() if lf.key == key]
+
+    def _find(self, key: str) -> LocalFile | None:
+        candidates = self._find_all(key)
+        return max(candidates, key=_rank) if candidates else None
+
+    # -- changing ---------------------------------------------------------
+
+    def set_flags(self, key: str, flags: Flags, current: LocalFile | None = None) -> LocalFile:
+        """Rename the message so its name carries ``flags``; returns where it now is.
+
+        ``current`` (from a scan) saves a directory listing; if a reader has
+        renamed the file since, the file is looked up by key instead. Raises
+        FileNotFoundError when no file has this key.
+        """
+        letters = maildir_info(flags)
+        for attempt in range(3):
+            found = current if attempt == 0 and current is not None else self._find(key)
+            if found is None:
+                break
+            subdir, name = _placement(key, flags, in_cur=found.subdir == "cur")
+            if subdir == found.subdir and split_name(found.filename)[1] == letters:
+                return found
+            source = self.path / found.subdir / found.filename
+            try:
+                os.rename(source, self.path / subdir / name)
+            except FileNotFoundError:
+                continue  # renamed or removed under us; look again
+            _fsync_dir(self.path / subdir)
+            if subdir != found.subdir:
+                _fsync_dir(self.path / found.subdir)
+            return LocalFile(subdir, name, flags_from_info(letters))
+        raise FileNotFoundError(errno.ENOENT, "no message file with this key", key)
+
+    def remove(self, key: str, current: LocalFile | None = None) -> None:
+        """Unlink the message; a file already gone is not an error."""
+        self.remove_many([key], {key: current} if current is not None else None)
+
+    def remove_many(
+        self, keys: Iterable[str], current: Mapping[str, LocalFile] | None = None
+    ) -> None:
+        """Unlink several messages with one fsync per directory.
+
+        Keys without an entry in ``current`` (or whose entry is stale) are
+        looked up with a single listing; every file with such a key goes.
+        """
+        current = current or {}
+        dirs: set[str] = set()
+        lookup: set[str] = set()
+        for key in keys:
+            lf = current.get(key)
+            if lf is None:
+                lookup.add(key)
+                continue
+            try:
+                os.unlink(self.path / lf.subdir / lf.filename)
+                dirs.add(lf.subdir)
+            except FileNotFoundError:
+                lookup.add(key)
+        if lookup:
+            for lf in self._list():
+                if lf.key in lookup:
+                    try:
+                        os.unlink(self.path / lf.subdir / lf.filename)
+                        dirs.add(lf.subdir)
+                    except FileNotFoundError:
+                        pass
+        # Without this a crash could bring the file back after the state row
+        # is gone, leaving an orphan the engine cannot account for.
+        for subdir in sorted(dirs):
+            _fsync_dir(self.path / subdir)
+
+    def clean_tmp(self, older_than: float = 0) -> int:
+        """Remove files in tmp/ at least ``older_than`` seconds old; returns how many.
+
+        Leftovers are debris of a crash mid-fetch (nothing else writes here).
+        Files this process is still writing are spared whatever their age.
+        """
+        now = time.time()
+        removed = 0
+        with os.scandir(self.path / "tmp") as entries:
+            for entry in entries:
+                if entry.name in _live_tmp:
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISDIR(st.st_mode) or now - st.st_mtime < older_than:
+                    continue
+                try:
+                    os.unlink(entry.path)
+                except FileNotFoundError:
+                    continue
+                removed += 1
+        return removed
+
+
+def _rank(lf: LocalFile) -> tuple[bool, str]:
+    return (lf.subdir == "cur", lf.filename)

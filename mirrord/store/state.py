@@ -1,0 +1,334 @@
+"""The state DB: which local file holds which server message, and per-mailbox sync marks.
+
+A row is committed only after the file it names is durable in the Maildir
+(DESIGN invariant 1), and a committed row must survive a power cut, or the
+next sync would believe in a file that may have vanished or refetch one that
+is there. Hence WAL with ``synchronous=FULL``: every commit is fsynced.
+
+The DB is used from the reactor thread only; SQLite's own connection check
+enforces that.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from mirrord.flags import Flags
+
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+SCHEMA_VERSION = 1
+
+_MAX_UID = 2**32 - 1
+_MAX_MODSEQ = 2**63 - 1
+
+
+class StateError(Exception):
+    """The state DB cannot be used as it is (e.g. written by a newer mirrord)."""
+
+
+@dataclass(frozen=True)
+class MailboxRecord:
+    account: str
+    mailbox: str
+    uidvalidity: int
+    highestmodseq: int | None
+    last_sync: float | None
+
+
+@dataclass(frozen=True)
+class MessageRecord:
+    uid: int
+    key: str
+    """The Maildir unique name of the local file (the part before ``:2,``)."""
+    flags: Flags
+    """All of the server's flags, keywords included; file names carry only some."""
+    size: int | None
+
+
+def _v1(conn: sqlite3.Connection) -> None:
+    conn.execute(
+        """
+        CREATE TABLE mailbox (
+            account       TEXT NOT NULL,
+            mailbox       TEXT NOT NULL,
+            uidvalidity   INTEGER NOT NULL,
+            highestmodseq INTEGER,
+            last_sync     REAL,
+            PRIMARY KEY (account, mailbox)
+        ) WITHOUT ROWID
+        """
+    )
+    conn.execute(
+        """
+        CREATE TABLE message (
+            account TEXT NOT NULL,
+            mailbox TEXT NOT NULL,
+            uid     INTEGER NOT NULL,
+            key     TEXT NOT NULL,
+            flags   TEXT NOT NULL,
+            size    INTEGER,
+            PRIMARY KEY (account, mailbox, uid)
+        ) WITHOUT ROWID
+        """
+    )
+
+
+# _MIGRATIONS[n] takes a DB at version n-1 to version n. Later schema changes
+# append a step here; never edit a released one.
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1}
+
+
+def _canonical_flags(flags: Flags) -> str:
+    for flag in flags:
+        if not flag or any(c.isspace() for c in flag):
+            # The stored form is space separated; such a flag could not be read back.
+            raise ValueError(f"not an IMAP flag: {flag!r}")
+    return " ".join(sorted(set(flags)))
+
+
+def _parse_flags(text: str) -> Flags:
+    return frozenset(text.split())
+
+
+def _check_uid(uid: int, what: str = "uid") -> int:
+    if isinstance(uid, bool) or not isinstance(uid, int) or not 0 < uid <= _MAX_UID:
+        raise ValueError(f"{what} out of range: {uid!r}")
+    return uid
+
+
+def _make_private_dir(path: Path) -> None:
+    missing: list[Path] = []
+    p = path
+    while not p.exists() and p.parent != p:
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, DIR_MODE)
+        except FileExistsError:
+            continue
+        os.chmod(d, DIR_MODE)
+
+
+class StateDB:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        _make_private_dir(self.path.parent)
+        # Create the file ourselves so it is private from its first byte;
+        # SQLite gives the -wal and -shm files the database file's mode.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        try:
+            if os.fstat(fd).st_size == 0:
+                os.fchmod(fd, FILE_MODE)
+        finally:
+            os.close(fd)
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, so what is
+        # one transaction is explicit rather than the sqlite3 module's guess.
+        self._conn: sqlite3.Connection | None = sqlite3.connect(
+            self.path, isolation_level=None, timeout=5.0
+        )
+        self._depth = 0
+        try:
+            mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StateError(f"{self.path}: cannot use WAL journal (got {mode!r})")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._migrate()
+        except BaseException:
+            self._conn.close()
+            self._conn = None
+            raise
+
+    def _migrate(self) -> None:
+        with self.transaction():
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StateError(
+                    f"{self.path} has schema version {version}; this mirrord knows "
+                    f"up to {SCHEMA_VERSION} (was it written by a newer version?)"
+                )
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                _MIGRATIONS[step](self._db)
+            if version != SCHEMA_VERSION:
+                # PRAGMA takes no parameters; the value is our own integer.
+                self._db.execute(f"PRAGMA user_version = {int(SCHEMA_VERSION)}")
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StateError(f"{self.path} is closed")
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            conn.close()
+
+    def __enter__(self) -> StateDB:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Group several calls into one commit; nested blocks become savepoints.
+
+        E.g. recording a batch of messages and the HIGHESTMODSEQ they bring
+        the mailbox to, so neither is ever committed without the other.
+        An exception leaving a block undoes that block only.
+        """
+        db = self._db
+        if self._depth == 0:
+            db.execute("BEGIN IMMEDIATE")
+        else:
+            db.execute(f"SAVEPOINT sp{self._depth}")
+        self._depth += 1
+        try:
+            yield
+        except BaseException:
+            self._depth -= 1
+            if self._depth == 0:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+            else:
+                db.execute(f"ROLLBACK TO sp{self._depth}")
+                db.execute(f"RELEASE sp{self._depth}")
+            raise
+        self._depth -= 1
+        if self._depth == 0:
+            try:
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        else:
+            db.execute(f"RELEASE sp{self._depth}")
+
+    # -- mailboxes --------------------------------------------------------
+
+    def mailbox(self, account: str, mailbox: str) -> MailboxRecord | None:
+        row = self._db.execute(
+            "SELECT uidvalidity, highestmodseq, last_sync FROM mailbox"
+            " WHERE account = ? AND mailbox = ?",
+            (account, mailbox),
+        ).fetchone()
+        return None if row is None else MailboxRecord(account, mailbox, *row)
+
+    def mailboxes(self, account: str) -> list[MailboxRecord]:
+        """The account's mailboxes, ordered by name."""
+        rows = self._db.execute(
+            "SELECT mailbox, uidvalidity, highestmodseq, last_sync FROM mailbox"
+            " WHERE account = ? ORDER BY mailbox",
+            (account,),
+        ).fetchall()
+        return [MailboxRecord(account, *row) for row in rows]
+
+    def set_mailbox(
+        self,
+        account: str,
+        mailbox: str,
+        uidvalidity: int,
+        highestmodseq: int | None = None,
+        last_sync: float | None = None,
+    ) -> None:
+        """Write the whole mailbox row; None stores NULL, it does not keep the old value.
+
+        Keeping an old HIGHESTMODSEQ across a UIDVALIDITY change would make the
+        next sync skip changes; forgetting one only costs a full listing.
+        """
+        _check_uid(uidvalidity, "uidvalidity")
+        if highestmodseq is not None and not 0 <= highestmodseq <= _MAX_MODSEQ:
+            raise ValueError(f"highestmodseq out of range: {highestmodseq!r}")
+        with self.transaction():
+            self._db.execute(
+                "INSERT INTO mailbox (account, mailbox, uidvalidity, highestmodseq, last_sync)"
+                " VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (account, mailbox) DO UPDATE SET"
+                " uidvalidity = excluded.uidvalidity,"
+                " highestmodseq = excluded.highestmodseq,"
+                " last_sync = excluded.last_sync",
+                (account, mailbox, uidvalidity, highestmodseq, last_sync),
+            )
+
+    def delete_mailbox(self, account: str, mailbox: str) -> None:
+        """Forget a mailbox and all its message rows (its files are the caller's business)."""
+        with self.transaction():
+            self._db.execute(
+                "DELETE FROM message WHERE account = ? AND mailbox = ?", (account, mailbox)
+            )
+            self._db.execute(
+                "DELETE FROM mailbox WHERE account = ? AND mailbox = ?", (account, mailbox)
+            )
+
+    # -- messages ---------------------------------------------------------
+
+    def messages(self, account: str, mailbox: str) -> dict[int, MessageRecord]:
+        rows = self._db.execute(
+            "SELECT uid, key, flags, size FROM message WHERE account = ? AND mailbox = ?",
+            (account, mailbox),
+        )
+        return {
+            uid: MessageRecord(uid, key, _parse_flags(flags), size)
+            for uid, key, flags, size in rows
+        }
+
+    def add_messages(
+        self, account: str, mailbox: str, records: Iterable[MessageRecord]
+    ) -> None:
+        """Record messages in one transaction; a row for the same uid is replaced."""
+
+        def rows() -> Iterator[tuple[str, str, int, str, str, int | None]]:
+            for r in records:
+                if not r.key:
+                    raise ValueError(f"empty key for uid {r.uid}")
+                flags = _canonical_flags(r.flags)
+                yield (account, mailbox, _check_uid(r.uid), r.key, flags, r.size)
+
+        with self.transaction():
+            self._db.executemany(
+                "INSERT INTO message (account, mailbox, uid, key, flags, size)"
+                " VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (account, mailbox, uid) DO UPDATE SET"
+                " key = excluded.key, flags = excluded.flags, size = excluded.size",
+                rows(),
+            )
+
+    def set_flags(self, account: str, mailbox: str, changes: Mapping[int, Flags]) -> None:
+        """Update flags in one transaction; a uid without a row is skipped."""
+        params = [
+            (_canonical_flags(flags), account, mailbox, _check_uid(uid))
+            for uid, flags in changes.items()
+        ]
+        with self.transaction():
+            self._db.executemany(
+                "UPDATE message SET flags = ? WHERE account = ? AND mailbox = ? AND uid = ?",
+                params,
+            )
+
+    def remove_messages(self, account: str, mailbox: str, uids: Iterable[int]) -> None:
+        params = [(account, mailbox, _check_uid(uid)) for uid in uids]
+        with self.transaction():
+            self._db.executemany(
+                "DELETE FROM message WHERE account = ? AND mailbox = ? AND uid = ?", params
+            )
+
+    def count(self, account: str, mailbox: str) -> int:
+        return self._db.execute(
+            "SELECT COUNT(*) FROM message WHERE account = ? AND mailbox = ?",
+            (account, mailbox),
+        ).fetchone()[0]

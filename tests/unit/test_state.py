@@ -1,0 +1,261 @@
+"""The state DB on a real SQLite file: round trips, replace semantics, atomicity, modes."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mirrord.store.state import (
+    SCHEMA_VERSION,
+    MailboxRecord,
+    MessageRecord,
+    StateDB,
+    StateError,
+)
+
+A, INBOX = "work", "INBOX"
+
+
+@pytest.fixture
+def umask0() -> Iterator[None]:
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[StateDB]:
+    s = StateDB(tmp_path / "state" / "state.sqlite3")
+    yield s
+    s.close()
+
+
+def rec(uid: int, flags: set[str] | None = None, size: int | None = 100) -> MessageRecord:
+    return MessageRecord(uid, f"key{uid}", frozenset(flags or ()), size)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def test_file_and_dir_modes(tmp_path: Path, umask0: None) -> None:
+    path = tmp_path / "a" / "b" / "state.sqlite3"
+    s = StateDB(path)
+    s.set_mailbox(A, INBOX, 1)  # makes SQLite create the -wal file
+    assert mode(path) == 0o600
+    assert mode(path.parent) == 0o700 and mode(path.parent.parent) == 0o700
+    wal = path.with_name(path.name + "-wal")
+    assert wal.exists() and mode(wal) == 0o600
+    s.close()
+
+
+def test_pragmas(db: StateDB) -> None:
+    conn = sqlite3.connect(db.path)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    finally:
+        conn.close()
+    assert db._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_mailbox_round_trip(db: StateDB) -> None:
+    assert db.mailbox(A, INBOX) is None
+    assert db.mailboxes(A) == []
+    db.set_mailbox(A, INBOX, 1234, 99, 1700000000.5)
+    db.set_mailbox(A, "Archive/2024", 7)
+    db.set_mailbox("other", INBOX, 5)
+    assert db.mailbox(A, INBOX) == MailboxRecord(A, INBOX, 1234, 99, 1700000000.5)
+    assert db.mailboxes(A) == [
+        MailboxRecord(A, "Archive/2024", 7, None, None),
+        MailboxRecord(A, INBOX, 1234, 99, 1700000000.5),
+    ]
+
+
+def test_set_mailbox_overwrites_every_column(db: StateDB) -> None:
+    db.set_mailbox(A, INBOX, 1, 500, 10.0)
+    db.set_mailbox(A, INBOX, 2)  # a UIDVALIDITY change must not keep the old modseq
+    assert db.mailbox(A, INBOX) == MailboxRecord(A, INBOX, 2, None, None)
+
+
+def test_set_mailbox_large_modseq(db: StateDB) -> None:
+    db.set_mailbox(A, INBOX, 2**32 - 1, 2**63 - 1)
+    assert db.mailbox(A, INBOX) == MailboxRecord(A, INBOX, 2**32 - 1, 2**63 - 1, None)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2**32])
+def test_set_mailbox_rejects_bad_uidvalidity(db: StateDB, bad: int) -> None:
+    with pytest.raises(ValueError):
+        db.set_mailbox(A, INBOX, bad)
+
+
+def test_messages_round_trip(db: StateDB) -> None:
+    records = [
+        rec(1),
+        rec(2, {"\\Seen", "\\Flagged", "$Forwarded", "Junk"}, 12345),
+        MessageRecord(3, "k3", frozenset({"\\Seen"}), None),
+        rec(2**32 - 1, {"\\Answered"}),
+    ]
+    db.add_messages(A, INBOX, records)
+    got = db.messages(A, INBOX)
+    assert got == {r.uid: r for r in records}
+    assert all(isinstance(r.flags, frozenset) for r in got.values())
+    assert db.count(A, INBOX) == 4
+    assert db.messages(A, "Other") == {} and db.count("x", INBOX) == 0
+
+
+def test_flags_stored_canonically(db: StateDB) -> None:
+    db.add_messages(A, INBOX, [rec(1, {"\\Seen", "$Junk", "\\Answered"}), rec(2)])
+    raw = dict(db._db.execute("SELECT uid, flags FROM message").fetchall())
+    assert raw == {1: "$Junk \\Answered \\Seen", 2: ""}
+
+
+@pytest.mark.parametrize("bad", ["", "two words", "tab\tbed", "new\nline"])
+def test_flags_that_cannot_round_trip_are_refused(db: StateDB, bad: str) -> None:
+    with pytest.raises(ValueError):
+        db.add_messages(A, INBOX, [rec(1, {bad})])
+    assert db.count(A, INBOX) == 0
+
+
+def test_add_replaces_same_uid(db: StateDB) -> None:
+    db.add_messages(A, INBOX, [rec(1, {"\\Seen"}), rec(2)])
+    db.add_messages(A, INBOX, [MessageRecord(1, "newkey", frozenset(), 7)])
+    assert db.messages(A, INBOX) == {1: MessageRecord(1, "newkey", frozenset(), 7), 2: rec(2)}
+    assert db.count(A, INBOX) == 2
+
+
+def test_mailboxes_and_accounts_are_separate(db: StateDB) -> None:
+    db.add_messages(A, INBOX, [rec(1)])
+    db.add_messages(A, "Sent", [rec(1, {"\\Seen"})])
+    db.add_messages("home", INBOX, [rec(1, {"\\Flagged"})])
+    db.remove_messages(A, INBOX, [1])
+    assert db.count(A, INBOX) == 0
+    assert db.messages(A, "Sent")[1].flags == {"\\Seen"}
+    assert db.messages("home", INBOX)[1].flags == {"\\Flagged"}
+
+
+def test_set_flags(db: StateDB) -> None:
+    db.add_messages(A, INBOX, [rec(1), rec(2), rec(3)])
+    db.set_flags(A, INBOX, {1: frozenset({"\\Seen"}), 3: frozenset({"$Label1"}), 99: frozenset()})
+    got = db.messages(A, INBOX)
+    assert got[1] == MessageRecord(1, "key1", frozenset({"\\Seen"}), 100)
+    assert got[2] == rec(2)
+    assert got[3].flags == {"$Label1"}
+    assert 99 not in got
+
+
+def test_remove_messages(db: StateDB) -> None:
+    db.add_messages(A, INBOX, [rec(u) for u in range(1, 11)])
+    db.remove_messages(A, INBOX, iter([2, 4, 6, 1000]))
+    assert sorted(db.messages(A, INBOX)) == [1, 3, 5, 7, 8, 9, 10]
+
+
+def test_add_messages_is_one_transaction(db: StateDB) -> None:
+    db.add_messages(A, INBOX, [rec(1, {"\\Seen"})])
+
+    def records() -> Iterator[MessageRecord]:
+        yield rec(1)  # would replace the existing row
+        yield rec(2)
+        raise RuntimeError("fetch failed half way")
+
+    with pytest.raises(RuntimeError):
+        db.add_messages(A, INBOX, records())
+    assert db.messages(A, INBOX) == {1: rec(1, {"\\Seen"})}
+
+
+def test_set_flags_and_remove_are_atomic_on_bad_input(db: StateDB) -> None:
+    db.add_messages(A, INBOX, [rec(1), rec(2)])
+    with pytest.raises(ValueError):
+        db.set_flags(A, INBOX, {1: frozenset({"\\Seen"}), 2: frozenset({"bad flag"})})
+    with pytest.raises(ValueError):
+        db.remove_messages(A, INBOX, [1, 0])
+    assert db.messages(A, INBOX) == {1: rec(1), 2: rec(2)}
+
+
+def test_transaction_groups_calls(db: StateDB) -> None:
+    with pytest.raises(RuntimeError):
+        with db.transaction():
+            db.add_messages(A, INBOX, [rec(1)])
+            db.set_mailbox(A, INBOX, 9, 42)
+            raise RuntimeError
+    assert db.count(A, INBOX) == 0 and db.mailbox(A, INBOX) is None
+    with db.transaction():
+        db.add_messages(A, INBOX, [rec(1)])
+        db.set_mailbox(A, INBOX, 9, 42)
+    assert db.count(A, INBOX) == 1 and db.mailbox(A, INBOX) is not None
+
+
+def test_nested_failure_undoes_only_the_inner_block(db: StateDB) -> None:
+    with db.transaction():
+        db.add_messages(A, INBOX, [rec(1)])
+        with pytest.raises(ValueError):
+            db.add_messages(A, INBOX, [rec(2), rec(3, {"bad flag"})])
+        db.add_messages(A, INBOX, [rec(4)])
+    assert sorted(db.messages(A, INBOX)) == [1, 4]
+
+
+def test_uncommitted_rows_are_invisible_to_other_readers(db: StateDB) -> None:
+    other = sqlite3.connect(db.path)
+    try:
+        with db.transaction():
+            db.add_messages(A, INBOX, [rec(1)])
+            assert other.execute("SELECT COUNT(*) FROM message").fetchone()[0] == 0
+        assert other.execute("SELECT COUNT(*) FROM message").fetchone()[0] == 1
+    finally:
+        other.close()
+
+
+def test_delete_mailbox(db: StateDB) -> None:
+    db.set_mailbox(A, INBOX, 1)
+    db.set_mailbox(A, "Sent", 1)
+    db.add_messages(A, INBOX, [rec(1), rec(2)])
+    db.add_messages(A, "Sent", [rec(1)])
+    db.delete_mailbox(A, INBOX)
+    assert db.mailbox(A, INBOX) is None and db.count(A, INBOX) == 0
+    assert db.count(A, "Sent") == 1
+
+
+def test_reopen_persists(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite3"
+    with StateDB(path) as s:
+        s.set_mailbox(A, INBOX, 77, 5, 1.5)
+        s.add_messages(A, INBOX, [rec(1, {"\\Seen", "$X"}), rec(2)])
+        s.set_flags(A, INBOX, {2: frozenset({"\\Flagged"})})
+        s.remove_messages(A, INBOX, [1])
+    with StateDB(path) as s:
+        assert s.mailbox(A, INBOX) == MailboxRecord(A, INBOX, 77, 5, 1.5)
+        assert s.messages(A, INBOX) == {2: rec(2, {"\\Flagged"})}
+
+
+def test_closed_db_refuses_use(tmp_path: Path) -> None:
+    s = StateDB(tmp_path / "s.db")
+    s.close()
+    s.close()
+    with pytest.raises(StateError):
+        s.count(A, INBOX)
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    StateDB(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StateError, match="newer"):
+        StateDB(path)
+
+
+def test_many_messages(db: StateDB) -> None:
+    db.add_messages(A, INBOX, (rec(u, {"\\Seen"}) for u in range(1, 20001)))
+    assert db.count(A, INBOX) == 20000
+    db.set_flags(A, INBOX, {u: frozenset() for u in range(1, 20001, 2)})
+    got = db.messages(A, INBOX)
+    assert got[1].flags == frozenset() and got[2].flags == {"\\Seen"}
