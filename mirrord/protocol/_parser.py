@@ -1,0 +1,430 @@
+"""Turning the bytes an IMAP server sends into whole, parsed responses.
+
+Twisted's IMAP4Client frames with LineReceiver (16 KiB line limit), reads every
+literal into memory, and mis-frames a response that ends in a literal. This
+reader replaces that layer. It is pure (no Twisted, no sockets): ``feed`` it
+bytes, and it calls back with each complete response, in order.
+
+Literals are the reason this is a state machine rather than a line splitter:
+a message body arrives as ``BODY[] {123456}`` followed by that many raw bytes,
+and those bytes must go to a file as they arrive, not into memory. When a
+literal starts, the reader asks ``choose_sink`` where the bytes should go;
+``None`` means "keep it in memory" (mailbox names, small strings), anything
+else receives ``write(chunk)`` calls and stands in the parsed response in
+place of the bytes.
+
+Anything malformed raises :class:`ProtocolError`; the client drops the
+connection on it rather than guessing (DESIGN: a server that sends garbage
+gets its connection dropped and re-established).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+MAX_LINE = 16 * 1024 * 1024
+"""Longest response line we accept (a ``* SEARCH`` with a million UIDs is ~8 MB)."""
+
+MAX_MEMORY_LITERAL = 16 * 1024 * 1024
+"""Largest literal kept in memory; bodies are streamed and not subject to it."""
+
+MAX_STREAMED_LITERAL = 4 * 1024 * 1024 * 1024
+"""Largest literal we stream to disk; beyond it a size is absurd, not a message."""
+
+STATUS_KINDS = frozenset({"OK", "NO", "BAD", "PREAUTH", "BYE"})
+
+
+class ProtocolError(Exception):
+    """The server sent something that is not IMAP: the connection must be dropped."""
+
+
+class LiteralSink(Protocol):
+    """Where a streamed literal's bytes go (a Maildir tmp file, in practice)."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+@dataclass
+class Tagged:
+    """The tagged completion of one of our commands."""
+
+    tag: bytes
+    status: str
+    code: list[Any] | None
+    text: str
+
+
+@dataclass
+class Untagged:
+    """An untagged (``*``) response.
+
+    ``kind`` is the response name upper-cased (``FETCH``, ``EXISTS``, ``LIST``,
+    ``OK``...). ``number`` is the leading number of ``* 12 FETCH`` /
+    ``* 3 EXISTS``. Status responses (``* OK [UIDVALIDITY 5] ...``) carry
+    ``code`` and ``text``; all others carry their parsed ``data`` tokens:
+    ``bytes`` for atoms and strings, ``None`` for NIL, lists for
+    parenthesised lists, ``bytes`` or a sink object for literals.
+    """
+
+    kind: str
+    number: int | None = None
+    data: list[Any] = field(default_factory=list)
+    code: list[Any] | None = None
+    text: str = ""
+
+
+@dataclass
+class Continuation:
+    """A ``+`` continuation request: the server waits for more of our command."""
+
+    text: str
+
+
+Response = Tagged | Untagged | Continuation
+
+# One token at a time, anchored at a position. Order matters: a literal
+# marker must be the last thing on its line; an atom may carry a bracketed
+# section with spaces and parentheses inside (BODY[HEADER.FIELDS (FROM)]<0>).
+_TOKEN = re.compile(
+    rb"""
+    (?P<space>\ +)
+  | (?P<open>\()
+  | (?P<close>\))
+  | "(?P<quoted>(?:[^"\\\r\n]|\\["\\])*)"
+  | \{(?P<literal>[0-9]{1,12})\+?\}\Z
+  | (?P<atom>[^\x00-\x1f\x7f\ ()"{]*\[[^\]\r\n]*\][^\x00-\x1f\x7f\ ()"{\[]*
+           |[^\x00-\x1f\x7f\ ()"{\[\]]+(?:\])?)
+    """,
+    re.VERBOSE,
+)
+_UNQUOTE = re.compile(rb"\\([\"\\])")
+_NUMBER = re.compile(rb"[0-9]{1,20}\Z")
+_KIND = re.compile(rb"[A-Za-z][A-Za-z0-9.-]{0,40}\Z")
+
+
+class _Pending:
+    """A response whose tokens continue across one or more literals."""
+
+    def __init__(self, kind: str, number: int | None) -> None:
+        self.kind = kind
+        self.number = number
+        self.top: list[Any] = []
+        self.stack: list[list[Any]] = [self.top]
+
+    @property
+    def current(self) -> list[Any]:
+        return self.stack[-1]
+
+    def finish(self) -> Untagged:
+        if len(self.stack) != 1:
+            raise ProtocolError("unbalanced parentheses in response")
+        return Untagged(self.kind, self.number, self.top)
+
+
+SinkChooser = Callable[[Untagged, list[Any], int], "LiteralSink | None"]
+"""(response so far, the list the literal will land in, size) -> sink or None for memory."""
+
+
+class ResponseReader:
+    """Frames and parses server responses; see the module docstring."""
+
+    def __init__(
+        self,
+        on_response: Callable[[Response], None],
+        choose_sink: SinkChooser | None = None,
+        *,
+        max_line: int = MAX_LINE,
+        max_memory_literal: int = MAX_MEMORY_LITERAL,
+        on_line: Callable[[bytes], None] | None = None,
+    ) -> None:
+        self._on_response = on_response
+        self._choose_sink = choose_sink
+        self._max_line = max_line
+        self._max_memory_literal = max_memory_literal
+        self._on_line = on_line
+        self._buffer = bytearray()
+        self._pending: _Pending | None = None
+        # Literal in progress: bytes left, and either a sink or a memory buffer.
+        self._literal_left = 0
+        self._literal_sink: LiteralSink | None = None
+        self._literal_memory: bytearray | None = None
+        self._literal_target: list[Any] | None = None
+        self._literal_object: Any = None
+        self._failed = False
+
+    # -- feeding ----------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        """Consume bytes off the wire; calls ``on_response`` for each complete response."""
+        if self._failed:
+            return
+        try:
+            self._feed(data)
+        except ProtocolError:
+            self._failed = True
+            self.abort()
+            raise
+
+    def _feed(self, data: bytes) -> None:
+        view = memoryview(data)
+        while True:
+            if self._literal_left:
+                if not view:
+                    return
+                view = self._feed_literal(view)
+                continue
+            if view:
+                self._buffer += view
+                view = memoryview(b"")
+            if not self._buffer:
+                return
+            leftover = self._drain_lines()
+            if leftover is None:
+                return
+            view = memoryview(leftover)
+
+    def _drain_lines(self) -> bytes | None:
+        """Handle the complete lines in the buffer.
+
+        Stops early when a line starts a literal, and returns the bytes after
+        that line (they belong to the literal); returns None once the buffer
+        holds no complete line.
+        """
+        buffer = self._buffer
+        start = 0
+        while True:
+            end = buffer.find(b"\n", start)
+            if end < 0:
+                break
+            line_end = end - 1 if end > start and buffer[end - 1] == 0x0D else end
+            if line_end - start > self._max_line:
+                raise ProtocolError(f"response line longer than {self._max_line} bytes")
+            line = bytes(buffer[start:line_end])
+            start = end + 1
+            self._line(line)
+            if self._literal_left:
+                leftover = bytes(buffer[start:])
+                buffer.clear()
+                return leftover
+        del buffer[:start]
+        if len(buffer) > self._max_line:
+            raise ProtocolError(f"response line longer than {self._max_line} bytes")
+        return None
+
+    def _feed_literal(self, view: memoryview) -> memoryview:
+        take = min(self._literal_left, len(view))
+        chunk = view[:take]
+        if self._literal_sink is not None:
+            self._literal_sink.write(bytes(chunk))
+        else:
+            assert self._literal_memory is not None
+            self._literal_memory += chunk
+        self._literal_left -= take
+        if not self._literal_left:
+            self._end_literal()
+        return view[take:]
+
+    def _end_literal(self) -> None:
+        assert self._literal_target is not None
+        if self._literal_sink is not None:
+            value: Any = self._literal_sink
+        else:
+            value = bytes(self._literal_memory or b"")
+        self._literal_target.append(value)
+        self._literal_sink = None
+        self._literal_memory = None
+        self._literal_target = None
+
+    def abort(self) -> None:
+        """Give up on whatever is in progress: a streamed literal's sink is aborted.
+
+        Called when the connection is lost or the stream was found corrupt, so
+        that no half-written message file survives.
+        """
+        sink, self._literal_sink = self._literal_sink, None
+        self._literal_left = 0
+        if sink is not None:
+            sink.abort()
+        if self._pending is not None:
+            _abort_sinks(self._pending.top)
+        self._pending = None
+
+    # -- lines ------------------------------------------------------------
+
+    def _line(self, line: bytes) -> None:
+        if self._on_line is not None:
+            self._on_line(line)
+        if self._pending is not None:
+            self._tokens(line, self._pending)
+            return
+        if line.startswith(b"+"):
+            self._emit(Continuation(line[2:].decode("utf-8", "replace")))
+            return
+        tag, sep, rest = line.partition(b" ")
+        if not sep or not tag:
+            raise ProtocolError(f"response too short: {line[:80]!r}")
+        if tag == b"*":
+            self._untagged(rest)
+        else:
+            self._tagged(tag, rest)
+
+    def _tagged(self, tag: bytes, rest: bytes) -> None:
+        status, _, text = rest.partition(b" ")
+        kind = status.upper().decode("ascii", "replace")
+        if kind not in ("OK", "NO", "BAD"):
+            raise ProtocolError(f"bad tagged status {status[:20]!r}")
+        code, text_str = _resp_text(text)
+        self._emit(Tagged(tag, kind, code, text_str))
+
+    def _untagged(self, rest: bytes) -> None:
+        first, _, after = rest.partition(b" ")
+        number: int | None = None
+        if _NUMBER.match(first):
+            number = int(first)
+            first, _, after = after.partition(b" ")
+        kind = first.upper().decode("ascii", "replace")
+        if not _KIND.match(first):
+            raise ProtocolError(f"bad untagged response {rest[:40]!r}")
+        if kind in STATUS_KINDS and number is None:
+            code, text = _resp_text(after)
+            self._emit(Untagged(kind, None, [], code, text))
+            return
+        self._tokens(after, _Pending(kind, number))
+
+    def _tokens(self, line: bytes, pending: _Pending) -> None:
+        """Tokenise one line segment of ``pending``; finish it or start a literal."""
+        literal = _tokenize(line, pending.stack)
+        if literal is None:
+            self._pending = None
+            self._emit(pending.finish())
+        else:
+            self._pending = pending
+            self._start_literal(pending, literal)
+
+    def _start_literal(self, pending: _Pending, size: int) -> None:
+        target = pending.current
+        sink = None
+        if self._choose_sink is not None:
+            sink = self._choose_sink(Untagged(pending.kind, pending.number, pending.top), target, size)
+        if sink is None:
+            if size > self._max_memory_literal:
+                raise ProtocolError(f"literal of {size} bytes is too large")
+            self._literal_memory = bytearray()
+        else:
+            if size > MAX_STREAMED_LITERAL:
+                sink.abort()
+                raise ProtocolError(f"literal of {size} bytes is absurd")
+            self._literal_sink = sink
+        self._literal_target = target
+        self._literal_left = size
+        if size == 0:
+            self._end_literal()
+
+    def _emit(self, response: Response) -> None:
+        self._on_response(response)
+
+
+def _tokenize(line: bytes, stack: list[list[Any]]) -> int | None:
+    """Append the tokens of ``line`` to the innermost list of ``stack``.
+
+    Returns the size of the literal the line ends with, or None.
+    """
+    pos = 0
+    end = len(line)
+    match = _TOKEN.match
+    while pos < end:
+        m = match(line, pos)
+        if m is None:
+            raise ProtocolError(f"unparsable response near {line[pos:pos + 40]!r}")
+        pos = m.end()
+        group = m.lastgroup
+        if group == "space":
+            continue
+        if group == "atom":
+            value = m.group("atom")
+            stack[-1].append(None if value == b"NIL" else value)
+        elif group == "quoted":
+            stack[-1].append(_UNQUOTE.sub(rb"\1", m.group("quoted")))
+        elif group == "open":
+            new: list[Any] = []
+            stack[-1].append(new)
+            stack.append(new)
+        elif group == "close":
+            if len(stack) == 1:
+                raise ProtocolError("unbalanced ')' in response")
+            stack.pop()
+        else:  # a literal marker, which the pattern only matches at the end
+            return int(m.group("literal"))
+    return None
+
+
+def _abort_sinks(tokens: list[Any]) -> None:
+    for token in tokens:
+        if isinstance(token, list):
+            _abort_sinks(token)
+        elif hasattr(token, "abort") and not isinstance(token, (bytes, bytearray)):
+            token.abort()
+
+
+def _resp_text(text: bytes) -> tuple[list[Any] | None, str]:
+    """Split ``[CODE args] human text`` into the parsed code and the text."""
+    if not text.startswith(b"["):
+        return None, text.decode("utf-8", "replace")
+    close = text.find(b"]")
+    if close < 0:
+        raise ProtocolError(f"unterminated response code {text[:40]!r}")
+    stack: list[list[Any]] = [[]]
+    if _tokenize(text[1:close], stack) is not None or len(stack) != 1:
+        raise ProtocolError(f"malformed response code {text[:40]!r}")
+    return stack[0], text[close + 1 :].lstrip(b" ").decode("utf-8", "replace")
+
+
+# -- helpers for interpreting parsed tokens ---------------------------------
+
+
+def as_int(token: Any, what: str) -> int:
+    if isinstance(token, (bytes, bytearray)) and _NUMBER.match(token):
+        return int(token)
+    raise ProtocolError(f"expected a number for {what}, got {token!r}")
+
+
+def as_text(token: Any, what: str) -> str:
+    if isinstance(token, (bytes, bytearray)):
+        return bytes(token).decode("utf-8", "replace")
+    raise ProtocolError(f"expected a string for {what}, got {token!r}")
+
+
+def as_flags(token: Any) -> frozenset[str]:
+    if not isinstance(token, list) or not all(isinstance(t, bytes) for t in token):
+        raise ProtocolError(f"expected a flag list, got {token!r}")
+    return frozenset(t.decode("ascii", "replace") for t in token)
+
+
+def fetch_items(response: Untagged) -> dict[str, Any]:
+    """The ``(NAME value NAME value ...)`` of a FETCH response as a dict.
+
+    Names are upper-cased; ``BODY.PEEK[]`` comes back as ``BODY[]``.
+    """
+    if response.number is None or len(response.data) != 1 or not isinstance(response.data[0], list):
+        raise ProtocolError("malformed FETCH response")
+    pairs = response.data[0]
+    if len(pairs) % 2:
+        raise ProtocolError("FETCH response with an odd number of items")
+    items: dict[str, Any] = {}
+    for i in range(0, len(pairs), 2):
+        name = pairs[i]
+        if not isinstance(name, bytes):
+            raise ProtocolError(f"bad FETCH item name {name!r}")
+        items[name.decode("ascii", "replace").upper()] = pairs[i + 1]
+    return items
+
+
+def code_name(code: list[Any] | None) -> str | None:
+    if code and isinstance(code[0], bytes):
+        return code[0].decode("ascii", "replace").upper()
+    return None

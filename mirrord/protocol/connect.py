@@ -1,0 +1,137 @@
+"""Opening a logged-in IMAP session: TCP, TLS with verification, greeting, login.
+
+Twisted's IMAP4Client, left to itself, upgrades with an unverified STARTTLS
+context and no SNI. Here every TLS path (implicit on 993, STARTTLS on 143)
+uses ``optionsForClientTLS`` with the configured trust root, so a certificate
+that does not match the host or is not trusted ends the attempt with a
+:class:`TLSFailed` that says so; there is no fallback to plaintext.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from OpenSSL import SSL
+from twisted.internet import defer, ssl
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectError, ConnectionLost, DNSLookupError, TimeoutError
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.python.failure import Failure
+
+from mirrord.protocol.client import MirrordIMAP4Client
+from mirrord.protocol.errors import (
+    CommandFailed,
+    ConnectFailed,
+    LoginFailed,
+    MissingCapability,
+    TLSFailed,
+)
+
+log = logging.getLogger("mirrord.protocol")
+
+CONNECT_TIMEOUT = 30.0
+
+
+class ServerSettings(Protocol):
+    """What connecting needs from an account (``mirrord.config.Account`` has it)."""
+
+    name: str
+    host: str
+    port: int
+    tls: Literal["implicit", "starttls", "none"]
+    ca_file: Path | None
+    username: str
+
+
+def tls_options(host: str, ca_file: Path | None) -> Any:
+    """Client TLS options that verify ``host`` against ``ca_file`` or the system store."""
+    if ca_file is not None:
+        trust: Any = ssl.Certificate.loadPEM(Path(ca_file).read_bytes())
+    else:
+        trust = ssl.platformTrust()
+    return ssl.optionsForClientTLS(host, trustRoot=trust)
+
+
+def _tls_reason(failure: Failure) -> str | None:
+    """A person's explanation of a TLS failure, or None if it was not TLS."""
+    error = failure.value
+    if isinstance(error, SSL.Error):
+        text = str(error)
+        if "certificate verify failed" in text:
+            return "the server's certificate is not trusted (set ca_file to the CA that signed it)"
+        return f"TLS handshake failed: {text}"
+    name = type(error).__name__
+    if name in ("VerificationError", "CertificateError"):
+        return f"the server's certificate does not match the host name: {error}"
+    return None
+
+
+async def open_session(
+    reactor: Any,
+    account: ServerSettings,
+    password: str,
+    *,
+    label: str,
+    clock: IReactorTime | None = None,
+) -> MirrordIMAP4Client:
+    """Connect, secure, greet and log in; the result is ready for commands.
+
+    Errors come out as :class:`ConnectFailed` subclasses with a message that
+    names the account and the server, never the password.
+    """
+    where = f"{account.host}:{account.port}"
+    options = tls_options(account.host, account.ca_file) if account.tls != "none" else None
+    endpoint: Any = HostnameEndpoint(reactor, account.host, account.port, timeout=CONNECT_TIMEOUT)
+    if account.tls == "implicit":
+        endpoint = wrapClientTLS(options, endpoint)
+
+    def build() -> MirrordIMAP4Client:
+        return MirrordIMAP4Client(label=label, clock=clock or reactor)
+
+    try:
+        client: MirrordIMAP4Client = await endpoint.connect(Factory.forProtocol(build))
+    except (ConnectError, DNSLookupError, TimeoutError) as e:
+        raise ConnectFailed(f"cannot connect to {where}: {e}") from None
+
+    try:
+        await client.greeting
+        if account.tls == "starttls":
+            if "STARTTLS" not in client.capabilities:
+                await client.capability()
+            if "STARTTLS" not in client.capabilities:
+                raise MissingCapability(
+                    f"{where} does not offer STARTTLS; refusing to log in without TLS"
+                )
+            await client.starttls(options)
+        try:
+            await client.login(account.username, password)
+        except CommandFailed as e:
+            raise LoginFailed(
+                f"{where} refused the login of {account.username!r}: {e.text or e.status}"
+            ) from None
+    except ConnectionLost as e:
+        _abort(client)
+        reason = _tls_reason(Failure(e)) if not isinstance(e, ConnectionLost) else None
+        raise ConnectFailed(f"{where} closed the connection during setup: {e}") from None
+    except ConnectFailed:
+        _abort(client)
+        raise
+    except Exception as e:
+        _abort(client)
+        reason = _tls_reason(Failure(e))
+        if reason is not None:
+            raise TLSFailed(f"TLS with {where} failed: {reason}") from None
+        raise ConnectFailed(f"{where}: session setup failed: {e}") from None
+    log.debug("%s: logged in to %s; capabilities: %s", label, where, " ".join(sorted(client.capabilities)))
+    return client
+
+
+def _abort(client: MirrordIMAP4Client) -> None:
+    if client.transport is not None and not client.connected_transport_lost:
+        client.transport.abortConnection()
+
+
+__all__ = ["ServerSettings", "open_session", "tls_options", "defer"]

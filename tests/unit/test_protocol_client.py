@@ -1,0 +1,323 @@
+"""The client's response handling, on StringTransport and task.Clock: no sockets, no sleeps.
+
+Each test drives the client the way a server would, byte by byte where it
+matters, and checks both what the client sent and what its API returned.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+from twisted.internet import defer, task
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from mirrord.protocol.client import FetchedMessage, MirrordIMAP4Client, quote, uid_set
+from mirrord.protocol.errors import CommandFailed
+
+
+class MemorySink:
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.writes = 0
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+        self.writes += 1
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def connected(greeting: bytes = b"* OK [CAPABILITY IMAP4rev1 IDLE] ready\r\n") -> tuple[MirrordIMAP4Client, StringTransport, task.Clock]:
+    clock = task.Clock()
+    client = MirrordIMAP4Client(label="test", clock=clock)
+    transport = StringTransport()
+    client.makeConnection(transport)
+    client.dataReceived(greeting)
+    return client, transport, clock
+
+
+def sent(transport: StringTransport) -> bytes:
+    value = transport.value()
+    transport.clear()
+    return value
+
+
+def run(coro: Any) -> defer.Deferred[Any]:
+    return defer.Deferred.fromCoroutine(coro)
+
+
+def result_of(d: defer.Deferred[Any]) -> Any:
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "deferred has not fired"
+    if hasattr(results[0], "raiseException"):
+        results[0].raiseException()
+    return results[0]
+
+
+def test_greeting_capabilities_are_read() -> None:
+    client, _, _ = connected()
+    assert client.capabilities == {"IMAP4REV1", "IDLE"}
+    assert result_of(client.greeting) is None
+
+
+def test_bare_tagged_ok_completes_the_command() -> None:
+    client, transport, _ = connected()
+    d = run(client.noop())
+    assert sent(transport) == b"M1 NOOP\r\n"
+    client.dataReceived(b"M1 OK\r\n")
+    assert result_of(d) is None
+    assert transport.connected
+
+
+def test_list_with_literal_name_at_end_of_line() -> None:
+    # Twisted merged the next response into this one and returned [].
+    client, transport, _ = connected()
+    d = run(client.list_mailboxes())
+    assert sent(transport) == b'M1 LIST "" "*"\r\n'
+    client.dataReceived(
+        b'* LIST (\\HasNoChildren) "/" {11}\r\nodd "name")\r\n'
+        b'* LIST (\\HasChildren) "/" Archive\r\n'
+        b'* LIST () "/" "Entw&APw-rfe"\r\n'
+        b"M1 OK done\r\n"
+    )
+    entries = result_of(d)
+    assert [e.name for e in entries] == ['odd "name")', "Archive", "Entwürfe"]
+    assert entries[2].raw_name == b"Entw&APw-rfe"
+    assert entries[0].delimiter == "/"
+
+
+def test_search_with_50000_uids_on_one_line() -> None:
+    client, transport, _ = connected()
+    d = run(client.uid_search())
+    uids = list(range(1, 100001, 2))
+    line = b"* SEARCH " + b" ".join(b"%d" % u for u in uids) + b"\r\n"
+    assert len(line) > 16384 * 10
+    for i in range(0, len(line), 4096):
+        client.dataReceived(line[i : i + 4096])
+    client.dataReceived(b"M1 OK search done\r\n")
+    assert result_of(d) == uids
+    assert transport.connected
+
+
+def fetch_response(seq: int, uid: int, body: bytes, flags: bytes = b"\\Seen") -> bytes:
+    return (
+        b"* %d FETCH (UID %d FLAGS (%s) RFC822.SIZE %d BODY[] {%d}\r\n" % (seq, uid, flags, len(body), len(body))
+        + body
+        + b")\r\n"
+    )
+
+
+def test_fetch_literal_split_across_many_reads_streams_to_sink() -> None:
+    client, transport, _ = connected()
+    sinks: list[MemorySink] = []
+    messages: list[FetchedMessage] = []
+
+    def open_sink() -> MemorySink:
+        sinks.append(MemorySink())
+        return sinks[-1]
+
+    d = run(client.uid_fetch_bodies([7, 8], open_sink, messages.append))
+    assert sent(transport) == b"M1 UID FETCH 7:8 (UID FLAGS RFC822.SIZE BODY.PEEK[])\r\n"
+    body7 = b"Subject: a\r\n\r\n" + b"x" * 100_000 + b"\r\n"
+    body8 = b"Subject: b\r\n\r\n)\r\n* 9 EXISTS\r\nM1 OK fake\r\n"
+    stream = fetch_response(1, 7, body7) + fetch_response(2, 8, body8, b"") + b"M1 OK done\r\n"
+    for i in range(0, len(stream), 7):
+        client.dataReceived(stream[i : i + 7])
+    assert result_of(d) is None
+    assert [m.uid for m in messages] == [7, 8]
+    assert bytes(sinks[0].data) == body7 and bytes(sinks[1].data) == body8
+    assert sinks[0].writes > 1000, "the body must be written as it arrives"
+    assert messages[0].flags == {"\\Seen"} and messages[1].flags == frozenset()
+    assert messages[0].size == len(body7)
+
+
+def test_fetch_of_unrequested_uid_is_not_delivered() -> None:
+    # "UID FETCH 9:*" returns the last message even when its UID is below 9.
+    client, transport, _ = connected()
+    sinks: list[MemorySink] = []
+    messages: list[FetchedMessage] = []
+
+    def open_sink() -> MemorySink:
+        sinks.append(MemorySink())
+        return sinks[-1]
+
+    d = run(client.uid_fetch_bodies([9], open_sink, messages.append))
+    client.dataReceived(fetch_response(3, 5, b"old\r\n") + b"M1 OK done\r\n")
+    assert result_of(d) is None
+    assert messages == []
+    assert all(s.aborted for s in sinks)
+
+
+def test_fetch_delivery_error_fails_the_command_after_the_server_finishes() -> None:
+    client, transport, _ = connected()
+
+    def deliver(message: FetchedMessage) -> None:
+        raise OSError(28, "No space left on device")
+
+    sinks: list[MemorySink] = []
+
+    def open_sink() -> MemorySink:
+        sinks.append(MemorySink())
+        return sinks[-1]
+
+    d = run(client.uid_fetch_bodies([1, 2], open_sink, deliver))
+    client.dataReceived(fetch_response(1, 1, b"a\r\n") + fetch_response(2, 2, b"b\r\n") + b"M1 OK done\r\n")
+    with pytest.raises(OSError):
+        result_of(d)
+    assert sinks[0].aborted
+    assert transport.connected
+
+
+def test_connection_lost_mid_literal_aborts_the_sink() -> None:
+    client, transport, _ = connected()
+    sinks: list[MemorySink] = []
+
+    def open_sink() -> MemorySink:
+        sinks.append(MemorySink())
+        return sinks[-1]
+
+    d = run(client.uid_fetch_bodies([1], open_sink, lambda m: None))
+    client.dataReceived(b"* 1 FETCH (UID 1 BODY[] {1000}\r\nhalf")
+    client.connectionLost(Failure(ConnectionError("reset")))
+    assert sinks[0].aborted
+    with pytest.raises(Exception):
+        result_of(d)
+
+
+def test_fetch_flags_listing_by_uid_not_sequence() -> None:
+    client, transport, _ = connected()
+    d = run(client.uid_fetch_listing())
+    assert sent(transport) == b"M1 UID FETCH 1:* (UID FLAGS RFC822.SIZE)\r\n"
+    client.dataReceived(
+        b"* 1 FETCH (UID 10 FLAGS (\\Seen $Junk) RFC822.SIZE 99)\r\n* 2 FETCH (FLAGS () UID 12)\r\nM1 OK\r\n"
+    )
+    listing = result_of(d)
+    assert {uid: e.flags for uid, e in listing.items()} == {10: {"\\Seen", "$Junk"}, 12: frozenset()}
+    assert listing[10].size == 99 and listing[12].size is None
+
+
+def test_examine_reads_uidvalidity_uidnext_and_exists() -> None:
+    client, transport, _ = connected()
+    d = run(client.examine(b"INBOX"))
+    assert sent(transport) == b'M1 EXAMINE "INBOX"\r\n'
+    client.dataReceived(
+        b"* FLAGS (\\Answered \\Seen)\r\n* 3 EXISTS\r\n* 0 RECENT\r\n"
+        b"* OK [UIDVALIDITY 1700000000] UIDs valid\r\n* OK [UIDNEXT 4] Predicted next UID\r\n"
+        b"* OK [HIGHESTMODSEQ 12] Highest\r\nM1 OK [READ-ONLY] Examine completed\r\n"
+    )
+    status = result_of(d)
+    assert (status.exists, status.uidvalidity, status.uidnext, status.highestmodseq) == (3, 1700000000, 4, 12)
+
+
+def test_no_answer_is_an_error_naming_the_command() -> None:
+    client, transport, _ = connected()
+    d = run(client.examine(b"Nope"))
+    client.dataReceived(b"M1 NO Mailbox doesn't exist: Nope\r\n")
+    with pytest.raises(CommandFailed, match="EXAMINE failed: NO Mailbox doesn't exist"):
+        result_of(d)
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"M9 OK we never sent M9\r\n",
+        b"* 1 FETCH (UID 1 FLAGS (\\Seen)\r\n",  # unbalanced
+        b"* 1 FETCH (UID 1)) \r\n",
+        b'* LIST () "/" {99999999999}\r\n',  # absurd literal for memory
+        b"\x00\x01\x02\r\n",
+        b"+ nobody asked\r\n",
+    ],
+)
+def test_garbage_drops_the_connection_and_fails_pending_commands(garbage: bytes) -> None:
+    client, transport, _ = connected()
+    d = run(client.list_mailboxes())
+    transport.abortConnection = lambda: setattr(transport, "aborted", True)  # type: ignore[method-assign]
+    client.dataReceived(garbage)
+    assert getattr(transport, "aborted", False)
+    client.connectionLost(Failure(ConnectionError("aborted")))
+    with pytest.raises(Exception):
+        result_of(d)
+
+
+def test_silent_server_is_dropped_after_the_command_timeout() -> None:
+    client, transport, clock = connected()
+    aborted = []
+    transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+    run(client.noop())
+    clock.advance(client.command_timeout - 1)
+    client.dataReceived(b"* 1 EXISTS\r\n")  # progress resets the deadline
+    clock.advance(client.command_timeout - 1)
+    assert not aborted
+    clock.advance(2)
+    assert aborted
+
+
+def test_no_deadline_while_nothing_is_outstanding() -> None:
+    client, transport, clock = connected()
+    aborted = []
+    transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+    clock.advance(client.command_timeout * 10)
+    assert not aborted
+
+
+def test_pipelined_fetches_are_sent_together_and_matched_by_uid() -> None:
+    client, transport, _ = connected()
+    got: list[int] = []
+    d1 = run(client.uid_fetch_bodies([1], MemorySink, lambda m: got.append(m.uid)))
+    d2 = run(client.uid_fetch_bodies([2], MemorySink, lambda m: got.append(m.uid)))
+    assert sent(transport) == (
+        b"M1 UID FETCH 1 (UID FLAGS RFC822.SIZE BODY.PEEK[])\r\n"
+        b"M2 UID FETCH 2 (UID FLAGS RFC822.SIZE BODY.PEEK[])\r\n"
+    )
+    client.dataReceived(fetch_response(1, 1, b"a") + b"M1 OK\r\n" + fetch_response(2, 2, b"b") + b"M2 OK\r\n")
+    result_of(d1), result_of(d2)
+    assert got == [1, 2]
+
+
+def test_exclusive_commands_wait_for_the_pipeline_to_drain() -> None:
+    client, transport, _ = connected()
+    run(client.uid_fetch_listing())
+    d = run(client.examine(b"INBOX"))
+    assert sent(transport) == b"M1 UID FETCH 1:* (UID FLAGS RFC822.SIZE)\r\n"
+    client.dataReceived(b"M1 OK\r\n")
+    assert sent(transport) == b'M2 EXAMINE "INBOX"\r\n'
+    assert not d.called
+
+
+def test_login_trace_never_shows_the_secrets(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="mirrord.trace")
+    client, transport, _ = connected(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR] hi\r\n")
+    d = run(client.login("me@example.org", "hunter2 secret"))
+    wire = sent(transport)
+    assert wire.startswith(b"M1 AUTHENTICATE PLAIN ")
+    client.dataReceived(b"M1 OK [CAPABILITY IMAP4rev1 IDLE CONDSTORE] Logged in\r\n")
+    assert result_of(d) is None
+    assert "CONDSTORE" in client.capabilities
+    assert "hunter2" not in caplog.text and "me@example.org" not in caplog.text
+    assert wire.split()[-1].decode() not in caplog.text
+
+
+def test_login_falls_back_to_login_with_literal_for_unquotable_password() -> None:
+    client, transport, _ = connected(b"* OK [CAPABILITY IMAP4rev1] hi\r\n")
+    d = run(client.login("me", "pa\r\nss"))
+    assert sent(transport) == b'M1 LOGIN "me" {6}\r\n'
+    client.dataReceived(b"+ go ahead\r\n")
+    assert sent(transport) == b"pa\r\nss\r\n"
+    client.dataReceived(b"M1 OK logged in\r\n")
+    assert sent(transport) == b"M2 CAPABILITY\r\n", "capabilities are re-read after login"
+    client.dataReceived(b"* CAPABILITY IMAP4rev1 MOVE\r\nM2 OK\r\n")
+    assert result_of(d) is None
+    assert client.capabilities == {"IMAP4REV1", "MOVE"}
+
+
+def test_helpers() -> None:
+    assert uid_set([5, 1, 2, 3, 9, 10, 7]) == b"1:3,5,7,9:10"
+    assert quote('a"b\\c') == b'"a\\"b\\\\c"'
+    with pytest.raises(ValueError):
+        quote("a\r\nb")
