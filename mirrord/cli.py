@@ -1,0 +1,258 @@
+"""The ``mirrord`` command line: run, run --once, check, status, demo.
+
+Exit status: 0 when everything asked for worked, 2 for a bad config file or
+bad usage (nothing was done), 1 for anything else (a server refused, a
+mailbox failed). Scripts and systemd rely on these; keep them stable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from twisted.internet import defer, task
+
+from mirrord import __version__
+from mirrord.config import Account, Config, ConfigError, PasswordError, default_config_path, load_config
+from mirrord.logs import setup_logging
+
+log = logging.getLogger("mirrord")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+STATE_DB_NAME = "state.sqlite3"
+POLL_INTERVAL = 300.0
+"""Seconds between syncs in ``mirrord run`` until IDLE watching is in place."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse exits 2 already; keep its message
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"mirrord: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    # Accepted before and after the subcommand; SUPPRESS keeps a value given
+    # before it from being overwritten by the subparser's default.
+    common.add_argument("-c", "--config", type=Path, default=argparse.SUPPRESS, help="config file")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="protocol trace (credentials redacted)")
+
+    parser = _Parser(prog="mirrord", description="Keep a local Maildir an exact copy of IMAP mailboxes.",
+                     parents=[common])
+    parser.add_argument("--version", action="version", version=f"mirrord {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", parents=[common], help="mirror continuously (or once, with --once)")
+    run.add_argument("--once", action="store_true", help="one complete sync of every mailbox, then exit")
+    sub.add_parser("check", parents=[common], help="validate the config, connect, log in, list; write nothing")
+    status = sub.add_parser("status", parents=[common], help="what is mirrored, per mailbox")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    demo = sub.add_parser("demo", parents=[common], help="mirror a private, throwaway Dovecot to see it work")
+    demo.add_argument("--dir", type=Path, default=None, help="keep the demo's files here (default: a temp dir)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    verbose = getattr(args, "verbose", False)
+    setup_logging(verbose)
+    if args.command == "demo":
+        from mirrord.demo import run_demo
+
+        return run_demo(args.dir, verbose=verbose)
+    config_path: Path = getattr(args, "config", None) or default_config_path()
+    try:
+        config = load_config(config_path)
+    except ConfigError as e:
+        print(f"mirrord: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    for warning in config.warnings:
+        log.warning("%s", warning)
+    if args.command == "check":
+        return check(config)
+    if args.command == "status":
+        return status(config, as_json=args.json)
+    return run(config, once=args.once)
+
+
+# -- run ------------------------------------------------------------------------
+
+
+class AccountLock:
+    """One mirrord per account at a time: two would fetch the same mail twice."""
+
+    def __init__(self, state_dir: Path, account: str) -> None:
+        self.path = state_dir / "locks" / f"{account}.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def run(config: Config, *, once: bool) -> int:
+    from mirrord.store.state import StateDB
+    from mirrord.sync.account import sync_account
+
+    locks = []
+    for account in config.accounts:
+        lock = AccountLock(config.state_dir, account.name)
+        if not lock.acquire():
+            log.error("%s: another mirrord is already mirroring this account (lock: %s)", account.name, lock.path)
+            return EXIT_FAILURE
+        locks.append(lock)
+    state = StateDB(config.state_dir / STATE_DB_NAME)
+    outcome = {"ok": True}
+
+    async def sync_all(reactor: Any) -> bool:
+        passwords: dict[str, str] = {}
+        ok = True
+        for account in config.accounts:
+            try:
+                passwords[account.name] = account.password.resolve()
+            except PasswordError as e:
+                log.error("%s", e)
+                ok = False
+        results = await defer.gatherResults(
+            [
+                defer.Deferred.fromCoroutine(sync_account(reactor, account, state, passwords[account.name]))
+                for account in config.accounts
+                if account.name in passwords
+            ]
+        )
+        return ok and all(r.ok for r in results)
+
+    async def main(reactor: Any) -> None:
+        if once:
+            outcome["ok"] = await sync_all(reactor)
+            return
+        log.info("mirroring %d accounts; syncing every %d s", len(config.accounts), POLL_INTERVAL)
+        while True:
+            await sync_all(reactor)
+            await task.deferLater(reactor, POLL_INTERVAL, lambda: None)
+
+    try:
+        task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)))
+    except SystemExit as e:
+        if e.code not in (0, None):
+            return EXIT_FAILURE
+    finally:
+        state.close()
+        for lock in locks:
+            lock.release()
+    return EXIT_OK if outcome["ok"] else EXIT_FAILURE
+
+
+# -- check ----------------------------------------------------------------------
+
+
+def check(config: Config, out: TextIO | None = None) -> int:
+    """Connect and log in to every account, and show what would be mirrored."""
+    from mirrord.protocol.connect import open_session
+    from mirrord.sync.account import choose_mailboxes
+    from mirrord.sync.names import maildir_path
+
+    out = out or sys.stdout
+    outcome = {"ok": True}
+
+    async def check_account(reactor: Any, account: Account) -> None:
+        print(f"account {account.name}: {account.username} at {account.host}:{account.port} ({account.tls})",
+              file=out)
+        try:
+            password = account.password.resolve()
+            client = await open_session(reactor, account, password, label=f"{account.name} check")
+        except Exception as e:  # noqa: BLE001 - reported per account
+            print(f"  FAILED: {e}", file=out)
+            outcome["ok"] = False
+            return
+        try:
+            print(f"  capabilities: {' '.join(sorted(client.capabilities))}", file=out)
+            namespace = await client.namespace()
+            entries = await client.list_mailboxes("", "*")
+            discovery = choose_mailboxes(account, entries, namespace)
+            print(f"  mailboxes to mirror ({len(discovery.wanted)}):", file=out)
+            for plan in discovery.wanted:
+                print(f"    {plan.entry.name}  ->  {maildir_path(account.maildir, plan.local_name)}", file=out)
+            for reason in discovery.skipped:
+                print(f"  not mirrored: {reason}", file=out)
+        except Exception as e:  # noqa: BLE001
+            print(f"  FAILED: {e}", file=out)
+            outcome["ok"] = False
+        finally:
+            await client.logout()
+
+    async def main(reactor: Any) -> None:
+        for account in config.accounts:
+            await check_account(reactor, account)
+
+    try:
+        task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)))
+    except SystemExit as e:
+        if e.code not in (0, None):
+            return EXIT_FAILURE
+    return EXIT_OK if outcome["ok"] else EXIT_FAILURE
+
+
+# -- status ---------------------------------------------------------------------
+
+
+def status(config: Config, *, as_json: bool = False, out: TextIO | None = None) -> int:
+    """What the state DB says is mirrored; reads only."""
+    import json
+    import time
+
+    from mirrord.store.state import StateDB
+
+    out = out or sys.stdout
+    db_path = config.state_dir / STATE_DB_NAME
+    rows: list[dict[str, Any]] = []
+    if db_path.exists():
+        state = StateDB(db_path)
+        try:
+            for account in config.accounts:
+                for record in state.mailboxes(account.name):
+                    rows.append(
+                        {
+                            "account": account.name,
+                            "mailbox": record.mailbox,
+                            "messages": state.count(account.name, record.mailbox),
+                            "last_sync": record.last_sync,
+                        }
+                    )
+        finally:
+            state.close()
+    if as_json:
+        json.dump({"daemon": None, "mailboxes": rows}, out, indent=2)
+        print(file=out)
+        return EXIT_OK
+    if not rows:
+        print("nothing mirrored yet (run `mirrord run --once`)", file=out)
+        return EXIT_OK
+    width = max(len(f"{r['account']}/{r['mailbox']}") for r in rows)
+    print(f"{'mailbox':<{width}}  {'messages':>8}  last sync", file=out)
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["last_sync"])) if r["last_sync"] else "never"
+        print(f"{r['account'] + '/' + r['mailbox']:<{width}}  {r['messages']:>8}  {when}", file=out)
+    return EXIT_OK

@@ -1,0 +1,52 @@
+"""Logging for the person reading ``journalctl --user -u mirrord`` or a terminal.
+
+One line per event that matters, naming account and mailbox. Under journald
+(``$JOURNAL_STREAM`` set) lines carry a ``<N>`` syslog priority prefix and no
+timestamp of ours, so ``journalctl -p`` filters them and times are not
+doubled. ``-v`` turns on the protocol trace (logger ``mirrord.trace``), which
+the protocol layer writes with credentials already redacted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from twisted.logger import STDLibLogObserver, globalLogBeginner
+
+_PRIORITY = {
+    logging.DEBUG: 7,
+    logging.INFO: 6,
+    logging.WARNING: 4,
+    logging.ERROR: 3,
+    logging.CRITICAL: 2,
+}
+
+
+class _JournalFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        priority = _PRIORITY.get(record.levelno, 6)
+        return f"<{priority}>{super().format(record)}"
+
+
+def setup_logging(verbose: bool = False, stream: object = None) -> None:
+    """Send our logs and Twisted's to stderr, in the form that fits where stderr goes."""
+    handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(_JournalFormatter("%(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    logging.getLogger("mirrord.trace").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    if verbose:
+        logging.getLogger("mirrord").setLevel(logging.DEBUG)
+    # Twisted's own messages ("Starting factory ...") are noise at INFO; its
+    # errors (an unhandled error in a Deferred) must still be seen.
+    logging.getLogger("twisted").setLevel(logging.WARNING)
+    try:
+        globalLogBeginner.beginLoggingTo([STDLibLogObserver(name="twisted")], redirectStandardIO=False)
+    except Exception:  # noqa: BLE001 - already begun (tests call this more than once)
+        pass

@@ -1,0 +1,149 @@
+"""The worker pool: a fixed number of logged-in connections per account.
+
+Workers do the fetching and listing; they never IDLE (that is the watcher's
+job). A job borrows one worker for its duration, so one connection is never
+used by two jobs that could disagree about the selected mailbox. Connections
+are opened on first use and re-opened after a loss; a job that lost its
+connection is retried on a fresh one a few times before it fails.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from twisted.internet import defer
+from twisted.internet.error import ConnectionDone, ConnectionLost
+
+from mirrord.protocol.client import MailboxStatus, MirrordIMAP4Client
+from mirrord.protocol.connect import ServerSettings, open_session
+from mirrord.protocol.errors import ConnectFailed, LoginFailed, ProtocolError
+
+log = logging.getLogger("mirrord.pool")
+
+T = TypeVar("T")
+
+RETRIES = 3
+"""Attempts a job gets when its connection drops under it."""
+
+_CONNECTION_ERRORS = (ConnectionLost, ConnectionDone, ConnectFailed, ProtocolError)
+
+
+class Worker:
+    """One connection and what is selected on it."""
+
+    def __init__(self, pool: WorkerPool, number: int) -> None:
+        self.pool = pool
+        self.number = number
+        self.label = f"{pool.label} worker {number}"
+        self.client: MirrordIMAP4Client | None = None
+        self.selected: bytes | None = None
+        self.status: MailboxStatus | None = None
+
+    async def connection(self) -> MirrordIMAP4Client:
+        if self.client is None or self.client.connected_transport_lost:
+            self.client = None
+            self.selected = None
+            self.client = await self.pool.connect(self.label)
+        return self.client
+
+    async def examine(self, raw_name: bytes) -> MailboxStatus:
+        """EXAMINE ``raw_name`` now, for a fresh view of its state."""
+        client = await self.connection()
+        self.selected = None
+        self.status = await client.examine(raw_name)
+        self.selected = raw_name
+        return self.status
+
+    async def ensure_selected(self, raw_name: bytes) -> MailboxStatus:
+        """Have ``raw_name`` selected, re-using the current selection if it is the one."""
+        if self.selected == raw_name and self.status is not None and self.client is not None:
+            if not self.client.connected_transport_lost:
+                return self.status
+        return await self.examine(raw_name)
+
+    async def close(self) -> None:
+        client, self.client = self.client, None
+        if client is not None and not client.connected_transport_lost:
+            await client.logout()
+
+
+class WorkerPool:
+    """``size`` workers for one account; see the module docstring."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        account: ServerSettings,
+        password: str,
+        size: int,
+        *,
+        connect: Callable[[str], Awaitable[MirrordIMAP4Client]] | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.account = account
+        self.label = account.name
+        self._password = password
+        self._connect = connect
+        self._idle: list[Worker] = [Worker(self, n) for n in range(1, size + 1)]
+        self._all = list(self._idle)
+        self._waiters: list[defer.Deferred[Worker]] = []
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        return len(self._all)
+
+    async def connect(self, label: str) -> MirrordIMAP4Client:
+        if self._connect is not None:
+            return await self._connect(label)
+        return await open_session(self.reactor, self.account, self._password, label=label)
+
+    async def _acquire(self) -> Worker:
+        if self._closed:
+            raise RuntimeError("the worker pool is closed")
+        if self._idle:
+            return self._idle.pop(0)
+        waiter: defer.Deferred[Worker] = defer.Deferred()
+        self._waiters.append(waiter)
+        return await waiter
+
+    def _release(self, worker: Worker) -> None:
+        if self._waiters:
+            self._waiters.pop(0).callback(worker)
+        else:
+            self._idle.append(worker)
+
+    async def run(self, job: Callable[[Worker], Awaitable[T]], what: str = "job") -> T:
+        """Run ``job`` on a free worker, retrying on a fresh connection if it drops.
+
+        A refused login is not retried: trying again at once is how accounts
+        get locked.
+        """
+        attempt = 0
+        while True:
+            attempt += 1
+            worker = await self._acquire()
+            try:
+                return await job(worker)
+            except LoginFailed:
+                raise
+            except _CONNECTION_ERRORS as e:
+                worker.client = None
+                worker.selected = None
+                if attempt >= RETRIES:
+                    raise
+                log.warning("%s: %s interrupted (%s); retrying on a new connection", worker.label, what, e)
+            finally:
+                self._release(worker)
+
+    async def close(self) -> None:
+        """Log out every connection; waiters get an error."""
+        self._closed = True
+        for waiter in self._waiters:
+            waiter.errback(RuntimeError("the worker pool is closed"))
+        self._waiters.clear()
+        await defer.DeferredList(
+            [defer.Deferred.fromCoroutine(w.close()) for w in self._all], consumeErrors=True
+        )

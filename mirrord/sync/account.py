@@ -1,0 +1,126 @@
+"""One complete sync of every wanted mailbox of one account.
+
+Discovers the mailboxes (NAMESPACE, LIST, the account's patterns), then syncs
+them concurrently over the account's worker pool. One mailbox failing does
+not stop the others; a refused login stops the account, since every other
+attempt would be refused too.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer
+
+from mirrord.config import Account
+from mirrord.pool import Worker, WorkerPool
+from mirrord.protocol.client import ListEntry, Namespace
+from mirrord.store.maildir import Maildir
+from mirrord.store.state import StateDB
+from mirrord.sync.mailbox import MailboxResult, MailboxSync
+from mirrord.sync.names import UnmappableName, local_name, maildir_path
+
+log = logging.getLogger("mirrord.sync")
+
+
+@dataclass(frozen=True)
+class MailboxPlan:
+    """A server mailbox we will mirror and where it goes."""
+
+    entry: ListEntry
+    local_name: str
+
+
+@dataclass
+class Discovery:
+    capabilities: frozenset[str]
+    namespace: Namespace
+    wanted: list[MailboxPlan] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    """Server mailboxes left out, with the reason."""
+
+
+@dataclass
+class AccountResult:
+    account: str
+    mailboxes: list[MailboxResult] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and all(m.error is None for m in self.mailboxes)
+
+
+def choose_mailboxes(account: Account, entries: list[ListEntry], namespace: Namespace) -> Discovery:
+    """Which server mailboxes the account's patterns select, by their local names."""
+    discovery = Discovery(frozenset(), namespace)
+    seen: dict[str, str] = {}
+    for entry in entries:
+        if not entry.selectable:
+            continue
+        try:
+            name = local_name(entry.name, entry.delimiter or namespace.delimiter, namespace.prefix)
+            maildir_path(account.maildir, name)
+        except UnmappableName as e:
+            discovery.skipped.append(f"{entry.name}: {e}")
+            continue
+        if not account.wants(name):
+            continue
+        if name in seen:
+            discovery.skipped.append(f"{entry.name}: same local name as {seen[name]}")
+            continue
+        seen[name] = entry.name
+        discovery.wanted.append(MailboxPlan(entry, name))
+    discovery.wanted.sort(key=lambda p: (p.local_name != "INBOX", p.local_name))
+    return discovery
+
+
+async def discover(pool: WorkerPool, account: Account) -> Discovery:
+    async def job(worker: Worker) -> Discovery:
+        client = await worker.connection()
+        namespace = await client.namespace()
+        entries = await client.list_mailboxes("", "*")
+        discovery = choose_mailboxes(account, entries, namespace)
+        discovery.capabilities = client.capabilities
+        return discovery
+
+    return await pool.run(job, "listing mailboxes")
+
+
+async def sync_account(reactor: Any, account: Account, state: StateDB, password: str) -> AccountResult:
+    """Sync every wanted mailbox of ``account`` once; never raises for server trouble."""
+    result = AccountResult(account.name)
+    pool = WorkerPool(reactor, account, password, account.workers)
+    try:
+        discovery = await discover(pool, account)
+        for reason in discovery.skipped:
+            log.warning("%s: not mirrored: %s", account.name, reason)
+        log.info("%s: %d mailboxes to mirror", account.name, len(discovery.wanted))
+        syncs = [
+            MailboxSync(
+                account=account.name,
+                entry=plan.entry,
+                local_name=plan.local_name,
+                maildir=Maildir(maildir_path(account.maildir, plan.local_name)),
+                state=state,
+                pool=pool,
+            )
+            for plan in discovery.wanted
+        ]
+        outcomes = await defer.DeferredList(
+            [defer.Deferred.fromCoroutine(s.run()) for s in syncs], consumeErrors=True
+        )
+        for ok, value in outcomes:
+            if ok:
+                result.mailboxes.append(value)
+            else:
+                result.error = value.getErrorMessage()
+    except Exception as e:  # noqa: BLE001 - reported, and the other accounts go on
+        result.error = str(e) or type(e).__name__
+        log.error("%s: %s", account.name, result.error)
+        log.debug("%s: account sync failed", account.name, exc_info=True)
+    finally:
+        await pool.close()
+    return result

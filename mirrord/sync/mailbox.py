@@ -1,0 +1,221 @@
+"""One complete sync of one mailbox: list, decide, apply.
+
+This is glue: the server facts come from a worker (EXAMINE and a UID/FLAGS
+listing), the local facts from the state DB and a scan of the Maildir, the
+decision from :func:`mirrord.sync.engine.plan_sync`, and the doing from the
+store and from workers fetching batches in parallel.
+
+Ordering keeps the invariants: a file is delivered (durable, renamed,
+directory synced) before its state row is committed; a local file is removed
+before its row, so a crash in between leaves a row without a file, which the
+next sync re-fetches or forgets, never an orphan file that would come back as
+a duplicate.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from twisted.internet import defer
+
+from mirrord.flags import Flags
+from mirrord.pool import Worker, WorkerPool
+from mirrord.protocol.client import FetchedMessage, ListEntry, ListingEntry
+from mirrord.store.maildir import Maildir
+from mirrord.store.state import MessageRecord, StateDB
+from mirrord.sync.engine import KnownMessage, LocalSnapshot, ServerListing, SyncPlan, UidValidityChanged, plan_sync
+
+log = logging.getLogger("mirrord.sync")
+
+BATCH_MESSAGES = 200
+"""Most messages in one UID FETCH; bounds what a dropped connection costs."""
+BATCH_BYTES = 16 * 1024 * 1024
+"""Most bytes (by RFC822.SIZE) in one UID FETCH, so big mailboxes split across workers."""
+
+
+@dataclass
+class MailboxResult:
+    """What one sync of a mailbox did, for the log and the exit status."""
+
+    account: str
+    mailbox: str
+    messages: int = 0
+    fetched: int = 0
+    fetched_bytes: int = 0
+    removed: int = 0
+    flags_changed: int = 0
+    error: str | None = None
+
+    def summary(self) -> str:
+        if self.error:
+            return f"{self.account}/{self.mailbox}: FAILED: {self.error}"
+        done = []
+        if self.fetched:
+            done.append(f"{self.fetched} fetched ({_size(self.fetched_bytes)})")
+        if self.removed:
+            done.append(f"{self.removed} removed")
+        if self.flags_changed:
+            done.append(f"{self.flags_changed} flag changes")
+        what = ", ".join(done) if done else "up to date"
+        return f"{self.account}/{self.mailbox}: {what}; {self.messages} messages"
+
+
+def batches(uids: Sequence[int], sizes: dict[int, int | None]) -> list[list[int]]:
+    """Split ``uids`` into UID FETCH batches bounded by count and by bytes."""
+    out: list[list[int]] = []
+    current: list[int] = []
+    current_bytes = 0
+    for uid in uids:
+        size = sizes.get(uid) or 0
+        if current and (len(current) >= BATCH_MESSAGES or current_bytes + size > BATCH_BYTES):
+            out.append(current)
+            current, current_bytes = [], 0
+        current.append(uid)
+        current_bytes += size
+    if current:
+        out.append(current)
+    return out
+
+
+class MailboxSync:
+    """Syncs one server mailbox into one local Maildir."""
+
+    def __init__(
+        self,
+        *,
+        account: str,
+        entry: ListEntry,
+        local_name: str,
+        maildir: Maildir,
+        state: StateDB,
+        pool: WorkerPool,
+    ) -> None:
+        self.account = account
+        self.entry = entry
+        self.name = local_name
+        self.maildir = maildir
+        self.state = state
+        self.pool = pool
+        self.label = f"{account}/{local_name}"
+
+    async def run(self) -> MailboxResult:
+        result = MailboxResult(self.account, self.name)
+        try:
+            await self._run(result)
+        except UidValidityChanged as e:
+            result.error = (
+                f"{e}: the server renumbered this mailbox. Its local copies are kept untouched and it "
+                "is not synced until re-matching is available; to start it afresh, move its Maildir "
+                "away and run `mirrord state forget` (or delete its state rows)."
+            )
+        except Exception as e:  # noqa: BLE001 - one mailbox's failure must not stop the others
+            result.error = str(e) or type(e).__name__
+            log.debug("%s: sync failed", self.label, exc_info=True)
+        if result.error:
+            log.error("%s", result.summary())
+        else:
+            log.info("%s", result.summary())
+        return result
+
+    async def _run(self, result: MailboxResult) -> None:
+        self.maildir.clean_tmp()
+        uidvalidity, listing = await self.pool.run(self._list, f"listing {self.label}")
+        record = self.state.mailbox(self.account, self.name)
+        known = self.state.messages(self.account, self.name)
+        local = LocalSnapshot(
+            uidvalidity=record.uidvalidity if record else None,
+            known={uid: KnownMessage(r.key, r.flags) for uid, r in known.items()},
+            files={key: f.flags for key, f in self.maildir.scan().items()},
+        )
+        server = ServerListing(uidvalidity, {uid: e.flags for uid, e in listing.items()})
+        plan = plan_sync(server, local)
+        if record is None or record.uidvalidity != uidvalidity:
+            self.state.set_mailbox(self.account, self.name, uidvalidity)
+        self._apply_local(plan, known, result)
+        await self._fetch(plan, uidvalidity, listing, result)
+        self.state.set_mailbox(self.account, self.name, uidvalidity, last_sync=time.time())
+        result.messages = self.state.count(self.account, self.name)
+
+    async def _list(self, worker: Worker) -> tuple[int, dict[int, ListingEntry]]:
+        status = await worker.examine(self.entry.raw_name)
+        client = await worker.connection()
+        listing = await client.uid_fetch_listing() if status.exists else {}
+        return status.uidvalidity, listing
+
+    def _apply_local(self, plan: SyncPlan, known: dict[int, MessageRecord], result: MailboxResult) -> None:
+        if plan.remove:
+            files = self.maildir.scan()
+            keys = [known[uid].key for uid in plan.remove]
+            self.maildir.remove_many(keys, {k: files[k] for k in keys if k in files})
+            self.state.remove_messages(self.account, self.name, plan.remove)
+            result.removed = len(plan.remove)
+        if plan.set_flags:
+            files = self.maildir.scan()
+            changes: dict[int, Flags] = {}
+            for uid, flags in plan.set_flags.items():
+                key = known[uid].key
+                try:
+                    self.maildir.set_flags(key, flags, files.get(key))
+                except FileNotFoundError:
+                    continue  # vanished since the scan: the next sync re-fetches it
+                changes[uid] = flags
+            self.state.set_flags(self.account, self.name, changes)
+            result.flags_changed = len(changes)
+
+    async def _fetch(
+        self, plan: SyncPlan, uidvalidity: int, listing: dict[int, ListingEntry], result: MailboxResult
+    ) -> None:
+        if not plan.fetch:
+            return
+        sizes = {uid: listing[uid].size for uid in plan.fetch if uid in listing}
+
+        async def fetch_batch(uids: list[int]) -> None:
+            async def job(worker: Worker) -> None:
+                await self._fetch_batch(worker, uids, uidvalidity, result)
+
+            await self.pool.run(job, f"fetching {len(uids)} messages of {self.label}")
+
+        outcomes = await defer.DeferredList(
+            [defer.Deferred.fromCoroutine(fetch_batch(b)) for b in batches(plan.fetch, sizes)],
+            consumeErrors=True,
+        )
+        for ok, value in outcomes:
+            if not ok:
+                value.raiseException()
+
+    async def _fetch_batch(self, worker: Worker, uids: list[int], uidvalidity: int, result: MailboxResult) -> None:
+        status = await worker.ensure_selected(self.entry.raw_name)
+        if status.uidvalidity != uidvalidity:
+            raise UidValidityChanged(uidvalidity, status.uidvalidity)
+        client = await worker.connection()
+        fetched: list[FetchedMessage] = []
+
+        def arrived(message: FetchedMessage) -> None:
+            fetched.append(message)
+            message.body.finish()
+
+        try:
+            await client.uid_fetch_bodies(uids, self.maildir.open_tmp, arrived)
+            keys = self.maildir.deliver_many([(m.body, m.flags) for m in fetched])
+        except BaseException:
+            for message in fetched:
+                message.body.abort()
+            raise
+        self.state.add_messages(
+            self.account,
+            self.name,
+            [MessageRecord(m.uid, key, m.flags, m.size) for m, key in zip(fetched, keys)],
+        )
+        result.fetched += len(fetched)
+        result.fetched_bytes += sum(m.body.size for m in fetched)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n} B"
