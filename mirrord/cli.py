@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from twisted.internet import defer, task
+from twisted.internet import defer, task, threads
 
 from mirrord import __version__
 from mirrord.config import Account, Config, ConfigError, PasswordError, default_config_path, load_config
@@ -131,7 +131,8 @@ def run(config: Config, *, once: bool) -> int:
         ok = True
         for account in config.accounts:
             try:
-                passwords[account.name] = account.password.resolve()
+                # A password command may wait on a pinentry prompt: keep it off the reactor.
+                passwords[account.name] = await threads.deferToThread(account.password.resolve)
             except PasswordError as e:
                 log.error("%s", e)
                 ok = False
@@ -181,7 +182,7 @@ def check(config: Config, out: TextIO | None = None) -> int:
         print(f"account {account.name}: {account.username} at {account.host}:{account.port} ({account.tls})",
               file=out)
         try:
-            password = account.password.resolve()
+            password = await threads.deferToThread(account.password.resolve)
             client = await open_session(reactor, account, password, label=f"{account.name} check")
         except Exception as e:  # noqa: BLE001 - reported per account
             print(f"  FAILED: {e}", file=out)
