@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from mirrord.flags import Flags
+from mirrord.flags import Flags, representable
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,10 @@ class SyncPlan:
     """UIDs whose local copy goes: known locally, absent from the server's complete listing."""
     set_flags: Mapping[int, Flags] = field(default_factory=dict)
     """UID -> the server's flags, for kept messages whose recorded or on-disk flags differ."""
+    forget_all: bool = False
+    """Drop every state row first: they belong to an old UIDVALIDITY and none
+    of their files exist any more, so there is nothing local to lose or to
+    duplicate, and the mailbox is mirrored afresh."""
 
     @property
     def is_empty(self) -> bool:
@@ -83,6 +87,57 @@ def plan_sync(server: ServerListing, local: LocalSnapshot) -> SyncPlan:
     """Decide how to bring ``local`` to equal ``server``.
 
     Raises UidValidityChanged when the listing belongs to another UIDVALIDITY
-    than the state rows (and there are state rows to lose).
+    than the state rows and any of their files is still there.
     """
-    raise NotImplementedError
+    if (
+        local.known
+        and local.uidvalidity is not None
+        and local.uidvalidity != server.uidvalidity
+    ):
+        # The rows name UIDs of a mailbox that no longer exists as such: diffing
+        # them against the new UIDs would remove and re-fetch everything.
+        if any(row.key in local.files for row in local.known.values()):
+            raise UidValidityChanged(local.uidvalidity, server.uidvalidity)
+        # The user moved the old copies away (what the error tells them to
+        # do): start afresh.
+        return SyncPlan(fetch=tuple(sorted(server.messages)), forget_all=True)
+
+    fetch: list[int] = []
+    set_flags: dict[int, Flags] = {}
+    for uid in sorted(server.messages):
+        server_flags = frozenset(server.messages[uid])
+        row = local.known.get(uid)
+        if row is None:
+            fetch.append(uid)
+            continue
+        file_flags = local.files.get(row.key)
+        if file_flags is None:
+            # The row outlived its file (a reader or the user deleted it); the
+            # server still has the message, so the mirror must have it too.
+            fetch.append(uid)
+            continue
+        if not same_flags(server_flags, row.flags) or not same_flags(
+            file_flags, representable(server_flags)
+        ):
+            set_flags[uid] = server_flags
+
+    # The only removal rule (invariant 2): known locally, absent from a complete
+    # listing under the UIDVALIDITY the rows belong to. Files no row refers to
+    # never enter the plan at all, so they cannot be touched.
+    remove = tuple(sorted(uid for uid in local.known if uid not in server.messages))
+    return SyncPlan(fetch=tuple(fetch), remove=remove, set_flags=set_flags)
+
+
+def same_flags(a: Flags, b: Flags) -> bool:
+    """Whether two flag sets name the same flags.
+
+    Servers differ in how they spell system flags (``\\Seen``, ``\\SEEN``) but
+    mean the same flag, so a respelling alone must not cause a rename of every
+    file. Keywords are compared as sent: which spelling a keyword has is
+    exactly what a mirror should reproduce.
+    """
+    return _canonical(a) == _canonical(b)
+
+
+def _canonical(flags: Flags) -> Flags:
+    return frozenset(f.lower() if f.startswith("\\") else f for f in flags)

@@ -63,14 +63,19 @@ class MailboxResult:
         return f"{self.account}/{self.mailbox}: {what}; {self.messages} messages"
 
 
-def batches(uids: Sequence[int], sizes: dict[int, int | None]) -> list[list[int]]:
-    """Split ``uids`` into UID FETCH batches bounded by count and by bytes."""
+def batches(uids: Sequence[int], sizes: dict[int, int | None], workers: int = 1) -> list[list[int]]:
+    """Split ``uids`` into UID FETCH batches bounded by count and by bytes.
+
+    A mailbox smaller than a full batch per worker is still cut into one
+    batch per worker, so that its first sync uses every connection.
+    """
+    limit = max(1, min(BATCH_MESSAGES, -(-len(uids) // max(1, workers))))
     out: list[list[int]] = []
     current: list[int] = []
     current_bytes = 0
     for uid in uids:
         size = sizes.get(uid) or 0
-        if current and (len(current) >= BATCH_MESSAGES or current_bytes + size > BATCH_BYTES):
+        if current and (len(current) >= limit or current_bytes + size > BATCH_BYTES):
             out.append(current)
             current, current_bytes = [], 0
         current.append(uid)
@@ -107,9 +112,9 @@ class MailboxSync:
             await self._run(result)
         except UidValidityChanged as e:
             result.error = (
-                f"{e}: the server renumbered this mailbox. Its local copies are kept untouched and it "
-                "is not synced until re-matching is available; to start it afresh, move its Maildir "
-                "away and run `mirrord state forget` (or delete its state rows)."
+                f"{e}: the server renumbered this mailbox, so local copies can no longer be matched "
+                f"to server messages by UID. They are left untouched and this mailbox is not synced. "
+                f"To mirror it afresh, move {self.maildir.path} away and run again."
             )
         except Exception as e:  # noqa: BLE001 - one mailbox's failure must not stop the others
             result.error = str(e) or type(e).__name__
@@ -132,6 +137,10 @@ class MailboxSync:
         )
         server = ServerListing(uidvalidity, {uid: e.flags for uid, e in listing.items()})
         plan = plan_sync(server, local)
+        if plan.forget_all:
+            log.warning("%s: UIDVALIDITY changed and the old copies are gone; mirroring afresh", self.label)
+            self.state.delete_mailbox(self.account, self.name)
+            known = {}
         if record is None or record.uidvalidity != uidvalidity:
             self.state.set_mailbox(self.account, self.name, uidvalidity)
         self._apply_local(plan, known, result)
@@ -179,7 +188,7 @@ class MailboxSync:
             await self.pool.run(job, f"fetching {len(uids)} messages of {self.label}")
 
         outcomes = await defer.DeferredList(
-            [defer.Deferred.fromCoroutine(fetch_batch(b)) for b in batches(plan.fetch, sizes)],
+            [defer.Deferred.fromCoroutine(fetch_batch(b)) for b in batches(plan.fetch, sizes, self.pool.size)],
             consumeErrors=True,
         )
         for ok, value in outcomes:
