@@ -1,0 +1,113 @@
+"""Running the real ``mirrord`` command against the test Dovecot, and reading its Maildir.
+
+Tests run mirrord as a user does, as a separate process (a Twisted reactor
+runs once per process, and the exit status is part of what users see).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mirrord.flags import flags_from_info, representable
+from mirrord.testing import ImapAccount
+
+
+@dataclass
+class Run:
+    status: int
+    stdout: str
+    stderr: str
+
+
+def write_config(
+    directory: Path,
+    account: ImapAccount,
+    *,
+    tls: str = "implicit",
+    host: str = "localhost",
+    ca_file: Path | None | str = "default",
+    password: str | None = None,
+    extra: str = "",
+    name: str = "test",
+) -> Path:
+    """A config file for ``account`` with state and Maildir under ``directory``."""
+    port = account.imaps_port if tls == "implicit" else account.port
+    ca = account.ca_file if ca_file == "default" else ca_file
+    password_file = directory / f"{name}.password"
+    password_file.write_text((password if password is not None else account.password) + "\n")
+    os.chmod(password_file, 0o600)
+    lines = [
+        f"state_dir: {directory / 'state'}",
+        "accounts:",
+        f"  {name}:",
+        f"    host: {host}",
+        f"    port: {port}",
+        f"    tls: {tls}",
+        f"    username: {account.user}",
+        f"    password_file: {password_file}",
+        f"    maildir: {directory / 'Mail'}",
+        "    workers: 3",
+    ]
+    if ca is not None:
+        lines.append(f"    ca_file: {ca}")
+    config = directory / "config.yaml"
+    config.write_text("\n".join(lines) + "\n" + extra)
+    os.chmod(config, 0o600)
+    return config
+
+
+def mirrord(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> Run:
+    completed = subprocess.run(
+        [sys.executable, "-m", "mirrord", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+    )
+    return Run(completed.returncode, completed.stdout, completed.stderr)
+
+
+@dataclass(frozen=True)
+class LocalMessage:
+    path: Path
+    sha256: str
+    flags: frozenset[str]
+
+
+def local_messages(maildir: Path) -> list[LocalMessage]:
+    found = []
+    for sub in ("new", "cur"):
+        for path in sorted((maildir / sub).iterdir()):
+            _, _, info = path.name.partition(":2,")
+            found.append(LocalMessage(path, hashlib.sha256(path.read_bytes()).hexdigest(), flags_from_info(info)))
+    return found
+
+
+def expected_messages(account: ImapAccount, mailbox: str) -> list[tuple[str, frozenset[str]]]:
+    """(sha256 of the server's BODY[] with CRLF turned into LF, representable flags), sorted."""
+    return sorted(
+        (hashlib.sha256(body.replace(b"\r\n", b"\n")).hexdigest(), representable(flags))
+        for flags, body in account.client.messages(mailbox).values()
+    )
+
+
+def assert_mirrors(account: ImapAccount, root: Path, mailbox: str) -> None:
+    local = sorted((m.sha256, m.flags) for m in local_messages(root / mailbox))
+    assert local == expected_messages(account, mailbox), f"{mailbox} differs from the server"
+
+
+def tree_snapshot(root: Path) -> dict[str, Any]:
+    """Every file under ``root`` with its inode and mtime: any change shows."""
+    snap = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            st = os.stat(os.path.join(dirpath, f))
+            snap[os.path.relpath(os.path.join(dirpath, f), root)] = (st.st_ino, st.st_mtime_ns, st.st_size)
+    return snap

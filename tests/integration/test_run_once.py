@@ -1,0 +1,224 @@
+"""``mirrord run --once`` against a real Dovecot: the mirror must equal the server.
+
+Every check compares with what the server itself returns for BODY[] and
+FLAGS, fetched by a second, independent client (stdlib imaplib).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import stat
+from pathlib import Path
+
+import pytest
+
+from mirrord.testing import ImapAccount, make_message
+from tests.integration._mirrord import (
+    assert_mirrors,
+    local_messages,
+    mirrord,
+    tree_snapshot,
+    write_config,
+)
+
+MAILBOXES = ("INBOX", "Archive/2024", "Entwürfe")
+
+
+def fill_mixed(account: ImapAccount) -> None:
+    """Three mailboxes, one nested, one non-ASCII; sizes from bytes to over 10 MB."""
+    rng = random.Random(7)
+    client = account.client
+    client.create("Archive/2024")
+    client.create("Entwürfe")
+    flag_choices = [(), ("\\Seen",), ("\\Seen", "\\Answered"), ("\\Flagged",), ("\\Draft", "\\Seen"), ("$Junk",)]
+    for i in range(12):
+        client.append("INBOX", make_message(i, size=rng.randint(200, 40_000), rng=rng), rng.choice(flag_choices))
+    for i in range(12, 18):
+        client.append("Archive/2024", make_message(i, rng=rng, attachment_bytes=rng.randint(0, 300_000)), ("\\Seen",))
+    # Over 10 MB: Twisted would spill it to a temp file and read it back into memory.
+    client.append("Archive/2024", make_message(99, rng=rng, attachment_bytes=11 * 1024 * 1024), ())
+    # Bytes that a careless CRLF conversion gets wrong: bare CR, bare LF, CR at a chunk edge.
+    client.append("Entwürfe", b"Subject: odd\r\n\r\nbare\rcr and bare\nlf\r\r\n" + b"x\r" * 40_000 + b"\r\n", ("\\Draft",))
+    client.append("Entwürfe", b"Subject: empty body\r\n\r\n", ())
+
+
+def test_mirrors_every_mailbox_byte_for_byte(imap_account: ImapAccount, tmp_path: Path) -> None:
+    fill_mixed(imap_account)
+    config = write_config(tmp_path, imap_account)
+    run = mirrord("-c", str(config), "run", "--once")
+    assert run.status == 0, run.stderr
+    for mailbox in MAILBOXES:
+        assert_mirrors(imap_account, tmp_path / "Mail", mailbox)
+    assert len(local_messages(tmp_path / "Mail" / "INBOX")) == 12
+    assert "Archive/2024" in run.stderr and "Entwürfe" in run.stderr
+
+
+def test_mirroring_never_sets_seen_on_the_server(imap_account: ImapAccount, tmp_path: Path) -> None:
+    fill_mixed(imap_account)
+    before = {m: imap_account.client.flags(m) for m in MAILBOXES}
+    run = mirrord("-c", str(write_config(tmp_path, imap_account)), "run", "--once")
+    assert run.status == 0, run.stderr
+    assert {m: imap_account.client.flags(m) for m in MAILBOXES} == before
+
+
+def test_second_run_changes_nothing(imap_account: ImapAccount, tmp_path: Path) -> None:
+    fill_mixed(imap_account)
+    config = write_config(tmp_path, imap_account)
+    assert mirrord("-c", str(config), "run", "--once").status == 0
+    before = tree_snapshot(tmp_path / "Mail")
+    run = mirrord("-c", str(config), "run", "--once")
+    assert run.status == 0, run.stderr
+    assert tree_snapshot(tmp_path / "Mail") == before
+    assert "fetched" not in run.stderr
+    assert run.stderr.count("up to date") == len(MAILBOXES)
+
+
+def test_expunge_removes_exactly_that_copy(imap_account: ImapAccount, tmp_path: Path) -> None:
+    client = imap_account.client
+    uids = [client.append("INBOX", make_message(i), ()) for i in range(10)]
+    config = write_config(tmp_path, imap_account)
+    assert mirrord("-c", str(config), "run", "--once").status == 0
+    before = tree_snapshot(tmp_path / "Mail")
+    client.expunge("INBOX", [uids[3], uids[7]])
+    run = mirrord("-c", str(config), "run", "--once")
+    assert run.status == 0, run.stderr
+    after = tree_snapshot(tmp_path / "Mail")
+    assert len(before) - len(after) == 2
+    assert all(after[name] == before[name] for name in after), "nothing but the expunged copies changed"
+    assert_mirrors(imap_account, tmp_path / "Mail", "INBOX")
+
+
+def test_server_flag_changes_show_up_locally(imap_account: ImapAccount, tmp_path: Path) -> None:
+    client = imap_account.client
+    uids = [client.append("INBOX", make_message(i), ()) for i in range(6)]
+    client.add_flags("INBOX", uids[5], ["\\Seen"])
+    config = write_config(tmp_path, imap_account)
+    assert mirrord("-c", str(config), "run", "--once").status == 0
+    client.add_flags("INBOX", uids[0], ["\\Seen"])
+    client.add_flags("INBOX", uids[1], ["\\Flagged", "\\Answered"])
+    client.remove_flags("INBOX", uids[5], ["\\Seen"])
+    client.add_flags("INBOX", uids[2], ["$Label1"])  # a keyword: no letter, but no harm
+    run = mirrord("-c", str(config), "run", "--once")
+    assert run.status == 0, run.stderr
+    assert "flag changes" in run.stderr
+    assert_mirrors(imap_account, tmp_path / "Mail", "INBOX")
+
+
+def test_local_file_deleted_by_hand_is_fetched_again(imap_account: ImapAccount, tmp_path: Path) -> None:
+    client = imap_account.client
+    for i in range(3):
+        client.append("INBOX", make_message(i), ())
+    config = write_config(tmp_path, imap_account)
+    assert mirrord("-c", str(config), "run", "--once").status == 0
+    local_messages(tmp_path / "Mail" / "INBOX")[0].path.unlink()
+    assert mirrord("-c", str(config), "run", "--once").status == 0
+    assert_mirrors(imap_account, tmp_path / "Mail", "INBOX")
+
+
+def test_maildir_and_state_are_private(imap_account: ImapAccount, tmp_path: Path) -> None:
+    imap_account.client.append("INBOX", make_message(1), ())
+    old = os.umask(0o022)
+    try:
+        assert mirrord("-c", str(write_config(tmp_path, imap_account)), "run", "--once").status == 0
+    finally:
+        os.umask(old)
+    inbox = tmp_path / "Mail" / "INBOX"
+    for d in (inbox, inbox / "cur", inbox / "new", inbox / "tmp"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+    for m in local_messages(inbox):
+        assert stat.S_IMODE(m.path.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "state" / "state.sqlite3").stat().st_mode) == 0o600
+
+
+def test_mailbox_patterns_and_excludes(imap_account: ImapAccount, tmp_path: Path) -> None:
+    client = imap_account.client
+    for name in ("Archive/2023", "Archive/2024", "Spam"):
+        client.create(name)
+        client.append(name, make_message(1), ())
+    config = write_config(
+        tmp_path, imap_account, extra='    mailboxes: ["INBOX", "Archive/*"]\n    exclude: ["Archive/2023"]\n'
+    )
+    assert mirrord("-c", str(config), "run", "--once").status == 0
+    mail = tmp_path / "Mail"
+    assert (mail / "Archive" / "2024" / "cur").is_dir()
+    assert not (mail / "Archive" / "2023").exists()
+    assert not (mail / "Spam").exists()
+
+
+def test_status_shows_what_was_mirrored(imap_account: ImapAccount, tmp_path: Path) -> None:
+    config = write_config(tmp_path, imap_account)
+    assert "nothing mirrored yet" in mirrord("-c", str(config), "status").stdout
+    for i in range(4):
+        imap_account.client.append("INBOX", make_message(i), ())
+    assert mirrord("-c", str(config), "run", "--once").status == 0
+    out = mirrord("-c", str(config), "status").stdout
+    assert "test/INBOX" in out and " 4 " in out
+
+
+def test_config_after_subcommand_is_accepted(imap_account: ImapAccount, tmp_path: Path) -> None:
+    imap_account.client.append("INBOX", make_message(1), ())
+    run = mirrord("run", "--once", "-c", str(write_config(tmp_path, imap_account)))
+    assert run.status == 0, run.stderr
+    assert len(local_messages(tmp_path / "Mail" / "INBOX")) == 1
+
+
+@pytest.mark.parametrize("tls", ["implicit", "starttls"])
+def test_verified_tls_both_ways(imap_account: ImapAccount, tmp_path: Path, tls: str) -> None:
+    imap_account.client.append("INBOX", make_message(1), ())
+    run = mirrord("-c", str(write_config(tmp_path, imap_account, tls=tls)), "run", "--once", "-v")
+    assert run.status == 0, run.stderr
+    if tls == "starttls":
+        assert "C: M1 STARTTLS" in run.stderr or "STARTTLS" in run.stderr
+
+
+def test_plaintext_to_loopback_works(imap_account: ImapAccount, tmp_path: Path) -> None:
+    imap_account.client.append("INBOX", make_message(1), ())
+    run = mirrord("-c", str(write_config(tmp_path, imap_account, tls="none", ca_file=None)), "run", "--once")
+    assert run.status == 0, run.stderr
+
+
+def test_uidvalidity_change_stops_that_mailbox_and_keeps_its_copies(
+    imap_account: ImapAccount, tmp_path: Path
+) -> None:
+    client = imap_account.client
+    client.create("Work")
+    messages = [make_message(i) for i in range(5)]
+    for m in messages:
+        client.append("Work", m, ())
+    client.append("INBOX", make_message(50), ())
+    config = write_config(tmp_path, imap_account)
+    assert mirrord("-c", str(config), "run", "--once").status == 0
+    before = tree_snapshot(tmp_path / "Mail" / "Work")
+    old = client.uidvalidity("Work")
+    client.delete("Work")
+    client.create("Work")
+    for m in messages[:3]:
+        client.append("Work", m, ())
+    assert client.uidvalidity("Work") != old
+    client.append("INBOX", make_message(51), ())
+
+    run = mirrord("-c", str(config), "run", "--once")
+    assert run.status == 1
+    assert "Work" in run.stderr and "UIDVALIDITY changed" in run.stderr
+    assert tree_snapshot(tmp_path / "Mail" / "Work") == before, "nothing local is removed or added"
+    assert_mirrors(imap_account, tmp_path / "Mail", "INBOX")  # the other mailboxes go on
+
+    # What the error tells the user to do: move the folder away, run again.
+    (tmp_path / "Mail" / "Work").rename(tmp_path / "Work.old")
+    run = mirrord("-c", str(config), "run", "--once")
+    assert run.status == 0, run.stderr
+    assert_mirrors(imap_account, tmp_path / "Mail", "Work")
+
+
+def test_first_sync_is_spread_over_the_workers(imap_account: ImapAccount, tmp_path: Path) -> None:
+    imap_account.fill("INBOX", [make_message(i) for i in range(60)])
+    run = mirrord("-c", str(write_config(tmp_path, imap_account)), "run", "--once", "-v")
+    assert run.status == 0, run.stderr
+    fetching = {
+        line.split(" C: ")[0].split()[-1]
+        for line in run.stderr.splitlines()
+        if " C: " in line and "BODY.PEEK[]" in line
+    }
+    assert len(fetching) == 3, f"expected 3 workers fetching, saw {fetching}"
+    assert len(local_messages(tmp_path / "Mail" / "INBOX")) == 60
