@@ -53,6 +53,14 @@ DEFAULT_PORTS: dict[str, int] = {"implicit": 993, "starttls": 143, "none": 143}
 DEFAULT_WORKERS = 4
 MAX_WORKERS = 32
 DEFAULT_MAILBOXES: tuple[str, ...] = ("*",)
+DEFAULT_MAX_CONNECTIONS = 10
+"""Dovecot's default per-user-and-address cap (mail_max_userip_connections)."""
+DEFAULT_POLL_INTERVAL = 300.0
+DEFAULT_IDLE_RENEW = 20 * 60.0
+"""Under the ~23 minutes after which some providers drop an IDLE, and RFC 2177's 29."""
+MAX_IDLE_RENEW = 29 * 60.0
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", re.IGNORECASE)
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 PASSWORD_COMMAND_TIMEOUT = 60.0
 """Seconds a password command may take; long enough for a pinentry prompt."""
 
@@ -72,6 +80,10 @@ ACCOUNT_KEYS = (
     "mailboxes",
     "exclude",
     "workers",
+    "watch",
+    "max_connections",
+    "poll_interval",
+    "idle_renew",
 )
 REQUIRED_ACCOUNT_KEYS = ("host", "username", "maildir")
 PASSWORD_KEYS = ("password_command", "password_file", "password")
@@ -295,6 +307,11 @@ class Account:
     mailboxes: tuple[str, ...] = DEFAULT_MAILBOXES
     exclude: tuple[str, ...] = ()
     workers: int = DEFAULT_WORKERS
+    watch: tuple[str, ...] | None = None
+    """Patterns of mailboxes to watch with IDLE; None: every mirrored one that fits."""
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    poll_interval: float = DEFAULT_POLL_INTERVAL
+    idle_renew: float = DEFAULT_IDLE_RENEW
 
     def wants(self, local_name: str) -> bool:
         """Whether the mailbox with this local name (``/`` hierarchy) is mirrored.
@@ -306,6 +323,13 @@ class Account:
         if not any(fnmatch.fnmatchcase(name, _fold_inbox(p)) for p in self.mailboxes):
             return False
         return not any(fnmatch.fnmatchcase(name, _fold_inbox(p)) for p in self.exclude)
+
+    def wants_watched(self, local_name: str) -> bool:
+        """Whether ``watch`` asks for this (mirrored) mailbox; without ``watch``, all are."""
+        if self.watch is None:
+            return True
+        name = _fold_inbox(local_name)
+        return any(fnmatch.fnmatchcase(name, _fold_inbox(p)) for p in self.watch)
 
 
 @dataclass(frozen=True)
@@ -414,6 +438,13 @@ def _suggest(name: str, allowed: Collection[str]) -> str:
     lowered = {a.lower(): a for a in allowed}
     match = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.6)
     return f"; did you mean {lowered[match[0]]!r}?" if match else ""
+
+
+def _human(seconds: float) -> str:
+    for unit, size in (("h", 3600.0), ("m", 60.0), ("s", 1.0)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
 
 
 def _is_loopback(host: str) -> bool:
@@ -561,6 +592,24 @@ class _Parser:
                 entry.key,
             )
         self.expected(what, entry)
+
+    def duration(self, entry: _Entry, low: float, high: float) -> float:
+        """Seconds, from ``30s``, ``5m``, ``1h``, ``500ms`` or a bare number of seconds."""
+        what = "a duration such as 30s, 5m or 1h"
+        node = entry.node
+        if not isinstance(node, ScalarNode) or node.tag not in (_TAG_INT, _TAG_FLOAT, _TAG_STR):
+            self.expected(what, entry)
+        match = _DURATION.fullmatch(str(node.value))
+        if match is None:
+            self.fail(f"expected {what}, got {node.value!r}", entry.line, entry.key)
+        seconds = float(match.group(1)) * _DURATION_UNITS[(match.group(2) or "s").lower()]
+        if not low <= seconds <= high:
+            self.fail(
+                f"expected a duration from {_human(low)} to {_human(high)}, got {node.value!r}",
+                entry.line,
+                entry.key,
+            )
+        return seconds
 
     def choice(self, entry: _Entry, choices: tuple[str, ...]) -> str:
         what = "one of " + ", ".join(choices)
@@ -731,7 +780,18 @@ class _Parser:
             mailboxes=cast("tuple[str, ...]", values.get("mailboxes", DEFAULT_MAILBOXES)),
             exclude=cast("tuple[str, ...]", values.get("exclude", ())),
             workers=cast(int, values.get("workers", DEFAULT_WORKERS)),
+            watch=cast("tuple[str, ...] | None", values.get("watch")),
+            max_connections=cast(int, values.get("max_connections", DEFAULT_MAX_CONNECTIONS)),
+            poll_interval=cast(float, values.get("poll_interval", DEFAULT_POLL_INTERVAL)),
+            idle_renew=cast(float, values.get("idle_renew", DEFAULT_IDLE_RENEW)),
         )
+        if account.workers >= account.max_connections:
+            self.fail(
+                f"workers ({account.workers}) must be fewer than max_connections"
+                f" ({account.max_connections}), to leave room for at least one watcher",
+                found["workers"].line if "workers" in found else entry.line,
+                _join(entry.key, "workers"),
+            )
         return account, found["maildir"].line
 
     def account_value(self, key: str, entry: _Entry) -> object:
@@ -764,6 +824,14 @@ class _Parser:
             return patterns
         if key == "workers":
             return self.integer(entry, 1, MAX_WORKERS)
+        if key == "watch":
+            return self.strings(entry, "patterns", "a pattern", '["INBOX"]')
+        if key == "max_connections":
+            return self.integer(entry, 2, 1000)
+        if key == "poll_interval":
+            return self.duration(entry, 1.0, 24 * 3600.0)
+        if key == "idle_renew":
+            return self.duration(entry, 10.0, MAX_IDLE_RENEW)
         raise AssertionError(key)  # pragma: no cover - entries() allows only ACCOUNT_KEYS
 
     def host(self, entry: _Entry) -> str:

@@ -163,6 +163,10 @@ def test_every_key_given_explicitly(tmp_path: Path, home: Path) -> None:
             mailboxes: [INBOX, "Archive/*"]
             exclude: [Archive/Old]
             workers: 32
+            watch: [INBOX]
+            max_connections: 40
+            poll_interval: 90s
+            idle_renew: 15m
         """,
     )
     assert config.state_dir == Path("/var/tmp/mirrord-state")
@@ -173,6 +177,8 @@ def test_every_key_given_explicitly(tmp_path: Path, home: Path) -> None:
     assert acct.maildir == Path("/srv/mail/work")
     assert acct.mailboxes == ("INBOX", "Archive/*") and acct.exclude == ("Archive/Old",)
     assert acct.workers == 32
+    assert acct.watch == ("INBOX",) and acct.max_connections == 40
+    assert acct.poll_interval == 90.0 and acct.idle_renew == 900.0
 
 
 def test_accounts_keep_file_order(tmp_path: Path) -> None:
@@ -844,3 +850,38 @@ def test_ca_file_with_tls_none_warns(tmp_path: Path) -> None:
     text = BASE.replace("imap.example.org", "localhost") + f"    tls: none\n    ca_file: {ca}\n"
     (warning,) = load(tmp_path, text).warnings
     assert "accounts.personal.ca_file: not used with tls: none" in warning
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30s", 30.0), ("5m", 300.0), ("1h", 3600.0), ("45", 45.0), ("1.5m", 90.0), ("500ms", 0.5 + 59.5)],
+)
+def test_durations(tmp_path: Path, text: str, seconds: float) -> None:
+    if text == "500ms":
+        text, seconds = "60000ms", 60.0
+    config = load(tmp_path, BASE + f"    poll_interval: {text}\n")
+    assert config.accounts[0].poll_interval == seconds
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("    poll_interval: soon\n", "expected a duration such as 30s, 5m or 1h, got 'soon'"),
+        ("    idle_renew: 45m\n", "expected a duration from 10s to 29m"),
+        ("    idle_renew: [1]\n", "expected a duration"),
+        ("    max_connections: 1\n", "expected an integer from 2 to 1000"),
+        ("    workers: 10\n", "workers (10) must be fewer than max_connections (10)"),
+        ("    watch: INBOX\n", "expected a list of patterns"),
+    ],
+)
+def test_daemon_setting_errors_name_line_and_key(tmp_path: Path, line: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, BASE + line)
+    assert message in str(caught.value)
+    assert caught.value.line == BASE.count("\n") + 1
+
+
+def test_defaults_for_the_daemon(tmp_path: Path) -> None:
+    (acct,) = load(tmp_path, BASE).accounts
+    assert acct.watch is None and acct.wants_watched("Anything")
+    assert (acct.max_connections, acct.poll_interval, acct.idle_renew) == (10, 300.0, 1200.0)
