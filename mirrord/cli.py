@@ -29,8 +29,6 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 STATE_DB_NAME = "state.sqlite3"
-POLL_INTERVAL = 300.0
-"""Seconds between syncs in ``mirrord run`` until IDLE watching is in place."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -149,10 +147,22 @@ def run(config: Config, *, once: bool) -> int:
         if once:
             outcome["ok"] = await sync_all(reactor)
             return
-        log.info("mirroring %d accounts; syncing every %d s", len(config.accounts), POLL_INTERVAL)
-        while True:
-            await sync_all(reactor)
-            await task.deferLater(reactor, POLL_INTERVAL, lambda: None)
+        from mirrord.daemon import Daemon
+
+        daemon = Daemon(reactor, list(config.accounts), state)
+        # SIGTERM and SIGINT stop the reactor; this runs first and is waited
+        # for, so writes in progress finish and connections log out.
+        async def shutdown() -> None:
+            await daemon.stop()
+            # Let the reactor go on with shutdown from a fresh call stack, not
+            # from inside the last LOGOUT's response handling: its closing of
+            # every connection would re-enter Twisted's TLS wrapper there.
+            await task.deferLater(reactor, 0, lambda: None)
+
+        reactor.addSystemEventTrigger("before", "shutdown", lambda: defer.Deferred.fromCoroutine(shutdown()))
+        await daemon.start()
+        log.info("first sync done; mirroring %d accounts", len(config.accounts))
+        await defer.Deferred()  # until the reactor stops
 
     try:
         task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)))

@@ -88,17 +88,23 @@ class Continuation:
 Response = Tagged | Untagged | Continuation
 
 # One token at a time, anchored at a position. Order matters: a literal
-# marker must be the last thing on its line; an atom may carry a bracketed
-# section with spaces and parentheses inside (BODY[HEADER.FIELDS (FROM)]<0>).
+# marker must be the last thing on its line; an atom may carry bracketed
+# sections with spaces and parentheses inside (BODY[HEADER.FIELDS (FROM)]<0>)
+# and, as an astring may, a bare "]" (a mailbox named "a]b").
+#
+# Every repetition below has alternatives that cannot both match at one
+# position, so a match or a failure costs time linear in the line: lines may
+# be megabytes long, and a pattern that backtracks over them (the first
+# version took half a second for 16 KB of "[") would let a server stall the
+# reactor.
 _TOKEN = re.compile(
     rb"""
     (?P<space>\ +)
   | (?P<open>\()
   | (?P<close>\))
-  | "(?P<quoted>(?:[^"\\\r\n]|\\["\\])*)"
+  | "(?P<quoted>[^"\\\r\n]*(?:\\["\\][^"\\\r\n]*)*)"
   | \{(?P<literal>[0-9]{1,12})\+?\}\Z
-  | (?P<atom>[^\x00-\x1f\x7f\ ()"{]*\[[^\]\r\n]*\][^\x00-\x1f\x7f\ ()"{\[]*
-           |[^\x00-\x1f\x7f\ ()"{\[\]]+(?:\])?)
+  | (?P<atom>(?:[^\x00-\x1f\x7f\ ()"{\[]+|\[[^\]\r\n]*\])+)
     """,
     re.VERBOSE,
 )
@@ -148,6 +154,8 @@ class ResponseReader:
         self._max_memory_literal = max_memory_literal
         self._on_line = on_line
         self._buffer = bytearray()
+        self._scanned = 0
+        """How much of the buffer is known to hold no LF (no rescans of a long line)."""
         self._pending: _Pending | None = None
         # Literal in progress: bytes left, and either a sink or a memory buffer.
         self._literal_left = 0
@@ -160,19 +168,23 @@ class ResponseReader:
     # -- feeding ----------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
-        """Consume bytes off the wire; calls ``on_response`` for each complete response."""
+        """Consume bytes off the wire; calls ``on_response`` for each complete response.
+
+        After it raises (ProtocolError, or whatever a callback or sink raised)
+        the reader is finished: its position in the stream is unknown, so it
+        aborts what is in progress and ignores all later input.
+        """
         if self._failed:
             return
         try:
             self._feed(data)
-        except ProtocolError:
-            self._failed = True
+        except BaseException:
             self.abort()
             raise
 
     def _feed(self, data: bytes) -> None:
         view = memoryview(data)
-        while True:
+        while not self._failed:
             if self._literal_left:
                 if not view:
                     return
@@ -198,7 +210,7 @@ class ResponseReader:
         buffer = self._buffer
         start = 0
         while True:
-            end = buffer.find(b"\n", start)
+            end = buffer.find(b"\n", max(start, self._scanned))
             if end < 0:
                 break
             line_end = end - 1 if end > start and buffer[end - 1] == 0x0D else end
@@ -207,12 +219,21 @@ class ResponseReader:
             line = bytes(buffer[start:line_end])
             start = end + 1
             self._line(line)
+            if self._failed:  # a callback gave up on the connection
+                buffer.clear()
+                self._scanned = 0
+                return None
             if self._literal_left:
                 leftover = bytes(buffer[start:])
                 buffer.clear()
+                self._scanned = 0
                 return leftover
         del buffer[:start]
-        if len(buffer) > self._max_line:
+        self._scanned = len(buffer)
+        # A CR at the end may be the first half of the CRLF ending a line of
+        # exactly max_line bytes: the limit must not depend on the chunking.
+        partial = len(buffer) - (1 if buffer.endswith(b"\r") else 0)
+        if partial > self._max_line:
             raise ProtocolError(f"response line longer than {self._max_line} bytes")
         return None
 
@@ -244,8 +265,11 @@ class ResponseReader:
         """Give up on whatever is in progress: a streamed literal's sink is aborted.
 
         Called when the connection is lost or the stream was found corrupt, so
-        that no half-written message file survives.
+        that no half-written message file survives. The reader reads nothing
+        more afterwards, even when called from one of its own callbacks in the
+        middle of a chunk (a connection closed while a response is handled).
         """
+        self._failed = True
         sink, self._literal_sink = self._literal_sink, None
         self._literal_left = 0
         if sink is not None:
@@ -297,13 +321,19 @@ class ResponseReader:
         self._tokens(after, _Pending(kind, number))
 
     def _tokens(self, line: bytes, pending: _Pending) -> None:
-        """Tokenise one line segment of ``pending``; finish it or start a literal."""
+        """Tokenise one line segment of ``pending``; finish it or start a literal.
+
+        ``pending`` stays reachable from ``abort`` until it is handed over, so
+        that the sinks of its earlier literals are aborted if this last line
+        turns out to be malformed.
+        """
+        self._pending = pending
         literal = _tokenize(line, pending.stack)
         if literal is None:
+            response = pending.finish()
             self._pending = None
-            self._emit(pending.finish())
+            self._emit(response)
         else:
-            self._pending = pending
             self._start_literal(pending, literal)
 
     def _start_literal(self, pending: _Pending, size: int) -> None:
@@ -326,7 +356,19 @@ class ResponseReader:
             self._end_literal()
 
     def _emit(self, response: Response) -> None:
-        self._on_response(response)
+        """Hand a response over; if the consumer fails on it, abort its sinks.
+
+        A consumer that raised (a FETCH it found malformed, say) has not taken
+        the sinks, and the connection is about to be dropped: nobody else
+        would close them. Sinks must tolerate ``abort`` after they were used
+        (a delivered Maildir file ignores it).
+        """
+        try:
+            self._on_response(response)
+        except BaseException:
+            if isinstance(response, Untagged):
+                _abort_sinks(response.data)
+            raise
 
 
 def _tokenize(line: bytes, stack: list[list[Any]]) -> int | None:
@@ -420,7 +462,13 @@ def fetch_items(response: Untagged) -> dict[str, Any]:
         name = pairs[i]
         if not isinstance(name, bytes):
             raise ProtocolError(f"bad FETCH item name {name!r}")
-        items[name.decode("ascii", "replace").upper()] = pairs[i + 1]
+        key = name.decode("ascii", "replace").upper()
+        value = pairs[i + 1]
+        if key in items and items[key] != value:
+            # Two different bodies (or UIDs) in one response: whichever we
+            # took could be the wrong message, and the other's sink would leak.
+            raise ProtocolError(f"FETCH response gives {key} twice")
+        items[key] = value
     return items
 
 

@@ -58,6 +58,10 @@ call the connection dead. Long enough for a slow server's big SEARCH; short
 enough that a stalled link is noticed."""
 
 
+LOGOUT_GRACE = 5.0
+"""Seconds we wait for the server to close the connection after LOGOUT."""
+
+
 @dataclass
 class CommandResult:
     """The untagged responses a command collected, and its tagged OK."""
@@ -81,6 +85,8 @@ class _Command:
     choose_sink: Callable[[Untagged, list[Any], int], LiteralSink | None] | None = None
     on_continuation: Callable[[str], None] | None = None
     untagged: list[Untagged] = field(default_factory=list)
+    quiet: bool = False
+    """The server may stay silent indefinitely (we are idling): no deadline."""
     deferred: defer.Deferred[CommandResult] = field(default_factory=defer.Deferred)
     tag: bytes = b""
     next_part: int = 1
@@ -198,6 +204,8 @@ class MirrordIMAP4Client(IMAP4Client):
         self._closing_reason: str | None = None
         self._deadline: IDelayedCall | None = None
         self.connected_transport_lost = False
+        self.on_unsolicited: Callable[[Untagged], None] | None = None
+        """Receives every untagged response no command claimed (the watcher's events)."""
 
     # -- Twisted Protocol ---------------------------------------------------
 
@@ -218,6 +226,9 @@ class MirrordIMAP4Client(IMAP4Client):
             self._reader.feed(data)
         except ProtocolError as e:
             self.drop(f"server sent something that is not IMAP: {e}")
+        except Exception as e:  # noqa: BLE001 - a bug of ours must not kill the reactor
+            log.exception("%s: error handling the server's response", self.label)
+            self.drop(f"internal error handling a response: {e!r}")
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self.connected_transport_lost = True
@@ -257,9 +268,7 @@ class MirrordIMAP4Client(IMAP4Client):
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
-        needs = (not self._greeted) or any(
-            c.on_continuation is None for c in self._in_flight.values()
-        )
+        needs = (not self._greeted) or any(not c.quiet for c in self._in_flight.values())
         if needs and self.command_timeout > 0:
             self._deadline = self._clock.callLater(self.command_timeout, self._timed_out)
 
@@ -347,7 +356,10 @@ class MirrordIMAP4Client(IMAP4Client):
         Workers have nothing to do with these (they work by UID and re-list on
         every sync); the IDLE watcher overrides this to turn them into events.
         """
-        log.debug("%s: unsolicited %s %s", self.label, response.number or "", response.kind)
+        if self.on_unsolicited is not None:
+            self.on_unsolicited(response)
+        else:
+            log.debug("%s: unsolicited %s %s", self.label, response.number or "", response.kind)
 
     def _choose_sink(self, response: Untagged, target: list[Any], size: int) -> LiteralSink | None:
         for command in self._in_flight.values():
@@ -548,13 +560,39 @@ class MirrordIMAP4Client(IMAP4Client):
         """Stream the listed messages: each body goes to a fresh sink as it arrives.
 
         ``on_message`` runs once per complete message, in arrival order. A
-        message the server sends that we did not ask for (``n:*`` returns the
-        last message whatever its UID) has its sink aborted. If ``on_message``
-        raises (disk full...), the remaining bodies are discarded and the
-        command fails with that error once the server finishes it.
+        message the server sends that we did not ask for has its sink
+        aborted. If ``on_message`` raises (disk full...), the remaining bodies
+        are discarded and the command fails with that error once the server
+        finishes it.
         """
         wanted = set(uids)
+        await self._fetch_bodies(uid_set(uids), wanted.__contains__, open_sink, on_message)
+
+    async def uid_fetch_from(
+        self,
+        first_uid: int,
+        open_sink: Callable[[], LiteralSink],
+        on_message: Callable[[FetchedMessage], None],
+    ) -> None:
+        """Stream every message with UID >= ``first_uid`` (new mail).
+
+        ``UID FETCH n:*`` also returns the highest message when its UID is
+        below n; that one is filtered out here.
+        """
+        await self._fetch_bodies(b"%d:*" % first_uid, lambda uid: uid >= first_uid, open_sink, on_message)
+
+    async def _fetch_bodies(
+        self,
+        uid_spec: bytes,
+        accept: Callable[[int], bool],
+        open_sink: Callable[[], LiteralSink],
+        on_message: Callable[[FetchedMessage], None],
+    ) -> None:
+        delivered: set[int] = set()
         failure: list[BaseException] = []
+
+        def wanted(uid: int) -> bool:
+            return accept(uid) and uid not in delivered
 
         def choose_sink(response: Untagged, target: list[Any], size: int) -> LiteralSink | None:
             if response.kind != "FETCH" or not response.data or target is not response.data[0]:
@@ -562,7 +600,7 @@ class MirrordIMAP4Client(IMAP4Client):
             if not target or not isinstance(target[-1], bytes) or target[-1].upper() != b"BODY[]":
                 return None
             known_uid = _uid_so_far(target)
-            if known_uid is not None and known_uid not in wanted:
+            if known_uid is not None and not wanted(known_uid):
                 return None
             if failure:
                 return _Discard()
@@ -576,9 +614,9 @@ class MirrordIMAP4Client(IMAP4Client):
             if body is None or "UID" not in items:
                 return False
             uid = as_int(items["UID"], "UID")
-            if uid not in wanted:
+            if not wanted(uid):
                 return False
-            wanted.discard(uid)
+            delivered.add(uid)
             if isinstance(body, bytes) or failure:
                 # Kept in memory only when it was not ours to sink (or we stopped).
                 if not isinstance(body, bytes):
@@ -603,7 +641,7 @@ class MirrordIMAP4Client(IMAP4Client):
 
         command = self._simple(
             "UID FETCH",
-            uid_set(uids) + b" (UID FLAGS RFC822.SIZE BODY.PEEK[])",
+            uid_spec + b" (UID FLAGS RFC822.SIZE BODY.PEEK[])",
             claim=claim,
             choose_sink=choose_sink,
             pipelined=True,
@@ -611,6 +649,45 @@ class MirrordIMAP4Client(IMAP4Client):
         await self._run(command)
         if failure:
             raise failure[0]
+
+    async def fetch_uids(self, first_seq: int, last_seq: int | None = None) -> dict[int, int]:
+        """Sequence number -> UID for a range of messages (``last_seq`` None: to the end).
+
+        This is how a watcher learns the UIDs of messages an EXISTS announced,
+        to keep its sequence map able to name expunges. Their flags are passed
+        on as unsolicited responses, as flag changes would be.
+        """
+        found: dict[int, int] = {}
+
+        def claim(response: Untagged) -> bool:
+            if response.kind != "FETCH" or response.number is None:
+                return False
+            items = fetch_items(response)
+            if "UID" not in items or "BODY[]" in items:
+                return False
+            found[response.number] = as_int(items["UID"], "UID")
+            if "FLAGS" in items:
+                self.unsolicited(response)
+            return True
+
+        last = b"*" if last_seq is None else b"%d" % last_seq
+        # FLAGS too: a server may not report later flag changes of a message
+        # whose flags this session was never told (Dovecot does not).
+        await self._run(self._simple("FETCH", b"%d:%s (UID FLAGS)" % (first_seq, last), claim=claim))
+        return found
+
+    def idle(self) -> IdleSession:
+        """Start IDLE (RFC 2177); see :class:`IdleSession`.
+
+        Twisted's client has no IDLE. The connection counts as idling only
+        once the server's ``+`` arrives: a server may refuse with NO.
+        """
+        session = IdleSession(self)
+        command = _Command("IDLE", [b"IDLE"], "IDLE", on_continuation=session._continued)
+        session._command = command
+        session.finished = self._submit(command)
+        session.finished.addBoth(session._ended)
+        return session
 
     async def noop(self) -> None:
         await self._run(self._simple("NOOP"))
@@ -623,8 +700,73 @@ class MirrordIMAP4Client(IMAP4Client):
         except (ConnectionLost, CommandFailed):
             pass
         finally:
-            if self.transport is not None:
-                self.transport.loseConnection()
+            # The server closes the connection after LOGOUT; we do not race it
+            # with a close of our own (a TLS close from both sides at once
+            # trips Twisted's TLS wrapper), and only cut it if it lingers.
+            self._clock.callLater(LOGOUT_GRACE, self._close_transport)
+
+    def _close_transport(self) -> None:
+        if self.transport is not None and not self.connected_transport_lost:
+            self.transport.abortConnection()
+
+
+class IdleSession:
+    """An IDLE command in progress on one connection.
+
+    ``idling`` fires True when the server's ``+`` arrives, or False if the
+    command ended first (refused, or the connection dropped; ``finished``
+    then carries why). ``done()`` sends DONE; from then on the usual
+    command deadline applies, so a server that never answers DONE gets the
+    connection dropped rather than a watcher that hangs. ``finished`` fires
+    on the tagged response.
+    """
+
+    def __init__(self, client: MirrordIMAP4Client) -> None:
+        self._client = client
+        self._command: _Command | None = None
+        self.idling: defer.Deferred[bool] = defer.Deferred()
+        self.finished: defer.Deferred[CommandResult] = defer.Deferred()
+        self.done_sent = False
+
+    @property
+    def active(self) -> bool:
+        return self.idling.called and not self.done_sent and not self._ended_flag
+
+    _ended_flag = False
+
+    def _continued(self, text: str) -> None:
+        if self.idling.called:
+            return
+        assert self._command is not None
+        self._command.quiet = True
+        self._client._arm_deadline()
+        self.idling.callback(True)
+
+    def _ended(self, result: Any) -> Any:
+        self._ended_flag = True
+        if not self.idling.called:
+            self.idling.callback(False)
+        return result
+
+    def done(self) -> None:
+        """End IDLE; harmless to call twice, or before the ``+`` (DONE follows it then)."""
+        if self.done_sent or self._ended_flag:
+            return
+        if not self.idling.called:
+            # DONE before the continuation would be read as a new command.
+            def then(idling: bool) -> bool:
+                if idling:
+                    self.done()
+                return idling
+
+            self.idling.addCallback(then)
+            return
+        self.done_sent = True
+        assert self._command is not None
+        self._command.quiet = False
+        self._command.on_continuation = None
+        self._client._send(b"DONE", "DONE")
+        self._client._arm_deadline()
 
 
 class _Discard:

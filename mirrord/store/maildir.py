@@ -371,6 +371,19 @@ class Maildir:
                 result[lf.key] = lf
         return result
 
+    def locate(self, key: str, flags: Flags) -> LocalFile | None:
+        """The file for ``key``, looked for first under the names we would have given it.
+
+        Two stat calls instead of a directory listing, so handling one event
+        costs the same in a mailbox of ten messages or of a hundred thousand;
+        a name a reader changed falls back to a listing.
+        """
+        for in_cur in (False, True):
+            subdir, name = _placement(key, flags, in_cur=in_cur)
+            if os.path.exists(self.path / subdir / name):
+                return LocalFile(subdir, name, flags_from_info(split_name(name)[1]))
+        return self._find(key)
+
     def _find_all(self, key: str) -> list[LocalFile]:
         return [lf for lf in self._list() if lf.key == key]
 

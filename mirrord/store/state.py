@@ -277,15 +277,31 @@ class StateDB:
 
     # -- messages ---------------------------------------------------------
 
-    def messages(self, account: str, mailbox: str) -> dict[int, MessageRecord]:
-        rows = self._db.execute(
-            "SELECT uid, key, flags, size FROM message WHERE account = ? AND mailbox = ?",
-            (account, mailbox),
-        )
+    def messages(
+        self, account: str, mailbox: str, uids: Iterable[int] | None = None
+    ) -> dict[int, MessageRecord]:
+        """Rows of a mailbox; only those of ``uids`` when given (cheap for a few events)."""
+        query = "SELECT uid, key, flags, size FROM message WHERE account = ? AND mailbox = ?"
+        if uids is None:
+            rows = list(self._db.execute(query, (account, mailbox)))
+        else:
+            wanted = sorted(set(uids))
+            rows = []
+            for i in range(0, len(wanted), 500):
+                chunk = wanted[i : i + 500]
+                marks = ",".join("?" * len(chunk))
+                rows.extend(self._db.execute(f"{query} AND uid IN ({marks})", (account, mailbox, *chunk)))
         return {
             uid: MessageRecord(uid, key, _parse_flags(flags), size)
             for uid, key, flags, size in rows
         }
+
+    def highest_uid(self, account: str, mailbox: str) -> int | None:
+        """The highest UID we have: new mail is what lies above it. An index lookup."""
+        row = self._db.execute(
+            "SELECT MAX(uid) FROM message WHERE account = ? AND mailbox = ?", (account, mailbox)
+        ).fetchone()
+        return row[0] if row else None
 
     def add_messages(
         self, account: str, mailbox: str, records: Iterable[MessageRecord]

@@ -14,7 +14,7 @@ to removal here (invariant 3).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from mirrord.flags import Flags, representable
@@ -141,3 +141,29 @@ def same_flags(a: Flags, b: Flags) -> bool:
 
 def _canonical(flags: Flags) -> Flags:
     return frozenset(f.lower() if f.startswith("\\") else f for f in flags)
+
+
+def plan_changes(
+    local: LocalSnapshot,
+    expunged: Iterable[int] = (),
+    flags: Mapping[int, Flags] | None = None,
+) -> SyncPlan:
+    """Turn a watcher's events into local actions, without a listing.
+
+    An EXPUNGE or VANISHED for a UID is explicit server evidence (invariant
+    2), so its copy goes. A flag change applies to a message we have; one we
+    do not have yet gets its flags from its fetch. Events for UIDs we never
+    had are ignored: a message can come and go between two looks.
+    """
+    remove = tuple(sorted({uid for uid in expunged if uid in local.known}))
+    set_flags: dict[int, Flags] = {}
+    for uid, server_flags in (flags or {}).items():
+        row = local.known.get(uid)
+        if row is None or uid in remove:
+            continue
+        file_flags = local.files.get(row.key)
+        if file_flags is None:
+            continue  # the next full sync re-fetches it, with its flags
+        if not same_flags(server_flags, row.flags) or not same_flags(file_flags, representable(server_flags)):
+            set_flags[uid] = frozenset(server_flags)
+    return SyncPlan(remove=remove, set_flags=set_flags)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from twisted.internet import defer
@@ -24,9 +24,17 @@ from twisted.internet import defer
 from mirrord.flags import Flags
 from mirrord.pool import Worker, WorkerPool
 from mirrord.protocol.client import FetchedMessage, ListEntry, ListingEntry
-from mirrord.store.maildir import Maildir
+from mirrord.store.maildir import LocalFile, Maildir
 from mirrord.store.state import MessageRecord, StateDB
-from mirrord.sync.engine import KnownMessage, LocalSnapshot, ServerListing, SyncPlan, UidValidityChanged, plan_sync
+from mirrord.sync.engine import (
+    KnownMessage,
+    LocalSnapshot,
+    ServerListing,
+    SyncPlan,
+    UidValidityChanged,
+    plan_changes,
+    plan_sync,
+)
 
 log = logging.getLogger("mirrord.sync")
 
@@ -48,6 +56,8 @@ class MailboxResult:
     removed: int = 0
     flags_changed: int = 0
     error: str | None = None
+    needs_user: bool = False
+    """The error will not go away by retrying (a renumbered mailbox): wait for the user."""
 
     def summary(self) -> str:
         if self.error:
@@ -111,6 +121,7 @@ class MailboxSync:
         try:
             await self._run(result)
         except UidValidityChanged as e:
+            result.needs_user = True
             result.error = (
                 f"{e}: the server renumbered this mailbox, so local copies can no longer be matched "
                 f"to server messages by UID. They are left untouched and this mailbox is not synced. "
@@ -130,11 +141,7 @@ class MailboxSync:
         uidvalidity, listing = await self.pool.run(self._list, f"listing {self.label}")
         record = self.state.mailbox(self.account, self.name)
         known = self.state.messages(self.account, self.name)
-        local = LocalSnapshot(
-            uidvalidity=record.uidvalidity if record else None,
-            known={uid: KnownMessage(r.key, r.flags) for uid, r in known.items()},
-            files={key: f.flags for key, f in self.maildir.scan().items()},
-        )
+        local = self._snapshot(record.uidvalidity if record else None, known)
         server = ServerListing(uidvalidity, {uid: e.flags for uid, e in listing.items()})
         plan = plan_sync(server, local)
         if plan.forget_all:
@@ -148,21 +155,87 @@ class MailboxSync:
         self.state.set_mailbox(self.account, self.name, uidvalidity, last_sync=time.time())
         result.messages = self.state.count(self.account, self.name)
 
+    def _snapshot(self, uidvalidity: int | None, known: dict[int, MessageRecord]) -> LocalSnapshot:
+        return LocalSnapshot(
+            uidvalidity=uidvalidity,
+            known={uid: KnownMessage(r.key, r.flags) for uid, r in known.items()},
+            files={key: f.flags for key, f in self.maildir.scan().items()},
+        )
+
+    # -- live changes, from a watcher's events ---------------------------------
+
+    async def fetch_new(self) -> MailboxResult:
+        """Fetch what arrived since the highest UID we have, on a worker.
+
+        Falls back to a full sync when there is nothing to start from (the
+        mailbox was never synced). Raises on failure: the caller decides
+        whether to retry or resync.
+        """
+        record = self.state.mailbox(self.account, self.name)
+        if record is None:
+            return await self.run()
+        result = MailboxResult(self.account, self.name)
+        highest = self.state.highest_uid(self.account, self.name)
+        first = highest + 1 if highest else 1
+
+        async def job(worker: Worker) -> None:
+            status = await worker.ensure_selected(self.entry.raw_name)
+            if status.uidvalidity != record.uidvalidity:
+                raise UidValidityChanged(record.uidvalidity, status.uidvalidity)
+            client = await worker.connection()
+            await self._receive(lambda arrived: client.uid_fetch_from(first, self.maildir.open_tmp, arrived), result)
+
+        await self.pool.run(job, f"fetching new mail of {self.label}")
+        if result.fetched:
+            result.messages = self.state.count(self.account, self.name)
+            log.info("%s: %d new (%s)", self.label, result.fetched, _size(result.fetched_bytes))
+        return result
+
+    def apply_changes(self, expunged: Sequence[int], flags: dict[int, Flags]) -> MailboxResult:
+        """Apply EXPUNGE/VANISHED and flag events to the local copy; local work only."""
+        result = MailboxResult(self.account, self.name)
+        record = self.state.mailbox(self.account, self.name)
+        if record is None:
+            return result
+        known = self.state.messages(self.account, self.name, [*expunged, *flags])
+        located = {r.key: self.maildir.locate(r.key, r.flags) for r in known.values()}
+        files = {key: f for key, f in located.items() if f is not None}
+        local = LocalSnapshot(
+            record.uidvalidity,
+            {uid: KnownMessage(r.key, r.flags) for uid, r in known.items()},
+            {key: f.flags for key, f in files.items()},
+        )
+        self._apply_local(plan_changes(local, expunged, flags), known, result, files)
+        if result.removed or result.flags_changed:
+            done = []
+            if result.removed:
+                done.append(f"{result.removed} removed (expunged on the server)")
+            if result.flags_changed:
+                done.append(f"{result.flags_changed} flag changes")
+            log.info("%s: %s", self.label, ", ".join(done))
+        return result
+
     async def _list(self, worker: Worker) -> tuple[int, dict[int, ListingEntry]]:
         status = await worker.examine(self.entry.raw_name)
         client = await worker.connection()
         listing = await client.uid_fetch_listing() if status.exists else {}
         return status.uidvalidity, listing
 
-    def _apply_local(self, plan: SyncPlan, known: dict[int, MessageRecord], result: MailboxResult) -> None:
+    def _apply_local(
+        self,
+        plan: SyncPlan,
+        known: dict[int, MessageRecord],
+        result: MailboxResult,
+        files: dict[str, LocalFile] | None = None,
+    ) -> None:
         if plan.remove:
-            files = self.maildir.scan()
+            files = files if files is not None else self.maildir.scan()
             keys = [known[uid].key for uid in plan.remove]
             self.maildir.remove_many(keys, {k: files[k] for k in keys if k in files})
             self.state.remove_messages(self.account, self.name, plan.remove)
             result.removed = len(plan.remove)
         if plan.set_flags:
-            files = self.maildir.scan()
+            files = files if files is not None and not plan.remove else self.maildir.scan()
             changes: dict[int, Flags] = {}
             for uid, flags in plan.set_flags.items():
                 key = known[uid].key
@@ -200,6 +273,19 @@ class MailboxSync:
         if status.uidvalidity != uidvalidity:
             raise UidValidityChanged(uidvalidity, status.uidvalidity)
         client = await worker.connection()
+        await self._receive(lambda arrived: client.uid_fetch_bodies(uids, self.maildir.open_tmp, arrived), result)
+
+    async def _receive(
+        self,
+        fetch: Callable[[Callable[[FetchedMessage], None]], Awaitable[None]],
+        result: MailboxResult,
+    ) -> None:
+        """Run one body-fetching command and make what it brought durable.
+
+        Each body is finished (fsynced, closed) as soon as it is complete;
+        the batch is then renamed into place with one directory fsync, and
+        only after that recorded in the state DB (invariant 1).
+        """
         fetched: list[FetchedMessage] = []
 
         def arrived(message: FetchedMessage) -> None:
@@ -207,7 +293,7 @@ class MailboxSync:
             message.body.finish()
 
         try:
-            await client.uid_fetch_bodies(uids, self.maildir.open_tmp, arrived)
+            await fetch(arrived)
             keys = self.maildir.deliver_many([(m.body, m.flags) for m in fetched])
         except BaseException:
             for message in fetched:

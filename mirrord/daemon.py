@@ -1,0 +1,251 @@
+"""``mirrord run``: every account's workers, watchers and pollers, until stopped.
+
+Per account: one worker pool; one IDLE watcher per watched mailbox, as many as
+fit under ``max_connections`` beside the workers; the other mailboxes are
+polled every ``poll_interval``. Each mailbox has a LiveMailbox that turns
+its events into fetches and local changes. An account that cannot log in
+keeps retrying with backoff; it never stops the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer, task, threads
+from twisted.internet.interfaces import IReactorTime
+
+from mirrord.config import Account, PasswordError
+from mirrord.pool import WorkerPool
+from mirrord.protocol.client import MirrordIMAP4Client
+from mirrord.protocol.connect import open_session
+from mirrord.protocol.errors import LoginFailed
+from mirrord.store.maildir import Maildir
+from mirrord.store.state import StateDB
+from mirrord.sync.account import Discovery, MailboxPlan, discover
+from mirrord.sync.live import LiveMailbox, poll_every
+from mirrord.sync.mailbox import MailboxResult, MailboxSync
+from mirrord.sync.names import maildir_path
+from mirrord.watcher import Backoff, WatcherService
+
+log = logging.getLogger("mirrord.daemon")
+
+
+def split_watched(
+    account: Account, plans: list[MailboxPlan], room: int
+) -> tuple[list[MailboxPlan], list[MailboxPlan]]:
+    """Which mailboxes get one of ``room`` watchers and which are polled.
+
+    Watchers go to the mailboxes ``watch`` names (all, without it), INBOX
+    first, then in name order.
+    """
+    candidates = [p for p in plans if account.wants_watched(p.local_name)]
+    candidates.sort(key=lambda p: (p.local_name != "INBOX", p.local_name))
+    watched = candidates[:room]
+    chosen = {id(p) for p in watched}
+    return watched, [p for p in plans if id(p) not in chosen]
+
+
+@dataclass
+class MailboxRuntime:
+    plan: MailboxPlan
+    live: LiveMailbox
+    watcher: WatcherService | None = None
+    poller: task.LoopingCall | None = None
+
+
+@dataclass
+class AccountRuntime:
+    account: Account
+    state: str = "starting"
+    error: str | None = None
+    mailboxes: dict[str, MailboxRuntime] = field(default_factory=dict)
+
+
+class AccountDaemon:
+    """Mirrors one account continuously."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        account: Account,
+        state: StateDB,
+        *,
+        clock: IReactorTime | None = None,
+        on_new_mail: Any = None,
+    ) -> None:
+        self.reactor = reactor
+        self.account = account
+        self.state_db = state
+        self.clock: IReactorTime = clock or reactor
+        self.on_new_mail = on_new_mail
+        self.runtime = AccountRuntime(account)
+        self.pool: WorkerPool | None = None
+        self._password: str | None = None
+        self._stopping = False
+        self._starting: defer.Deferred[None] | None = None
+        self._sleep: defer.Deferred[None] | None = None
+        self._rediscover: task.LoopingCall | None = None
+
+    @property
+    def label(self) -> str:
+        return self.account.name
+
+    def start(self) -> defer.Deferred[None]:
+        """Begin; fires once every mailbox has had its first catch-up (or the account failed)."""
+        self._starting = defer.Deferred.fromCoroutine(self._start())
+        return self._starting
+
+    async def _start(self) -> None:
+        backoff = Backoff(first=5.0, cap=600.0)
+        while not self._stopping:
+            try:
+                await self._bring_up()
+                self.runtime.state = "running"
+                self.runtime.error = None
+                return
+            except PasswordError as e:
+                self.runtime.error = str(e)
+                delay = backoff.next()
+            except LoginFailed as e:
+                self.runtime.error = str(e)
+                delay = backoff.next(floor=WatcherService.LOGIN_RETRY_FLOOR)
+            except Exception as e:  # noqa: BLE001 - keep trying; other accounts go on
+                self.runtime.error = str(e) or type(e).__name__
+                delay = backoff.next()
+            self.runtime.state = "error"
+            log.error("%s: %s; trying again in %.0f s", self.label, self.runtime.error, delay)
+            if self.pool is not None:
+                await self.pool.close()
+                self.pool = None
+            self._sleep = task.deferLater(self.clock, delay, lambda: None)
+            try:
+                await self._sleep
+            except defer.CancelledError:
+                return
+            finally:
+                self._sleep = None
+
+    async def _bring_up(self) -> None:
+        if self._password is None:
+            self._password = await threads.deferToThread(self.account.password.resolve)
+        self.pool = WorkerPool(self.reactor, self.account, self._password, self.account.workers)
+        discovery = await discover(self.pool, self.account)
+        for reason in discovery.skipped:
+            log.warning("%s: not mirrored: %s", self.label, reason)
+        self._apply_discovery(discovery, first=True)
+        # Re-list now and then: mailboxes created on the server get mirrored.
+        self._rediscover = task.LoopingCall(self._relist)
+        self._rediscover.clock = self.clock
+        self._rediscover.start(self.account.poll_interval, now=False).addErrback(
+            lambda f: log.error("%s: re-listing stopped: %s", self.label, f.getErrorMessage())
+        )
+        await defer.DeferredList([m.live.first_sync for m in self.runtime.mailboxes.values()])
+
+    def _apply_discovery(self, discovery: Discovery, first: bool = False) -> None:
+        known = self.runtime.mailboxes
+        fresh = [p for p in discovery.wanted if p.local_name not in known]
+        if not fresh:
+            return
+        watched_now = sum(1 for m in known.values() if m.watcher is not None)
+        account = self.account
+        room = max(0, account.max_connections - account.workers - watched_now)
+        watched, polled = split_watched(account, fresh, room)
+        for plan in fresh:
+            sync = MailboxSync(
+                account=account.name,
+                entry=plan.entry,
+                local_name=plan.local_name,
+                maildir=Maildir(maildir_path(account.maildir, plan.local_name)),
+                state=self.state_db,
+                pool=self.pool,  # type: ignore[arg-type]
+            )
+            live = LiveMailbox(sync, self.clock, on_new_mail=self._new_mail)
+            known[plan.local_name] = MailboxRuntime(plan, live)
+        for plan in watched:
+            runtime = known[plan.local_name]
+            runtime.watcher = WatcherService(
+                connect=self._connect,
+                raw_name=plan.entry.raw_name,
+                listener=runtime.live,
+                clock=self.clock,
+                label=f"{self.label}/{plan.local_name}",
+                idle_renew=account.idle_renew,
+                poll_interval=account.poll_interval,
+            )
+            runtime.watcher.start()
+        for plan in polled:
+            runtime = known[plan.local_name]
+            runtime.live.watch_state = "polling"
+            runtime.poller = poll_every(self.clock, account.poll_interval, runtime.live)
+        log.info(
+            "%s: %d mailboxes %s: %d watched with IDLE, %d polled every %g s",
+            self.label,
+            len(fresh),
+            "to mirror" if first else "new on the server",
+            len(watched),
+            len(polled),
+            account.poll_interval,
+        )
+        if polled and len(watched) == room:
+            log.info(
+                "%s: polled (no connection left under max_connections=%d): %s",
+                self.label,
+                self.account.max_connections,
+                ", ".join(p.local_name for p in polled),
+            )
+
+    async def _relist(self) -> None:
+        if self.pool is None or self._stopping:
+            return
+        try:
+            self._apply_discovery(await discover(self.pool, self.account))
+        except Exception as e:  # noqa: BLE001 - next time, then
+            log.warning("%s: could not re-list mailboxes: %s", self.label, e)
+
+    async def _connect(self, label: str) -> MirrordIMAP4Client:
+        assert self._password is not None
+        return await open_session(self.reactor, self.account, self._password, label=label, clock=self.clock)
+
+    def _new_mail(self, result: MailboxResult) -> None:
+        if self.on_new_mail is not None:
+            self.on_new_mail(self.account, result)
+
+    async def stop(self) -> None:
+        """Stop taking work, let writes in progress finish, log out."""
+        self._stopping = True
+        if self._sleep is not None:
+            self._sleep.cancel()
+        if self._rediscover is not None and self._rediscover.running:
+            self._rediscover.stop()
+        for runtime in self.runtime.mailboxes.values():
+            if runtime.poller is not None and runtime.poller.running:
+                runtime.poller.stop()
+        await defer.DeferredList(
+            [defer.Deferred.fromCoroutine(r.watcher.stop()) for r in self.runtime.mailboxes.values() if r.watcher],
+            consumeErrors=True,
+        )
+        await defer.DeferredList([r.live.stop() for r in self.runtime.mailboxes.values()], consumeErrors=True)
+        if self.pool is not None:
+            await self.pool.close()
+
+
+class Daemon:
+    """All accounts; what ``mirrord run`` starts and SIGTERM stops."""
+
+    def __init__(self, reactor: Any, accounts: list[Account], state: StateDB, *, on_new_mail: Any = None) -> None:
+        self.reactor = reactor
+        self.accounts = [AccountDaemon(reactor, a, state, on_new_mail=on_new_mail) for a in accounts]
+        self.started_at = time.time()
+
+    def start(self) -> defer.Deferred[Any]:
+        """Fires when every account has finished its first catch-up (or failed once)."""
+        return defer.DeferredList([a.start() for a in self.accounts], consumeErrors=True)
+
+    async def stop(self) -> None:
+        log.info("stopping")
+        await defer.DeferredList(
+            [defer.Deferred.fromCoroutine(a.stop()) for a in self.accounts], consumeErrors=True
+        )

@@ -1,0 +1,199 @@
+"""Keeping one mailbox current from its watcher's events.
+
+A :class:`LiveMailbox` is the watcher's listener. Events may arrive at any
+moment, including while a fetch or a full sync of the same mailbox runs; it
+queues them and works through them one operation at a time, so two plans for
+one mailbox never overlap (two overlapping fetches could both deliver the
+same message). Local-only work (expunges, flag changes) goes first; then new
+mail; a full sync when the watcher (re)connected or asked for one.
+
+Events are idempotent against the state: an expunge of a UID we do not have
+is nothing, a fetch starts above the highest UID we have. So applying them
+after an operation that already saw their effect is harmless, and the queue
+never has to reason about which came first.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
+
+from mirrord.flags import Flags
+from mirrord.sync.mailbox import MailboxResult, MailboxSync
+
+log = logging.getLogger("mirrord.sync")
+
+RETRY_DELAY = 30.0
+"""Seconds before retrying a failed operation (the workers reconnect meanwhile)."""
+
+
+class LiveMailbox:
+    """A mailbox's listener and operation queue; see the module docstring."""
+
+    def __init__(
+        self,
+        sync: MailboxSync,
+        clock: IReactorTime,
+        *,
+        on_new_mail: Callable[[MailboxResult], None] | None = None,
+    ) -> None:
+        self.sync = sync
+        self.label = sync.label
+        self.clock = clock
+        self.on_new_mail = on_new_mail
+        self.watch_state = "starting"
+        self.last_change: float | None = None
+        self.last_error: str | None = None
+        self._full = False
+        self._new = False
+        self._expunged: set[int] = set()
+        self._flags: dict[int, Flags] = {}
+        self._running: defer.Deferred[None] | None = None
+        self._retry: Any = None
+        self._stopped = False
+        self._idle_waiters: list[defer.Deferred[None]] = []
+        self.first_sync: defer.Deferred[None] = defer.Deferred()
+        """Fires after the first full sync, or the first failure to get one going."""
+
+    # -- MailboxEvents --------------------------------------------------------
+
+    def watching(self) -> None:
+        self.watch_state = "watching"
+        self._want_full()
+
+    def new_messages(self) -> None:
+        self._new = True
+        self._kick()
+
+    def expunged(self, uids: Sequence[int]) -> None:
+        self._expunged.update(uids)
+        for uid in uids:
+            self._flags.pop(uid, None)
+        self._kick()
+
+    def flags_changed(self, changes: Mapping[int, Flags]) -> None:
+        self._flags.update(changes)
+        self._kick()
+
+    def resync_needed(self, reason: str) -> None:
+        log.info("%s: full sync: %s", self.label, reason)
+        self._want_full()
+
+    def disconnected(self, reason: str) -> None:
+        self.watch_state = "reconnecting"
+        self.last_error = reason
+        self._first_done()
+
+    def _first_done(self) -> None:
+        if not self.first_sync.called:
+            self.first_sync.callback(None)
+
+    # -- polling (mailboxes without a watcher) ---------------------------------
+
+    def poll(self) -> None:
+        self._want_full()
+
+    # -- the queue ------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return self._running is not None
+
+    def when_idle(self) -> defer.Deferred[None]:
+        """Fires once the queue is empty (tests and shutdown wait on this)."""
+        if not self.busy and not self._pending():
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._idle_waiters.append(waiter)
+        return waiter
+
+    def stop(self) -> defer.Deferred[None]:
+        """Take no new work; fires when the operation in hand (a write, say) is done."""
+        self._stopped = True
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        return self._running if self._running is not None else defer.succeed(None)
+
+    def _want_full(self) -> None:
+        self._full = True
+        self._new = False  # a full sync fetches everything new too
+        self._kick()
+
+    def _pending(self) -> bool:
+        return self._full or self._new or bool(self._expunged) or bool(self._flags)
+
+    def _kick(self) -> None:
+        if self._stopped or self._running is not None or (self._retry is not None and self._retry.active()):
+            return
+        if not self._pending():
+            return
+        self._running = defer.Deferred.fromCoroutine(self._work())
+
+    async def _work(self) -> None:
+        try:
+            while self._pending() and not self._stopped:
+                await self._one()
+        except Exception as e:  # noqa: BLE001 - one mailbox's trouble stays its own
+            self._first_done()
+            self.last_error = str(e) or type(e).__name__
+            if isinstance(e, _Retry):  # already logged by the sync
+                log.info("%s: retrying in %.0f s", self.label, RETRY_DELAY)
+            else:
+                log.error("%s: %s; retrying in %.0f s", self.label, self.last_error, RETRY_DELAY)
+            self._full = True
+            self._retry = self.clock.callLater(RETRY_DELAY, self._kick)
+        finally:
+            self._running = None
+            if not self._pending() or self._stopped:
+                waiters, self._idle_waiters = self._idle_waiters, []
+                for waiter in waiters:
+                    waiter.callback(None)
+            elif self._retry is None or not self._retry.active():
+                self._kick()
+
+    async def _one(self) -> None:
+        if self._expunged or self._flags:
+            expunged, self._expunged = sorted(self._expunged), set()
+            flags, self._flags = self._flags, {}
+            result = self.sync.apply_changes(expunged, flags)
+            if result.removed or result.flags_changed:
+                self.last_change = self.clock.seconds()
+            return
+        if self._full:
+            self._full = False
+            self._new = False
+            try:
+                result = await self.sync.run()
+            finally:
+                self._first_done()
+            self._noticed(result)
+            self.last_error = result.error
+            if result.error and not result.needs_user:
+                raise _Retry(result.error)
+            return
+        if self._new:
+            self._new = False
+            result = await self.sync.fetch_new()
+            self._noticed(result)
+
+    def _noticed(self, result: MailboxResult) -> None:
+        if result.fetched or result.removed or result.flags_changed:
+            self.last_change = self.clock.seconds()
+        if result.fetched and self.on_new_mail is not None:
+            self.on_new_mail(result)
+
+
+class _Retry(Exception):
+    """A full sync failed in a way that retrying may fix."""
+
+
+def poll_every(clock: IReactorTime, interval: float, mailbox: LiveMailbox) -> task.LoopingCall:
+    """Full syncs of ``mailbox`` every ``interval`` seconds, starting now."""
+    loop = task.LoopingCall(mailbox.poll)
+    loop.clock = clock
+    loop.start(interval, now=True).addErrback(lambda f: log.error("%s: polling stopped: %s", mailbox.label, f))
+    return loop

@@ -1,0 +1,404 @@
+"""The IDLE watcher: one connection per mailbox that only listens.
+
+A watcher logs in, EXAMINEs its mailbox, learns which UID sits at which
+sequence number, and IDLEs. Every untagged response the server sends while
+it listens becomes a :class:`~mirrord.interfaces.MailboxEvents` call, in
+order. It never fetches a message body (the workers do that), so the
+connection is either in IDLE or briefly out of it for a small command, and
+nobody has to guess which.
+
+Sequence numbers shift with every expunge; ``* 3 EXPUNGE`` only names a UID
+through a map of the mailbox that is kept current across EXISTS (new
+messages appended with UIDs still unknown, then learned) and EXPUNGE. With
+QRESYNC the server names expunged UIDs itself (VANISHED).
+
+:class:`WatcherService` keeps a watcher connected: reconnecting with
+exponential backoff and jitter, and telling the listener ``watching()``
+after every (re)connect once IDLE has been requested, which is when a
+catch-up sync can start without missing anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from twisted.internet import defer, task
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+from mirrord.flags import Flags
+from mirrord.interfaces import MailboxEvents
+from mirrord.protocol._parser import Untagged, as_flags, as_int, fetch_items
+from mirrord.protocol.client import MirrordIMAP4Client
+from mirrord.protocol.errors import CommandFailed, ConnectFailed, LoginFailed, ProtocolError
+
+log = logging.getLogger("mirrord.watcher")
+
+DONE_TIMEOUT = 30.0
+"""Seconds to wait for the tagged OK after DONE before calling the connection dead."""
+
+
+class SequenceMapError(Exception):
+    """The server's sequence numbers no longer agree with our map."""
+
+
+class SequenceMap:
+    """Sequence number -> UID for one selected mailbox; ``None`` where not yet known.
+
+    Pure bookkeeping, kept separate so that its arithmetic (the part that is
+    easy to get subtly wrong) is tested on its own.
+    """
+
+    def __init__(self, uids: list[int] | None = None) -> None:
+        self._uids: list[int | None] = list(uids or [])
+
+    def __len__(self) -> int:
+        return len(self._uids)
+
+    def uid(self, seq: int) -> int | None:
+        if not 1 <= seq <= len(self._uids):
+            raise SequenceMapError(f"sequence number {seq} outside 1..{len(self._uids)}")
+        return self._uids[seq - 1]
+
+    def exists(self, count: int) -> bool:
+        """The server now counts ``count`` messages; True if that is more than we knew."""
+        if count < len(self._uids):
+            raise SequenceMapError(f"EXISTS {count} is below the {len(self._uids)} messages we know")
+        grew = count > len(self._uids)
+        self._uids.extend([None] * (count - len(self._uids)))
+        return grew
+
+    def expunge(self, seq: int) -> int | None:
+        """Remove the message at ``seq``; its UID, or None if it was never learned."""
+        uid = self.uid(seq)
+        del self._uids[seq - 1]
+        return uid
+
+    def vanished(self, uids: set[int]) -> None:
+        self._uids = [u for u in self._uids if u is None or u not in uids]
+
+    def first_unknown(self) -> int | None:
+        for i, uid in enumerate(self._uids):
+            if uid is None:
+                return i + 1
+        return None
+
+    def learn(self, found: dict[int, int]) -> None:
+        for seq, uid in found.items():
+            if 1 <= seq <= len(self._uids):
+                self._uids[seq - 1] = uid
+
+
+def parse_uid_set(text: bytes) -> set[int]:
+    """``1:3,7,9:10`` -> {1, 2, 3, 7, 9, 10}; ranges may come in either order."""
+    uids: set[int] = set()
+    for part in text.split(b","):
+        first, _, last = part.partition(b":")
+        a = as_int(first, "UID")
+        b = as_int(last, "UID") if last else a
+        if abs(b - a) > 10_000_000:
+            raise ProtocolError(f"absurd UID range {part[:40]!r}")
+        uids.update(range(min(a, b), max(a, b) + 1))
+    return uids
+
+
+class Backoff:
+    """Exponential backoff with full jitter, so many clients do not retry in step."""
+
+    def __init__(self, first: float = 1.0, cap: float = 300.0, rng: random.Random | None = None) -> None:
+        self.first = first
+        self.cap = cap
+        self._rng = rng or random.Random()
+        self._attempt = 0
+
+    def reset(self) -> None:
+        self._attempt = 0
+
+    def next(self, floor: float = 0.0) -> float:
+        """The next delay: half fixed, half random, doubling up to the cap."""
+        ceiling = min(self.cap, self.first * (2**self._attempt))
+        self._attempt = min(self._attempt + 1, 32)
+        return max(floor, ceiling / 2 + self._rng.uniform(0, ceiling / 2))
+
+
+class IdleWatcher:
+    """One watching session on a logged-in connection; returns or raises when it ends."""
+
+    def __init__(
+        self,
+        client: MirrordIMAP4Client,
+        raw_name: bytes,
+        listener: MailboxEvents,
+        *,
+        clock: IReactorTime,
+        label: str,
+        idle_renew: float,
+        poll_interval: float,
+        done_timeout: float = DONE_TIMEOUT,
+    ) -> None:
+        self.client = client
+        self.raw_name = raw_name
+        self.listener = listener
+        self.clock = clock
+        self.label = label
+        self.idle_renew = idle_renew
+        self.poll_interval = poll_interval
+        self.map = SequenceMap()
+        self.uidvalidity: int | None = None
+        self.state = "starting"
+        """starting, idling, polling, or stopped: what `mirrord status` shows."""
+        self._session: Any = None
+        self._renewal: IDelayedCall | None = None
+        self._stopping = False
+        self._poll_wait: defer.Deferred[None] | None = None
+        client.command_timeout = done_timeout
+
+    # -- running ------------------------------------------------------------
+
+    async def run(self) -> None:
+        client = self.client
+        client.on_unsolicited = self._event
+        if "QRESYNC" in client.capabilities:
+            await client.enable("QRESYNC")
+        status = await client.examine(self.raw_name)
+        self.uidvalidity = status.uidvalidity
+        uids = await client.uid_search(b"ALL") if status.exists else []
+        self.map = SequenceMap(uids)
+        if len(self.map) != status.exists:
+            # Something arrived or left between EXAMINE and SEARCH: learn it.
+            self.map = SequenceMap(await client.uid_search(b"ALL"))
+        use_idle = "IDLE" in client.capabilities
+        if not use_idle:
+            log.warning("%s: server has no IDLE; polling every %g s", self.label, self.poll_interval)
+        announced = False
+        while not self._stopping:
+            if use_idle:
+                session = client.idle()
+                self._session = session
+                if not announced:
+                    # IDLE is requested: every change from here on reaches us.
+                    announced = True
+                    self.listener.watching()
+                if not await session.idling:
+                    try:
+                        await session.finished
+                    except CommandFailed as e:
+                        log.warning("%s: server refused IDLE (%s); polling every %g s",
+                                    self.label, e.text, self.poll_interval)
+                        use_idle = False
+                        continue
+                    continue
+                self.state = "idling"
+                self._renewal = self.clock.callLater(self.idle_renew, self._renew)
+                try:
+                    await session.finished
+                finally:
+                    self._cancel_renewal()
+                    self._session = None
+                self.state = "renewing"
+            else:
+                self.state = "polling"
+                if not announced:
+                    announced = True
+                    self.listener.watching()
+                await client.noop()
+            await self._learn_new_uids()
+            if not use_idle and not self._stopping:
+                self._poll_wait = task.deferLater(self.clock, self.poll_interval, lambda: None)
+                try:
+                    await self._poll_wait
+                except defer.CancelledError:
+                    pass
+                self._poll_wait = None
+        self.state = "stopped"
+
+    def _renew(self) -> None:
+        """Leave and re-enter IDLE before a server or NAT box gives up on us."""
+        self._renewal = None
+        if self._session is not None:
+            log.debug("%s: renewing IDLE", self.label)
+            self._session.done()
+
+    def _cancel_renewal(self) -> None:
+        if self._renewal is not None and self._renewal.active():
+            self._renewal.cancel()
+        self._renewal = None
+
+    async def _learn_new_uids(self) -> None:
+        while (first := self.map.first_unknown()) is not None and not self._stopping:
+            self.map.learn(await self.client.fetch_uids(first))
+            if self.map.first_unknown() == first:
+                raise ProtocolError(f"server gave no UID for message {first}")
+
+    async def stop(self) -> None:
+        """Leave IDLE and log out, politely but promptly."""
+        self._stopping = True
+        self._cancel_renewal()
+        if self._session is not None:
+            self._session.done()
+        if self._poll_wait is not None:
+            self._poll_wait.cancel()
+
+    # -- events -------------------------------------------------------------
+
+    def _event(self, response: Untagged) -> None:
+        try:
+            self._dispatch(response)
+        except SequenceMapError as e:
+            # Our picture of the mailbox is wrong: start over on a new connection.
+            self.listener.resync_needed(str(e))
+            self.client.drop(f"lost track of sequence numbers: {e}")
+
+    def _dispatch(self, response: Untagged) -> None:
+        kind = response.kind
+        if kind == "EXISTS" and response.number is not None:
+            if self.map.exists(response.number):
+                self.listener.new_messages()
+                if self._session is not None:
+                    # Learn the new UIDs now, so a later EXPUNGE can be named.
+                    self._session.done()
+        elif kind == "EXPUNGE" and response.number is not None:
+            uid = self.map.expunge(response.number)
+            if uid is None:
+                self.listener.resync_needed("a message was expunged before its UID was known")
+            else:
+                self.listener.expunged([uid])
+        elif kind == "VANISHED":
+            data = response.data
+            if data and isinstance(data[0], list):  # (EARLIER): old news, handled by resync
+                data = data[1:]
+            if not data or not isinstance(data[0], bytes):
+                raise ProtocolError("malformed VANISHED response")
+            uids = parse_uid_set(data[0])
+            self.map.vanished(uids)
+            self.listener.expunged(sorted(uids))
+        elif kind == "FETCH" and response.number is not None:
+            items = fetch_items(response)
+            if "FLAGS" not in items:
+                return
+            flags: Flags = as_flags(items["FLAGS"])
+            uid = as_int(items["UID"], "UID") if "UID" in items else self.map.uid(response.number)
+            if uid is None:
+                # A brand-new message; its fetch takes the flags it has then,
+                # but this change may come after: compare listings to be sure.
+                self.listener.resync_needed("flags changed on a message whose UID is not known yet")
+            else:
+                self.listener.flags_changed({uid: flags})
+        elif kind == "BYE":
+            log.info("%s: server is closing the connection: %s", self.label, response.text)
+        elif kind in ("OK", "NO", "BAD") and response.text:
+            log.debug("%s: server says %s %s", self.label, kind, response.text)
+
+
+Connect = Callable[[str], Awaitable[MirrordIMAP4Client]]
+
+
+class WatcherService:
+    """Keeps one mailbox watched: connects, watches, and reconnects with backoff."""
+
+    LOGIN_RETRY_FLOOR = 600.0
+    """After a refused login, wait at least this long: hammering gets accounts locked."""
+    STABLE_AFTER = 60.0
+    """A session that lasted this long resets the backoff."""
+
+    def __init__(
+        self,
+        *,
+        connect: Connect,
+        raw_name: bytes,
+        listener: MailboxEvents,
+        clock: IReactorTime,
+        label: str,
+        idle_renew: float,
+        poll_interval: float,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self._connect = connect
+        self.raw_name = raw_name
+        self.listener = listener
+        self.clock = clock
+        self.label = label
+        self.idle_renew = idle_renew
+        self.poll_interval = poll_interval
+        self.backoff = backoff or Backoff()
+        self.watcher: IdleWatcher | None = None
+        self.state = "stopped"
+        self.last_error: str | None = None
+        self._running = False
+        self._loop: defer.Deferred[None] | None = None
+        self._sleep: defer.Deferred[None] | None = None
+
+    def start(self) -> None:
+        self._running = True
+        self._loop = defer.Deferred.fromCoroutine(self._run())
+        self._loop.addErrback(lambda f: log.error("%s: watcher stopped: %s", self.label, f.getErrorMessage()))
+
+    async def stop(self) -> None:
+        self._running = False
+        if self._sleep is not None:
+            self._sleep.cancel()
+        watcher = self.watcher
+        if watcher is not None:
+            await watcher.stop()
+        if self._loop is not None:
+            try:
+                await self._loop
+            except Exception:  # noqa: BLE001 - stopping anyway
+                pass
+
+    async def _run(self) -> None:
+        while self._running:
+            started = self.clock.seconds()
+            floor = 0.0
+            client: MirrordIMAP4Client | None = None
+            self.state = "connecting"
+            try:
+                client = await self._connect(self.label)
+                if not self._running:
+                    await client.logout()
+                    return
+                self.watcher = IdleWatcher(
+                    client,
+                    self.raw_name,
+                    self.listener,
+                    clock=self.clock,
+                    label=self.label,
+                    idle_renew=self.idle_renew,
+                    poll_interval=self.poll_interval,
+                )
+                self.state = "watching"
+                await self.watcher.run()
+                self.state = "stopped"
+                await client.logout()
+                return
+            except LoginFailed as e:
+                reason = str(e)
+                floor = self.LOGIN_RETRY_FLOOR
+            except (ConnectFailed, ConnectionLost, ConnectionDone, ProtocolError, CommandFailed) as e:
+                reason = str(e) or type(e).__name__
+            except Exception as e:  # noqa: BLE001 - never let one mailbox's watcher die
+                log.exception("%s: watcher failed", self.label)
+                reason = repr(e)
+            finally:
+                self.watcher = None
+                if client is not None and not client.connected_transport_lost and not self._running:
+                    client.transport.loseConnection()
+            if not self._running:
+                return
+            if self.clock.seconds() - started >= self.STABLE_AFTER:
+                self.backoff.reset()
+            delay = self.backoff.next(floor)
+            self.state = "reconnecting"
+            self.last_error = reason
+            log.warning("%s: watcher disconnected (%s); reconnecting in %.0f s", self.label, reason, delay)
+            self.listener.disconnected(reason)
+            self._sleep = task.deferLater(self.clock, delay, lambda: None)
+            try:
+                await self._sleep
+            except defer.CancelledError:
+                return
+            finally:
+                self._sleep = None
