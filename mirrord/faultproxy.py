@@ -305,6 +305,10 @@ class FaultProxy:
         """Listen on a free port and start forwarding; :attr:`port` is valid on return."""
         if self._thread is not None:
             raise RuntimeError("FaultProxy already started")
+        if self._stopping:
+            # Its port may already belong to someone else; a test that wants
+            # the target "down for a while" wants refuse() instead.
+            raise RuntimeError("a closed FaultProxy cannot be restarted; make a new one")
         listener = socket.socket(_family(self.listen_host), socket.SOCK_STREAM)
         try:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -183,13 +183,15 @@ class IdleWatcher:
                     announced = True
                     self.listener.watching()
                 if not await session.idling:
-                    try:
-                        await session.finished
-                    except CommandFailed as e:
+                    refused = session.refused
+                    self._session = None
+                    if refused is not None and refused.check(CommandFailed):
                         log.warning("%s: server refused IDLE (%s); polling every %g s",
-                                    self.label, e.text, self.poll_interval)
+                                    self.label, refused.value.text, self.poll_interval)
                         use_idle = False
                         continue
+                    if refused is not None:
+                        refused.raiseException()
                     continue
                 self.state = "idling"
                 self._renewal = self.clock.callLater(self.idle_renew, self._renew)
@@ -218,8 +220,13 @@ class IdleWatcher:
     def _renew(self) -> None:
         """Leave and re-enter IDLE before a server or NAT box gives up on us."""
         self._renewal = None
+        log.debug("%s: renewing IDLE", self.label)
+        self._end_idle()
+
+    def _end_idle(self) -> None:
+        """Send DONE; a renewal still pending is moot and cancelled."""
+        self._cancel_renewal()
         if self._session is not None:
-            log.debug("%s: renewing IDLE", self.label)
             self._session.done()
 
     def _cancel_renewal(self) -> None:
@@ -236,9 +243,7 @@ class IdleWatcher:
     async def stop(self) -> None:
         """Leave IDLE and log out, politely but promptly."""
         self._stopping = True
-        self._cancel_renewal()
-        if self._session is not None:
-            self._session.done()
+        self._end_idle()
         if self._poll_wait is not None:
             self._poll_wait.cancel()
 
@@ -257,9 +262,8 @@ class IdleWatcher:
         if kind == "EXISTS" and response.number is not None:
             if self.map.exists(response.number):
                 self.listener.new_messages()
-                if self._session is not None:
-                    # Learn the new UIDs now, so a later EXPUNGE can be named.
-                    self._session.done()
+                # Learn the new UIDs now, so a later EXPUNGE can be named.
+                self._end_idle()
         elif kind == "EXPUNGE" and response.number is not None:
             uid = self.map.expunge(response.number)
             if uid is None:

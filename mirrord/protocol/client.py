@@ -714,8 +714,8 @@ class IdleSession:
     """An IDLE command in progress on one connection.
 
     ``idling`` fires True when the server's ``+`` arrives, or False if the
-    command ended first (refused, or the connection dropped; ``finished``
-    then carries why). ``done()`` sends DONE; from then on the usual
+    command ended first (refused, or the connection dropped); ``refused``
+    then holds why, and ``finished`` is not to be awaited. ``done()`` sends DONE; from then on the usual
     command deadline applies, so a server that never answers DONE gets the
     connection dropped rather than a watcher that hangs. ``finished`` fires
     on the tagged response.
@@ -726,6 +726,7 @@ class IdleSession:
         self._command: _Command | None = None
         self.idling: defer.Deferred[bool] = defer.Deferred()
         self.finished: defer.Deferred[CommandResult] = defer.Deferred()
+        self.refused: Failure | None = None
         self.done_sent = False
 
     @property
@@ -745,7 +746,12 @@ class IdleSession:
     def _ended(self, result: Any) -> Any:
         self._ended_flag = True
         if not self.idling.called:
+            # Ended before the '+': hand the reason over through ``refused``
+            # (awaiting ``finished`` from inside its own callbacks is not
+            # possible) and consume it here so it is not reported unhandled.
+            self.refused = result if isinstance(result, Failure) else None
             self.idling.callback(False)
+            return None
         return result
 
     def done(self) -> None:

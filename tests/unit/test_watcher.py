@@ -1,0 +1,383 @@
+"""The IDLE watcher's protocol and timing logic, on StringTransport and task.Clock: no sleeps.
+
+Each test plays the server line by line and checks what the watcher sent
+and which events its listener heard.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet import defer, task
+from twisted.internet.error import ConnectionLost
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from mirrord.flags import Flags
+from mirrord.protocol.client import MirrordIMAP4Client
+from mirrord.protocol.errors import ConnectFailed, LoginFailed
+from mirrord.watcher import Backoff, IdleWatcher, SequenceMap, SequenceMapError, WatcherService, parse_uid_set
+
+RENEW = 1200.0
+POLL = 300.0
+
+
+class Events:
+    """A MailboxEvents listener that records what it heard."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[Any, ...]] = []
+
+    def watching(self) -> None:
+        self.log.append(("watching",))
+
+    def new_messages(self) -> None:
+        self.log.append(("new",))
+
+    def expunged(self, uids: Sequence[int]) -> None:
+        self.log.append(("expunged", tuple(uids)))
+
+    def flags_changed(self, changes: Mapping[int, Flags]) -> None:
+        self.log.append(("flags", dict(changes)))
+
+    def resync_needed(self, reason: str) -> None:
+        self.log.append(("resync", reason))
+
+    def disconnected(self, reason: str) -> None:
+        self.log.append(("disconnected", reason))
+
+
+class Server:
+    """Plays the server side of one connection against a watcher."""
+
+    def __init__(self, capabilities: str = "IMAP4rev1 IDLE") -> None:
+        self.clock = task.Clock()
+        self.client = MirrordIMAP4Client(label="acct/INBOX", clock=self.clock)
+        self.transport = StringTransport()
+        self.aborted = False
+        self.transport.abortConnection = self._abort  # type: ignore[method-assign]
+        self.client.makeConnection(self.transport)
+        self.client.dataReceived(b"* OK ready\r\n")
+        self.client.capabilities = frozenset(capabilities.upper().split())
+        self.events = Events()
+
+    def _abort(self) -> None:
+        self.aborted = True
+
+    def sent(self) -> list[bytes]:
+        lines = self.transport.value().split(b"\r\n")[:-1]
+        self.transport.clear()
+        return lines
+
+    def say(self, *lines: bytes) -> None:
+        self.client.dataReceived(b"".join(line + b"\r\n" for line in lines))
+
+    def watcher(self, **kw: Any) -> IdleWatcher:
+        return IdleWatcher(
+            self.client,
+            b"INBOX",
+            self.events,
+            clock=self.clock,
+            label="acct/INBOX",
+            idle_renew=kw.pop("idle_renew", RENEW),
+            poll_interval=kw.pop("poll_interval", POLL),
+            **kw,
+        )
+
+    def start(self, uids: Sequence[int] = (1, 2, 3), **kw: Any) -> tuple[IdleWatcher, defer.Deferred[None]]:
+        """Run a watcher through EXAMINE and SEARCH to its IDLE command."""
+        watcher = self.watcher(**kw)
+        done = defer.Deferred.fromCoroutine(watcher.run())
+        assert self.sent() == [b'M1 EXAMINE "INBOX"']
+        self.say(
+            b"* %d EXISTS" % len(uids),
+            b"* OK [UIDVALIDITY 42] ok",
+            b"* OK [UIDNEXT %d] ok" % (max(uids, default=0) + 1),
+            b"M1 OK [READ-ONLY] done",
+        )
+        if uids:
+            assert self.sent() == [b"M2 UID SEARCH ALL"]
+            self.say(b"* SEARCH " + b" ".join(b"%d" % u for u in uids), b"M2 OK done")
+        return watcher, done
+
+    def tag(self, line: bytes) -> bytes:
+        return line.split()[0]
+
+
+def idle_tag(server: Server) -> bytes:
+    lines = server.sent()
+    assert lines and lines[-1].endswith(b"IDLE"), lines
+    return server.tag(lines[-1])
+
+
+def test_idle_counts_only_after_the_continuation() -> None:
+    server = Server()
+    watcher, _ = server.start()
+    tag = idle_tag(server)
+    assert server.events.log == [("watching",)], "catch-up may start once IDLE is requested"
+    assert watcher.state != "idling"
+    server.clock.advance(RENEW * 2)
+    assert server.sent() == [], "no renewal is scheduled before the server said +"
+    server.say(b"+ idling")
+    assert watcher.state == "idling"
+    assert tag.startswith(b"M")
+
+
+def test_refused_idle_falls_back_to_noop_polling() -> None:
+    server = Server()
+    watcher, _ = server.start()
+    tag = idle_tag(server)
+    server.say(tag + b" NO IDLE not allowed here")
+    assert watcher.state == "polling"
+    noop = server.sent()
+    assert len(noop) == 1 and noop[0].endswith(b"NOOP")
+    server.say(b"* 4 EXISTS", server.tag(noop[0]) + b" OK done")
+    assert ("new",) in server.events.log
+    learn = server.sent()
+    assert learn[0].endswith(b"FETCH 4:* (UID FLAGS)")
+    server.say(b"* 4 FETCH (UID 9 FLAGS ())", server.tag(learn[0]) + b" OK")
+    assert server.sent() == []
+    server.clock.advance(POLL - 1)
+    assert server.sent() == []
+    server.clock.advance(1)
+    assert server.sent()[0].endswith(b"NOOP")
+
+
+def test_server_without_idle_is_polled() -> None:
+    server = Server(capabilities="IMAP4rev1")
+    watcher, _ = server.start()
+    assert server.sent()[0].endswith(b"NOOP")
+    assert server.events.log == [("watching",)]
+
+
+def test_renewal_fires_at_idle_renew_and_reenters() -> None:
+    server = Server()
+    watcher, _ = server.start()
+    tag = idle_tag(server)
+    server.say(b"+ idling")
+    server.clock.advance(RENEW - 1)
+    assert server.sent() == []
+    server.clock.advance(1)
+    assert server.sent() == [b"DONE"]
+    server.say(tag + b" OK Idle completed")
+    tag2 = idle_tag(server)
+    assert tag2 != tag
+    server.say(b"+ idling")
+    server.clock.advance(RENEW)
+    assert server.sent() == [b"DONE"]
+
+
+def test_renewal_is_cancelled_when_idle_ends_early() -> None:
+    server = Server()
+    watcher, _ = server.start()
+    tag = idle_tag(server)
+    server.say(b"+ idling")
+    server.clock.advance(RENEW / 2)
+    server.say(b"* 4 EXISTS")  # ends IDLE early, to learn the new UID
+    assert server.sent() == [b"DONE"]
+    assert len(server.clock.getDelayedCalls()) == 1, "only the DONE deadline is pending"
+    server.say(tag + b" OK done")
+    learn = server.sent()
+    server.say(b"* 4 FETCH (UID 7 FLAGS ())", server.tag(learn[0]) + b" OK")
+    idle_tag(server)
+    server.say(b"+ idling")
+    server.clock.advance(RENEW / 2 + 1)
+    assert server.sent() == [], "the old renewal did not fire"
+    server.clock.advance(RENEW / 2)
+    assert server.sent() == [b"DONE"]
+
+
+def test_done_without_tagged_ok_drops_the_connection() -> None:
+    server = Server()
+    watcher, done = server.start()
+    idle_tag(server)
+    server.say(b"+ idling")
+    server.clock.advance(RENEW)
+    assert server.sent() == [b"DONE"]
+    server.clock.advance(29)
+    assert not server.aborted
+    server.clock.advance(2)
+    assert server.aborted, "no tagged OK within the DONE deadline"
+    server.client.connectionLost(Failure(ConnectionLost("aborted")))
+    failures: list[Failure] = []
+    done.addErrback(failures.append)
+    assert failures and failures[0].check(ConnectionLost)
+
+
+def test_idle_itself_has_no_deadline() -> None:
+    server = Server()
+    server.start()
+    idle_tag(server)
+    server.say(b"+ idling")
+    server.clock.advance(RENEW - 1)
+    assert not server.aborted
+
+
+def test_expunges_map_to_uids_across_shifts() -> None:
+    server = Server()
+    server.start(uids=[10, 20, 30, 40, 50])
+    idle_tag(server)
+    server.say(b"+ idling")
+    # Dovecot sends descending; Cyrus and Courier repeat one number: both must work.
+    server.say(b"* 4 EXPUNGE", b"* 2 EXPUNGE")
+    server.say(b"* 1 EXPUNGE", b"* 1 EXPUNGE")
+    assert [e for e in server.events.log if e[0] == "expunged"] == [
+        ("expunged", (40,)),
+        ("expunged", (20,)),
+        ("expunged", (10,)),
+        ("expunged", (30,)),
+    ]
+
+
+def test_expunge_between_exists_and_learning_the_new_uid() -> None:
+    server = Server()
+    server.start(uids=[10, 20, 30])
+    tag = idle_tag(server)
+    server.say(b"+ idling")
+    server.say(b"* 4 EXISTS")  # a new message, UID not known yet
+    assert server.sent() == [b"DONE"]
+    server.say(b"* 2 EXPUNGE")  # before we learn it: the new one is now number 3
+    server.say(tag + b" OK done")
+    learn = server.sent()
+    assert learn[0].endswith(b"FETCH 3:* (UID FLAGS)")
+    server.say(b"* 3 FETCH (UID 31 FLAGS (\\Seen))", server.tag(learn[0]) + b" OK")
+    idle_tag(server)
+    server.say(b"+ idling", b"* 3 EXPUNGE", b"* 1 EXPUNGE")
+    log = server.events.log
+    assert ("expunged", (20,)) in log
+    assert log[-2:] == [("expunged", (31,)), ("expunged", (10,))]
+    assert ("flags", {31: frozenset({"\\Seen"})}) in log
+
+
+def test_expunge_of_a_message_never_learned_asks_for_resync() -> None:
+    server = Server()
+    server.start(uids=[10])
+    idle_tag(server)
+    server.say(b"+ idling", b"* 2 EXISTS", b"* 2 EXPUNGE")
+    assert server.events.log[-1][0] == "resync"
+
+
+def test_vanished_and_flag_changes_name_uids() -> None:
+    server = Server(capabilities="IMAP4rev1 IDLE QRESYNC")
+    watcher = server.watcher()
+    defer.Deferred.fromCoroutine(watcher.run())
+    assert server.sent() == [b"M1 ENABLE QRESYNC"]
+    server.say(b"* ENABLED QRESYNC", b"M1 OK")
+    server.sent()
+    server.say(b"* 3 EXISTS", b"* OK [UIDVALIDITY 1] x", b"M2 OK [READ-ONLY] done")
+    server.sent()
+    server.say(b"* SEARCH 5 6 9", b"M3 OK")
+    idle_tag(server)
+    server.say(b"+ idling", b"* VANISHED 5:6", b"* 1 FETCH (UID 9 MODSEQ (12) FLAGS (\\Flagged))")
+    assert server.events.log[1:] == [("expunged", (5, 6)), ("flags", {9: frozenset({"\\Flagged"})})]
+
+
+def test_exists_below_known_count_is_a_lost_track_and_drops() -> None:
+    server = Server()
+    server.start(uids=[1, 2, 3])
+    idle_tag(server)
+    server.say(b"+ idling", b"* 2 EXISTS")
+    assert server.aborted
+    assert server.events.log[-1][0] == "resync"
+
+
+def test_stop_leaves_idle() -> None:
+    server = Server()
+    watcher, done = server.start()
+    tag = idle_tag(server)
+    server.say(b"+ idling")
+    defer.Deferred.fromCoroutine(watcher.stop())
+    assert server.sent() == [b"DONE"]
+    server.say(tag + b" OK")
+    assert done.called
+    assert watcher.state == "stopped"
+
+
+# -- the sequence map on its own -------------------------------------------------
+
+
+@given(st.data())
+@settings(max_examples=200, deadline=None)
+def test_sequence_map_agrees_with_a_model(data: st.DataObject) -> None:
+    """Random EXISTS/EXPUNGE/learn histories: the map always names the right UID."""
+    server: list[int] = sorted(data.draw(st.sets(st.integers(1, 50), max_size=10)))
+    next_uid = 51
+    seqmap = SequenceMap(list(server))
+    for _ in range(data.draw(st.integers(0, 30))):
+        action = data.draw(st.sampled_from(["append", "expunge", "learn"]))
+        if action == "append":
+            server.append(next_uid)
+            next_uid += 1
+            assert seqmap.exists(len(server))
+        elif action == "expunge" and server:
+            seq = data.draw(st.integers(1, len(server)))
+            uid = server.pop(seq - 1)
+            assert seqmap.expunge(seq) in (uid, None)
+        elif action == "learn" and (first := seqmap.first_unknown()) is not None:
+            seqmap.learn({i + 1: server[i] for i in range(first - 1, len(server))})
+        assert len(seqmap) == len(server)
+        for seq, uid in enumerate(server, 1):
+            assert seqmap.uid(seq) in (uid, None)
+
+
+def test_sequence_map_rejects_impossible_numbers() -> None:
+    seqmap = SequenceMap([1, 2])
+    with pytest.raises(SequenceMapError):
+        seqmap.expunge(3)
+    with pytest.raises(SequenceMapError):
+        seqmap.exists(1)
+
+
+def test_uid_sets() -> None:
+    assert parse_uid_set(b"1:3,7,10:9") == {1, 2, 3, 7, 9, 10}
+
+
+# -- reconnecting -------------------------------------------------------------------
+
+
+def test_backoff_grows_with_jitter_to_a_cap_and_resets() -> None:
+    backoff = Backoff(first=1.0, cap=60.0, rng=random.Random(1))
+    delays = [backoff.next() for _ in range(12)]
+    assert all(0.5 <= d <= 60 for d in delays)
+    assert delays[-1] >= 30, "grown to the cap"
+    assert delays[0] <= 1
+    backoff.reset()
+    assert backoff.next() <= 1
+    assert backoff.next(floor=600) == 600
+
+
+def test_service_reconnects_with_backoff_and_long_wait_after_refused_login() -> None:
+    clock = task.Clock()
+    attempts: list[float] = []
+    outcomes = [ConnectFailed("refused"), ConnectFailed("refused"), LoginFailed("bad password")]
+
+    async def connect(label: str) -> MirrordIMAP4Client:
+        attempts.append(clock.seconds())
+        raise outcomes.pop(0) if outcomes else ConnectFailed("still down")
+
+    events = Events()
+    service = WatcherService(
+        connect=connect,
+        raw_name=b"INBOX",
+        listener=events,
+        clock=clock,
+        label="acct/INBOX",
+        idle_renew=RENEW,
+        poll_interval=POLL,
+        backoff=Backoff(first=1.0, cap=60.0, rng=random.Random(3)),
+    )
+    service.start()
+    for _ in range(100):
+        clock.advance(10)
+    gaps = [b - a for a, b in zip(attempts, attempts[1:])]
+    assert gaps[0] <= 10 and gaps[1] <= 10
+    assert gaps[2] >= WatcherService.LOGIN_RETRY_FLOOR, "a refused login waits long"
+    assert [e[0] for e in events.log].count("disconnected") == len(attempts)
+    assert service.state == "reconnecting"
+    d = defer.Deferred.fromCoroutine(service.stop())
+    assert d.called
