@@ -690,6 +690,7 @@ class MirrordIMAP4Client(IMAP4Client):
         return session
 
     async def noop(self) -> None:
+        """NOOP: keeps a connection alive, and brings a session's view of its mailbox up to date."""
         await self._run(self._simple("NOOP"))
 
     async def logout(self) -> None:

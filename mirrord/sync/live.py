@@ -52,7 +52,7 @@ class LiveMailbox:
         self._new = False
         self._expunged: set[int] = set()
         self._flags: dict[int, Flags] = {}
-        self._running: defer.Deferred[None] | None = None
+        self._busy = False
         self._retry: Any = None
         self._stopped = False
         self._idle_waiters: list[defer.Deferred[None]] = []
@@ -101,11 +101,11 @@ class LiveMailbox:
 
     @property
     def busy(self) -> bool:
-        return self._running is not None
+        return self._busy
 
     def when_idle(self) -> defer.Deferred[None]:
-        """Fires once the queue is empty (tests and shutdown wait on this)."""
-        if not self.busy and not self._pending():
+        """Fires when the operation in hand and those queued behind it are done."""
+        if not self._busy:
             return defer.succeed(None)
         waiter: defer.Deferred[None] = defer.Deferred()
         self._idle_waiters.append(waiter)
@@ -116,7 +116,7 @@ class LiveMailbox:
         self._stopped = True
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
-        return self._running if self._running is not None else defer.succeed(None)
+        return self.when_idle()
 
     def _want_full(self) -> None:
         self._full = True
@@ -127,11 +127,14 @@ class LiveMailbox:
         return self._full or self._new or bool(self._expunged) or bool(self._flags)
 
     def _kick(self) -> None:
-        if self._stopped or self._running is not None or (self._retry is not None and self._retry.active()):
+        if self._stopped or self._busy or (self._retry is not None and self._retry.active()):
             return
         if not self._pending():
             return
-        self._running = defer.Deferred.fromCoroutine(self._work())
+        # _busy, not the Deferred, says whether work is in hand: an operation
+        # that needs no I/O completes inside fromCoroutine, before it returns.
+        self._busy = True
+        defer.Deferred.fromCoroutine(self._work())
 
     async def _work(self) -> None:
         try:
@@ -147,13 +150,10 @@ class LiveMailbox:
             self._full = True
             self._retry = self.clock.callLater(RETRY_DELAY, self._kick)
         finally:
-            self._running = None
-            if not self._pending() or self._stopped:
-                waiters, self._idle_waiters = self._idle_waiters, []
-                for waiter in waiters:
-                    waiter.callback(None)
-            elif self._retry is None or not self._retry.active():
-                self._kick()
+            self._busy = False
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
 
     async def _one(self) -> None:
         if self._expunged or self._flags:

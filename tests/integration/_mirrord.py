@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
+import threading
+import time
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -86,7 +89,11 @@ def local_messages(maildir: Path) -> list[LocalMessage]:
     for sub in ("new", "cur"):
         for path in sorted((maildir / sub).iterdir()):
             _, _, info = path.name.partition(":2,")
-            found.append(LocalMessage(path, hashlib.sha256(path.read_bytes()).hexdigest(), flags_from_info(info)))
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                continue  # renamed or removed by the running daemon since the listing
+            found.append(LocalMessage(path, hashlib.sha256(data).hexdigest(), flags_from_info(info)))
     return found
 
 
@@ -111,3 +118,92 @@ def tree_snapshot(root: Path) -> dict[str, Any]:
             st = os.stat(os.path.join(dirpath, f))
             snap[os.path.relpath(os.path.join(dirpath, f), root)] = (st.st_ino, st.st_mtime_ns, st.st_size)
     return snap
+
+
+class DaemonProcess:
+    """``mirrord run`` in the background, its log collected, stopped with SIGTERM."""
+
+    def __init__(self, config: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.args = args
+        self.env = env
+        self.lines: list[str] = []
+        self.process: subprocess.Popen[str] | None = None
+        self._reader: threading.Thread | None = None
+
+    def __enter__(self) -> DaemonProcess:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.stop()
+        if exc_type is not None:
+            print(f"--- mirrord's log ---\n{self.log}")  # shown by pytest on failure
+
+    def start(self, ready_timeout: float = 60.0) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mirrord", "-c", str(self.config), "run", *self.args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(self.env or {})},
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.wait_for_log("first sync done", ready_timeout)
+
+    def _read(self) -> None:
+        assert self.process is not None and self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for_log(self, text: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                time.sleep(0.1)
+                raise AssertionError(f"mirrord exited with {self.process.returncode}:\n{self.log}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not logged within {timeout} s:\n{self.log}")
+            time.sleep(0.02)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            status = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            status = self.process.wait()
+        if self._reader is not None:
+            self._reader.join(5)
+        return status
+
+
+def wait_until(condition: Any, timeout: float = 20.0, what: str = "condition") -> None:
+    """Poll ``condition()`` until true; the daemon works asynchronously to the test."""
+    deadline = time.monotonic() + timeout
+    while True:
+        last = condition()
+        if last:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def mirrors(account: ImapAccount, root: Path, mailbox: str) -> bool:
+    """Whether the local copy equals the server right now (for wait_until)."""
+    try:
+        assert_mirrors(account, root, mailbox)
+    except (AssertionError, FileNotFoundError):
+        return False
+    return True
