@@ -121,7 +121,8 @@ class Notifier:
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] = os.environ) -> Notifier:
         """The notifier systemd set up for this process, or a no-op one outside systemd."""
-        return cls(environ.get("NOTIFY_SOCKET") or None, _watchdog_interval(environ))
+        address = environ.get("NOTIFY_SOCKET") or None
+        return cls(address, _watchdog_interval(environ) if address else None)
 
     @property
     def enabled(self) -> bool:
