@@ -8,7 +8,6 @@ mailbox failed). Scripts and systemd rely on these; keep them stable.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import logging
 import os
 import sys
@@ -28,7 +27,6 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
-STATE_DB_NAME = "state.sqlite3"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -86,47 +84,66 @@ def main(argv: Sequence[str] | None = None) -> int:
 # -- run ------------------------------------------------------------------------
 
 
-class AccountLock:
-    """One mirrord per account at a time: two would fetch the same mail twice."""
-
-    def __init__(self, state_dir: Path, account: str) -> None:
-        self.path = state_dir / "locks" / f"{account}.lock"
-        self._fd: int | None = None
-
-    def acquire(self) -> bool:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        self._fd = fd
-        return True
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
 def run(config: Config, *, once: bool) -> int:
+    """``mirrord run`` and ``mirrord run --once``."""
+    if once:
+        return run_once(config)
+    from mirrord.service import LockHeld, Service
+
+    outcome = {"status": EXIT_OK}
+
+    async def main(reactor: Any) -> None:
+        service = Service(reactor, config)
+        try:
+            service.enable_status_file()
+        except Exception as e:  # noqa: BLE001 - status is a convenience, mirroring is not
+            log.warning("no status file for `mirrord status`: %s", e)
+
+        async def shutdown() -> None:
+            await service.stop()
+            # Let the reactor go on with shutdown from a fresh call stack, not
+            # from inside the last LOGOUT's response handling: its closing of
+            # every connection would re-enter Twisted's TLS wrapper there.
+            await task.deferLater(reactor, 0, lambda: None)
+
+        try:
+            await service.start()
+        except LockHeld as e:
+            log.error("%s", e)
+            outcome["status"] = EXIT_FAILURE
+            service.state.close()
+            return
+        # SIGTERM and SIGINT stop the reactor; this runs first and is waited
+        # for, so writes in progress finish and connections log out.
+        reactor.addSystemEventTrigger("before", "shutdown", lambda: defer.Deferred.fromCoroutine(shutdown()))
+        service.install_signal_handlers()
+        await defer.Deferred()  # until the reactor stops
+
+    try:
+        task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)))
+    except SystemExit as e:
+        if e.code not in (0, None):
+            return EXIT_FAILURE
+    return outcome["status"]
+
+
+def run_once(config: Config) -> int:
+    """One complete sync of every mailbox of every account, then exit."""
+    from mirrord.service import STATE_DB_NAME, LockHeld, lock_accounts
     from mirrord.store.state import StateDB
     from mirrord.sync.account import sync_account
 
-    locks = []
-    for account in config.accounts:
-        lock = AccountLock(config.state_dir, account.name)
-        if not lock.acquire():
-            log.error("%s: another mirrord is already mirroring this account (lock: %s)", account.name, lock.path)
-            return EXIT_FAILURE
-        locks.append(lock)
+    try:
+        locks = lock_accounts(config, list(config.accounts))
+    except LockHeld as e:
+        log.error("%s", e)
+        return EXIT_FAILURE
     state = StateDB(config.state_dir / STATE_DB_NAME)
     outcome = {"ok": True}
 
-    async def sync_all(reactor: Any) -> bool:
-        passwords: dict[str, str] = {}
+    async def main(reactor: Any) -> None:
         ok = True
+        passwords: dict[str, str] = {}
         for account in config.accounts:
             try:
                 # A password command may wait on a pinentry prompt: keep it off the reactor.
@@ -141,28 +158,7 @@ def run(config: Config, *, once: bool) -> int:
                 if account.name in passwords
             ]
         )
-        return ok and all(r.ok for r in results)
-
-    async def main(reactor: Any) -> None:
-        if once:
-            outcome["ok"] = await sync_all(reactor)
-            return
-        from mirrord.daemon import Daemon
-
-        daemon = Daemon(reactor, list(config.accounts), state)
-        # SIGTERM and SIGINT stop the reactor; this runs first and is waited
-        # for, so writes in progress finish and connections log out.
-        async def shutdown() -> None:
-            await daemon.stop()
-            # Let the reactor go on with shutdown from a fresh call stack, not
-            # from inside the last LOGOUT's response handling: its closing of
-            # every connection would re-enter Twisted's TLS wrapper there.
-            await task.deferLater(reactor, 0, lambda: None)
-
-        reactor.addSystemEventTrigger("before", "shutdown", lambda: defer.Deferred.fromCoroutine(shutdown()))
-        await daemon.start()
-        log.info("first sync done; mirroring %d accounts", len(config.accounts))
-        await defer.Deferred()  # until the reactor stops
+        outcome["ok"] = ok and all(r.ok for r in results)
 
     try:
         task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)))
@@ -171,7 +167,7 @@ def run(config: Config, *, once: bool) -> int:
             return EXIT_FAILURE
     finally:
         state.close()
-        for lock in locks:
+        for lock in locks.values():
             lock.release()
     return EXIT_OK if outcome["ok"] else EXIT_FAILURE
 
@@ -234,6 +230,7 @@ def status(config: Config, *, as_json: bool = False, out: TextIO | None = None) 
     import json
     import time
 
+    from mirrord.service import STATE_DB_NAME
     from mirrord.store.state import StateDB
 
     out = out or sys.stdout

@@ -55,6 +55,14 @@ class MailboxRuntime:
     watcher: WatcherService | None = None
     poller: task.LoopingCall | None = None
 
+    def display(self) -> tuple[str, float | None]:
+        """(state, since) for `mirrord status`: idling, polling, reconnecting, error..."""
+        if self.live.last_error and not self.live.busy:
+            return "error", None
+        if self.watcher is not None:
+            return self.watcher.display_state, self.watcher.since
+        return "polling", None
+
 
 @dataclass
 class AccountRuntime:

@@ -329,11 +329,30 @@ class WatcherService:
         self.poll_interval = poll_interval
         self.backoff = backoff or Backoff()
         self.watcher: IdleWatcher | None = None
-        self.state = "stopped"
+        self._state = "stopped"
+        self.since: float = clock.seconds()
+        """When ``state`` last changed: `mirrord status` shows "reconnecting since ..."."""
         self.last_error: str | None = None
         self._running = False
         self._loop: defer.Deferred[None] | None = None
         self._sleep: defer.Deferred[None] | None = None
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @state.setter
+    def state(self, value: str) -> None:
+        if value != self._state:
+            self._state = value
+            self.since = self.clock.seconds()
+
+    @property
+    def display_state(self) -> str:
+        """idling, polling, reconnecting, connecting or stopped."""
+        if self._state == "watching" and self.watcher is not None:
+            return {"idling": "idling", "polling": "polling"}.get(self.watcher.state, "connecting")
+        return self._state
 
     def start(self) -> None:
         self._running = True

@@ -1,0 +1,284 @@
+"""``mirrord run`` as a service: systemd notifications, signals, reloads, the status file.
+
+The daemon proper (:mod:`mirrord.daemon`) mirrors accounts; this module is
+what makes it a good citizen under systemd and in a terminal:
+
+- READY=1 once every account has had its first catch-up (or failed it with
+  a logged reason); until then, while the reactor is alive, the start
+  timeout is extended so a large first sync is not killed as a hung start.
+- STATUS= lines for ``systemctl --user status``; WATCHDOG=1 from the reactor.
+- SIGTERM/SIGINT: STOPPING=1, stop taking work, let writes finish, log out.
+- SIGHUP: re-read the config and apply it without a restart: accounts that
+  are new or changed are (re)started, removed ones stopped, the rest left
+  alone. A config that does not load is logged and the old one kept.
+- A status file that ``mirrord status`` reads.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, task
+
+from mirrord.config import Account, Config, ConfigError, load_config
+from mirrord.daemon import AccountDaemon
+from mirrord.sdnotify import Notifier, start_watchdog
+from mirrord.store.state import StateDB
+from mirrord.sync.mailbox import MailboxResult
+
+log = logging.getLogger("mirrord")
+
+STATE_DB_NAME = "state.sqlite3"
+START_EXTEND_EVERY = 20.0
+"""While the first sync runs, ask systemd for this much more start time, twice over."""
+STATUS_EVERY = 10.0
+
+
+class AccountLock:
+    """One mirrord per account at a time: two would fetch the same mail twice."""
+
+    def __init__(self, state_dir: Path, account: str) -> None:
+        self.path = state_dir / "locks" / f"{account}.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class LockHeld(Exception):
+    def __init__(self, account: str, path: Path) -> None:
+        super().__init__(f"{account}: another mirrord is already mirroring this account (lock: {path})")
+
+
+def lock_accounts(config: Config, accounts: list[Account]) -> dict[str, AccountLock]:
+    """Take the locks of ``accounts``, all or none."""
+    locks: dict[str, AccountLock] = {}
+    for account in accounts:
+        lock = AccountLock(config.state_dir, account.name)
+        if not lock.acquire():
+            for held in locks.values():
+                held.release()
+            raise LockHeld(account.name, lock.path)
+        locks[account.name] = lock
+    return locks
+
+
+class Service:
+    """Everything ``mirrord run`` keeps running; see the module docstring."""
+
+    def __init__(self, reactor: Any, config: Config, *, notifier: Notifier | None = None) -> None:
+        self.reactor = reactor
+        self.config = config
+        self.notifier = notifier or Notifier.from_environment()
+        self.state = StateDB(config.state_dir / STATE_DB_NAME)
+        self.accounts: dict[str, AccountDaemon] = {}
+        self.locks: dict[str, AccountLock] = {}
+        self.started = time.time()
+        self.last_mail: float | None = None
+        self._loops: list[task.LoopingCall] = []
+        self._reloading: defer.Deferred[None] | None = None
+        self._status_file: Any = None
+
+    # -- starting -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start every account; returns once each had its first catch-up (READY)."""
+        self.locks = lock_accounts(self.config, list(self.config.accounts))
+        watchdog = start_watchdog(self.notifier, self.reactor)
+        if watchdog is not None:
+            self._loops.append(watchdog)
+        extend = self._every(START_EXTEND_EVERY, self._extend_start)
+        self.notifier.status(f"first sync of {len(self.config.accounts)} accounts")
+        for account in self.config.accounts:
+            self.accounts[account.name] = self._account(account)
+        self._publish()
+        await defer.DeferredList([d.start() for d in self.accounts.values()], consumeErrors=True)
+        extend.stop()
+        self._loops.remove(extend)
+        self._every(STATUS_EVERY, self._publish)
+        self.notifier.ready(self.status_line())
+        log.info("first sync done; mirroring %d accounts", len(self.accounts))
+
+    def _account(self, account: Account) -> AccountDaemon:
+        return AccountDaemon(self.reactor, account, self.state, on_new_mail=self._new_mail)
+
+    def _every(self, seconds: float, f: Any) -> task.LoopingCall:
+        loop = task.LoopingCall(f)
+        loop.clock = self.reactor
+        loop.start(seconds, now=True).addErrback(lambda failure: log.error("%s", failure.getErrorMessage()))
+        self._loops.append(loop)
+        return loop
+
+    def _extend_start(self) -> None:
+        # Only a live reactor gets here, so a wedged first sync still times out.
+        self.notifier.send(f"EXTEND_TIMEOUT_USEC={int(START_EXTEND_EVERY * 2 * 1e6)}")
+
+    def _new_mail(self, account: Account, result: MailboxResult) -> None:
+        self.last_mail = time.time()
+
+    # -- status -----------------------------------------------------------------------
+
+    def status_line(self) -> str:
+        """What ``systemctl --user status mirrord`` shows under the unit."""
+        watched = polled = failing = 0
+        for daemon in self.accounts.values():
+            for runtime in daemon.runtime.mailboxes.values():
+                if runtime.watcher is not None:
+                    watched += 1
+                else:
+                    polled += 1
+                if runtime.live.last_error:
+                    failing += 1
+        parts = [f"{len(self.accounts)} accounts", f"{watched} mailboxes watched", f"{polled} polled"]
+        errors = sum(1 for d in self.accounts.values() if d.runtime.state == "error")
+        if errors:
+            parts.append(f"{errors} accounts failing")
+        if failing:
+            parts.append(f"{failing} mailboxes with errors")
+        if self.last_mail is not None:
+            parts.append("last mail " + time.strftime("%H:%M", time.localtime(self.last_mail)))
+        return ", ".join(parts)
+
+    def _publish(self) -> None:
+        self.notifier.status(self.status_line())
+        if self._status_file is not None:
+            try:
+                self._status_file.write(self.snapshot())
+            except OSError as e:
+                log.warning("cannot write the status file: %s", e)
+
+    def snapshot(self) -> Any:
+        """The status the daemon publishes for ``mirrord status``."""
+        from mirrord import status as status_module
+
+        accounts = []
+        for daemon in self.accounts.values():
+            mailboxes = []
+            for name, runtime in sorted(daemon.runtime.mailboxes.items()):
+                live = runtime.live
+                state, since = runtime.display()
+                mailboxes.append(
+                    status_module.MailboxStatus(
+                        name=name,
+                        state=state,
+                        since=since,
+                        last_change=live.last_change,
+                        last_error=live.last_error,
+                    )
+                )
+            accounts.append(
+                status_module.AccountStatus(
+                    name=daemon.account.name,
+                    state=daemon.runtime.state,
+                    error=daemon.runtime.error,
+                    mailboxes=mailboxes,
+                )
+            )
+        return status_module.DaemonStatus(
+            pid=os.getpid(),
+            started=self.started,
+            updated=time.time(),
+            config=str(self.config.path),
+            accounts=accounts,
+        )
+
+    def enable_status_file(self) -> None:
+        from mirrord.status import StatusFile, status_path
+
+        self._status_file = StatusFile(status_path(self.config.path))
+
+    # -- reloading --------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        """SIGHUP re-reads the config (SIGTERM and SIGINT are Twisted's: they stop the reactor)."""
+
+        def on_hup(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(self.reload)
+
+        signal.signal(signal.SIGHUP, on_hup)
+
+    def reload(self) -> defer.Deferred[None]:
+        if self._reloading is not None:
+            return self._reloading  # one at a time; the running one reads the newest file
+        self._reloading = defer.Deferred.fromCoroutine(self._reload())
+
+        def done(result: Any) -> Any:
+            self._reloading = None
+            return result
+
+        return self._reloading.addBoth(done)
+
+    async def _reload(self) -> None:
+        self.notifier.reloading("reloading the config")
+        log.info("SIGHUP: reloading %s", self.config.path)
+        try:
+            new = load_config(self.config.path)
+        except ConfigError as e:
+            log.error("the new config is not valid; keeping the old one: %s", e)
+            self.notifier.ready(self.status_line())
+            return
+        for warning in new.warnings:
+            log.warning("%s", warning)
+        if new.state_dir != self.config.state_dir:
+            log.error("state_dir cannot change while running; restart mirrord to move it (keeping %s)",
+                      self.config.state_dir)
+            new = Config(new.path, self.config.state_dir, new.accounts, new.warnings)
+        old = {a.name: a for a in self.config.accounts}
+        fresh = {a.name: a for a in new.accounts}
+        going = [name for name in old if name not in fresh or fresh[name] != old[name]]
+        coming = [fresh[name] for name in fresh if name not in old or fresh[name] != old[name]]
+        for name in going:
+            log.info("%s: %s", name, "removed from the config" if name not in fresh else "settings changed; restarting it")
+            await self.accounts.pop(name).stop()
+            if name not in fresh:
+                self.locks.pop(name).release()
+        new_locks = lock_accounts(new, [a for a in coming if a.name not in self.locks])
+        self.locks.update(new_locks)
+        self.config = new
+        starting = []
+        for account in coming:
+            self.accounts[account.name] = self._account(account)
+            starting.append(self.accounts[account.name].start())
+        self._publish()
+        await defer.DeferredList(starting, consumeErrors=True)
+        log.info("config reloaded: %d accounts (%d restarted or added, %d removed)",
+                 len(self.accounts), len(coming), len([n for n in going if n not in fresh]))
+        self.notifier.ready(self.status_line())
+
+    # -- stopping ----------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        self.notifier.stopping("stopping")
+        log.info("stopping")
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
+        self._loops.clear()
+        await defer.DeferredList(
+            [defer.Deferred.fromCoroutine(d.stop()) for d in self.accounts.values()], consumeErrors=True
+        )
+        if self._status_file is not None:
+            self._status_file.remove()
+        self.state.close()
+        for lock in self.locks.values():
+            lock.release()
+        log.info("stopped")
