@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -226,41 +225,7 @@ def check(config: Config, out: TextIO | None = None) -> int:
 
 
 def status(config: Config, *, as_json: bool = False, out: TextIO | None = None) -> int:
-    """What the state DB says is mirrored; reads only."""
-    import json
-    import time
+    """What is mirrored, per mailbox, from the running daemon and the state DB; reads only."""
+    from mirrord.status import render_status
 
-    from mirrord.service import STATE_DB_NAME
-    from mirrord.store.state import StateDB
-
-    out = out or sys.stdout
-    db_path = config.state_dir / STATE_DB_NAME
-    rows: list[dict[str, Any]] = []
-    if db_path.exists():
-        state = StateDB(db_path)
-        try:
-            for account in config.accounts:
-                for record in state.mailboxes(account.name):
-                    rows.append(
-                        {
-                            "account": account.name,
-                            "mailbox": record.mailbox,
-                            "messages": state.count(account.name, record.mailbox),
-                            "last_sync": record.last_sync,
-                        }
-                    )
-        finally:
-            state.close()
-    if as_json:
-        json.dump({"daemon": None, "mailboxes": rows}, out, indent=2)
-        print(file=out)
-        return EXIT_OK
-    if not rows:
-        print("nothing mirrored yet (run `mirrord run --once`)", file=out)
-        return EXIT_OK
-    width = max(len(f"{r['account']}/{r['mailbox']}") for r in rows)
-    print(f"{'mailbox':<{width}}  {'messages':>8}  last sync", file=out)
-    for r in rows:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["last_sync"])) if r["last_sync"] else "never"
-        print(f"{r['account'] + '/' + r['mailbox']:<{width}}  {r['messages']:>8}  {when}", file=out)
-    return EXIT_OK
+    return render_status(config, as_json=as_json, out=out or sys.stdout)

@@ -84,6 +84,7 @@ ACCOUNT_KEYS = (
     "max_connections",
     "poll_interval",
     "idle_renew",
+    "on_new_mail",
 )
 REQUIRED_ACCOUNT_KEYS = ("host", "username", "maildir")
 PASSWORD_KEYS = ("password_command", "password_file", "password")
@@ -312,6 +313,8 @@ class Account:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     poll_interval: float = DEFAULT_POLL_INTERVAL
     idle_renew: float = DEFAULT_IDLE_RENEW
+    on_new_mail: tuple[str, ...] | None = None
+    """A command (argv, no shell) run when new mail has landed."""
 
     def wants(self, local_name: str) -> bool:
         """Whether the mailbox with this local name (``/`` hierarchy) is mirrored.
@@ -784,6 +787,7 @@ class _Parser:
             max_connections=cast(int, values.get("max_connections", DEFAULT_MAX_CONNECTIONS)),
             poll_interval=cast(float, values.get("poll_interval", DEFAULT_POLL_INTERVAL)),
             idle_renew=cast(float, values.get("idle_renew", DEFAULT_IDLE_RENEW)),
+            on_new_mail=cast("tuple[str, ...] | None", values.get("on_new_mail")),
         )
         if account.workers >= account.max_connections:
             self.fail(
@@ -832,6 +836,8 @@ class _Parser:
             return self.duration(entry, 1.0, 24 * 3600.0)
         if key == "idle_renew":
             return self.duration(entry, 10.0, MAX_IDLE_RENEW)
+        if key == "on_new_mail":
+            return self.argv(entry)
         raise AssertionError(key)  # pragma: no cover - entries() allows only ACCOUNT_KEYS
 
     def host(self, entry: _Entry) -> str:

@@ -96,6 +96,8 @@ class AccountDaemon:
         self._starting: defer.Deferred[None] | None = None
         self._sleep: defer.Deferred[None] | None = None
         self._rediscover: task.LoopingCall | None = None
+        self.start_finished: defer.Deferred[None] = defer.Deferred()
+        """Fires when start() does: the first catch-up is done (or the account gave up for now)."""
 
     @property
     def label(self) -> str:
@@ -104,7 +106,13 @@ class AccountDaemon:
     def start(self) -> defer.Deferred[None]:
         """Begin; fires once every mailbox has had its first catch-up (or the account failed)."""
         self._starting = defer.Deferred.fromCoroutine(self._start())
-        return self._starting
+
+        def finished(result: Any) -> Any:
+            if not self.start_finished.called:
+                self.start_finished.callback(None)
+            return result
+
+        return self._starting.addBoth(finished)
 
     async def _start(self) -> None:
         backoff = Backoff(first=5.0, cap=600.0)

@@ -28,13 +28,14 @@ from twisted.internet import defer, task
 
 from mirrord.config import Account, Config, ConfigError, load_config
 from mirrord.daemon import AccountDaemon
+from mirrord.hooks import NewMailHook
 from mirrord.sdnotify import Notifier, start_watchdog
+from mirrord.status import STATE_DB_NAME, AccountStatus, DaemonStatus, MailboxStatus, StatusFile
 from mirrord.store.state import StateDB
 from mirrord.sync.mailbox import MailboxResult
 
 log = logging.getLogger("mirrord")
 
-STATE_DB_NAME = "state.sqlite3"
 START_EXTEND_EVERY = 20.0
 """While the first sync runs, ask systemd for this much more start time, twice over."""
 STATUS_EVERY = 10.0
@@ -97,6 +98,7 @@ class Service:
         self._loops: list[task.LoopingCall] = []
         self._reloading: defer.Deferred[None] | None = None
         self._status_file: Any = None
+        self.hooks: dict[str, NewMailHook] = {}
 
     # -- starting -----------------------------------------------------------------
 
@@ -119,7 +121,17 @@ class Service:
         log.info("first sync done; mirroring %d accounts", len(self.accounts))
 
     def _account(self, account: Account) -> AccountDaemon:
-        return AccountDaemon(self.reactor, account, self.state, on_new_mail=self._new_mail)
+        old = self.hooks.pop(account.name, None)
+        if old is not None:
+            old.stop()
+        if account.on_new_mail:
+            self.hooks[account.name] = NewMailHook(self.reactor, account.name, account.on_new_mail)
+        daemon = AccountDaemon(self.reactor, account, self.state, on_new_mail=self._new_mail)
+        hook = self.hooks.get(account.name)
+        if hook is not None:
+            # After this account's first catch-up: a fresh mirror is not "new mail".
+            daemon.start_finished.addCallback(lambda _: setattr(hook, "enabled", True))
+        return daemon
 
     def _every(self, seconds: float, f: Any) -> task.LoopingCall:
         loop = task.LoopingCall(f)
@@ -134,6 +146,9 @@ class Service:
 
     def _new_mail(self, account: Account, result: MailboxResult) -> None:
         self.last_mail = time.time()
+        hook = self.hooks.get(account.name)
+        if hook is not None:
+            hook.new_mail(result.mailbox, result.fetched)
 
     # -- status -----------------------------------------------------------------------
 
@@ -166,9 +181,8 @@ class Service:
             except OSError as e:
                 log.warning("cannot write the status file: %s", e)
 
-    def snapshot(self) -> Any:
+    def snapshot(self) -> DaemonStatus:
         """The status the daemon publishes for ``mirrord status``."""
-        from mirrord import status as status_module
 
         accounts = []
         for daemon in self.accounts.values():
@@ -177,7 +191,7 @@ class Service:
                 live = runtime.live
                 state, since = runtime.display()
                 mailboxes.append(
-                    status_module.MailboxStatus(
+                    MailboxStatus(
                         name=name,
                         state=state,
                         since=since,
@@ -186,25 +200,20 @@ class Service:
                     )
                 )
             accounts.append(
-                status_module.AccountStatus(
+                AccountStatus(
                     name=daemon.account.name,
                     state=daemon.runtime.state,
                     error=daemon.runtime.error,
                     mailboxes=mailboxes,
                 )
             )
-        return status_module.DaemonStatus(
-            pid=os.getpid(),
-            started=self.started,
-            updated=time.time(),
-            config=str(self.config.path),
-            accounts=accounts,
-        )
+        snapshot = DaemonStatus.for_this_process(self.config.path, started=self.started)
+        snapshot.accounts = accounts
+        snapshot.updated = time.time()
+        return snapshot
 
     def enable_status_file(self) -> None:
-        from mirrord.status import StatusFile, status_path
-
-        self._status_file = StatusFile(status_path(self.config.path))
+        self._status_file = StatusFile.for_config(self.config)
 
     # -- reloading --------------------------------------------------------------------
 
@@ -249,6 +258,9 @@ class Service:
         for name in going:
             log.info("%s: %s", name, "removed from the config" if name not in fresh else "settings changed; restarting it")
             await self.accounts.pop(name).stop()
+            hook = self.hooks.pop(name, None)
+            if hook is not None:
+                hook.stop()
             if name not in fresh:
                 self.locks.pop(name).release()
         new_locks = lock_accounts(new, [a for a in coming if a.name not in self.locks])
@@ -273,6 +285,8 @@ class Service:
             if loop.running:
                 loop.stop()
         self._loops.clear()
+        for hook in self.hooks.values():
+            hook.stop()
         await defer.DeferredList(
             [defer.Deferred.fromCoroutine(d.stop()) for d in self.accounts.values()], consumeErrors=True
         )

@@ -168,9 +168,13 @@ class LiveMailbox:
             self._new = False
             try:
                 result = await self.sync.run()
-            finally:
+            except BaseException:
                 self._first_done()
+                raise
+            # What the first sync brought is reported before the first sync
+            # counts as done: whoever waits for it sees it as old news.
             self._noticed(result)
+            self._first_done()
             self.last_error = result.error
             if result.error and not result.needs_user:
                 raise _Retry(result.error)

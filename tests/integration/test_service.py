@@ -6,6 +6,7 @@ $NOTIFY_SOCKET, and signals are sent the way systemctl sends them.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -169,3 +170,43 @@ def test_run_without_journal_has_timestamps(imap_account: ImapAccount, tmp_path:
     run = mirrord("-c", str(write_config(tmp_path, imap_account)), "run", "--once")
     first = run.stderr.splitlines()[0]
     assert first[2] == ":" and first[5] == ":", first
+
+
+def test_status_while_running_and_after(imap_account: ImapAccount, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    env = {"XDG_RUNTIME_DIR": str(runtime)}
+    for i in range(3):
+        imap_account.client.append("INBOX", make_message(i), ())
+    config = write_config(tmp_path, imap_account)
+    with DaemonProcess(config, env=env):
+        shown = mirrord("-c", str(config), "status", env=env)
+        assert shown.status == 0
+        assert "mirrord is running" in shown.stdout
+        assert "INBOX" in shown.stdout and "idling" in shown.stdout
+        data = json.loads(mirrord("-c", str(config), "status", "--json", env=env).stdout)
+        (row,) = [r for r in data["mailboxes"] if r["mailbox"] == "INBOX"]
+        assert row["messages"] == 3 and row["state"] == "idling"
+        assert data["daemon"]["pid"] > 0
+    after = mirrord("-c", str(config), "status", env=env)
+    assert "not running" in after.stdout and "INBOX" in after.stdout
+
+
+def test_new_mail_hook_runs_with_its_environment(imap_account: ImapAccount, tmp_path: Path) -> None:
+    out = tmp_path / "hook.out"
+    script = tmp_path / "hook.py"
+    script.write_text(
+        "import os\n"
+        f"with open({str(out)!r}, 'a') as f:\n"
+        "    f.write(os.environ['MIRRORD_ACCOUNT'] + ' ' + os.environ['MIRRORD_MAILBOX'] + ' '"
+        " + os.environ['MIRRORD_NEW'] + '\\n')\n"
+    )
+    imap_account.client.append("INBOX", make_message(0), ())
+    extra = f"    on_new_mail: [{sys.executable}, {script}]\n"
+    with DaemonProcess(write_config(tmp_path, imap_account, extra=extra)):
+        time.sleep(0.5)
+        assert not out.exists(), "the first sync is not new mail"
+        imap_account.client.append("INBOX", make_message(1), ())
+        wait_until(out.exists, what="the hook to run")
+        wait_until(lambda: out.read_text().strip() != "", what="its output")
+    assert out.read_text().splitlines()[0] == "test INBOX 1"
