@@ -19,6 +19,7 @@ from twisted.internet import defer, task, threads
 from mirrord import __version__
 from mirrord.config import Account, Config, ConfigError, PasswordError, default_config_path, load_config
 from mirrord.logs import setup_logging
+from mirrord.progress import Progress, TerminalProgress
 
 log = logging.getLogger("mirrord")
 
@@ -139,8 +140,18 @@ def run_once(config: Config) -> int:
         return EXIT_FAILURE
     state = StateDB(config.state_dir / STATE_DB_NAME)
     outcome = {"ok": True}
+    progress = Progress()
+    terminal: TerminalProgress | None = None
+    if sys.stderr.isatty():
+        terminal = TerminalProgress(progress, sys.stderr)
+        for handler in logging.getLogger().handlers:
+            terminal.attach(handler)
 
     async def main(reactor: Any) -> None:
+        if terminal is not None:
+            ticker = task.LoopingCall(terminal.render)
+            ticker.start(0.5, now=False)
+            reactor.addSystemEventTrigger("before", "shutdown", lambda: ticker.running and ticker.stop())
         ok = True
         passwords: dict[str, str] = {}
         for account in config.accounts:
@@ -152,7 +163,9 @@ def run_once(config: Config) -> int:
                 ok = False
         results = await defer.gatherResults(
             [
-                defer.Deferred.fromCoroutine(sync_account(reactor, account, state, passwords[account.name]))
+                defer.Deferred.fromCoroutine(
+                    sync_account(reactor, account, state, passwords[account.name], progress)
+                )
                 for account in config.accounts
                 if account.name in passwords
             ]
@@ -165,6 +178,8 @@ def run_once(config: Config) -> int:
         if e.code not in (0, None):
             return EXIT_FAILURE
     finally:
+        if terminal is not None:
+            terminal.clear()
         state.close()
         for lock in locks.values():
             lock.release()

@@ -16,6 +16,7 @@ from twisted.internet import defer
 
 from mirrord.config import Account
 from mirrord.pool import Worker, WorkerPool
+from mirrord.progress import Progress
 from mirrord.protocol.client import ListEntry, Namespace
 from mirrord.store.maildir import Maildir
 from mirrord.store.state import StateDB
@@ -89,7 +90,9 @@ async def discover(pool: WorkerPool, account: Account) -> Discovery:
     return await pool.run(job, "listing mailboxes")
 
 
-async def sync_account(reactor: Any, account: Account, state: StateDB, password: str) -> AccountResult:
+async def sync_account(
+    reactor: Any, account: Account, state: StateDB, password: str, progress: Progress | None = None
+) -> AccountResult:
     """Sync every wanted mailbox of ``account`` once; never raises for server trouble."""
     result = AccountResult(account.name)
     pool = WorkerPool(reactor, account, password, account.workers)
@@ -106,6 +109,7 @@ async def sync_account(reactor: Any, account: Account, state: StateDB, password:
                 maildir=Maildir(maildir_path(account.maildir, plan.local_name)),
                 state=state,
                 pool=pool,
+                progress=progress,
             )
             for plan in discovery.wanted
         ]

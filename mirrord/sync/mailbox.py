@@ -23,6 +23,7 @@ from twisted.internet import defer
 
 from mirrord.flags import Flags
 from mirrord.pool import Worker, WorkerPool
+from mirrord.progress import Progress
 from mirrord.protocol.client import FetchedMessage, ListEntry, ListingEntry
 from mirrord.store.maildir import LocalFile, Maildir
 from mirrord.store.state import MessageRecord, StateDB
@@ -107,7 +108,9 @@ class MailboxSync:
         maildir: Maildir,
         state: StateDB,
         pool: WorkerPool,
+        progress: Progress | None = None,
     ) -> None:
+        self.progress = progress
         self.account = account
         self.entry = entry
         self.name = local_name
@@ -260,6 +263,8 @@ class MailboxSync:
         if not plan.fetch:
             return
         sizes = {uid: listing[uid].size for uid in plan.fetch if uid in listing}
+        if self.progress is not None:
+            self.progress.planned(len(plan.fetch), sum(s or 0 for s in sizes.values()))
 
         async def fetch_batch(uids: list[int]) -> None:
             async def job(worker: Worker) -> None:
@@ -313,6 +318,8 @@ class MailboxSync:
         )
         result.fetched += len(fetched)
         result.fetched_bytes += sum(m.body.size for m in fetched)
+        if self.progress is not None:
+            self.progress.done(len(fetched), sum(m.size or m.body.size for m in fetched))
 
 
 def _size(n: int) -> str:

@@ -222,3 +222,39 @@ def test_first_sync_is_spread_over_the_workers(imap_account: ImapAccount, tmp_pa
     }
     assert len(fetching) == 3, f"expected 3 workers fetching, saw {fetching}"
     assert len(local_messages(tmp_path / "Mail" / "INBOX")) == 60
+
+
+def test_progress_on_a_terminal_and_plain_lines_otherwise(imap_account: ImapAccount, tmp_path: Path) -> None:
+    import pty
+    import subprocess
+    import sys
+
+    imap_account.fill("INBOX", [make_message(i, size=30_000) for i in range(1500)])
+    config = write_config(tmp_path, imap_account)
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mirrord", "-c", str(config), "run", "--once"],
+        stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal,
+    )
+    os.close(terminal)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    assert process.wait(60) == 0
+    os.close(controller)
+    text = seen.decode("utf-8", "replace")
+    assert "\r\x1b[K" in text and "/1500 messages" in text and "MB/s" in text, text[-500:]
+    assert "1500 fetched" in text
+    # Not on a terminal (the other tests): no progress line, only log lines.
+    (tmp_path / "state").rename(tmp_path / "state.old")
+    import shutil
+
+    shutil.rmtree(tmp_path / "Mail")
+    run = mirrord("-c", str(config), "run", "--once")
+    assert run.status == 0 and "\x1b[K" not in run.stderr and "1500 fetched" in run.stderr
