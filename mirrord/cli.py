@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     demo = sub.add_parser("demo", parents=[common], help="mirror a private, throwaway Dovecot to see it work")
     demo.add_argument("--dir", type=Path, default=None, help="keep the demo's files here (default: a temp dir)")
+    demo.add_argument("--live", type=int, default=5, metavar="N",
+                      help="messages to send while the daemon watches (default 5; 0 to skip)")
     return parser
 
 
@@ -65,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from mirrord.demo import run_demo
 
-        return run_demo(args.dir, verbose=verbose)
+        return run_demo(args.dir, verbose=verbose, live=args.live)
     config_path: Path = getattr(args, "config", None) or default_config_path()
     try:
         config = load_config(config_path)
