@@ -464,6 +464,10 @@ def fetch_items(response: Untagged) -> dict[str, Any]:
             raise ProtocolError(f"bad FETCH item name {name!r}")
         key = name.decode("ascii", "replace").upper()
         value = pairs[i + 1]
+        if "[" in key and isinstance(value, list):
+            # BODY[...] and BINARY[...] are strings (nstring); a list there
+            # would reach a caller expecting bytes or a sink.
+            raise ProtocolError(f"FETCH item {key} is not a string")
         if key in items and items[key] != value:
             # Two different bodies (or UIDs) in one response: whichever we
             # took could be the wrong message, and the other's sink would leak.

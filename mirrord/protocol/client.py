@@ -19,11 +19,12 @@ methods (``select``, ``fetchMessage``...) are not usable on it; the typed
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import socket
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionLost
@@ -60,6 +61,29 @@ enough that a stalled link is noticed."""
 
 LOGOUT_GRACE = 5.0
 """Seconds we wait for the server to close the connection after LOGOUT."""
+
+
+T = TypeVar("T")
+
+
+def _drops_on_malformed(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Drop the connection when a command's responses cannot be interpreted.
+
+    These methods read their responses after the tagged OK, outside
+    dataReceived, so a ProtocolError would reach only the caller and leave a
+    connection open whose stream we no longer trust (and the pool, which
+    forgets the client on ProtocolError, would leak it).
+    """
+
+    @functools.wraps(method)
+    async def wrapper(self: MirrordIMAP4Client, *args: Any, **kwargs: Any) -> T:
+        try:
+            return await method(self, *args, **kwargs)
+        except ProtocolError as e:
+            self.drop(f"server sent something that is not IMAP: {e}")
+            raise
+
+    return wrapper
 
 
 @dataclass
@@ -202,6 +226,7 @@ class MirrordIMAP4Client(IMAP4Client):
         self._in_flight: dict[bytes, _Command] = {}
         self._tag_counter = 0
         self._closing_reason: str | None = None
+        self._dropped = False
         self._deadline: IDelayedCall | None = None
         self.connected_transport_lost = False
         self.on_unsolicited: Callable[[Untagged], None] | None = None
@@ -248,9 +273,13 @@ class MirrordIMAP4Client(IMAP4Client):
 
     def drop(self, why: str) -> None:
         """Abandon the connection at once: anything we would say could be misread."""
+        if not self._dropped:
+            # Logged even after a BYE set the closing reason: a server that
+            # says goodbye and then sends garbage or goes silent is news.
+            self._dropped = True
+            log.warning("%s: dropping connection: %s", self.label, why)
         if self._closing_reason is None:
             self._closing_reason = why
-            log.warning("%s: dropping connection: %s", self.label, why)
         if self.transport is not None:
             self.transport.abortConnection()
 
@@ -416,6 +445,7 @@ class MirrordIMAP4Client(IMAP4Client):
 
     # -- the API -------------------------------------------------------------------
 
+    @_drops_on_malformed
     async def capability(self) -> frozenset[str]:
         result = await self._run(self._simple("CAPABILITY", wants=["CAPABILITY"]))
         for response in result.untagged:
@@ -459,6 +489,7 @@ class MirrordIMAP4Client(IMAP4Client):
         if code_name(result.tagged.code) != "CAPABILITY":
             await self.capability()
 
+    @_drops_on_malformed
     async def enable(self, *extensions: str) -> frozenset[str]:
         result = await self._run(self._simple("ENABLE", " ".join(extensions).encode(), wants=["ENABLED"]))
         enabled: set[str] = set()
@@ -466,6 +497,7 @@ class MirrordIMAP4Client(IMAP4Client):
             enabled.update(t.decode("ascii", "replace").upper() for t in response.data if isinstance(t, bytes))
         return frozenset(enabled)
 
+    @_drops_on_malformed
     async def namespace(self) -> Namespace:
         """The first personal namespace; ``("", None)`` when the server has no NAMESPACE."""
         if "NAMESPACE" not in self.capabilities:
@@ -481,6 +513,7 @@ class MirrordIMAP4Client(IMAP4Client):
                 )
         return Namespace("", None)
 
+    @_drops_on_malformed
     async def list_mailboxes(self, reference: str = "", pattern: str = "*") -> list[ListEntry]:
         result = await self._run(self._simple("LIST", quote(reference) + b" " + quote(pattern), wants=["LIST"]))
         entries = []
@@ -500,6 +533,7 @@ class MirrordIMAP4Client(IMAP4Client):
             )
         return entries
 
+    @_drops_on_malformed
     async def examine(self, raw_name: bytes) -> MailboxStatus:
         """Open a mailbox read-only: a mirror never changes the server."""
         result = await self._run(
@@ -543,6 +577,7 @@ class MirrordIMAP4Client(IMAP4Client):
         )
         return listing
 
+    @_drops_on_malformed
     async def uid_search(self, criteria: bytes = b"ALL") -> list[int]:
         """UIDs matching ``criteria``, ascending. Lines of any length are fine."""
         result = await self._run(self._simple("UID SEARCH", criteria, wants=["SEARCH"], pipelined=True))
@@ -601,7 +636,10 @@ class MirrordIMAP4Client(IMAP4Client):
                 return None
             known_uid = _uid_so_far(target)
             if known_uid is not None and not wanted(known_uid):
-                return None
+                # Not ours (``n:*`` also returns the last message): skip its
+                # bytes. In memory, a message over the literal limit would
+                # get the connection dropped on every such fetch.
+                return _Discard()
             if failure:
                 return _Discard()
             return open_sink()
@@ -617,11 +655,17 @@ class MirrordIMAP4Client(IMAP4Client):
             if not wanted(uid):
                 return False
             delivered.add(uid)
-            if isinstance(body, bytes) or failure:
-                # Kept in memory only when it was not ours to sink (or we stopped).
+            if failure:
                 if not isinstance(body, bytes):
                     body.abort()
                 return True
+            if isinstance(body, bytes):
+                # Sent as a quoted string, not a literal (some servers do so
+                # for an empty message): still the message, so write it out
+                # rather than mark it done and lose it.
+                sink = open_sink()
+                sink.write(body)
+                body = sink
             size = items.get("RFC822.SIZE")
             message = FetchedMessage(
                 uid=uid,
