@@ -24,7 +24,7 @@ from mirrord.flags import Flags
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _MAX_UID = 2**32 - 1
 _MAX_MODSEQ = 2**63 - 1
@@ -81,9 +81,29 @@ def _v1(conn: sqlite3.Connection) -> None:
     )
 
 
+def _v2(conn: sqlite3.Connection) -> None:
+    # Deliveries in flight: recorded before their files are renamed into
+    # place, promoted to ``message`` after. A crash between leaves a pending
+    # row whose file either made it into new/ or cur/ (adopt it) or did not
+    # (forget it) - never an orphan file that would be fetched again.
+    conn.execute(
+        """
+        CREATE TABLE pending (
+            account TEXT NOT NULL,
+            mailbox TEXT NOT NULL,
+            uid     INTEGER NOT NULL,
+            key     TEXT NOT NULL,
+            flags   TEXT NOT NULL,
+            size    INTEGER,
+            PRIMARY KEY (account, mailbox, uid)
+        ) WITHOUT ROWID
+        """
+    )
+
+
 # _MIGRATIONS[n] takes a DB at version n-1 to version n. Later schema changes
 # append a step here; never edit a released one.
-_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1}
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1, 2: _v2}
 
 
 def _canonical_flags(flags: Flags) -> str:
@@ -341,6 +361,51 @@ class StateDB:
         with self.transaction():
             self._db.executemany(
                 "DELETE FROM message WHERE account = ? AND mailbox = ? AND uid = ?", params
+            )
+
+    # -- deliveries in flight ----------------------------------------------
+
+    def add_pending(self, account: str, mailbox: str, records: Iterable[MessageRecord]) -> None:
+        """Record messages about to be renamed into place (see the ``pending`` table)."""
+        rows = [
+            (account, mailbox, _check_uid(r.uid), r.key, _canonical_flags(r.flags), r.size)
+            for r in records
+        ]
+        with self.transaction():
+            self._db.executemany(
+                "INSERT OR REPLACE INTO pending (account, mailbox, uid, key, flags, size)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+
+    def pending(self, account: str, mailbox: str) -> dict[int, MessageRecord]:
+        rows = self._db.execute(
+            "SELECT uid, key, flags, size FROM pending WHERE account = ? AND mailbox = ?",
+            (account, mailbox),
+        )
+        return {uid: MessageRecord(uid, key, _parse_flags(flags), size) for uid, key, flags, size in rows}
+
+    def promote_pending(self, account: str, mailbox: str, uids: Iterable[int]) -> None:
+        """The files are in place: make their rows real, in one transaction."""
+        params = [(account, mailbox, _check_uid(uid)) for uid in uids]
+        with self.transaction():
+            self._db.executemany(
+                "INSERT INTO message (account, mailbox, uid, key, flags, size)"
+                " SELECT account, mailbox, uid, key, flags, size FROM pending"
+                " WHERE account = ? AND mailbox = ? AND uid = ?"
+                " ON CONFLICT (account, mailbox, uid) DO UPDATE SET"
+                " key = excluded.key, flags = excluded.flags, size = excluded.size",
+                params,
+            )
+            self._db.executemany(
+                "DELETE FROM pending WHERE account = ? AND mailbox = ? AND uid = ?", params
+            )
+
+    def drop_pending(self, account: str, mailbox: str, uids: Iterable[int]) -> None:
+        params = [(account, mailbox, _check_uid(uid)) for uid in uids]
+        with self.transaction():
+            self._db.executemany(
+                "DELETE FROM pending WHERE account = ? AND mailbox = ? AND uid = ?", params
             )
 
     def count(self, account: str, mailbox: str) -> int:

@@ -43,6 +43,9 @@ BATCH_MESSAGES = 200
 """Most messages in one UID FETCH; bounds what a dropped connection costs."""
 BATCH_BYTES = 16 * 1024 * 1024
 """Most bytes (by RFC822.SIZE) in one UID FETCH, so big mailboxes split across workers."""
+FLUSH_MESSAGES = 25
+FLUSH_BYTES = 4 * 1024 * 1024
+"""Within a batch, messages are renamed into place and recorded this often."""
 
 
 @dataclass
@@ -139,8 +142,27 @@ class MailboxSync:
             log.info("%s", result.summary())
         return result
 
+    def recover(self) -> None:
+        """Finish what a crash interrupted: adopt delivered files, forget the rest.
+
+        Pending rows name files that were about to be renamed into place; if
+        the rename happened the file is complete and is recorded now, else
+        the row goes (its tmp/ file is crash debris, cleaned too).
+        """
+        pending = self.state.pending(self.account, self.name)
+        adopted = [uid for uid, r in pending.items() if self.maildir.locate(r.key, r.flags) is not None]
+        if adopted:
+            self.state.promote_pending(self.account, self.name, adopted)
+        dropped = [uid for uid in pending if uid not in adopted]
+        if dropped:
+            self.state.drop_pending(self.account, self.name, dropped)
+        cleaned = self.maildir.clean_tmp()
+        if pending or cleaned:
+            log.info("%s: recovered from an interrupted run: %d delivered messages recorded, "
+                     "%d unfinished files removed from tmp/", self.label, len(adopted), cleaned)
+
     async def _run(self, result: MailboxResult) -> None:
-        self.maildir.clean_tmp()
+        self.recover()
         uidvalidity, listing = await self.pool.run(self._list, f"listing {self.label}")
         record = self.state.mailbox(self.account, self.name)
         known = self.state.messages(self.account, self.name)
@@ -287,6 +309,30 @@ class MailboxSync:
         client = await worker.connection()
         await self._receive(lambda arrived: client.uid_fetch_bodies(uids, self.maildir.open_tmp, arrived), result)
 
+    def _record(self, messages: list[FetchedMessage], result: MailboxResult) -> None:
+        """Put complete messages in place and record them.
+
+        Record first, rename second, promote third: a crash at any point
+        leaves either nothing visible or a pending row that names the file
+        (adopted by the next sync), never a file we would fetch again.
+        """
+        if not messages:
+            return
+        records = [MessageRecord(m.uid, m.body.key, m.flags, m.size) for m in messages]
+        uids = [m.uid for m in messages]
+        self.state.add_pending(self.account, self.name, records)
+        try:
+            self.maildir.deliver_many([(m.body, m.flags) for m in messages])
+        except BaseException:
+            self.state.drop_pending(self.account, self.name, uids)
+            raise
+        self.state.promote_pending(self.account, self.name, uids)
+        size = sum(m.body.size for m in messages)
+        result.fetched += len(messages)
+        result.fetched_bytes += size
+        if self.progress is not None:
+            self.progress.done(len(messages), sum(m.size or m.body.size for m in messages))
+
     async def _receive(
         self,
         fetch: Callable[[Callable[[FetchedMessage], None]], Awaitable[None]],
@@ -295,31 +341,27 @@ class MailboxSync:
         """Run one body-fetching command and make what it brought durable.
 
         Each body is finished (fsynced, closed) as soon as it is complete;
-        the batch is then renamed into place with one directory fsync, and
-        only after that recorded in the state DB (invariant 1).
+        every few messages, and at the end, those finished are renamed into
+        place with one directory fsync and recorded (see :meth:`_record`).
         """
-        fetched: list[FetchedMessage] = []
+        unrecorded: list[FetchedMessage] = []
 
         def arrived(message: FetchedMessage) -> None:
-            fetched.append(message)
             message.body.finish()
+            unrecorded.append(message)
+            if len(unrecorded) >= FLUSH_MESSAGES or sum(m.body.size for m in unrecorded) >= FLUSH_BYTES:
+                # Make a long batch's progress durable as it goes: an interrupted
+                # first sync resumes from here instead of from the batch start.
+                self._record(unrecorded, result)
+                unrecorded.clear()
 
         try:
             await fetch(arrived)
-            keys = self.maildir.deliver_many([(m.body, m.flags) for m in fetched])
+            self._record(unrecorded, result)
         except BaseException:
-            for message in fetched:
+            for message in unrecorded:
                 message.body.abort()
             raise
-        self.state.add_messages(
-            self.account,
-            self.name,
-            [MessageRecord(m.uid, key, m.flags, m.size) for m, key in zip(fetched, keys)],
-        )
-        result.fetched += len(fetched)
-        result.fetched_bytes += sum(m.body.size for m in fetched)
-        if self.progress is not None:
-            self.progress.done(len(fetched), sum(m.size or m.body.size for m in fetched))
 
 
 def _size(n: int) -> str:
