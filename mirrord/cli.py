@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", parents=[common], help="mirror continuously (or once, with --once)")
     run.add_argument("--once", action="store_true", help="one complete sync of every mailbox, then exit")
+    run.add_argument("--allow-delete", action="append", default=[], metavar="MAILBOX",
+                     help="with --once: let this sync remove more of MAILBOX (ACCOUNT/MAILBOX) than "
+                          "max_delete allows; may be given more than once")
     sub.add_parser("check", parents=[common], help="validate the config, connect, log in, list; write nothing")
     status = sub.add_parser("status", parents=[common], help="what is mirrored, per mailbox")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -80,16 +83,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check(config)
     if args.command == "status":
         return status(config, as_json=args.json)
-    return run(config, once=args.once)
+    if args.allow_delete and not args.once:
+        print("mirrord: error: --allow-delete goes with --once (stop the daemon first)", file=sys.stderr)
+        return EXIT_USAGE
+    return run(config, once=args.once, allow_delete=frozenset(args.allow_delete))
 
 
 # -- run ------------------------------------------------------------------------
 
 
-def run(config: Config, *, once: bool) -> int:
+def run(config: Config, *, once: bool, allow_delete: frozenset[str] = frozenset()) -> int:
     """``mirrord run`` and ``mirrord run --once``."""
     if once:
-        return run_once(config)
+        return run_once(config, allow_delete)
     from mirrord.service import LockHeld, Service
 
     outcome = {"status": EXIT_OK}
@@ -129,7 +135,7 @@ def run(config: Config, *, once: bool) -> int:
     return outcome["status"]
 
 
-def run_once(config: Config) -> int:
+def run_once(config: Config, allow_delete: frozenset[str] = frozenset()) -> int:
     """One complete sync of every mailbox of every account, then exit."""
     from mirrord.service import STATE_DB_NAME, LockHeld, lock_accounts
     from mirrord.store.state import StateDB
@@ -166,7 +172,7 @@ def run_once(config: Config) -> int:
         results = await defer.gatherResults(
             [
                 defer.Deferred.fromCoroutine(
-                    sync_account(reactor, account, state, passwords[account.name], progress)
+                    sync_account(reactor, account, state, passwords[account.name], progress, allow_delete)
                 )
                 for account in config.accounts
                 if account.name in passwords

@@ -56,6 +56,8 @@ DEFAULT_MAILBOXES: tuple[str, ...] = ("*",)
 DEFAULT_MAX_CONNECTIONS = 10
 """Dovecot's default per-user-and-address cap (mail_max_userip_connections)."""
 DEFAULT_POLL_INTERVAL = 300.0
+DEFAULT_MAX_DELETE = 0.5
+DEFAULT_TRASH_DAYS = 7.0
 DEFAULT_IDLE_RENEW = 20 * 60.0
 """Under the ~23 minutes after which some providers drop an IDLE, and RFC 2177's 29."""
 MAX_IDLE_RENEW = 29 * 60.0
@@ -85,6 +87,8 @@ ACCOUNT_KEYS = (
     "poll_interval",
     "idle_renew",
     "on_new_mail",
+    "max_delete",
+    "trash_days",
 )
 REQUIRED_ACCOUNT_KEYS = ("host", "username", "maildir")
 PASSWORD_KEYS = ("password_command", "password_file", "password")
@@ -315,6 +319,9 @@ class Account:
     idle_renew: float = DEFAULT_IDLE_RENEW
     on_new_mail: tuple[str, ...] | None = None
     """A command (argv, no shell) run when new mail has landed."""
+    max_delete: float = DEFAULT_MAX_DELETE
+    """The largest share (0..1) of a mailbox one listing may remove without --allow-delete."""
+    trash_days: float = DEFAULT_TRASH_DAYS
 
     def wants(self, local_name: str) -> bool:
         """Whether the mailbox with this local name (``/`` hierarchy) is mirrored.
@@ -596,6 +603,31 @@ class _Parser:
             )
         self.expected(what, entry)
 
+    def share(self, entry: _Entry) -> float:
+        """A share from ``50%`` (or a bare ``50``, read as percent) to 0.5."""
+        what = "a percentage from 0% to 100%, such as 50%"
+        node = entry.node
+        if not isinstance(node, ScalarNode) or node.tag not in (_TAG_INT, _TAG_FLOAT, _TAG_STR):
+            self.expected(what, entry)
+        text = str(node.value).strip().rstrip("%").strip()
+        try:
+            value = float(text)
+        except ValueError:
+            self.fail(f"expected {what}, got {node.value!r}", entry.line, entry.key)
+        if not 0 <= value <= 100:
+            self.fail(f"expected {what}, got {node.value!r}", entry.line, entry.key)
+        return value / 100
+
+    def number(self, entry: _Entry, low: float, high: float) -> float:
+        node = entry.node
+        what = f"a number from {low:g} to {high:g}"
+        if isinstance(node, ScalarNode) and node.tag in (_TAG_INT, _TAG_FLOAT):
+            value = float(node.value)
+            if low <= value <= high:
+                return value
+            self.fail(f"expected {what}, got {node.value}", entry.line, entry.key)
+        self.expected(what, entry)
+
     def duration(self, entry: _Entry, low: float, high: float) -> float:
         """Seconds, from ``30s``, ``5m``, ``1h``, ``500ms`` or a bare number of seconds."""
         what = "a duration such as 30s, 5m or 1h"
@@ -788,6 +820,8 @@ class _Parser:
             poll_interval=cast(float, values.get("poll_interval", DEFAULT_POLL_INTERVAL)),
             idle_renew=cast(float, values.get("idle_renew", DEFAULT_IDLE_RENEW)),
             on_new_mail=cast("tuple[str, ...] | None", values.get("on_new_mail")),
+            max_delete=cast(float, values.get("max_delete", DEFAULT_MAX_DELETE)),
+            trash_days=cast(float, values.get("trash_days", DEFAULT_TRASH_DAYS)),
         )
         if account.workers >= account.max_connections:
             self.fail(
@@ -838,6 +872,10 @@ class _Parser:
             return self.duration(entry, 10.0, MAX_IDLE_RENEW)
         if key == "on_new_mail":
             return self.argv(entry)
+        if key == "max_delete":
+            return self.share(entry)
+        if key == "trash_days":
+            return self.number(entry, 0, 3650)
         raise AssertionError(key)  # pragma: no cover - entries() allows only ACCOUNT_KEYS
 
     def host(self, entry: _Entry) -> str:

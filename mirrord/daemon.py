@@ -22,12 +22,10 @@ from mirrord.pool import WorkerPool
 from mirrord.protocol.client import MirrordIMAP4Client
 from mirrord.protocol.connect import open_session
 from mirrord.protocol.errors import LoginFailed
-from mirrord.store.maildir import Maildir
 from mirrord.store.state import StateDB
 from mirrord.sync.account import Discovery, MailboxPlan, discover
 from mirrord.sync.live import LiveMailbox, poll_every
 from mirrord.sync.mailbox import MailboxResult, MailboxSync
-from mirrord.sync.names import maildir_path
 from mirrord.watcher import Backoff, WatcherService
 
 log = logging.getLogger("mirrord.daemon")
@@ -170,14 +168,7 @@ class AccountDaemon:
         room = max(0, account.max_connections - account.workers - watched_now)
         watched, polled = split_watched(account, fresh, room)
         for plan in fresh:
-            sync = MailboxSync(
-                account=account.name,
-                entry=plan.entry,
-                local_name=plan.local_name,
-                maildir=Maildir(maildir_path(account.maildir, plan.local_name)),
-                state=self.state_db,
-                pool=self.pool,  # type: ignore[arg-type]
-            )
+            sync = MailboxSync.for_account(account, plan.entry, plan.local_name, self.state_db, self.pool)  # type: ignore[arg-type]
             live = LiveMailbox(sync, self.clock, on_new_mail=self._new_mail)
             known[plan.local_name] = MailboxRuntime(plan, live)
         for plan in watched:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import shutil
 import socket
 import stat
 import time
@@ -251,6 +252,51 @@ class TmpMessage:
         _live_tmp.discard(self.key)
 
 
+class Trash:
+    """Where removed copies wait ``days`` before they are really deleted.
+
+    A mirror removes local mail on the server's word; when that word is wrong
+    (a server bug, a mistaken rule, a user's slip in webmail) the copies are
+    still here for a while. It lives under the state dir, out of sight of
+    mail readers and indexers that would otherwise show the removed mail.
+    """
+
+    def __init__(self, root: Path, days: float) -> None:
+        self.root = Path(root)
+        self.days = days
+
+    def put(self, path: Path) -> None:
+        """Move ``path`` into the trash (or unlink it, with a trash of 0 days)."""
+        if self.days <= 0:
+            os.unlink(path)
+            return
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        target = self.root / f"{int(time.time())}-{path.name}"
+        try:
+            os.rename(path, target)
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            shutil.move(str(path), str(target))  # the trash is on another filesystem
+
+    def expire(self, now: float | None = None) -> int:
+        """Delete what has been in the trash longer than ``days``; returns how many."""
+        if not self.root.is_dir():
+            return 0
+        limit = (now if now is not None else time.time()) - self.days * 86400
+        gone = 0
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                stamp, _, _ = entry.name.partition("-")
+                if stamp.isdigit() and int(stamp) < limit:
+                    try:
+                        os.unlink(entry.path)
+                        gone += 1
+                    except FileNotFoundError:
+                        pass
+        return gone
+
+
 class Maildir:
     """One mailbox's Maildir directory."""
 
@@ -424,23 +470,34 @@ class Maildir:
         self.remove_many([key], {key: current} if current is not None else None)
 
     def remove_many(
-        self, keys: Iterable[str], current: Mapping[str, LocalFile] | None = None
+        self,
+        keys: Iterable[str],
+        current: Mapping[str, LocalFile] | None = None,
+        trash: Trash | None = None,
     ) -> None:
-        """Unlink several messages with one fsync per directory.
+        """Remove several messages with one fsync per directory.
 
         Keys without an entry in ``current`` (or whose entry is stale) are
         looked up with a single listing; every file with such a key goes.
+        With a ``trash``, files are moved there instead of unlinked.
         """
         current = current or {}
         dirs: set[str] = set()
         lookup: set[str] = set()
+
+        def discard(path: Path) -> None:
+            if trash is not None:
+                trash.put(path)
+            else:
+                os.unlink(path)
+
         for key in keys:
             lf = current.get(key)
             if lf is None:
                 lookup.add(key)
                 continue
             try:
-                os.unlink(self.path / lf.subdir / lf.filename)
+                discard(self.path / lf.subdir / lf.filename)
                 dirs.add(lf.subdir)
             except FileNotFoundError:
                 lookup.add(key)
@@ -448,7 +505,7 @@ class Maildir:
             for lf in self._list():
                 if lf.key in lookup:
                     try:
-                        os.unlink(self.path / lf.subdir / lf.filename)
+                        discard(self.path / lf.subdir / lf.filename)
                         dirs.add(lf.subdir)
                     except FileNotFoundError:
                         pass

@@ -18,7 +18,6 @@ from mirrord.config import Account
 from mirrord.pool import Worker, WorkerPool
 from mirrord.progress import Progress
 from mirrord.protocol.client import ListEntry, Namespace
-from mirrord.store.maildir import Maildir
 from mirrord.store.state import StateDB
 from mirrord.sync.mailbox import MailboxResult, MailboxSync
 from mirrord.sync.names import UnmappableName, local_name, maildir_path
@@ -90,8 +89,18 @@ async def discover(pool: WorkerPool, account: Account) -> Discovery:
     return await pool.run(job, "listing mailboxes")
 
 
+def _allowed(account: Account, local_name: str, allow_delete: frozenset[str]) -> bool:
+    """Whether ``--allow-delete`` named this mailbox (``ACCOUNT/MAILBOX`` or just ``MAILBOX``)."""
+    return f"{account.name}/{local_name}" in allow_delete or local_name in allow_delete
+
+
 async def sync_account(
-    reactor: Any, account: Account, state: StateDB, password: str, progress: Progress | None = None
+    reactor: Any,
+    account: Account,
+    state: StateDB,
+    password: str,
+    progress: Progress | None = None,
+    allow_delete: frozenset[str] = frozenset(),
 ) -> AccountResult:
     """Sync every wanted mailbox of ``account`` once; never raises for server trouble."""
     result = AccountResult(account.name)
@@ -102,14 +111,14 @@ async def sync_account(
             log.warning("%s: not mirrored: %s", account.name, reason)
         log.info("%s: %d mailboxes to mirror", account.name, len(discovery.wanted))
         syncs = [
-            MailboxSync(
-                account=account.name,
-                entry=plan.entry,
-                local_name=plan.local_name,
-                maildir=Maildir(maildir_path(account.maildir, plan.local_name)),
-                state=state,
-                pool=pool,
+            MailboxSync.for_account(
+                account,
+                plan.entry,
+                plan.local_name,
+                state,
+                pool,
                 progress=progress,
+                allow_delete=_allowed(account, plan.local_name, allow_delete),
             )
             for plan in discovery.wanted
         ]

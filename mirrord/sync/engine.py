@@ -167,3 +167,33 @@ def plan_changes(
         if not same_flags(server_flags, row.flags) or not same_flags(file_flags, representable(server_flags)):
             set_flags[uid] = frozenset(server_flags)
     return SyncPlan(remove=remove, set_flags=set_flags)
+
+
+class MassRemoval(Exception):
+    """A listing would remove more of a mailbox than is plausible: refuse, and say so.
+
+    A server that briefly lists a mailbox as empty (a bug, a half-restored
+    backup, the wrong mailbox behind a name) looks exactly like a user who
+    deleted everything. The first costs mail, the second a confirmation.
+    """
+
+    def __init__(self, would_remove: int, of: int, why: str) -> None:
+        super().__init__(f"would remove {would_remove} of {of} local copies ({why})")
+        self.would_remove = would_remove
+        self.of = of
+
+
+def check_removal(plan: SyncPlan, known: int, max_delete: float) -> None:
+    """Raise MassRemoval if ``plan`` removes a whole non-empty mailbox or more than ``max_delete`` of it.
+
+    ``known`` is how many messages we have locally; ``max_delete`` a share
+    from 0 to 1. Only listings are checked: an EXPUNGE or VANISHED names each
+    UID, which is evidence, not inference from absence.
+    """
+    count = len(plan.remove)
+    if not count:
+        return
+    if count >= known:
+        raise MassRemoval(count, known, "every message of the mailbox")
+    if count > max_delete * known:
+        raise MassRemoval(count, known, f"more than max_delete = {max_delete:.0%}")

@@ -25,14 +25,18 @@ from mirrord.flags import Flags
 from mirrord.pool import Worker, WorkerPool
 from mirrord.progress import Progress
 from mirrord.protocol.client import FetchedMessage, ListEntry, ListingEntry
-from mirrord.store.maildir import LocalFile, Maildir
+from mirrord.config import Account
+from mirrord.store.maildir import LocalFile, Maildir, Trash
 from mirrord.store.state import MessageRecord, StateDB
+from mirrord.sync.names import maildir_path
 from mirrord.sync.engine import (
     KnownMessage,
     LocalSnapshot,
     ServerListing,
     SyncPlan,
+    MassRemoval,
     UidValidityChanged,
+    check_removal,
     plan_changes,
     plan_sync,
 )
@@ -112,8 +116,15 @@ class MailboxSync:
         state: StateDB,
         pool: WorkerPool,
         progress: Progress | None = None,
+        max_delete: float = 0.5,
+        allow_delete: bool = False,
+        trash: Trash | None = None,
     ) -> None:
         self.progress = progress
+        self.max_delete = max_delete
+        self.allow_delete = allow_delete
+        """Skip the mass-removal check once (``--allow-delete``)."""
+        self.trash = trash
         self.account = account
         self.entry = entry
         self.name = local_name
@@ -122,10 +133,44 @@ class MailboxSync:
         self.pool = pool
         self.label = f"{account}/{local_name}"
 
+    @classmethod
+    def for_account(
+        cls,
+        account: Account,
+        entry: ListEntry,
+        local_name: str,
+        state: StateDB,
+        pool: WorkerPool,
+        *,
+        progress: Progress | None = None,
+        allow_delete: bool = False,
+    ) -> MailboxSync:
+        """The sync of one of ``account``'s mailboxes, with the account's settings."""
+        return cls(
+            account=account.name,
+            entry=entry,
+            local_name=local_name,
+            maildir=Maildir(maildir_path(account.maildir, local_name)),
+            state=state,
+            pool=pool,
+            progress=progress,
+            max_delete=account.max_delete,
+            allow_delete=allow_delete,
+            trash=Trash(state.path.parent / "trash" / account.name / local_name, account.trash_days),
+        )
+
     async def run(self) -> MailboxResult:
         result = MailboxResult(self.account, self.name)
         try:
             await self._run(result)
+        except MassRemoval as e:
+            result.needs_user = True
+            result.error = (
+                f"{e}; nothing was removed or fetched for this mailbox. If the server is right "
+                f"(the mail was deleted there), allow it once: stop the daemon if it runs, then "
+                f"`mirrord run --once --allow-delete {self.label}`. Removed copies go to "
+                f"{self.trash.root if self.trash else 'the trash'} first."
+            )
         except UidValidityChanged as e:
             result.needs_user = True
             result.error = (
@@ -157,6 +202,8 @@ class MailboxSync:
         if dropped:
             self.state.drop_pending(self.account, self.name, dropped)
         cleaned = self.maildir.clean_tmp()
+        if self.trash is not None:
+            self.trash.expire()
         if pending or cleaned:
             log.info("%s: recovered from an interrupted run: %d delivered messages recorded, "
                      "%d unfinished files removed from tmp/", self.label, len(adopted), cleaned)
@@ -169,6 +216,8 @@ class MailboxSync:
         local = self._snapshot(record.uidvalidity if record else None, known)
         server = ServerListing(uidvalidity, {uid: e.flags for uid, e in listing.items()})
         plan = plan_sync(server, local)
+        if not self.allow_delete:
+            check_removal(plan, len(known), self.max_delete)
         if plan.forget_all:
             log.warning("%s: UIDVALIDITY changed and the old copies are gone; mirroring afresh", self.label)
             self.state.delete_mailbox(self.account, self.name)
@@ -263,7 +312,7 @@ class MailboxSync:
         if plan.remove:
             files = files if files is not None else self.maildir.scan()
             keys = [known[uid].key for uid in plan.remove]
-            self.maildir.remove_many(keys, {k: files[k] for k in keys if k in files})
+            self.maildir.remove_many(keys, {k: files[k] for k in keys if k in files}, self.trash)
             self.state.remove_messages(self.account, self.name, plan.remove)
             result.removed = len(plan.remove)
         if plan.set_flags:

@@ -260,3 +260,44 @@ def test_progress_on_a_terminal_and_plain_lines_otherwise(imap_account: ImapAcco
     shutil.rmtree(tmp_path / "Mail")
     run = mirrord("-c", str(config), "run", "--once")
     assert run.status == 0 and "\x1b[K" not in run.stderr and "1500 fetched" in run.stderr
+
+
+def test_mass_removal_stops_the_mailbox_until_allowed_and_keeps_a_trash(
+    imap_account: ImapAccount, tmp_path: Path
+) -> None:
+    client = imap_account.client
+    client.create("Work")
+    uids = [client.append("Work", make_message(i), ()) for i in range(10)]
+    client.append("INBOX", make_message(100), ())
+    config = write_config(tmp_path, imap_account)
+    assert mirrord("-c", str(config), "run", "--once").status == 0
+    before = tree_snapshot(tmp_path / "Mail" / "Work")
+    client.expunge("Work", uids[:8])
+    client.append("INBOX", make_message(101), ())
+
+    run = mirrord("-c", str(config), "run", "--once")
+    assert run.status == 1
+    assert "test/Work" in run.stderr and "would remove 8 of 10 local copies" in run.stderr
+    assert "--allow-delete test/Work" in run.stderr
+    assert tree_snapshot(tmp_path / "Mail" / "Work") == before, "nothing removed"
+    assert_mirrors(imap_account, tmp_path / "Mail", "INBOX")  # the other mailbox went on
+
+    assert mirrord("-c", str(config), "run", "--allow-delete", "Work").status == 2, "only with --once"
+    run = mirrord("-c", str(config), "run", "--once", "--allow-delete", "test/Work")
+    assert run.status == 0, run.stderr
+    assert_mirrors(imap_account, tmp_path / "Mail", "Work")
+    trash = tmp_path / "state" / "trash" / "test" / "Work"
+    assert len(list(trash.iterdir())) == 8, "removed copies wait in the trash"
+
+
+def test_a_mailbox_emptied_on_the_server_is_not_emptied_locally_without_consent(
+    imap_account: ImapAccount, tmp_path: Path
+) -> None:
+    client = imap_account.client
+    uid = client.append("INBOX", make_message(1), ())
+    config = write_config(tmp_path, imap_account)
+    assert mirrord("-c", str(config), "run", "--once").status == 0
+    client.expunge("INBOX", [uid])
+    run = mirrord("-c", str(config), "run", "--once")
+    assert run.status == 1 and "every message of the mailbox" in run.stderr
+    assert len(local_messages(tmp_path / "Mail" / "INBOX")) == 1

@@ -731,3 +731,23 @@ def test_one_plan_converges_and_is_idempotent_slow(
             plan_sync(listed, local)
         return
     sync_until_converged(store_from(local, foreign), server_from(listed))
+
+
+# -- the mass-removal guard ----------------------------------------------------
+
+from mirrord.sync.engine import MassRemoval, check_removal  # noqa: E402
+
+
+def test_guard_allows_up_to_the_share() -> None:
+    check_removal(SyncPlan(remove=(1, 2)), known=4, max_delete=0.5)
+    check_removal(SyncPlan(), known=0, max_delete=0.0)
+
+
+def test_guard_refuses_more_than_the_share() -> None:
+    with pytest.raises(MassRemoval, match="would remove 3 of 4 local copies"):
+        check_removal(SyncPlan(remove=(1, 2, 3)), known=4, max_delete=0.5)
+
+
+def test_guard_refuses_a_whole_non_empty_mailbox_whatever_the_share() -> None:
+    with pytest.raises(MassRemoval, match="every message"):
+        check_removal(SyncPlan(remove=(1,)), known=1, max_delete=1.0)

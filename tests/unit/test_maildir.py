@@ -589,3 +589,33 @@ def test_remove_many(md: Maildir) -> None:
     assert set(md.scan()) == set(keys[4:])
     md.remove_many(keys)
     assert_empty(md)
+
+
+def test_trash_keeps_removed_copies_then_expires_them(tmp_path: Path) -> None:
+    import time as _time
+
+    from mirrord.store.maildir import Trash
+
+    md = Maildir(tmp_path / "INBOX")
+    tmp = md.open_tmp()
+    tmp.write(b"Subject: x\r\n\r\nbody\r\n")
+    key = md.deliver(tmp, frozenset({"\\Seen"}))
+    trash = Trash(tmp_path / "trash", days=7)
+    md.remove_many([key], None, trash)
+    assert md.scan() == {}
+    (kept,) = list((tmp_path / "trash").iterdir())
+    assert kept.read_bytes() == b"Subject: x\n\nbody\n"
+    assert trash.expire(now=_time.time() + 6 * 86400) == 0
+    assert trash.expire(now=_time.time() + 8 * 86400) == 1
+    assert list((tmp_path / "trash").iterdir()) == []
+
+
+def test_trash_of_zero_days_unlinks_at_once(tmp_path: Path) -> None:
+    from mirrord.store.maildir import Trash
+
+    md = Maildir(tmp_path / "INBOX")
+    tmp = md.open_tmp()
+    tmp.write(b"x")
+    key = md.deliver(tmp, frozenset())
+    md.remove_many([key], None, Trash(tmp_path / "trash", days=0))
+    assert md.scan() == {} and not (tmp_path / "trash").exists()
