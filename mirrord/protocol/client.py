@@ -578,6 +578,36 @@ class MirrordIMAP4Client(IMAP4Client):
         return listing
 
     @_drops_on_malformed
+    async def uid_fetch_identities(self, uids: bytes = b"1:*") -> dict[int, tuple[int | None, bytes]]:
+        """UID -> (RFC822.SIZE, the Message-ID header block), to re-match renumbered mail."""
+        found: dict[int, tuple[int | None, bytes]] = {}
+        item = b"BODY[HEADER.FIELDS (MESSAGE-ID)]"
+
+        def claim(response: Untagged) -> bool:
+            if response.kind != "FETCH":
+                return False
+            items = fetch_items(response)
+            header = items.get(item.decode())
+            if "UID" not in items or header is None:
+                return False
+            size = items.get("RFC822.SIZE")
+            found[as_int(items["UID"], "UID")] = (
+                as_int(size, "RFC822.SIZE") if size is not None else None,
+                header if isinstance(header, bytes) else b"",
+            )
+            return True
+
+        await self._run(
+            self._simple(
+                "UID FETCH",
+                uids + b" (UID RFC822.SIZE BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])",
+                claim=claim,
+                pipelined=True,
+            )
+        )
+        return found
+
+    @_drops_on_malformed
     async def uid_search(self, criteria: bytes = b"ALL") -> list[int]:
         """UIDs matching ``criteria``, ascending. Lines of any length are fine."""
         result = await self._run(self._simple("UID SEARCH", criteria, wants=["SEARCH"], pipelined=True))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ from mirrord.config import Account
 from mirrord.store.maildir import LocalFile, Maildir, Trash
 from mirrord.store.state import MessageRecord, StateDB
 from mirrord.sync.names import maildir_path
+from mirrord.sync.rematch import Identity, message_id, rematch
 from mirrord.sync.engine import (
     KnownMessage,
     LocalSnapshot,
@@ -119,8 +121,11 @@ class MailboxSync:
         max_delete: float = 0.5,
         allow_delete: bool = False,
         trash: Trash | None = None,
+        set_aside: Trash | None = None,
     ) -> None:
         self.progress = progress
+        self.set_aside = set_aside
+        """Where copies go that a renumbering left unmatched: kept until the user looks."""
         self.max_delete = max_delete
         self.allow_delete = allow_delete
         """Skip the mass-removal check once (``--allow-delete``)."""
@@ -157,6 +162,7 @@ class MailboxSync:
             max_delete=account.max_delete,
             allow_delete=allow_delete,
             trash=Trash(state.path.parent / "trash" / account.name / local_name, account.trash_days),
+            set_aside=Trash(state.path.parent / "set-aside" / account.name / local_name, float("inf")),
         )
 
     async def run(self) -> MailboxResult:
@@ -172,12 +178,8 @@ class MailboxSync:
                 f"{self.trash.root if self.trash else 'the trash'} first."
             )
         except UidValidityChanged as e:
-            result.needs_user = True
-            result.error = (
-                f"{e}: the server renumbered this mailbox, so local copies can no longer be matched "
-                f"to server messages by UID. They are left untouched and this mailbox is not synced. "
-                f"To mirror it afresh, move {self.maildir.path} away and run again."
-            )
+            # Renumbered again while we were at it: the next sync re-matches.
+            result.error = f"{e} during the sync; it will be synced again"
         except Exception as e:  # noqa: BLE001 - one mailbox's failure must not stop the others
             result.error = str(e) or type(e).__name__
             log.debug("%s: sync failed", self.label, exc_info=True)
@@ -215,7 +217,13 @@ class MailboxSync:
         known = self.state.messages(self.account, self.name)
         local = self._snapshot(record.uidvalidity if record else None, known)
         server = ServerListing(uidvalidity, {uid: e.flags for uid, e in listing.items()})
-        plan = plan_sync(server, local)
+        try:
+            plan = plan_sync(server, local)
+        except UidValidityChanged as e:
+            await self._rematch(e, known)
+            record = self.state.mailbox(self.account, self.name)
+            known = self.state.messages(self.account, self.name)
+            plan = plan_sync(server, self._snapshot(uidvalidity, known))
         if not self.allow_delete:
             check_removal(plan, len(known), self.max_delete)
         if plan.forget_all:
@@ -295,6 +303,55 @@ class MailboxSync:
                 done.append(f"{result.flags_changed} flag changes")
             log.info("%s: %s", self.label, ", ".join(done))
         return result
+
+    async def _rematch(self, change: UidValidityChanged, known: dict[int, MessageRecord]) -> None:
+        """The server renumbered the mailbox: give local copies their new UIDs.
+
+        Copies are matched by Message-ID and size and keep their files (no
+        download). Copies nothing matches are moved to the set-aside folder
+        (never deleted); server messages nothing matched are fetched by the
+        sync that follows. The state is switched over in one transaction.
+        """
+
+        async def identities(worker: Worker) -> dict[int, tuple[int | None, bytes]]:
+            status = await worker.examine(self.entry.raw_name)
+            if status.uidvalidity != change.new:
+                raise UidValidityChanged(change.new, status.uidvalidity)
+            client = await worker.connection()
+            return await client.uid_fetch_identities() if status.exists else {}
+
+        found = await self.pool.run(identities, f"re-matching {self.label}")
+        server = {uid: Identity(message_id(header), size) for uid, (size, header) in found.items()}
+        files = self.maildir.scan()
+        mine: dict[int, Identity] = {}
+        for uid, row in known.items():
+            lf = files.get(row.key)
+            if lf is not None:
+                mine[uid] = Identity(_local_message_id(self.maildir.path / lf.subdir / lf.filename), row.size)
+        result = rematch(mine, server)
+        if result.unmatched_local:
+            keys = [known[uid].key for uid in result.unmatched_local]
+            self.maildir.remove_many(keys, {k: files[k] for k in keys if k in files}, self.set_aside)
+        with self.state.transaction():
+            self.state.delete_mailbox(self.account, self.name)
+            self.state.set_mailbox(self.account, self.name, change.new)
+            self.state.add_messages(
+                self.account,
+                self.name,
+                [
+                    MessageRecord(new, known[old].key, known[old].flags, known[old].size)
+                    for old, new in result.matched.items()
+                ],
+            )
+        log.warning(
+            "%s: %s: %d local copies re-matched to their new UIDs, %d set aside in %s, %d to fetch",
+            self.label,
+            change,
+            len(result.matched),
+            len(result.unmatched_local),
+            self.set_aside.root if self.set_aside else "-",
+            len(result.unmatched_server),
+        )
 
     async def _list(self, worker: Worker) -> tuple[int, dict[int, ListingEntry]]:
         status = await worker.examine(self.entry.raw_name)
@@ -411,6 +468,13 @@ class MailboxSync:
             for message in unrecorded:
                 message.body.abort()
             raise
+
+
+def _local_message_id(path: Path) -> str | None:
+    with path.open("rb") as f:
+        head = f.read(65536)
+    end = head.find(b"\n\n")
+    return message_id(head if end < 0 else head[: end + 1])
 
 
 def _size(n: int) -> str:

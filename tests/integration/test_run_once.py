@@ -180,37 +180,57 @@ def test_plaintext_to_loopback_works(imap_account: ImapAccount, tmp_path: Path) 
     assert run.status == 0, run.stderr
 
 
-def test_uidvalidity_change_stops_that_mailbox_and_keeps_its_copies(
+def test_uidvalidity_change_rematches_copies_without_downloading_them(
     imap_account: ImapAccount, tmp_path: Path
 ) -> None:
     client = imap_account.client
     client.create("Work")
     messages = [make_message(i) for i in range(5)]
-    for m in messages:
-        client.append("Work", m, ())
-    client.append("INBOX", make_message(50), ())
+    flags = [("\\Seen",), (), ("\\Flagged", "\\Seen"), ("\\Answered", "\\Seen"), ()]
+    for m, f in zip(messages, flags):
+        client.append("Work", m, f)
     config = write_config(tmp_path, imap_account)
     assert mirrord("-c", str(config), "run", "--once").status == 0
-    before = tree_snapshot(tmp_path / "Mail" / "Work")
+    inodes = {m.path.stat().st_ino for m in local_messages(tmp_path / "Mail" / "Work")}
     old = client.uidvalidity("Work")
+
+    # The server recreates the mailbox with the same messages (and one more).
+    client.delete("Work")
+    client.create("Work")
+    for m, f in zip(messages, flags):
+        client.append("Work", m, f)
+    client.append("Work", make_message(99), ())
+    assert client.uidvalidity("Work") != old
+
+    run = mirrord("-c", str(config), "run", "--once")
+    assert run.status == 0, run.stderr
+    assert "5 local copies re-matched to their new UIDs, 0 set aside" in run.stderr
+    assert "1 fetched" in run.stderr, "only the new message is downloaded"
+    assert_mirrors(imap_account, tmp_path / "Mail", "Work")
+    after = {m.path.stat().st_ino for m in local_messages(tmp_path / "Mail" / "Work")}
+    assert inodes <= after, "the old files were kept, not downloaded again"
+    assert mirrord("-c", str(config), "run", "--once").stderr.count("up to date") == 2
+
+
+def test_uidvalidity_change_sets_aside_what_no_longer_matches(imap_account: ImapAccount, tmp_path: Path) -> None:
+    client = imap_account.client
+    client.create("Work")
+    messages = [make_message(i) for i in range(5)]
+    for m in messages:
+        client.append("Work", m, ())
+    config = write_config(tmp_path, imap_account)
+    assert mirrord("-c", str(config), "run", "--once").status == 0
     client.delete("Work")
     client.create("Work")
     for m in messages[:3]:
         client.append("Work", m, ())
-    assert client.uidvalidity("Work") != old
-    client.append("INBOX", make_message(51), ())
 
-    run = mirrord("-c", str(config), "run", "--once")
-    assert run.status == 1
-    assert "Work" in run.stderr and "UIDVALIDITY changed" in run.stderr
-    assert tree_snapshot(tmp_path / "Mail" / "Work") == before, "nothing local is removed or added"
-    assert_mirrors(imap_account, tmp_path / "Mail", "INBOX")  # the other mailboxes go on
-
-    # What the error tells the user to do: move the folder away, run again.
-    (tmp_path / "Mail" / "Work").rename(tmp_path / "Work.old")
     run = mirrord("-c", str(config), "run", "--once")
     assert run.status == 0, run.stderr
+    assert "3 local copies re-matched to their new UIDs, 2 set aside" in run.stderr
     assert_mirrors(imap_account, tmp_path / "Mail", "Work")
+    aside = tmp_path / "state" / "set-aside" / "test" / "Work"
+    assert len(list(aside.iterdir())) == 2, "never silently dropped"
 
 
 def test_first_sync_is_spread_over_the_workers(imap_account: ImapAccount, tmp_path: Path) -> None:

@@ -751,3 +751,46 @@ def test_guard_refuses_more_than_the_share() -> None:
 def test_guard_refuses_a_whole_non_empty_mailbox_whatever_the_share() -> None:
     with pytest.raises(MassRemoval, match="every message"):
         check_removal(SyncPlan(remove=(1,)), known=1, max_delete=1.0)
+
+
+# -- re-matching after a UIDVALIDITY change ------------------------------------
+
+from mirrord.sync.rematch import Identity, message_id, rematch  # noqa: E402
+
+
+def test_message_id_is_found_unfolded_in_either_line_ending() -> None:
+    assert message_id(b"Subject: x\r\nMessage-ID:\r\n <a@b>\r\n\r\n") == "<a@b>"
+    assert message_id(b"message-id: <c@d>\nX: y\n\nMessage-ID: <not@body>\n") == "<c@d>"
+    assert message_id(b"Subject: none\r\n\r\n") is None
+
+
+def test_rematch_pairs_by_id_and_size_and_keeps_the_rest_apart() -> None:
+    local = {
+        1: Identity("<a>", 100),
+        2: Identity("<b>", 200),
+        3: Identity("<dup>", 50),
+        4: Identity("<dup>", 50),
+        5: Identity(None, 10),  # no Message-ID: cannot be told apart safely
+        6: Identity("<a>", 999),  # same ID, other size: another message
+    }
+    server = {10: Identity("<dup>", 50), 11: Identity("<a>", 100), 12: Identity("<dup>", 50),
+              13: Identity(None, 10), 14: Identity("<new>", 1)}
+    result = rematch(local, server)
+    assert result.matched == {1: 11, 3: 10, 4: 12}
+    assert result.unmatched_local == [2, 5, 6]
+    assert result.unmatched_server == [13, 14]
+
+
+@given(st.lists(st.tuples(st.sampled_from(["<a>", "<b>", "<c>", None]), st.integers(1, 3)), max_size=12),
+       st.randoms(use_true_random=False))
+@settings(max_examples=200, deadline=None)
+def test_rematch_is_a_partial_bijection(items: list[tuple[str | None, int]], rng: object) -> None:
+    local = {i + 1: Identity(m, s) for i, (m, s) in enumerate(items)}
+    shuffled = list(items)
+    rng.shuffle(shuffled)  # type: ignore[attr-defined]
+    server = {100 + i: Identity(m, s) for i, (m, s) in enumerate(shuffled[: len(shuffled) // 2 + 1])}
+    result = rematch(local, server)
+    assert len(set(result.matched.values())) == len(result.matched)
+    assert all(local[o] == server[n] and local[o].message_id for o, n in result.matched.items())
+    assert sorted([*result.matched, *result.unmatched_local]) == sorted(local)
+    assert sorted([*result.matched.values(), *result.unmatched_server]) == sorted(server)
