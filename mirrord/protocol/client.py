@@ -672,7 +672,11 @@ class MirrordIMAP4Client(IMAP4Client):
                 return _Discard()
             if failure:
                 return _Discard()
-            return open_sink()
+            try:
+                return _GuardedSink(open_sink(), failure)
+            except OSError as e:  # cannot even create the file (disk full, read-only)
+                failure.append(e)
+                return _Discard()
 
         def claim(response: Untagged) -> bool:
             if response.kind != "FETCH":
@@ -693,9 +697,17 @@ class MirrordIMAP4Client(IMAP4Client):
                 # Sent as a quoted string, not a literal (some servers do so
                 # for an empty message): still the message, so write it out
                 # rather than mark it done and lose it.
-                sink = open_sink()
-                sink.write(body)
+                try:
+                    sink = open_sink()
+                    sink.write(body)
+                except OSError as e:
+                    failure.append(e)
+                    return True
                 body = sink
+            if isinstance(body, _GuardedSink):
+                if body.failed:
+                    return True
+                body = body.sink
             size = items.get("RFC822.SIZE")
             message = FetchedMessage(
                 uid=uid,
@@ -848,6 +860,35 @@ class IdleSession:
         self._command.on_continuation = None
         self._client._send(b"DONE", "DONE")
         self._client._arm_deadline()
+
+
+class _GuardedSink:
+    """Passes a body through to its sink; a write that fails is recorded, not raised.
+
+    A full disk or a read-only Maildir is a local problem: raised from the
+    middle of the response stream it would look like garbage from the server
+    and drop a healthy connection. Instead the rest of this body (and of the
+    command's bodies) is discarded and the command fails with the error once
+    the server has finished it.
+    """
+
+    def __init__(self, sink: Any, failure: list[BaseException]) -> None:
+        self.sink = sink
+        self._failure = failure
+        self.failed = False
+
+    def write(self, data: bytes) -> None:
+        if self.failed:
+            return
+        try:
+            self.sink.write(data)
+        except OSError as e:
+            self.failed = True
+            self._failure.append(e)
+            self.sink.abort()
+
+    def abort(self) -> None:
+        self.sink.abort()
 
 
 class _Discard:

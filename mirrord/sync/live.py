@@ -24,11 +24,13 @@ from twisted.internet.interfaces import IReactorTime
 
 from mirrord.flags import Flags
 from mirrord.sync.mailbox import MailboxResult, MailboxSync
+from mirrord.watcher import Backoff
 
 log = logging.getLogger("mirrord.sync")
 
-RETRY_DELAY = 30.0
-"""Seconds before retrying a failed operation (the workers reconnect meanwhile)."""
+RETRY_DELAY = 5.0
+"""Seconds before the first retry of a failed operation; doubling up to RETRY_CAP."""
+RETRY_CAP = 300.0
 
 
 class LiveMailbox:
@@ -54,6 +56,7 @@ class LiveMailbox:
         self._flags: dict[int, Flags] = {}
         self._busy = False
         self._retry: Any = None
+        self._backoff = Backoff(first=RETRY_DELAY * 2, cap=RETRY_CAP)
         self._stopped = False
         self._idle_waiters: list[defer.Deferred[None]] = []
         self.first_sync: defer.Deferred[None] = defer.Deferred()
@@ -143,12 +146,13 @@ class LiveMailbox:
         except Exception as e:  # noqa: BLE001 - one mailbox's trouble stays its own
             self._first_done()
             self.last_error = str(e) or type(e).__name__
+            delay = self._backoff.next()
             if isinstance(e, _Retry):  # already logged by the sync
-                log.info("%s: retrying in %.0f s", self.label, RETRY_DELAY)
+                log.info("%s: retrying in %.0f s", self.label, delay)
             else:
-                log.error("%s: %s; retrying in %.0f s", self.label, self.last_error, RETRY_DELAY)
+                log.error("%s: %s; retrying in %.0f s", self.label, self.last_error, delay)
             self._full = True
-            self._retry = self.clock.callLater(RETRY_DELAY, self._kick)
+            self._retry = self.clock.callLater(delay, self._kick)
         finally:
             self._busy = False
             waiters, self._idle_waiters = self._idle_waiters, []
@@ -178,6 +182,7 @@ class LiveMailbox:
             self.last_error = result.error
             if result.error and not result.needs_user:
                 raise _Retry(result.error)
+            self._backoff.reset()
             return
         if self._new:
             self._new = False

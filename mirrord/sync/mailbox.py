@@ -180,6 +180,12 @@ class MailboxSync:
         except UidValidityChanged as e:
             # Renumbered again while we were at it: the next sync re-matches.
             result.error = f"{e} during the sync; it will be synced again"
+        except OSError as e:
+            where = f": {e.filename}" if e.filename else ""
+            result.error = (
+                f"cannot write the mirror ({e.strerror or e}{where}); what is on disk is recorded "
+                "and nothing else; it will be fetched once writing works again"
+            )
         except Exception as e:  # noqa: BLE001 - one mailbox's failure must not stop the others
             result.error = str(e) or type(e).__name__
             log.debug("%s: sync failed", self.label, exc_info=True)

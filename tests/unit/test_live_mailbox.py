@@ -125,7 +125,7 @@ def test_failure_retries_with_a_full_sync() -> None:
     assert not live.busy
     live.new_messages()  # waits for the retry
     assert sync.ops == [("new",)]
-    clock.advance(RETRY_DELAY)
+    clock.advance(RETRY_DELAY * 2)
     assert sync.ops[-1] == ("full",)
 
 
@@ -133,7 +133,7 @@ def test_failed_full_sync_is_retried_unless_it_needs_the_user() -> None:
     live, sync, clock = make()
     live.watching()
     sync.release(MailboxResult("acct", "INBOX", error="server went away"))
-    clock.advance(RETRY_DELAY)
+    clock.advance(RETRY_DELAY * 2)
     assert sync.ops == [("full",), ("full",)]
     sync.release(MailboxResult("acct", "INBOX", error="UIDVALIDITY changed", needs_user=True))
     clock.advance(RETRY_DELAY * 10)

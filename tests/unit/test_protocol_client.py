@@ -321,3 +321,33 @@ def test_helpers() -> None:
     assert quote('a"b\\c') == b'"a\\"b\\\\c"'
     with pytest.raises(ValueError):
         quote("a\r\nb")
+
+
+def test_disk_full_mid_body_fails_the_command_but_keeps_the_connection() -> None:
+    client, transport, _ = connected()
+
+    class FullDisk(MemorySink):
+        def write(self, data: bytes) -> None:
+            if len(self.data) + len(data) > 1000:
+                raise OSError(28, "No space left on device")
+            super().write(data)
+
+    sinks: list[MemorySink] = []
+
+    def open_sink() -> MemorySink:
+        sinks.append(FullDisk())
+        return sinks[-1]
+
+    delivered: list[FetchedMessage] = []
+    d = run(client.uid_fetch_bodies([1, 2], open_sink, delivered.append))
+    stream = fetch_response(1, 1, b"x" * 5000) + fetch_response(2, 2, b"small") + b"M1 OK done\r\n"
+    for i in range(0, len(stream), 700):
+        client.dataReceived(stream[i : i + 700])
+    with pytest.raises(OSError, match="No space left"):
+        result_of(d)
+    assert delivered == [], "nothing is delivered once the disk said no"
+    assert all(s.aborted for s in sinks)
+    assert transport.connected
+    d2 = run(client.noop())
+    client.dataReceived(b"M2 OK\r\n")
+    assert result_of(d2) is None, "the connection is still good for the retry"
