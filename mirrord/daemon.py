@@ -216,6 +216,16 @@ class AccountDaemon:
         assert self._password is not None
         return await open_session(self.reactor, self.account, self._password, label=label, clock=self.clock)
 
+    def check_connections(self) -> None:
+        """After a suspend: test every watcher's connection now and start workers afresh."""
+        if self.pool is not None:
+            self.pool.discard_idle_connections()
+        for runtime in self.runtime.mailboxes.values():
+            if runtime.watcher is not None:
+                runtime.watcher.check_now()
+            else:
+                runtime.live.poll()
+
     def _new_mail(self, result: MailboxResult) -> None:
         if self.on_new_mail is not None:
             self.on_new_mail(self.account, result)

@@ -138,6 +138,15 @@ class WorkerPool:
             finally:
                 self._release(worker)
 
+    def discard_idle_connections(self) -> None:
+        """Drop the connections no job is using: after a suspend they are likely dead,
+        and a fresh one is cheaper than a command timing out on a stale one."""
+        for worker in self._idle:
+            client, worker.client = worker.client, None
+            worker.selected = None
+            if client is not None and client.transport is not None and not client.connected_transport_lost:
+                client.transport.abortConnection()
+
     async def close(self) -> None:
         """Log out every connection; waiters get an error."""
         self._closed = True

@@ -30,6 +30,7 @@ from mirrord.config import Account, Config, ConfigError, load_config
 from mirrord.daemon import AccountDaemon
 from mirrord.hooks import NewMailHook
 from mirrord.sdnotify import Notifier, start_watchdog
+from mirrord.watcher import ClockJumpDetector
 from mirrord.status import STATE_DB_NAME, AccountStatus, DaemonStatus, MailboxStatus, StatusFile
 from mirrord.store.state import StateDB
 from mirrord.sync.mailbox import MailboxResult
@@ -99,6 +100,7 @@ class Service:
         self._reloading: defer.Deferred[None] | None = None
         self._status_file: Any = None
         self.hooks: dict[str, NewMailHook] = {}
+        self._jumps: ClockJumpDetector | None = None
 
     # -- starting -----------------------------------------------------------------
 
@@ -117,6 +119,8 @@ class Service:
         extend.stop()
         self._loops.remove(extend)
         self._every(STATUS_EVERY, self._publish)
+        self._jumps = ClockJumpDetector(self._clock_jumped, self.reactor)
+        self._jumps.start()
         self.notifier.ready(self.status_line())
         log.info("first sync done; mirroring %d accounts", len(self.accounts))
 
@@ -139,6 +143,10 @@ class Service:
         loop.start(seconds, now=True).addErrback(lambda failure: log.error("%s", failure.getErrorMessage()))
         self._loops.append(loop)
         return loop
+
+    def _clock_jumped(self, seconds: float) -> None:
+        for daemon in self.accounts.values():
+            daemon.check_connections()
 
     def _extend_start(self) -> None:
         # Only a live reactor gets here, so a wedged first sync still times out.
@@ -287,6 +295,8 @@ class Service:
         self._loops.clear()
         for hook in self.hooks.values():
             hook.stop()
+        if self._jumps is not None:
+            self._jumps.stop()
         await defer.DeferredList(
             [defer.Deferred.fromCoroutine(d.stop()) for d in self.accounts.values()], consumeErrors=True
         )

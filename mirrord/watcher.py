@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -240,6 +241,14 @@ class IdleWatcher:
             if self.map.first_unknown() == first:
                 raise ProtocolError(f"server gave no UID for message {first}")
 
+    def check_now(self) -> None:
+        """Prove the connection is alive: leave IDLE now; the DONE deadline catches a dead one."""
+        if self._session is not None:
+            log.info("%s: checking the connection", self.label)
+            self._end_idle()
+        elif self.state == "polling" and self._poll_wait is not None:
+            self._poll_wait.cancel()  # poll now
+
     async def stop(self) -> None:
         """Leave IDLE and log out, politely but promptly."""
         self._stopping = True
@@ -295,6 +304,51 @@ class IdleWatcher:
             log.info("%s: server is closing the connection: %s", self.label, response.text)
         elif kind in ("OK", "NO", "BAD") and response.text:
             log.debug("%s: server says %s %s", self.label, kind, response.text)
+
+
+class ClockJumpDetector:
+    """Notices a suspend and resume: the wall clock jumps ahead of the monotonic one.
+
+    A laptop that slept for an hour comes back with connections its NAT box
+    or the server dropped long ago, and nothing on the wire says so; without
+    this, the first sign would be the next IDLE renewal, many minutes later.
+    Linux's monotonic clock does not count time asleep, the wall clock does.
+    """
+
+    def __init__(
+        self,
+        on_jump: Callable[[float], None],
+        clock: IReactorTime,
+        *,
+        interval: float = 5.0,
+        threshold: float = 30.0,
+        wall: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.on_jump = on_jump
+        self.threshold = threshold
+        self._wall = wall
+        self._monotonic = monotonic
+        self._last = (wall(), monotonic())
+        self._loop = task.LoopingCall(self._tick)
+        self._loop.clock = clock
+        self.interval = interval
+
+    def start(self) -> None:
+        self._last = (self._wall(), self._monotonic())
+        self._loop.start(self.interval, now=False)
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+    def _tick(self) -> None:
+        wall, mono = self._wall(), self._monotonic()
+        jump = (wall - self._last[0]) - (mono - self._last[1])
+        self._last = (wall, mono)
+        if jump > self.threshold:
+            log.info("the clock jumped %.0f s ahead (suspend and resume?): checking every connection", jump)
+            self.on_jump(jump)
 
 
 Connect = Callable[[str], Awaitable[MirrordIMAP4Client]]
@@ -353,6 +407,13 @@ class WatcherService:
         if self._state == "watching" and self.watcher is not None:
             return {"idling": "idling", "polling": "polling"}.get(self.watcher.state, "connecting")
         return self._state
+
+    def check_now(self) -> None:
+        """After a suspend: test the connection now, or reconnect now if waiting to."""
+        if self.watcher is not None:
+            self.watcher.check_now()
+        elif self._sleep is not None:
+            self._sleep.cancel()
 
     def start(self) -> None:
         self._running = True
@@ -422,6 +483,7 @@ class WatcherService:
             try:
                 await self._sleep
             except defer.CancelledError:
-                return
+                if not self._running:
+                    return
             finally:
                 self._sleep = None

@@ -381,3 +381,39 @@ def test_service_reconnects_with_backoff_and_long_wait_after_refused_login() -> 
     assert service.state == "reconnecting"
     d = defer.Deferred.fromCoroutine(service.stop())
     assert d.called
+
+
+# -- suspend and resume ------------------------------------------------------------
+
+from mirrord.watcher import ClockJumpDetector  # noqa: E402
+
+
+def test_a_wall_clock_jump_triggers_a_check_and_normal_time_does_not() -> None:
+    clock = task.Clock()
+    wall = [1000.0]
+    mono = [50.0]
+    jumps: list[float] = []
+    detector = ClockJumpDetector(jumps.append, clock, interval=5, threshold=30,
+                                 wall=lambda: wall[0], monotonic=lambda: mono[0])
+    detector.start()
+    for _ in range(10):
+        wall[0] += 5
+        mono[0] += 5
+        clock.advance(5)
+    assert jumps == []
+    wall[0] += 3600 + 5  # an hour asleep: only the wall clock moved
+    mono[0] += 5
+    clock.advance(5)
+    assert jumps == [3600]
+    detector.stop()
+
+
+def test_check_now_leaves_idle_and_a_dead_connection_is_dropped() -> None:
+    server = Server()
+    watcher, _ = server.start()
+    idle_tag(server)
+    server.say(b"+ idling")
+    watcher.check_now()
+    assert server.sent() == [b"DONE"]
+    server.clock.advance(31)
+    assert server.aborted, "no answer to DONE: the connection was dead"
