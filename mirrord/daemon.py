@@ -30,6 +30,10 @@ from mirrord.watcher import Backoff, WatcherService
 
 log = logging.getLogger("mirrord.daemon")
 
+LOGIN_RETRY_FIRST = 600.0
+LOGIN_RETRY_CAP = 6 * 3600.0
+"""A refused login is tried again after 5-10 minutes, the wait doubling up to 6 hours."""
+
 
 def split_watched(
     account: Account, plans: list[MailboxPlan], room: int
@@ -102,18 +106,30 @@ class AccountDaemon:
         return self.account.name
 
     def start(self) -> defer.Deferred[None]:
-        """Begin; fires once every mailbox has had its first catch-up (or the account failed)."""
+        """Begin; fires once every mailbox had its first catch-up, or the first attempt failed.
+
+        A failed account keeps retrying in the background: the daemon as a
+        whole is up (systemd's READY=1), with this account's error logged
+        and shown in `mirrord status`.
+        """
         self._starting = defer.Deferred.fromCoroutine(self._start())
+        self._starting.addErrback(lambda f: log.error("%s: %s", self.label, f.getErrorMessage()))
+        self._starting.addBoth(lambda _: self._first_attempt_done())
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self.start_finished.addBoth(lambda result: (waiter.callback(None), result)[1])
+        return waiter
 
-        def finished(result: Any) -> Any:
-            if not self.start_finished.called:
-                self.start_finished.callback(None)
-            return result
-
-        return self._starting.addBoth(finished)
+    def _first_attempt_done(self) -> None:
+        if not self.start_finished.called:
+            self.start_finished.callback(None)
 
     async def _start(self) -> None:
         backoff = Backoff(first=5.0, cap=600.0)
+        # A refused login is retried rarely and ever more rarely: a server
+        # that counts failures locks the account, and the password will not
+        # fix itself in seconds. Said loudly once, quietly after.
+        login_backoff = Backoff(first=LOGIN_RETRY_FIRST, cap=LOGIN_RETRY_CAP)
+        refusals = 0
         while not self._stopping:
             try:
                 await self._bring_up()
@@ -125,12 +141,16 @@ class AccountDaemon:
                 delay = backoff.next()
             except LoginFailed as e:
                 self.runtime.error = str(e)
-                delay = backoff.next(floor=WatcherService.LOGIN_RETRY_FLOOR)
+                refusals += 1
+                delay = login_backoff.next()
+                # The password may have been changed in the store meanwhile.
+                self._password = None
             except Exception as e:  # noqa: BLE001 - keep trying; other accounts go on
                 self.runtime.error = str(e) or type(e).__name__
                 delay = backoff.next()
             self.runtime.state = "error"
-            log.error("%s: %s; trying again in %.0f s", self.label, self.runtime.error, delay)
+            self._log_failure(refusals, delay)
+            self._first_attempt_done()
             if self.pool is not None:
                 await self.pool.close()
                 self.pool = None
@@ -141,6 +161,16 @@ class AccountDaemon:
                 return
             finally:
                 self._sleep = None
+
+    def _log_failure(self, refusals: int, delay: float) -> None:
+        error = self.runtime.error
+        if refusals == 1 and error and "refused the login" in error:
+            log.error("%s: %s. Check the password (`mirrord check` tests it); trying again in %.0f s, "
+                      "then less and less often", self.label, error.rstrip("."), delay)
+        elif refusals > 1 and error and "refused the login" in error:
+            log.info("%s: login still refused; next try in %.0f s", self.label, delay)
+        else:
+            log.error("%s: %s; trying again in %.0f s", self.label, error, delay)
 
     async def _bring_up(self) -> None:
         if self._password is None:

@@ -48,8 +48,8 @@ class NewMailHook:
         self.clock: IReactorTime = clock or reactor
         self.account = account
         self.argv = list(argv)
-        self.enabled = False
-        """Off during the first sync: a fresh mirror is not ten thousand new mails."""
+        self.enabled = True
+        """Whether new mail triggers the command (the first sync never reports any)."""
         self._pending: dict[str, int] = {}
         self._running = False
         self._last_start: float | None = None

@@ -130,12 +130,7 @@ class Service:
             old.stop()
         if account.on_new_mail:
             self.hooks[account.name] = NewMailHook(self.reactor, account.name, account.on_new_mail)
-        daemon = AccountDaemon(self.reactor, account, self.state, on_new_mail=self._new_mail)
-        hook = self.hooks.get(account.name)
-        if hook is not None:
-            # After this account's first catch-up: a fresh mirror is not "new mail".
-            daemon.start_finished.addCallback(lambda _: setattr(hook, "enabled", True))
-        return daemon
+        return AccountDaemon(self.reactor, account, self.state, on_new_mail=self._new_mail)
 
     def _every(self, seconds: float, f: Any) -> task.LoopingCall:
         loop = task.LoopingCall(f)

@@ -23,7 +23,8 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 
 from mirrord.flags import Flags
-from mirrord.sync.mailbox import MailboxResult, MailboxSync
+from mirrord.protocol.errors import LoginFailed
+from mirrord.sync.mailbox import LOGIN_RETRY_AFTER, MailboxResult, MailboxSync
 from mirrord.watcher import Backoff
 
 log = logging.getLogger("mirrord.sync")
@@ -146,7 +147,8 @@ class LiveMailbox:
         except Exception as e:  # noqa: BLE001 - one mailbox's trouble stays its own
             self._first_done()
             self.last_error = str(e) or type(e).__name__
-            delay = self._backoff.next()
+            floor = e.retry_after if isinstance(e, _Retry) else LOGIN_RETRY_AFTER if isinstance(e, LoginFailed) else 0.0
+            delay = self._backoff.next(floor=floor)
             if isinstance(e, _Retry):  # already logged by the sync
                 log.info("%s: retrying in %.0f s", self.label, delay)
             else:
@@ -181,7 +183,7 @@ class LiveMailbox:
             self._first_done()
             self.last_error = result.error
             if result.error and not result.needs_user:
-                raise _Retry(result.error)
+                raise _Retry(result.error, result.retry_after)
             self._backoff.reset()
             return
         if self._new:
@@ -192,12 +194,18 @@ class LiveMailbox:
     def _noticed(self, result: MailboxResult) -> None:
         if result.fetched or result.removed or result.flags_changed:
             self.last_change = self.clock.seconds()
-        if result.fetched and self.on_new_mail is not None:
+        # Not for the first sync: a fresh mirror (or one that was down a
+        # week) is not "new mail" to notify about or index message by message.
+        if result.fetched and self.on_new_mail is not None and self.first_sync.called:
             self.on_new_mail(result)
 
 
 class _Retry(Exception):
     """A full sync failed in a way that retrying may fix."""
+
+    def __init__(self, error: str, retry_after: float = 0.0) -> None:
+        super().__init__(error)
+        self.retry_after = retry_after
 
 
 def poll_every(clock: IReactorTime, interval: float, mailbox: LiveMailbox) -> task.LoopingCall:

@@ -26,6 +26,7 @@ from mirrord.flags import Flags
 from mirrord.pool import Worker, WorkerPool
 from mirrord.progress import Progress
 from mirrord.protocol.client import FetchedMessage, ListEntry, ListingEntry
+from mirrord.protocol.errors import LoginFailed
 from mirrord.config import Account
 from mirrord.store.maildir import LocalFile, Maildir, Trash
 from mirrord.store.state import MessageRecord, StateDB
@@ -49,6 +50,8 @@ BATCH_MESSAGES = 200
 """Most messages in one UID FETCH; bounds what a dropped connection costs."""
 BATCH_BYTES = 16 * 1024 * 1024
 """Most bytes (by RFC822.SIZE) in one UID FETCH, so big mailboxes split across workers."""
+LOGIN_RETRY_AFTER = 600.0
+"""A worker's refused login is not retried sooner than this (lockout risk)."""
 FLUSH_MESSAGES = 25
 FLUSH_BYTES = 4 * 1024 * 1024
 """Within a batch, messages are renamed into place and recorded this often."""
@@ -67,7 +70,9 @@ class MailboxResult:
     flags_changed: int = 0
     error: str | None = None
     needs_user: bool = False
-    """The error will not go away by retrying (a renumbered mailbox): wait for the user."""
+    """The error will not go away by retrying: wait for the user."""
+    retry_after: float = 0.0
+    """At least this long before retrying (a refused login: do not hammer the server)."""
 
     def summary(self) -> str:
         if self.error:
@@ -180,6 +185,9 @@ class MailboxSync:
         except UidValidityChanged as e:
             # Renumbered again while we were at it: the next sync re-matches.
             result.error = f"{e} during the sync; it will be synced again"
+        except LoginFailed as e:
+            result.error = str(e)
+            result.retry_after = LOGIN_RETRY_AFTER
         except OSError as e:
             where = f": {e.filename}" if e.filename else ""
             result.error = (

@@ -210,3 +210,16 @@ def test_new_mail_hook_runs_with_its_environment(imap_account: ImapAccount, tmp_
         wait_until(out.exists, what="the hook to run")
         wait_until(lambda: out.read_text().strip() != "", what="its output")
     assert out.read_text().splitlines()[0] == "test INBOX 1"
+
+
+def test_wrong_password_is_said_once_and_not_hammered(imap_account: ImapAccount, tmp_path: Path) -> None:
+    config = write_config(tmp_path, imap_account, password="Not-the-password-7")
+    with DaemonProcess(config) as daemon:
+        time.sleep(6)  # Dovecot answers a failed login after ~2 s; a hammering client would retry
+        refusals = [line for line in daemon.lines if "refused the login" in line]
+        assert len(refusals) == 1, daemon.log
+        assert "ERROR" in refusals[0] and "Check the password" in refusals[0]
+        assert "trying again in" in refusals[0]
+        delay = float(refusals[0].rsplit("trying again in ", 1)[1].split()[0])
+        assert delay >= 300, "a refused login waits minutes, not seconds"
+        assert "Not-the-password-7" not in daemon.log

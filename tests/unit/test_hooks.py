@@ -68,7 +68,7 @@ def test_never_two_at_once() -> None:
     assert len(reactor.spawned) == 2
 
 
-def test_nothing_during_the_first_sync_or_for_zero() -> None:
+def test_nothing_when_disabled_or_for_zero() -> None:
     hook, reactor = make()
     hook.enabled = False
     hook.new_mail("INBOX", 500)

@@ -156,3 +156,15 @@ def test_a_disconnected_watcher_still_counts_as_a_first_sync() -> None:
     live.disconnected("connection refused")
     assert live.first_sync.called
     assert live.watch_state == "reconnecting"
+
+
+def test_the_first_sync_is_not_reported_as_new_mail() -> None:
+    sync = FakeSync()
+    reported: list[MailboxResult] = []
+    live = LiveMailbox(sync, task.Clock(), on_new_mail=reported.append)  # type: ignore[arg-type]
+    live.watching()
+    sync.release(MailboxResult("acct", "INBOX", fetched=5000))
+    assert reported == []
+    live.new_messages()
+    sync.release(MailboxResult("acct", "INBOX", fetched=1))
+    assert [r.fetched for r in reported] == [1]
