@@ -78,8 +78,15 @@ class SequenceMap:
         del self._uids[seq - 1]
         return uid
 
-    def vanished(self, uids: set[int]) -> None:
+    def vanished(self, uids: set[int]) -> bool:
+        """Remove these UIDs; False if some could not be found (they may be unlearned ones)."""
+        before = len(self._uids)
         self._uids = [u for u in self._uids if u is None or u not in uids]
+        return before - len(self._uids) == len(uids)
+
+    @property
+    def complete(self) -> bool:
+        return None not in self._uids
 
     def first_unknown(self) -> int | None:
         for i, uid in enumerate(self._uids):
@@ -155,6 +162,8 @@ class IdleWatcher:
         self._renewal: IDelayedCall | None = None
         self._stopping = False
         self._poll_wait: defer.Deferred[None] | None = None
+        self._rebuild = False
+        self._reexamine = False
         client.command_timeout = done_timeout
 
     # -- running ------------------------------------------------------------
@@ -221,8 +230,23 @@ class IdleWatcher:
     def _renew(self) -> None:
         """Leave and re-enter IDLE before a server or NAT box gives up on us."""
         self._renewal = None
+        self._reexamine = True
         log.debug("%s: renewing IDLE", self.label)
         self._end_idle()
+
+    async def _examine_again(self) -> None:
+        """Look at the mailbox afresh, as a renewal does.
+
+        A server may say nothing when the selected mailbox is deleted and
+        created anew (Dovecot does not): our session would idle on the old
+        one forever. A new UIDVALIDITY shows it; the listener then syncs.
+        """
+        self._reexamine = False
+        status = await self.client.examine(self.raw_name)
+        self.map = SequenceMap(await self.client.uid_search(b"ALL") if status.exists else [])
+        if status.uidvalidity != self.uidvalidity:
+            self.uidvalidity = status.uidvalidity
+            self.listener.resync_needed("the mailbox was recreated on the server (new UIDVALIDITY)")
 
     def _end_idle(self) -> None:
         """Send DONE; a renewal still pending is moot and cancelled."""
@@ -236,6 +260,14 @@ class IdleWatcher:
         self._renewal = None
 
     async def _learn_new_uids(self) -> None:
+        if self._reexamine and not self._stopping:
+            await self._examine_again()
+        if self._rebuild and not self._stopping:
+            # A VANISHED named a message whose UID we had not learned yet:
+            # which position it held is unknowable, so list the mailbox anew.
+            self._rebuild = False
+            self.map = SequenceMap(await self.client.uid_search(b"ALL"))
+            self.listener.new_messages()
         while (first := self.map.first_unknown()) is not None and not self._stopping:
             self.map.learn(await self.client.fetch_uids(first))
             if self.map.first_unknown() == first:
@@ -286,7 +318,9 @@ class IdleWatcher:
             if not data or not isinstance(data[0], bytes):
                 raise ProtocolError("malformed VANISHED response")
             uids = parse_uid_set(data[0])
-            self.map.vanished(uids)
+            if not self.map.vanished(uids) and not self.map.complete:
+                self._rebuild = True
+                self._end_idle()
             self.listener.expunged(sorted(uids))
         elif kind == "FETCH" and response.number is not None:
             items = fetch_items(response)

@@ -107,7 +107,20 @@ def expected_messages(account: ImapAccount, mailbox: str) -> list[tuple[str, fro
 
 def assert_mirrors(account: ImapAccount, root: Path, mailbox: str) -> None:
     local = sorted((m.sha256, m.flags) for m in local_messages(root / mailbox))
-    assert local == expected_messages(account, mailbox), f"{mailbox} differs from the server"
+    expected = expected_messages(account, mailbox)
+    assert local == expected, f"{mailbox} differs from the server: {difference(local, expected)}"
+
+
+def difference(local: list[tuple[str, frozenset[str]]], expected: list[tuple[str, frozenset[str]]]) -> str:
+    """A readable account of how a mirror differs, for failure messages."""
+    mine = {sha: flags for sha, flags in local}
+    theirs = {sha: flags for sha, flags in expected}
+    missing = [sha[:8] for sha in theirs if sha not in mine]
+    extra = [sha[:8] for sha in mine if sha not in theirs]
+    flags = [f"{sha[:8]}: local {sorted(mine[sha])} server {sorted(theirs[sha])}"
+             for sha in theirs if sha in mine and mine[sha] != theirs[sha]]
+    twice = len(local) - len(mine)
+    return f"missing {missing}, extra {extra}, flags differ {flags}, duplicates {twice}"
 
 
 def tree_snapshot(root: Path) -> dict[str, Any]:
@@ -141,8 +154,10 @@ class DaemonProcess:
             print(f"--- mirrord's log ---\n{self.log}")  # shown by pytest on failure
 
     def start(self, ready_timeout: float = 60.0) -> None:
+        # MIRRORD_TEST_TRACE=1 adds the protocol trace to every daemon a test starts.
+        trace = ["-v"] if os.environ.get("MIRRORD_TEST_TRACE") and "-v" not in self.args else []
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "mirrord", "-c", str(self.config), "run", *self.args],
+            [sys.executable, "-m", "mirrord", "-c", str(self.config), "run", *self.args, *trace],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -188,7 +203,9 @@ class DaemonProcess:
         return status
 
 
-def wait_until(condition: Any, timeout: float = 20.0, what: str = "condition") -> None:
+def wait_until(
+    condition: Any, timeout: float = 20.0, what: str = "condition", explain: Any = None
+) -> None:
     """Poll ``condition()`` until true; the daemon works asynchronously to the test."""
     deadline = time.monotonic() + timeout
     while True:
@@ -196,8 +213,24 @@ def wait_until(condition: Any, timeout: float = 20.0, what: str = "condition") -
         if last:
             return
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            detail = f": {explain()}" if explain is not None else ""
+            raise AssertionError(f"timed out waiting for {what}{detail}")
         time.sleep(0.02)
+
+
+def converged(account: ImapAccount, root: Path, mailbox: str, timeout: float = 20.0) -> None:
+    """Wait until the mirror of ``mailbox`` equals the server; say how it differs if it never does."""
+
+    def explain() -> str:
+        local = sorted((m.sha256, m.flags) for m in local_messages(root / mailbox))
+        mine = {sha for sha, _ in local}
+        missing_uids = sorted(
+            uid for uid, (_, body) in account.client.messages(mailbox).items()
+            if hashlib.sha256(body.replace(b"\r\n", b"\n")).hexdigest() not in mine
+        )
+        return f"{difference(local, expected_messages(account, mailbox))}; missing UIDs {missing_uids}"
+
+    wait_until(lambda: mirrors(account, root, mailbox), timeout, f"{mailbox} to converge", explain)
 
 
 def mirrors(account: ImapAccount, root: Path, mailbox: str) -> bool:

@@ -155,6 +155,17 @@ def test_server_without_idle_is_polled() -> None:
     assert server.events.log == [("watching",)]
 
 
+def renew_examine(server: Server, uidvalidity: int = 42, uids: tuple[int, ...] = (1, 2, 3)) -> None:
+    """Answer the EXAMINE and SEARCH a renewal sends to look at the mailbox afresh."""
+    examine = server.sent()
+    assert examine[-1].endswith(b'EXAMINE "INBOX"'), examine
+    server.say(b"* %d EXISTS" % len(uids), b"* OK [UIDVALIDITY %d] ok" % uidvalidity,
+               server.tag(examine[-1]) + b" OK [READ-ONLY] done")
+    search = server.sent()
+    assert search[-1].endswith(b"UID SEARCH ALL"), search
+    server.say(b"* SEARCH " + b" ".join(b"%d" % u for u in uids), server.tag(search[-1]) + b" OK")
+
+
 def test_renewal_fires_at_idle_renew_and_reenters() -> None:
     server = Server()
     watcher, _ = server.start()
@@ -165,11 +176,27 @@ def test_renewal_fires_at_idle_renew_and_reenters() -> None:
     server.clock.advance(1)
     assert server.sent() == [b"DONE"]
     server.say(tag + b" OK Idle completed")
+    renew_examine(server)
     tag2 = idle_tag(server)
     assert tag2 != tag
     server.say(b"+ idling")
     server.clock.advance(RENEW)
     assert server.sent() == [b"DONE"]
+    assert [e for e in server.events.log if e[0] == "resync"] == []
+
+
+def test_renewal_notices_a_mailbox_recreated_on_the_server() -> None:
+    server = Server()
+    watcher, _ = server.start()
+    tag = idle_tag(server)
+    server.say(b"+ idling")
+    server.clock.advance(RENEW)
+    server.sent()
+    server.say(tag + b" OK")
+    renew_examine(server, uidvalidity=43, uids=(1, 2))
+    assert server.events.log[-1][0] == "resync"
+    assert len(watcher.map) == 2
+    idle_tag(server)
 
 
 def test_renewal_is_cancelled_when_idle_ends_early() -> None:
@@ -417,3 +444,28 @@ def test_check_now_leaves_idle_and_a_dead_connection_is_dropped() -> None:
     assert server.sent() == [b"DONE"]
     server.clock.advance(31)
     assert server.aborted, "no answer to DONE: the connection was dead"
+
+
+def test_vanished_for_a_message_not_yet_learned_rebuilds_the_map() -> None:
+    server = Server(capabilities="IMAP4rev1 IDLE QRESYNC")
+    watcher = server.watcher()
+    defer.Deferred.fromCoroutine(watcher.run())
+    server.sent()
+    server.say(b"* ENABLED QRESYNC", b"M1 OK")
+    server.sent()
+    server.say(b"* 2 EXISTS", b"* OK [UIDVALIDITY 1] x", b"M2 OK [READ-ONLY] done")
+    server.sent()
+    server.say(b"* SEARCH 5 6", b"M3 OK")
+    tag = idle_tag(server)
+    # Two new messages; one vanishes before we learned its UID.
+    server.say(b"+ idling", b"* 4 EXISTS")
+    assert server.sent() == [b"DONE"]
+    server.say(b"* VANISHED 8")
+    server.say(tag + b" OK")
+    rebuild = server.sent()
+    assert rebuild[0].endswith(b"UID SEARCH ALL"), rebuild
+    server.say(b"* SEARCH 5 6 7", server.tag(rebuild[0]) + b" OK")
+    assert len(watcher.map) == 3 and watcher.map.complete
+    assert ("expunged", (8,)) in server.events.log
+    server.say(b"* 4 EXISTS")  # one more arrives: the map must see it as new
+    assert server.events.log[-1] == ("new",)

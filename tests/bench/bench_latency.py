@@ -1,0 +1,892 @@
+"""Push latency of ``mirrord run``: APPEND on the server to file visible in the Maildir, minus the server's floor.
+
+Usage (from the repository root, Dovecot installed as for the integration tests):
+
+    python3 tests/bench/bench_latency.py [--scenario NAME ...] [--messages 200]
+        [--gap-min 0.6] [--gap-max 1.2] [--load-rate 50] [--load-prefill 200]
+        [--prefill-in cur|new] [--workers 4] [--mirrord-log plain|watcher|full]
+        [--per-message] [--keep]
+
+A quick run: ``--scenario prefill-200 --messages 20``. The full run (all three
+scenarios, 200 measured messages each) takes about 12 minutes.
+
+Against a private Dovecot on 127.0.0.1, scenarios (``--scenario``, repeatable;
+default all three), each with a fresh user, Maildir and ``mirrord run``:
+
+* ``prefill-200`` / ``prefill-10000``: the mailbox already holds that many
+  messages (written with ``fill()`` before mirrord starts, then opened once
+  read-write so that Dovecot moves them to cur/ (``--prefill-in new`` leaves
+  them in new/); mirrord's first sync is waited for);
+* ``load``: ``--load-prefill`` messages already there, and a second client (a
+  separate process) APPENDs ``--load-rate`` messages a second to the same
+  mailbox during the whole measurement; those are not measured.
+
+In each, one client APPENDs ``--messages`` measured messages to INBOX, one at
+a time, with random gaps (uniform ``--gap-min``..``--gap-max`` s, so that
+Dovecot's 500 ms notification window never merges two of them). Per message:
+
+* t0: the APPEND's tagged OK is read (the UID comes from APPENDUID);
+* floor: a bare IDLE client (raw socket, EXAMINE INBOX, IDLE, nothing else)
+  reads the first ``* N EXISTS`` covering the message. Dovecot delays IDLE
+  notifications by a fixed 500 ms (NOTIFY_DELAY_MSECS), so this is as early as
+  an IDLE client can know;
+* mirrord: inotify (IN_MOVED_TO | IN_CREATE on ``INBOX/new`` and
+  ``INBOX/cur``, ctypes, read in a thread, time.monotonic()) sees the file.
+
+Which EXISTS covers which message: nothing is expunged during a run, so
+sequence numbers are stable; after the run one ``UID SEARCH ALL`` gives each
+measured UID its sequence number s, and the floor is the first EXISTS whose
+count is >= s. That stays right when the load's messages are announced in the
+same EXISTS. Which file is which message: every message carries
+``X-Mirrord-Test-Index`` (prefill from 1, measured from 1,000,000, load from
+2,000,000); after the run each file is read and its arrival looked up by name.
+
+Prints the exact command line, then per scenario a table of median, p95, p99
+and max (ms) of the floor (t0 -> EXISTS), mirrord (t0 -> file) and overhead
+(file - EXISTS per message; percentiles of those differences), the row
+"mirrord pXX - floor pXX" (differences of the percentiles: under load the
+floor client's and mirrord's watcher's Dovecot sessions run their 500 ms
+timers at unrelated phases, so the per-message difference swings by up to
++-500 ms and only the distributions compare), PASS/FAIL against the targets
+(overhead median <= 10 ms, p99 <= 50 ms), whether the Maildir ends up
+byte-identical to the server's mailbox, and mirrord's peak RSS (VmHWM); then a
+summary. Exit status 0 when every scenario met the targets and mirrored
+correctly, 1 otherwise.
+
+``--mirrord-log watcher`` also logs, on the same monotonic clock, when
+mirrord's INBOX watcher reads each EXISTS, and adds the row "watcher EXISTS ->
+file": mirrord's own share, free of the phase noise. ``full`` keeps the whole
+``-v`` trace (which slows mirrord by milliseconds per message under load).
+Both keep the logs; ``--per-message`` prints every message's times.
+Linux only; nothing beyond mirrord's test dependencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import ctypes
+import hashlib
+import itertools
+import multiprocessing
+import os
+import random
+import re
+import selectors
+import shlex
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from multiprocessing.synchronize import Event as EventType
+from pathlib import Path
+from typing import Any
+
+from mirrord.testing import ImapAccount, PrivateDovecot, make_message
+
+MEASURED_BASE = 1_000_000
+LOAD_BASE = 2_000_000
+MESSAGE_SIZE = 2000
+
+TARGET_MEDIAN_MS = 10.0
+TARGET_P99_MS = 50.0
+
+_INDEX_HEADER = re.compile(rb"^X-Mirrord-Test-Index: (\d+)\r?$", re.MULTILINE)
+_EXISTS = re.compile(rb"^\* (\d+) EXISTS\r?$")
+_LITERAL = re.compile(rb"\{(\d+)\}$")
+_APPENDUID = re.compile(rb"\[APPENDUID (\d+) (\d+)\]")
+
+
+# --------------------------------------------------------------------------
+# inotify, through ctypes
+
+IN_CREATE = 0x00000100
+IN_MOVED_TO = 0x00000080
+IN_Q_OVERFLOW = 0x00004000
+IN_NONBLOCK = os.O_NONBLOCK
+IN_CLOEXEC = os.O_CLOEXEC
+_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of NUL-padded name
+
+
+class Inotify:
+    """A non-blocking inotify descriptor watching some directories for new names."""
+
+    def __init__(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._init1 = libc.inotify_init1
+        self._init1.argtypes = [ctypes.c_int]
+        self._init1.restype = ctypes.c_int
+        self._add_watch = libc.inotify_add_watch
+        self._add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+        self._add_watch.restype = ctypes.c_int
+        fd = self._init1(IN_NONBLOCK | IN_CLOEXEC)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"inotify_init1: {os.strerror(err)}")
+        self.fd = fd
+        self.overflowed = False
+
+    def watch(self, path: Path, mask: int = IN_MOVED_TO | IN_CREATE) -> int:
+        wd = self._add_watch(self.fd, os.fsencode(path), mask)
+        if wd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"inotify_add_watch {path}: {os.strerror(err)}")
+        return wd
+
+    def read(self) -> list[tuple[int, int, str]]:
+        """Every queued event as (wd, mask, name); empty when none is queued."""
+        events: list[tuple[int, int, str]] = []
+        while True:
+            try:
+                buf = os.read(self.fd, 1 << 16)
+            except BlockingIOError:
+                return events
+            offset = 0
+            while offset < len(buf):
+                wd, mask, _cookie, length = _EVENT.unpack_from(buf, offset)
+                offset += _EVENT.size
+                name = buf[offset : offset + length].rstrip(b"\0").decode("utf-8", "surrogateescape")
+                offset += length
+                if mask & IN_Q_OVERFLOW:
+                    self.overflowed = True
+                events.append((wd, mask, name))
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+# --------------------------------------------------------------------------
+# A minimal synchronous IMAP client on a raw socket (no literals in responses)
+
+
+def _quote(text: str) -> bytes:
+    return b'"' + text.replace("\\", "\\\\").replace('"', '\\"').encode() + b'"'
+
+
+class RawImap:
+    """Just enough IMAP for LOGIN, EXAMINE, APPEND, UID SEARCH and IDLE, with exact timing."""
+
+    def __init__(self, host: str, port: int, timeout: float = 30.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+        self._tags = itertools.count(1)
+        greeting = self.readline()
+        if not greeting.startswith(b"* OK"):
+            raise RuntimeError(f"unexpected greeting {greeting!r}")
+
+    def _fill(self) -> None:
+        data = self.sock.recv(1 << 16)
+        if not data:
+            raise ConnectionError("server closed the connection")
+        self.buf += data
+
+    def readline(self) -> bytes:
+        """One response line, with any literals in it inlined (``{n}`` kept before each)."""
+        line = b""
+        while True:
+            end = self.buf.find(b"\r\n")
+            if end < 0:
+                self._fill()
+                continue
+            part, self.buf = self.buf[:end], self.buf[end + 2 :]
+            line += part
+            literal = _LITERAL.search(part)
+            if literal is None:
+                return line
+            size = int(literal.group(1))
+            while len(self.buf) < size:
+                self._fill()
+            line, self.buf = line + b"\r\n" + self.buf[:size], self.buf[size:]
+
+    def command(self, text: bytes, literal: bytes | None = None) -> tuple[list[bytes], bytes, float]:
+        """Send one command (a literal goes as LITERAL+, in the same write); return
+        (untagged lines, tagged line, time.monotonic() when the tagged line was read)."""
+        tag = b"b%d" % next(self._tags)
+        if literal is None:
+            self.sock.sendall(tag + b" " + text + b"\r\n")
+        else:
+            self.sock.sendall(tag + b" " + text + b" {%d+}\r\n" % len(literal) + literal + b"\r\n")
+        untagged: list[bytes] = []
+        while True:
+            line = self.readline()
+            if line.startswith(tag + b" "):
+                done = time.monotonic()
+                if not line[len(tag) + 1 :].startswith(b"OK"):
+                    raise RuntimeError(f"{text[:40]!r} failed: {line!r}")
+                return untagged, line, done
+            untagged.append(line)
+
+    def login(self, user: str, password: str) -> None:
+        self.command(b"LOGIN " + _quote(user) + b" " + _quote(password))
+
+    def append(self, mailbox: str, message: bytes) -> tuple[int, float]:
+        """APPEND; (UID from APPENDUID, monotonic time the tagged OK was read)."""
+        _, tagged, done = self.command(b"APPEND " + _quote(mailbox), message)
+        match = _APPENDUID.search(tagged)
+        if match is None:
+            raise RuntimeError(f"no APPENDUID in {tagged!r}")
+        return int(match.group(2)), done
+
+    def uids(self, mailbox: str) -> list[int]:
+        self.command(b"EXAMINE " + _quote(mailbox))
+        untagged, _, _ = self.command(b"UID SEARCH ALL")
+        found: list[int] = []
+        for line in untagged:
+            if line.startswith(b"* SEARCH"):
+                found.extend(int(u) for u in line[len(b"* SEARCH") :].split())
+        return sorted(found)
+
+    def start_idle(self, mailbox: str) -> None:
+        """EXAMINE and IDLE; returns once the server said ``+`` (it is idling)."""
+        self.command(b"EXAMINE " + _quote(mailbox))
+        self.sock.sendall(b"idle IDLE\r\n")
+        while True:
+            line = self.readline()
+            if line.startswith(b"+"):
+                return
+            if line.startswith(b"idle "):
+                raise RuntimeError(f"IDLE refused: {line!r}")
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+# --------------------------------------------------------------------------
+# What the collector thread sees
+
+
+class Collector(threading.Thread):
+    """One thread timestamping inotify events and the floor client's EXISTS lines.
+
+    One thread for both, blocked in select() most of the time, so that a
+    timestamp is taken as soon as the kernel has something, with no other
+    Python thread of ours competing for the interpreter.
+    """
+
+    def __init__(self, inotify: Inotify, floor: RawImap) -> None:
+        super().__init__(name="collector", daemon=True)
+        self.inotify = inotify
+        self.floor = floor
+        self.arrivals: dict[str, float] = {}
+        """Maildir key (file name up to ':') -> first time seen in new/ or cur/."""
+        self.exists: list[tuple[float, int]] = []
+        """(time, N) of every ``* N EXISTS`` the floor client read while idling."""
+        self.floor_lost: str | None = None
+        self._wake_r, self._wake_w = os.pipe()
+        self._stopping = False
+
+    def run(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self.inotify.fd, selectors.EVENT_READ, "inotify")
+        self.floor.sock.setblocking(False)
+        sel.register(self.floor.sock, selectors.EVENT_READ, "floor")
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        pending, self.floor.buf = self.floor.buf, b""
+        cut = pending.rfind(b"\r\n")
+        if cut >= 0:  # read along with the "+ idling" line
+            self._floor_lines(pending[: cut + 2], time.monotonic())
+            pending = pending[cut + 2 :]
+        while not self._stopping:
+            for key, _ in sel.select():
+                now = time.monotonic()
+                if key.data == "inotify":
+                    for _, _, name in self.inotify.read():
+                        if name:
+                            self.arrivals.setdefault(name.split(":", 1)[0], now)
+                elif key.data == "floor":
+                    try:
+                        data = self.floor.sock.recv(1 << 16)
+                    except BlockingIOError:
+                        continue
+                    except OSError as e:
+                        data, self.floor_lost = b"", str(e)
+                    if not data:
+                        self.floor_lost = self.floor_lost or "server closed the connection"
+                        sel.unregister(self.floor.sock)
+                        continue
+                    pending += data
+                    cut = pending.rfind(b"\r\n")
+                    if cut >= 0:
+                        self._floor_lines(pending[: cut + 2], now)
+                        pending = pending[cut + 2 :]
+                else:
+                    os.read(self._wake_r, 64)
+        sel.close()
+
+    def _floor_lines(self, data: bytes, now: float) -> None:
+        for line in data.split(b"\r\n"):
+            match = _EXISTS.match(line)
+            if match:
+                self.exists.append((now, int(match.group(1))))
+
+    def stop(self) -> None:
+        self._stopping = True
+        os.write(self._wake_w, b"x")
+        self.join(10)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+
+# --------------------------------------------------------------------------
+# Background load: another process, so it never holds our interpreter lock
+
+
+def _load_main(host: str, port: int, user: str, password: str, rate: float,
+               stop: EventType, started: EventType, count: Any) -> None:
+    client = RawImap(host, port)
+    client.login(user, password)
+    started.set()
+    begin = time.monotonic()
+    k = 0
+    while not stop.is_set():
+        due = begin + k / rate
+        delay = due - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        client.append("INBOX", make_message(LOAD_BASE + k, size=MESSAGE_SIZE))
+        k += 1
+        count.value = k
+    client.close()
+
+
+# --------------------------------------------------------------------------
+# mirrord as a child process
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the benchmark dies, so no mirrord outlives it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+class Mirrord:
+    """``mirrord run`` with its log in a file (no pipe, no reader thread in this process)."""
+
+    # With --mirrord-log watcher/full, mirrord runs through this wrapper (with
+    # -v) so that its log lines carry CLOCK_MONOTONIC, the clock of every other
+    # timestamp here. "watcher" then drops every trace line but the INBOX
+    # watcher's "S: * N EXISTS" (and mirrord's own DEBUG lines), so the log
+    # costs mirrord next to nothing; "full" keeps the whole protocol trace,
+    # which costs it milliseconds per fetched message under load.
+    _WRAPPER = (
+        "import logging, sys, time\n"
+        "logging.Formatter.formatTime = lambda self, record, datefmt=None: '%.6f' % time.monotonic()\n"
+        "import mirrord.logs\n"
+        "_setup = mirrord.logs.setup_logging\n"
+        "def _watcher_only(record):\n"
+        "    if record.name != 'mirrord.trace':\n"
+        "        return record.levelno >= logging.INFO\n"
+        "    a = record.args\n"
+        "    return (isinstance(a, tuple) and len(a) == 2 and str(a[0]).endswith('/INBOX')\n"
+        "            and str(a[1]).startswith('* ') and str(a[1]).endswith(' EXISTS')\n"
+        "            and str(record.msg).startswith('%s S:'))\n"
+        "def setup_logging(verbose=False, stream=None):\n"
+        "    _setup(verbose, stream)\n"
+        "    if MODE == 'watcher':\n"
+        "        for handler in logging.getLogger().handlers:\n"
+        "            handler.addFilter(_watcher_only)\n"
+        "mirrord.logs.setup_logging = setup_logging\n"
+        "from mirrord.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+
+    def __init__(self, config: Path, log_path: Path, *, log_mode: str = "plain") -> None:
+        self.config = config
+        self.log_path = log_path
+        self.log_mode = log_mode
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float) -> float:
+        """Start; return the seconds until it logged its first sync done."""
+        args = ["-c", str(self.config), "run"]
+        if self.log_mode in ("watcher", "full"):
+            wrapper = f"MODE = {self.log_mode!r}\n" + self._WRAPPER
+            cmd = [sys.executable, "-c", wrapper, "-v", *args]
+        else:
+            cmd = [sys.executable, "-m", "mirrord", *args]
+        started = time.monotonic()
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, preexec_fn=_die_with_parent
+            )
+        deadline = started + timeout
+        while "first sync done" not in self.log():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mirrord exited with {self.process.returncode}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mirrord's first sync not done within {timeout:.0f} s:\n{self.log_tail()}")
+            time.sleep(0.05)
+        return time.monotonic() - started
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def peak_rss_mb(self) -> float | None:
+        if self.process is None:
+            return None
+        try:
+            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return None
+
+    def stop(self) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+# --------------------------------------------------------------------------
+# One scenario
+
+
+@dataclass
+class Scenario:
+    name: str
+    prefill: int
+    load_rate: float = 0.0
+
+
+@dataclass
+class Outcome:
+    scenario: Scenario
+    measured: int = 0
+    floor_ms: list[float] = field(default_factory=list)
+    mirrord_ms: list[float] = field(default_factory=list)
+    overhead_ms: list[float] = field(default_factory=list)
+    missing: int = 0
+    no_floor: int = 0
+    load_sent: int = 0
+    load_seconds: float = 0.0
+    first_sync_s: float = 0.0
+    server_count: int = 0
+    local_count: int = 0
+    identical: bool = False
+    peak_rss_mb: float | None = None
+    notes: list[str] = field(default_factory=list)
+    internal_ms: list[float] = field(default_factory=list)
+    """--mirrord-log watcher/full only: mirrord's watcher reading the EXISTS -> file visible."""
+    trace: list[tuple[int, int, float, float | None, float | None, float | None]] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        if not self.overhead_ms or not self.identical or self.missing or self.no_floor:
+            return False
+        return (percentile(self.overhead_ms, 50) <= TARGET_MEDIAN_MS
+                and percentile(self.overhead_ms, 99) <= TARGET_P99_MS)
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    pos = (len(ordered) - 1) * p / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def _write_config(directory: Path, account: ImapAccount, workers: int) -> Path:
+    password_file = directory / "password"
+    password_file.write_text(account.password + "\n")
+    os.chmod(password_file, 0o600)
+    config = directory / "config.yaml"
+    config.write_text(
+        f"state_dir: {directory / 'state'}\n"
+        "accounts:\n"
+        "  bench:\n"
+        "    host: 127.0.0.1\n"
+        f"    port: {account.port}\n"
+        "    tls: none\n"
+        f"    username: {account.user}\n"
+        f"    password_file: {password_file}\n"
+        f"    maildir: {directory / 'Mail'}\n"
+        f"    workers: {workers}\n"
+        "    mailboxes: [INBOX]\n"
+    )
+    os.chmod(config, 0o600)
+    return config
+
+
+def _local_files(inbox: Path) -> list[Path]:
+    files = []
+    for sub in ("new", "cur"):
+        try:
+            files.extend(p for p in (inbox / sub).iterdir())
+        except FileNotFoundError:
+            pass
+    return files
+
+
+def _wait(condition: Any, timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+def run_scenario(server: PrivateDovecot, scenario: Scenario, args: argparse.Namespace, root: Path) -> Outcome:
+    out = Outcome(scenario)
+    work = root / scenario.name
+    work.mkdir()
+    account = server.new_account(f"latency-{scenario.name}")
+    if scenario.prefill:
+        account.fill("INBOX", (make_message(i, size=MESSAGE_SIZE) for i in range(1, scenario.prefill + 1)))
+        if args.prefill_in == "cur":
+            # One read-write SELECT: Dovecot moves the files from new/ to cur/
+            # (flags unchanged), as happens once any mail client opens the mailbox.
+            opener = RawImap(account.host, account.port)
+            opener.login(account.user, account.password)
+            opener.command(b'SELECT "INBOX"')
+            opener.close()
+    config = _write_config(work, account, args.workers)
+    daemon = Mirrord(config, work / "mirrord.log", log_mode=args.mirrord_log)
+    inbox = work / "Mail" / "INBOX"
+    rng = random.Random(args.seed)
+    load_proc: multiprocessing.process.BaseProcess | None = None
+    stop_load: EventType | None = None
+    inotify: Inotify | None = None
+    floor: RawImap | None = None
+    collector: Collector | None = None
+    appender: RawImap | None = None
+    sent: list[tuple[int, int, float]] = []  # (k, uid, t_ok)
+    load_count: Any = None
+    load_began = 0.0
+    try:
+        out.first_sync_s = daemon.start(timeout=args.first_sync_timeout)
+        if not _wait(lambda: len(_local_files(inbox)) >= scenario.prefill, 60):
+            out.notes.append(f"after the first sync only {len(_local_files(inbox))} of {scenario.prefill} files")
+
+        inotify = Inotify()
+        for sub in ("new", "cur"):
+            inotify.watch(inbox / sub)
+        floor = RawImap(account.host, account.port)
+        floor.login(account.user, account.password)
+        floor.start_idle("INBOX")
+        appender = RawImap(account.host, account.port)
+        appender.login(account.user, account.password)
+
+        if scenario.load_rate > 0:
+            # Forked before any thread of ours exists.
+            ctx = multiprocessing.get_context("fork")
+            stop_load, started = ctx.Event(), ctx.Event()
+            load_count = ctx.Value("l", 0)
+            load_proc = ctx.Process(
+                target=_load_main,
+                args=(account.host, account.port, account.user, account.password,
+                      scenario.load_rate, stop_load, started, load_count),
+                daemon=True,
+            )
+            load_proc.start()
+            if not started.wait(30):
+                raise RuntimeError("the background load client did not log in")
+            load_began = time.monotonic()
+            time.sleep(2.0)  # let mirrord settle into the load before measuring
+
+        collector = Collector(inotify, floor)
+        collector.start()
+        time.sleep(0.2)
+
+        print(f"  {scenario.name}: measuring {args.messages} messages ...", flush=True)
+        for k in range(args.messages):
+            if not daemon.alive():
+                raise RuntimeError(f"mirrord died:\n{daemon.log_tail()}")
+            uid, t_ok = appender.append("INBOX", make_message(MEASURED_BASE + k, size=MESSAGE_SIZE))
+            sent.append((k, uid, t_ok))
+            if args.progress and (k + 1) % args.progress == 0:
+                print(f"    {k + 1}/{args.messages}", flush=True)
+            time.sleep(rng.uniform(args.gap_min, args.gap_max))
+
+        if load_proc is not None and stop_load is not None:
+            stop_load.set()
+            load_proc.join(30)
+            out.load_sent = int(load_count.value)
+            out.load_seconds = time.monotonic() - load_began
+
+        # Converge: everything the server has is on disk, then stop.
+        status = appender.command(b'STATUS "INBOX" (MESSAGES)')[0]
+        out.server_count = int(re.search(rb"MESSAGES (\d+)", b" ".join(status)).group(1))  # type: ignore[union-attr]
+        if not _wait(lambda: len(_local_files(inbox)) >= out.server_count, 120, 0.2):
+            out.notes.append("mirrord did not catch up within 120 s of the last APPEND")
+        time.sleep(0.5)
+        collector.stop()
+        out.peak_rss_mb = daemon.peak_rss_mb()
+        if not daemon.alive():
+            out.notes.append(f"mirrord exited early:\n{daemon.log_tail()}")
+        status_code = daemon.stop()
+        if status_code not in (0, None):
+            out.notes.append(f"mirrord exited with status {status_code}")
+        if inotify.overflowed:
+            out.notes.append("inotify queue overflowed: some arrival times are missing")
+        if collector.floor_lost:
+            out.notes.append(f"the floor client lost its connection: {collector.floor_lost}")
+
+        _evaluate(out, account, collector, sent, inbox, daemon if args.mirrord_log != "plain" else None)
+    finally:
+        # Each step on its own: one failing must not leave mirrord or the load running.
+        if stop_load is not None:
+            stop_load.set()
+        _quietly(daemon.stop)
+        if load_proc is not None:
+            load_proc.join(10)
+            if load_proc.is_alive():
+                load_proc.kill()
+        if collector is not None and collector.is_alive():
+            _quietly(collector.stop)
+        for client in (floor, appender):
+            if client is not None:
+                client.close()
+        if inotify is not None:
+            _quietly(inotify.close)
+        _quietly(account.close)
+    return out
+
+
+def _quietly(call: Any) -> None:
+    try:
+        call()
+    except Exception as e:  # noqa: BLE001 - cleaning up after another error
+        print(f"  (cleanup: {call!r} failed: {e})", file=sys.stderr)
+
+
+def _watcher_exists(log: str) -> list[tuple[float, int]]:
+    """(CLOCK_MONOTONIC, N) of every ``* N EXISTS`` mirrord's INBOX watcher read (--mirrord-log watcher/full)."""
+    found = []
+    for match in re.finditer(r"^(\d+\.\d+) DEBUG +\S+/INBOX S: \* (\d+) EXISTS$", log, re.MULTILINE):
+        found.append((float(match.group(1)), int(match.group(2))))
+    return found
+
+
+def _first_covering(events: list[tuple[float, int]], seq: int) -> float | None:
+    """Time of the first (time, count) event whose count (or an earlier one's) reaches ``seq``."""
+    best = 0
+    for t, n in events:
+        best = max(best, n)
+        if best >= seq:
+            return t
+    return None
+
+
+def _evaluate(out: Outcome, account: ImapAccount, collector: Collector,
+              sent: list[tuple[int, int, float]], inbox: Path, traced: Mirrord | None) -> None:
+    out.measured = len(sent)
+    watcher_events = _watcher_exists(traced.log()) if traced is not None else []
+
+    # The floor: the first EXISTS whose count covers the measured UID's sequence number.
+    reader = RawImap(account.host, account.port)
+    reader.login(account.user, account.password)
+    seq_of = {uid: i + 1 for i, uid in enumerate(reader.uids("INBOX"))}
+    reader.close()
+    exists_times = [t for t, _ in collector.exists]
+    running_max: list[int] = []
+    for _, n in collector.exists:
+        running_max.append(max(n, running_max[-1]) if running_max else n)
+
+    # mirrord: which file is which message, by the index header inside it.
+    file_time: dict[int, float] = {}
+    for path in _local_files(inbox):
+        head = path.read_bytes()[:4096]
+        match = _INDEX_HEADER.search(head)
+        if match is None:
+            continue
+        index = int(match.group(1))
+        if MEASURED_BASE <= index < LOAD_BASE:
+            arrived = collector.arrivals.get(path.name.split(":", 1)[0])
+            if arrived is not None:
+                file_time[index - MEASURED_BASE] = arrived
+
+    for k, uid, t_ok in sent:
+        seq = seq_of.get(uid)
+        floor_t: float | None = None
+        if seq is not None:
+            i = bisect.bisect_left(running_max, seq)
+            if i < len(running_max):
+                floor_t = exists_times[i]
+        file_t = file_time.get(k)
+        watcher_t = _first_covering(watcher_events, seq) if watcher_events and seq is not None else None
+        out.trace.append((k, uid, t_ok, floor_t, watcher_t, file_t))
+        if watcher_t is not None and file_t is not None:
+            out.internal_ms.append((file_t - watcher_t) * 1000)
+        if file_t is None:
+            out.missing += 1
+        if floor_t is None:
+            out.no_floor += 1
+        if file_t is not None:
+            out.mirrord_ms.append((file_t - t_ok) * 1000)
+        if floor_t is not None:
+            out.floor_ms.append((floor_t - t_ok) * 1000)
+        if file_t is not None and floor_t is not None:
+            out.overhead_ms.append((file_t - floor_t) * 1000)
+
+    # The mirror must equal the server, byte for byte.
+    expected = sorted(
+        hashlib.sha256(body.replace(b"\r\n", b"\n")).hexdigest()
+        for _, body in account.client.messages("INBOX").values()
+    )
+    local = sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in _local_files(inbox))
+    out.server_count = len(expected)
+    out.local_count = len(local)
+    out.identical = local == expected
+
+
+# --------------------------------------------------------------------------
+# Reporting
+
+
+def _row(label: str, values: Sequence[float]) -> str:
+    if not values:
+        return f"  {label:<28}{'(no data)':>10}"
+    cells = [percentile(values, 50), percentile(values, 95), percentile(values, 99), max(values)]
+    return f"  {label:<28}" + "".join(f"{c:>10.1f}" for c in cells)
+
+
+def report(out: Outcome, args: argparse.Namespace) -> None:
+    s = out.scenario
+    load = ""
+    if s.load_rate:
+        achieved = out.load_sent / out.load_seconds if out.load_seconds else 0.0
+        load = f", background load {out.load_sent} messages at {achieved:.1f}/s (asked {s.load_rate:g}/s)"
+    print()
+    print(f"== {s.name}: {s.prefill} messages already in INBOX{load}")
+    print(f"   measured APPENDs: {out.measured}, gaps uniform {args.gap_min:g}-{args.gap_max:g} s, "
+          f"{MESSAGE_SIZE}-byte messages; mirrord workers {args.workers}; first sync {out.first_sync_s:.1f} s")
+    print(f"  {'latency (ms)':<28}{'median':>10}{'p95':>10}{'p99':>10}{'max':>10}")
+    print(_row(f"floor: OK -> EXISTS (n={len(out.floor_ms)})", out.floor_ms))
+    print(_row(f"mirrord: OK -> file (n={len(out.mirrord_ms)})", out.mirrord_ms))
+    print(_row(f"overhead: file - EXISTS (n={len(out.overhead_ms)})", out.overhead_ms))
+    if out.floor_ms and out.mirrord_ms:
+        diff = [percentile(out.mirrord_ms, p) - percentile(out.floor_ms, p) for p in (50, 95, 99)]
+        diff.append(max(out.mirrord_ms) - max(out.floor_ms))
+        print(f"  {'mirrord pXX - floor pXX':<28}" + "".join(f"{c:>10.1f}" for c in diff))
+    if out.internal_ms:
+        print(_row(f"watcher EXISTS -> file (n={len(out.internal_ms)})", out.internal_ms))
+    if out.overhead_ms:
+        med, p99 = percentile(out.overhead_ms, 50), percentile(out.overhead_ms, 99)
+        print(f"  target: overhead median <= {TARGET_MEDIAN_MS:g} ms: {'PASS' if med <= TARGET_MEDIAN_MS else 'FAIL'} "
+              f"({med:.1f}); p99 <= {TARGET_P99_MS:g} ms: {'PASS' if p99 <= TARGET_P99_MS else 'FAIL'} ({p99:.1f}); "
+              f"min overhead {min(out.overhead_ms):.1f}")
+    if out.missing or out.no_floor:
+        print(f"  NOT TIMED: {out.missing} measured messages never seen arriving in the Maildir, "
+              f"{out.no_floor} never announced to the floor client")
+    print(f"  mirror: {out.local_count} files, server {out.server_count} messages, "
+          f"byte-identical: {'yes' if out.identical else 'NO'}")
+    rss = f"{out.peak_rss_mb:.1f} MB" if out.peak_rss_mb is not None else "unknown"
+    print(f"  mirrord peak RSS (VmHWM): {rss}")
+    for note in out.notes:
+        print(f"  note: {note}")
+    if args.per_message and out.trace:
+        print("  per message, CLOCK_MONOTONIC s (mirrord's log uses the same clock):")
+        print(f"    {'k':>4} {'uid':>6} {'APPEND OK':>12} {'floor EXISTS':>12} {'mirrord EX.':>12} {'file':>12}"
+              f" {'floor':>8} {'mirrord':>8} {'overhead':>8} {'internal':>8}  (ms)")
+
+        def ms(a: float | None, b: float | None) -> str:
+            return f"{(a - b) * 1000:.1f}" if a is not None and b is not None else "-"
+
+        def ts(t: float | None) -> str:
+            return f"{t:.6f}" if t is not None else "-"
+
+        for k, uid, t_ok, floor_t, watcher_t, file_t in out.trace:
+            print(f"    {k:4d} {uid:6d} {ts(t_ok):>12} {ts(floor_t):>12} {ts(watcher_t):>12} {ts(file_t):>12}"
+                  f" {ms(floor_t, t_ok):>8} {ms(file_t, t_ok):>8} {ms(file_t, floor_t):>8} {ms(file_t, watcher_t):>8}")
+
+
+SCENARIOS = {
+    "prefill-200": lambda a: Scenario("prefill-200", 200),
+    "prefill-10000": lambda a: Scenario("prefill-10000", 10_000),
+    "load": lambda a: Scenario("load", a.load_prefill, a.load_rate),
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS),
+                        help="run this scenario (repeatable); default: all three")
+    parser.add_argument("--messages", type=int, default=200, help="measured APPENDs per scenario (default 200)")
+    parser.add_argument("--gap-min", type=float, default=0.6, help="shortest gap between measured APPENDs, s")
+    parser.add_argument("--gap-max", type=float, default=1.2, help="longest gap between measured APPENDs, s")
+    parser.add_argument("--load-rate", type=float, default=50.0, help="background APPENDs a second (load scenario)")
+    parser.add_argument("--load-prefill", type=int, default=200, help="messages already there (load scenario)")
+    parser.add_argument("--prefill-in", choices=("cur", "new"), default="cur",
+                        help="where the prefilled messages sit in the server's Maildir: cur (default; a client "
+                             "has opened the mailbox) or new (never opened read-write: every Dovecot sync "
+                             "then rescans them all)")
+    parser.add_argument("--workers", type=int, default=4, help="mirrord's worker connections (default 4)")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the random gaps")
+    parser.add_argument("--first-sync-timeout", type=float, default=600.0)
+    parser.add_argument("--progress", type=int, default=50, help="print progress every N messages (0: never)")
+    parser.add_argument("--mirrord-log", choices=("plain", "watcher", "full"), default="plain",
+                        help="plain: mirrord's normal log; watcher: also log (monotonic clock) when its INBOX "
+                             "watcher reads each EXISTS, and report watcher EXISTS -> file; full: the whole "
+                             "-v protocol trace on the monotonic clock (slows mirrord under load)")
+    parser.add_argument("--per-message", action="store_true", help="print every measured message's times")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, Maildirs)")
+    args = parser.parse_args()
+    if args.messages < 1 or not 0 <= args.gap_min <= args.gap_max:
+        parser.error("need --messages >= 1 and 0 <= --gap-min <= --gap-max")
+    if not sys.platform.startswith("linux"):
+        parser.error("inotify is Linux only")
+
+    print("command: " + shlex.join([sys.executable, *sys.argv]), flush=True)
+    scenarios = [SCENARIOS[name](args) for name in (args.scenario or ["prefill-200", "prefill-10000", "load"])]
+
+    root = Path(tempfile.mkdtemp(prefix="mirrord-latency-"))
+    server = PrivateDovecot(root / "server")
+    outcomes: list[Outcome] = []
+    try:
+        server.start()
+        for scenario in scenarios:
+            outcome = run_scenario(server, scenario, args, root)
+            outcomes.append(outcome)
+            report(outcome, args)
+    finally:
+        server.stop()
+        if args.keep or args.mirrord_log != "plain":
+            print(f"\nkept {root} (mirrord logs: {root}/<scenario>/mirrord.log)")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+    print()
+    print("summary (overhead = mirrord - floor, ms):")
+    for o in outcomes:
+        if o.overhead_ms:
+            print(f"  {o.scenario.name:<15} median {percentile(o.overhead_ms, 50):7.1f}  "
+                  f"p95 {percentile(o.overhead_ms, 95):7.1f}  p99 {percentile(o.overhead_ms, 99):7.1f}  "
+                  f"{'PASS' if o.passed else 'FAIL'}")
+        else:
+            print(f"  {o.scenario.name:<15} no data  FAIL")
+    return 0 if outcomes and all(o.passed for o in outcomes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
