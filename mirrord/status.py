@@ -30,6 +30,7 @@ from typing import Any, TextIO
 
 import platformdirs
 
+from mirrord._fs import make_private_dirs
 from mirrord.config import Config, default_state_dir
 
 log = logging.getLogger("mirrord.status")
@@ -366,25 +367,6 @@ def find_status(config_path: Path, state_dir: Path | None = None) -> DaemonStatu
 # -- the file -------------------------------------------------------------------
 
 
-def _make_private_dir(path: Path) -> None:
-    """Create ``path`` and its missing parents 0700; leave existing ones alone.
-
-    An existing parent may be ``$XDG_RUNTIME_DIR`` itself, whose mode is
-    systemd's business, not ours.
-    """
-    missing: list[Path] = []
-    p = path
-    while not p.exists() and p.parent != p:
-        missing.append(p)
-        p = p.parent
-    for d in reversed(missing):
-        try:
-            os.mkdir(d, DIR_MODE)
-        except FileExistsError:
-            continue
-        os.chmod(d, DIR_MODE)  # mkdir's mode is filtered by the umask
-
-
 class StatusFile:
     """The daemon's side: publish snapshots atomically, remove on clean exit.
 
@@ -427,7 +409,7 @@ class StatusFile:
             fd, tmp = tempfile.mkstemp(prefix=".status-", suffix=".tmp", dir=directory)
         except FileNotFoundError:
             # First write, or systemd removed the runtime dir since the last one.
-            _make_private_dir(directory)
+            make_private_dirs(directory)
             fd, tmp = tempfile.mkstemp(prefix=".status-", suffix=".tmp", dir=directory)
         try:
             with os.fdopen(fd, "wb") as f:  # mkstemp made it 0600

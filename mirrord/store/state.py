@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from mirrord._fs import make_private_dirs
 from mirrord.flags import Flags
 
 DIR_MODE = 0o700
@@ -124,24 +125,10 @@ def _check_uid(uid: int, what: str = "uid") -> int:
     return uid
 
 
-def _make_private_dir(path: Path) -> None:
-    missing: list[Path] = []
-    p = path
-    while not p.exists() and p.parent != p:
-        missing.append(p)
-        p = p.parent
-    for d in reversed(missing):
-        try:
-            os.mkdir(d, DIR_MODE)
-        except FileExistsError:
-            continue
-        os.chmod(d, DIR_MODE)
-
-
 class StateDB:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        _make_private_dir(self.path.parent)
+        make_private_dirs(self.path.parent)
         # Create the file ourselves so it is private from its first byte;
         # SQLite gives the -wal and -shm files the database file's mode.
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
