@@ -57,9 +57,17 @@ class Worker:
         return self.status
 
     async def ensure_selected(self, raw_name: bytes) -> MailboxStatus:
-        """Have ``raw_name`` selected, re-using the current selection if it is the one."""
+        """Have ``raw_name`` selected with an up-to-date view of it.
+
+        A session sees mail that arrived since its last command only after a
+        command syncs its view, and Dovecot answers ``UID FETCH`` from the
+        old view (no error, just nothing) even when the FETCH is pipelined
+        behind a NOOP. So a selection that is re-used gets a NOOP first, one
+        round trip, cheaper than a new EXAMINE.
+        """
         if self.selected == raw_name and self.status is not None and self.client is not None:
             if not self.client.connected_transport_lost:
+                await self.client.noop()
                 return self.status
         return await self.examine(raw_name)
 

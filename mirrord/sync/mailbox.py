@@ -275,17 +275,10 @@ class MailboxSync:
         first = highest + 1 if highest else 1
 
         async def job(worker: Worker) -> None:
-            fresh = worker.selected != self.entry.raw_name
             status = await worker.ensure_selected(self.entry.raw_name)
             if status.uidvalidity != record.uidvalidity:
                 raise UidValidityChanged(record.uidvalidity, status.uidvalidity)
             client = await worker.connection()
-            if not fresh:
-                # A session sees mail that arrived since its last command only
-                # after a command syncs its view; Dovecot resolves a UID set
-                # against the old view even when the FETCH is pipelined behind
-                # a NOOP, so the NOOP has to complete first.
-                await client.noop()
             await self._receive(lambda arrived: client.uid_fetch_from(first, self.maildir.open_tmp, arrived), result)
 
         await self.pool.run(job, f"fetching new mail of {self.label}")

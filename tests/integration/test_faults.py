@@ -10,7 +10,8 @@ byte for byte, with its flags, and nothing left behind in ``tmp/``.
 Every test prints one line of figures (``pytest -s`` shows them): the fault,
 how the daemon noticed it, and how long the mirror took to converge, counted
 with ``time.monotonic()`` from the fault (or from healing it, where the fault
-lasts) until the Maildir equals the server.
+lasts) until the Maildir equals the server. ``MIRRORD_TEST_TRACE=1`` puts the
+protocol trace in the daemon log that a failure shows.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from mirrord.testing import ImapAccount, PrivateDovecot, make_message
 from tests.integration._mirrord import (
     DaemonProcess,
     assert_mirrors,
+    difference,
     expected_messages,
     local_messages,
     mirrors,
@@ -42,9 +44,6 @@ MAILBOX = "INBOX"
 # Recovery is bounded by the reconnect backoff (seconds here), not by
 # live.RETRY_DELAY (30 s): a recovery that needed the retry timer is too slow.
 CONVERGE_TIMEOUT = 15.0
-
-# MIRRORD_TEST_TRACE=1 adds mirrord's protocol trace to the log shown on failure.
-TRACE = ["-v"] if os.environ.get("MIRRORD_TEST_TRACE") else []
 
 
 # -- helpers ------------------------------------------------------------------
@@ -95,11 +94,16 @@ def converge(account: ImapAccount, root: Path, since: float, *, count: int | Non
     many local files, then for the exact mirror.
     """
     deadline = since + timeout
+
+    def explain() -> str:
+        local = sorted((m.sha256, m.flags) for m in local_messages(root / mailbox))
+        return f"{len(local)} local; {difference(local, expected_messages(account, mailbox))}"
+
     if count is not None:
         wait_until(lambda: local_count(root, mailbox) == count, max(0.1, deadline - time.monotonic()),
-                   f"{count} messages in {mailbox}")
+                   f"{count} messages in {mailbox}", explain)
     wait_until(lambda: mirrors(account, root, mailbox), max(0.1, deadline - time.monotonic()),
-               f"{mailbox} to mirror the server")
+               f"{mailbox} to mirror the server", explain)
     return time.monotonic() - since
 
 
@@ -171,7 +175,7 @@ def test_reset_during_login(imap_account: ImapAccount, proxy: FaultProxy, tmp_pa
     # The first two logins die: the daemon's first worker connection and its retry.
     proxy.cut_when(b"AUTHENTICATE", direction="client", times=2)
     started = time.monotonic()
-    with DaemonProcess(proxied_config(tmp_path, imap_account, proxy.port), *TRACE) as daemon:
+    with DaemonProcess(proxied_config(tmp_path, imap_account, proxy.port)) as daemon:
         startup = time.monotonic() - started
         client.append(MAILBOX, make_message(1), ())
         converge(imap_account, root, started, count=2)
@@ -197,7 +201,7 @@ def test_reset_mid_literal_of_a_large_message(imap_account: ImapAccount, proxy: 
     client = imap_account.client
     root = tmp_path / "Mail"
     client.append(MAILBOX, make_message(10), ())
-    with DaemonProcess(proxied_config(tmp_path, imap_account, proxy.port), *TRACE) as daemon:
+    with DaemonProcess(proxied_config(tmp_path, imap_account, proxy.port)) as daemon:
         big = make_message(11, attachment_bytes=3_750_000)
         assert len(big) > 5_000_000
         literal = proxy.watch(b"BODY[] {")
@@ -228,7 +232,7 @@ def test_reset_during_idle(imap_account: ImapAccount, proxy: FaultProxy, tmp_pat
     root = tmp_path / "Mail"
     uids = [client.append(MAILBOX, make_message(i), ()) for i in range(20, 25)]
     idling = proxy.watch(b"+ idling")
-    with DaemonProcess(proxied_config(tmp_path, imap_account, proxy.port), *TRACE) as daemon:
+    with DaemonProcess(proxied_config(tmp_path, imap_account, proxy.port)) as daemon:
         assert idling.wait(10)
         back = proxy.watch(b"+ idling")
         fault = time.monotonic()
@@ -247,16 +251,13 @@ def test_reset_during_idle(imap_account: ImapAccount, proxy: FaultProxy, tmp_pat
            back_in_idle=reidle, log=warned)
 
 
-@pytest.mark.xfail(strict=True, reason="catch-up sync after a watcher reconnect fetches on a worker whose "
-                   "EXAMINE predates the listing: Dovecot returns nothing for the new UIDs and the sync says "
-                   "'up to date' (MailboxSync._fetch_batch uses ensure_selected without a NOOP/re-EXAMINE)")
 def test_reset_between_done_and_its_ok(imap_account: ImapAccount, proxy: FaultProxy, tmp_path: Path) -> None:
     """The watcher's DONE reaches the server, the tagged OK never comes back."""
     client = imap_account.client
     root = tmp_path / "Mail"
     client.append(MAILBOX, make_message(30), ())
     idling = proxy.watch(b"+ idling")
-    with DaemonProcess(proxied_config(tmp_path, imap_account, proxy.port), *TRACE) as daemon:
+    with DaemonProcess(proxied_config(tmp_path, imap_account, proxy.port)) as daemon:
         assert idling.wait(10)
         done = proxy.watch(b"DONE", direction="client")
         proxy.cut_when(b"DONE", direction="client", times=1)
@@ -277,8 +278,6 @@ def test_reset_between_done_and_its_ok(imap_account: ImapAccount, proxy: FaultPr
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="mail that arrived during the stall is listed by the catch-up sync but "
-                   "fetched on workers with a stale EXAMINE view, which return nothing: lost until the next new mail")
 def test_silent_dead_connection_is_noticed(imap_account: ImapAccount, proxy: FaultProxy, tmp_path: Path) -> None:
     """A black-holed link is found by the IDLE renewal's DONE deadline, then mail flows again.
 
@@ -292,13 +291,14 @@ def test_silent_dead_connection_is_noticed(imap_account: ImapAccount, proxy: Fau
     client.append(MAILBOX, make_message(40), ())
     idling = proxy.watch(b"+ idling")
     config = proxied_config(tmp_path, imap_account, proxy.port, extra="    idle_renew: 10s\n")
-    with DaemonProcess(config, *TRACE) as daemon:
+    with DaemonProcess(config) as daemon:
         assert idling.wait(10)
         proxy.stall()
         fault = time.monotonic()
         client.append(MAILBOX, make_message(41), ())  # its EXISTS goes into the black hole
         line = wait_for_line(daemon, lambda s: "watcher disconnected" in s, 60, "the watcher's disconnect")
         detected = time.monotonic() - fault
+        print(f"\nstall noticed after {detected:.2f} s: {line}")
         proxy.resume()
         healed = time.monotonic()
         client.append(MAILBOX, make_message(42), ())
@@ -365,7 +365,7 @@ def test_server_restart_while_idling(dovecot_factory: Callable[..., PrivateDovec
         uids = [client.append(MAILBOX, make_message(i), ()) for i in range(50, 53)]
         client.close()  # only the daemon's sessions are on the server when it goes down
         config = write_config(tmp_path, account, tls="none", host="127.0.0.1", ca_file=None)
-        with DaemonProcess(config, *TRACE) as daemon:
+        with DaemonProcess(config) as daemon:
             wait_until(lambda: len(_session_pids(server)) >= 2, 10, "the watcher and a worker logged in")
             time.sleep(0.3)  # the watcher's "+ idling" is on its way
             fault = time.monotonic()
@@ -391,7 +391,7 @@ def test_refused_connections_for_a_while(imap_account: ImapAccount, proxy: Fault
     root = tmp_path / "Mail"
     client.append(MAILBOX, make_message(60), ())
     idling = proxy.watch(b"+ idling")
-    with DaemonProcess(proxied_config(tmp_path, imap_account, proxy.port), *TRACE) as daemon:
+    with DaemonProcess(proxied_config(tmp_path, imap_account, proxy.port)) as daemon:
         assert idling.wait(10)
         proxy.refuse(True)
         proxy.reset_all()
