@@ -54,7 +54,15 @@ Checks, after every run: the same number of files per mailbox as the server
 has messages; for each message the sha256 of the local file and the flag
 letters of its name, compared as a set against the server's ``BODY[]`` with
 CRLF turned into LF and its FLAGS. mirrord must match byte for byte; for
-mbsync the script reports whether it stores LF (CRLF converted) or CRLF.
+mbsync the script reports whether it stores LF (CRLF converted) or CRLF and
+whether it added a header line (isync 1.4 puts an ``X-TUID:`` line into the
+header of every message it stores; that line is taken out before comparing).
+In scenario 4 the file names before and after the timed run show how many
+messages each tool fetched (new names) and removed (names gone).
+
+Each run's line also shows user and sys CPU apart and the 1-minute load
+average just before it: on a shared machine, other work skews the figures,
+so use ``--repeat`` and read the spread.
 
 Prints the exact command, versions, the table (tool, scenario, wall s, CPU s,
 peak RSS MB, messages/s, MB/s, mirrord/mbsync wall ratio; medians over
@@ -527,6 +535,22 @@ def measure(argv: list[str], log: Path, timeout: float, gnu_time: bool) -> Run:
     return Run(wall, cpu, usage.ru_utime, usage.ru_stime, load, rss_kb / 1024, floor, log)
 
 
+def quiesce(limit: float = 60.0) -> None:
+    """Flush dirty pages and wait for the disk to go quiet (I/O pressure, where the kernel reports it)."""
+    os.sync()
+    started = time.monotonic()
+    try:
+        while time.monotonic() - started < limit:
+            text = Path("/proc/pressure/io").read_text()
+            some = float(re.search(r"some avg10=([0-9.]+)", text).group(1))  # type: ignore[union-attr]
+            if some < 1.0:
+                return
+            time.sleep(1)
+            os.sync()
+    except (OSError, AttributeError, ValueError):
+        time.sleep(2)
+
+
 def describe(run: Run) -> str:
     return (
         f"{run.wall:.3f} s wall, {run.cpu:.3f} s CPU ({run.user:.2f} user + {run.sys:.2f} sys), "
@@ -537,19 +561,28 @@ def describe(run: Run) -> str:
 @dataclass
 class Tool:
     name: str
-    workdir: Path
+    base: Path
     account: ImapAccount
     args: argparse.Namespace
     runs: int = 0
+    resets: int = 0
+    workdir: Path = Path()
 
     @property
     def maildir(self) -> Path:
         return self.workdir / "Mail"
 
     def reset(self) -> None:
-        """Fresh Maildir and fresh state."""
-        if self.workdir.exists():
-            shutil.rmtree(self.workdir)
+        """Fresh Maildir and fresh state, in a new directory.
+
+        The old one is not deleted here: on a file system mounted with
+        ``discard`` (as here), deleting 500 MB slows the writes that follow
+        for seconds after sync(), and the tool running next would pay for
+        it. Everything goes at the end of the scenario, followed by
+        :func:`quiesce`.
+        """
+        self.resets += 1
+        self.workdir = self.base / f"r{self.resets}"
         self.workdir.mkdir(parents=True)
         self.maildir.mkdir()
 
@@ -783,7 +816,15 @@ class Bench:
         for mailbox, count in mailboxes.items():
             if summary[mailbox][0] != count:
                 raise RuntimeError(f"{mailbox}: the server holds {summary[mailbox][0]} messages, not {count}")
+        quiesce()
         return account, truth, summary
+
+    def cleanup(self, tools: list[Tool]) -> None:
+        if self.args.keep:
+            return
+        for tool in tools:
+            shutil.rmtree(tool.base, ignore_errors=True)
+        quiesce()
 
     def verify(self, tool: Tool, what: str, mailboxes: list[str], truth: Path) -> bool:
         mirrord = tool.name == "mirrord"
@@ -843,9 +884,7 @@ class Bench:
                     self.report.check(
                         f"{key} initial (run {rep + 1}), mirrord log", fetched == total, f"{fetched} fetched of {total}"
                     )
-        if not self.args.keep:
-            for tool in tools:
-                shutil.rmtree(tool.workdir, ignore_errors=True)
+        self.cleanup(tools)
         q = self.report.ratio(key)
         if q is not None:
             print(f"  mirrord/mbsync wall: {q:.2f}", flush=True)
@@ -932,9 +971,7 @@ class Bench:
                         self.report.check(f"4 changes (run {rep + 1}), mirrord log", fetched == n_new,
                                           f"{fetched} fetched")
                     self.verify(tool, f"4 changes (run {rep + 1})", names, truth)
-        if not a.keep:
-            for tool in tools:
-                shutil.rmtree(tool.workdir, ignore_errors=True)
+        self.cleanup(tools)
 
 
 # ---------------------------------------------------------------------------
