@@ -234,8 +234,9 @@ def test_idle_proxy_uses_no_cpu(echo_proxy: tuple[FaultProxy, LoopbackServer]) -
 
 
 def test_only_loopback() -> None:
+    # A documentation address (RFC 5737), refused before anything connects.
     with pytest.raises(ValueError, match="loopback"):
-        FaultProxy("192.0.2.1", 143)
+        FaultProxy("203.0.113.9", 143)
     with pytest.raises(ValueError, match="loopback"):
         FaultProxy("127.0.0.1", 143, listen_host="0.0.0.0")
 
