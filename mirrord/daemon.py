@@ -10,7 +10,6 @@ keeps retrying with backoff; it never stops the others.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -215,7 +214,6 @@ class AccountDaemon:
             runtime.watcher.start()
         for plan in polled:
             runtime = known[plan.local_name]
-            runtime.live.watch_state = "polling"
             runtime.poller = poll_every(self.clock, account.poll_interval, runtime.live)
         log.info(
             "%s: %d mailboxes %s: %d watched with IDLE, %d polled every %g s",
@@ -277,22 +275,3 @@ class AccountDaemon:
         await defer.DeferredList([r.live.stop() for r in self.runtime.mailboxes.values()], consumeErrors=True)
         if self.pool is not None:
             await self.pool.close()
-
-
-class Daemon:
-    """All accounts; what ``mirrord run`` starts and SIGTERM stops."""
-
-    def __init__(self, reactor: Any, accounts: list[Account], state: StateDB, *, on_new_mail: Any = None) -> None:
-        self.reactor = reactor
-        self.accounts = [AccountDaemon(reactor, a, state, on_new_mail=on_new_mail) for a in accounts]
-        self.started_at = time.time()
-
-    def start(self) -> defer.Deferred[Any]:
-        """Fires when every account has finished its first catch-up (or failed once)."""
-        return defer.DeferredList([a.start() for a in self.accounts], consumeErrors=True)
-
-    async def stop(self) -> None:
-        log.info("stopping")
-        await defer.DeferredList(
-            [defer.Deferred.fromCoroutine(a.stop()) for a in self.accounts], consumeErrors=True
-        )

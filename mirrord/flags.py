@@ -12,8 +12,6 @@ from __future__ import annotations
 Flags = frozenset[str]
 """A message's IMAP flags, spelled as the server sends them (``\\Seen``, ``$Junk``)."""
 
-SEEN = "\\Seen"
-
 # IMAP system flag -> Maildir info letter (the Maildir spec's letters).
 _LETTER_FOR_FLAG = {
     "\\draft": "D",

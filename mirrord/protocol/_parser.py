@@ -162,7 +162,6 @@ class ResponseReader:
         self._literal_sink: LiteralSink | None = None
         self._literal_memory: bytearray | None = None
         self._literal_target: list[Any] | None = None
-        self._literal_object: Any = None
         self._failed = False
 
     # -- feeding ----------------------------------------------------------
@@ -433,12 +432,6 @@ def as_int(token: Any, what: str) -> int:
     if isinstance(token, (bytes, bytearray)) and _NUMBER.match(token):
         return int(token)
     raise ProtocolError(f"expected a number for {what}, got {token!r}")
-
-
-def as_text(token: Any, what: str) -> str:
-    if isinstance(token, (bytes, bytearray)):
-        return bytes(token).decode("utf-8", "replace")
-    raise ProtocolError(f"expected a string for {what}, got {token!r}")
 
 
 def as_flags(token: Any) -> frozenset[str]:

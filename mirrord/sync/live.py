@@ -48,7 +48,6 @@ class LiveMailbox:
         self.label = sync.label
         self.clock = clock
         self.on_new_mail = on_new_mail
-        self.watch_state = "starting"
         self.last_change: float | None = None
         self.last_error: str | None = None
         self._full = False
@@ -66,7 +65,6 @@ class LiveMailbox:
     # -- MailboxEvents --------------------------------------------------------
 
     def watching(self) -> None:
-        self.watch_state = "watching"
         self._want_full()
 
     def new_messages(self) -> None:
@@ -88,7 +86,6 @@ class LiveMailbox:
         self._want_full()
 
     def disconnected(self, reason: str) -> None:
-        self.watch_state = "reconnecting"
         self.last_error = reason
         self._first_done()
 

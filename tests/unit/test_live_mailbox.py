@@ -155,7 +155,7 @@ def test_a_disconnected_watcher_still_counts_as_a_first_sync() -> None:
     live, _, _ = make()
     live.disconnected("connection refused")
     assert live.first_sync.called
-    assert live.watch_state == "reconnecting"
+    assert live.last_error == "connection refused"
 
 
 def test_the_first_sync_is_not_reported_as_new_mail() -> None:
