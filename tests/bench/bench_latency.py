@@ -766,9 +766,9 @@ def _evaluate(out: Outcome, account: ImapAccount, collector: Collector,
 
 def _row(label: str, values: Sequence[float]) -> str:
     if not values:
-        return f"  {label:<28}{'(no data)':>10}"
+        return f"  {label:<40}{'(no data)':>10}"
     cells = [percentile(values, 50), percentile(values, 95), percentile(values, 99), max(values)]
-    return f"  {label:<28}" + "".join(f"{c:>10.1f}" for c in cells)
+    return f"  {label:<40}" + "".join(f"{c:>10.1f}" for c in cells)
 
 
 def report(out: Outcome, args: argparse.Namespace) -> None:
@@ -781,14 +781,14 @@ def report(out: Outcome, args: argparse.Namespace) -> None:
     print(f"== {s.name}: {s.prefill} messages already in INBOX{load}")
     print(f"   measured APPENDs: {out.measured}, gaps uniform {args.gap_min:g}-{args.gap_max:g} s, "
           f"{MESSAGE_SIZE}-byte messages; mirrord workers {args.workers}; first sync {out.first_sync_s:.1f} s")
-    print(f"  {'latency (ms)':<28}{'median':>10}{'p95':>10}{'p99':>10}{'max':>10}")
+    print(f"  {'latency (ms)':<40}{'median':>10}{'p95':>10}{'p99':>10}{'max':>10}")
     print(_row(f"floor: OK -> EXISTS (n={len(out.floor_ms)})", out.floor_ms))
     print(_row(f"mirrord: OK -> file (n={len(out.mirrord_ms)})", out.mirrord_ms))
     print(_row(f"overhead: file - EXISTS (n={len(out.overhead_ms)})", out.overhead_ms))
     if out.floor_ms and out.mirrord_ms:
         diff = [percentile(out.mirrord_ms, p) - percentile(out.floor_ms, p) for p in (50, 95, 99)]
         diff.append(max(out.mirrord_ms) - max(out.floor_ms))
-        print(f"  {'mirrord pXX - floor pXX':<28}" + "".join(f"{c:>10.1f}" for c in diff))
+        print(f"  {'mirrord pXX - floor pXX':<40}" + "".join(f"{c:>10.1f}" for c in diff))
     if out.internal_ms:
         print(_row(f"watcher EXISTS -> file (n={len(out.internal_ms)})", out.internal_ms))
     if out.overhead_ms:
