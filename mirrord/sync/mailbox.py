@@ -279,7 +279,12 @@ class MailboxSync:
             if status.uidvalidity != record.uidvalidity:
                 raise UidValidityChanged(record.uidvalidity, status.uidvalidity)
             client = await worker.connection()
-            await self._receive(lambda arrived: client.uid_fetch_from(first, self.maildir.open_tmp, arrived), result)
+            # New mail is put in place message by message: under a steady stream
+            # one EXISTS may announce dozens, and the first should not wait
+            # for the last.
+            await self._receive(
+                lambda arrived: client.uid_fetch_from(first, self.maildir.open_tmp, arrived), result, flush_every=1
+            )
 
         await self.pool.run(job, f"fetching new mail of {self.label}")
         if result.fetched:
@@ -450,6 +455,7 @@ class MailboxSync:
         self,
         fetch: Callable[[Callable[[FetchedMessage], None]], Awaitable[None]],
         result: MailboxResult,
+        flush_every: int = FLUSH_MESSAGES,
     ) -> None:
         """Run one body-fetching command and make what it brought durable.
 
@@ -462,7 +468,7 @@ class MailboxSync:
         def arrived(message: FetchedMessage) -> None:
             message.body.finish()
             unrecorded.append(message)
-            if len(unrecorded) >= FLUSH_MESSAGES or sum(m.body.size for m in unrecorded) >= FLUSH_BYTES:
+            if len(unrecorded) >= flush_every or sum(m.body.size for m in unrecorded) >= FLUSH_BYTES:
                 # Make a long batch's progress durable as it goes: an interrupted
                 # first sync resumes from here instead of from the batch start.
                 self._record(unrecorded, result)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mirrord.flags import flags_from_info, representable
-from mirrord.testing import ImapAccount
+from mirrord.testing import ImapAccount, ImapCommandError
 
 
 @dataclass
@@ -222,6 +222,13 @@ def converged(account: ImapAccount, root: Path, mailbox: str, timeout: float = 2
     """Wait until the mirror of ``mailbox`` equals the server; say how it differs if it never does."""
 
     def explain() -> str:
+        try:
+            return _explain()
+        except ImapCommandError as e:
+            account.client.close()
+            return f"(the server would not list {mailbox}: {e})"
+
+    def _explain() -> str:
         local = sorted((m.sha256, m.flags) for m in local_messages(root / mailbox))
         mine = {sha for sha, _ in local}
         missing_uids = sorted(
@@ -238,5 +245,10 @@ def mirrors(account: ImapAccount, root: Path, mailbox: str) -> bool:
     try:
         assert_mirrors(account, root, mailbox)
     except (AssertionError, FileNotFoundError):
+        return False
+    except ImapCommandError:
+        # After a mailbox is recreated, Dovecot may answer "Mailbox was deleted
+        # under us" to a session that knew the old one until it logs in anew.
+        account.client.close()
         return False
     return True

@@ -150,6 +150,8 @@ def test_a_mailbox_recreated_while_watched_is_rematched_at_the_next_renewal(
         # Dovecot tells a session nothing when its selected mailbox is recreated;
         # the watcher finds out when it renews IDLE and looks again.
         imap_account.fill("Work", [*messages, make_message(50)], flags=("\\Seen",))
-        converged(imap_account, tmp_path / "Mail", "Work", timeout=30)
+        # Generous: for a while after a recreation Dovecot may answer "Mailbox
+        # was deleted under us" to sessions, mirrord's included; it retries.
+        converged(imap_account, tmp_path / "Mail", "Work", timeout=90)
         daemon.wait_for_log("re-matched to their new UIDs")
     assert old_inodes <= {m.path.stat().st_ino for m in local_messages(tmp_path / "Mail" / "Work")}
