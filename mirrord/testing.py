@@ -955,21 +955,9 @@ def _quote(text: str) -> str:
 
 def _uid_set(uids: int | Iterable[int]) -> str:
     """Compress UIDs into ranges, so that thousands of them fit on one command line."""
-    if isinstance(uids, int):
-        uids = (uids,)
-    ordered = sorted(set(uids))
-    if not ordered:
-        raise ValueError("empty UID set")
-    parts = []
-    first = prev = ordered[0]
-    for uid in ordered[1:]:
-        if uid == prev + 1:
-            prev = uid
-            continue
-        parts.append(f"{first}:{prev}" if prev != first else str(first))
-        first = prev = uid
-    parts.append(f"{first}:{prev}" if prev != first else str(first))
-    return ",".join(parts)
+    from mirrord.protocol.client import uid_set
+
+    return uid_set((uids,) if isinstance(uids, int) else uids).decode("ascii")
 
 
 def _flag_list(flags: Iterable[str]) -> str:

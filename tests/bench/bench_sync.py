@@ -103,6 +103,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mirrord.protocol.client import uid_set
 from mirrord.testing import DOVECOT, ImapAccount, PrivateDovecot, make_message
 
 MIXES = ("realistic", "text", "small")
@@ -209,17 +210,7 @@ def flag_runs(count: int) -> list[tuple[int, tuple[str, ...]]]:
 
 
 def _uid_set(uids: Sequence[int]) -> str:
-    parts = []
-    ordered = sorted(uids)
-    first = prev = ordered[0]
-    for uid in ordered[1:]:
-        if uid == prev + 1:
-            prev = uid
-            continue
-        parts.append(f"{first}:{prev}" if prev != first else str(first))
-        first = prev = uid
-    parts.append(f"{first}:{prev}" if prev != first else str(first))
-    return ",".join(parts)
+    return uid_set(uids).decode("ascii")
 
 
 def _quote(name: str) -> str:
