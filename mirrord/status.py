@@ -23,7 +23,7 @@ import stat
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -362,6 +362,51 @@ def find_status(config_path: Path, state_dir: Path | None = None) -> DaemonStatu
         if status is not None:
             return status
     return None
+
+
+# -- when to publish ------------------------------------------------------------
+
+
+class ChangePublisher:
+    """Publishes when something changed: soon after, at most once per ``min_gap``, never on a timer of its own.
+
+    The daemon used to rewrite the status every few seconds whether or not
+    anything had changed, which woke an idle daemon for nothing. Now every
+    change (a watcher's state, an error, new mail) calls :meth:`changed`;
+    the first change in a quiet spell is published on the next reactor turn
+    (no extra sleep and wakeup), and a burst of changes (a first sync, a
+    reconnect storm) costs one write per ``min_gap`` seconds. Whether the
+    snapshot differs from the last one published is ``publish``'s business.
+    """
+
+    def __init__(self, clock: Any, publish: Callable[[], None], *, min_gap: float = 1.0) -> None:
+        self._clock = clock
+        self._publish = publish
+        self.min_gap = min_gap
+        self._pending: Any = None
+        self._last: float | None = None
+        self._stopped = False
+
+    def changed(self) -> None:
+        if self._stopped or (self._pending is not None and self._pending.active()):
+            return
+        now = self._clock.seconds()
+        wait = 0.0 if self._last is None else max(0.0, self._last + self.min_gap - now)
+        self._pending = self._clock.callLater(wait, self._run)
+
+    def _run(self) -> None:
+        self._pending = None
+        self._last = self._clock.seconds()
+        try:
+            self._publish()
+        except Exception:  # noqa: BLE001 - the status is a convenience; mirroring goes on
+            log.exception("publishing the status failed")
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._pending is not None and self._pending.active():
+            self._pending.cancel()
+        self._pending = None
 
 
 # -- the file -------------------------------------------------------------------
