@@ -129,7 +129,7 @@ class Service:
         await defer.DeferredList([d.start() for d in self.accounts.values()], consumeErrors=True)
         extend.stop()
         self._loops.remove(extend)
-        self._publisher.changed()
+        self._publisher.flush()
         self._jumps = ClockJumpDetector(self._clock_jumped, self.reactor)
         self._jumps.start()
         self.notifier.ready(self.status_line())
@@ -299,6 +299,7 @@ class Service:
         await defer.DeferredList(starting, consumeErrors=True)
         log.info("config reloaded: %d accounts (%d restarted or added, %d removed)",
                  len(self.accounts), len(coming), len([n for n in going if n not in fresh]))
+        self._publisher.flush()
         self.notifier.ready(self.status_line())
 
     # -- stopping ----------------------------------------------------------------------

@@ -402,6 +402,12 @@ class ChangePublisher:
         except Exception:  # noqa: BLE001 - the status is a convenience; mirroring goes on
             log.exception("publishing the status failed")
 
+    def flush(self) -> None:
+        """Publish now (a change may be pending): at READY, `mirrord status` must already agree."""
+        if self._pending is not None and self._pending.active():
+            self._pending.cancel()
+        self._run()
+
     def stop(self) -> None:
         self._stopped = True
         if self._pending is not None and self._pending.active():

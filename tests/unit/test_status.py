@@ -500,3 +500,15 @@ def test_a_failing_publish_does_not_stop_later_ones(caplog: pytest.LogCaptureFix
     publisher.changed()
     clock.advance(1)
     assert len(calls) == 2 and "publishing the status failed" in caplog.text
+
+
+def test_flush_publishes_now_and_drops_the_pending_one() -> None:
+    clock = task.Clock()
+    published: list[float] = []
+    publisher = ChangePublisher(clock, lambda: published.append(clock.seconds()), min_gap=1.0)
+    publisher.changed()
+    clock.advance(0)
+    publisher.changed()  # within the gap: pending for a second later
+    clock.advance(0.5)
+    publisher.flush()
+    assert published == [0.0, 0.5] and clock.getDelayedCalls() == []
