@@ -36,6 +36,19 @@ LOGIN_RETRY_CAP = 6 * 3600.0
 """A refused login is tried again after 5-10 minutes, the wait doubling up to 6 hours."""
 
 
+def relist_interval(account: Account) -> float:
+    """How often the account's mailboxes are listed anew, to mirror those created on the server.
+
+    As often as the slowest of the daemon's own periodic work: the IDLE
+    renewals and the polls. On the shared grid of :mod:`mirrord.timers` the
+    listing then rides the wakeup that renews IDLE (or polls) anyway, instead
+    of waking an idle daemon for itself; a mailbox created on the server is
+    mirrored within ``idle_renew`` (20 minutes by default), or at once after
+    SIGHUP.
+    """
+    return max(account.poll_interval, account.idle_renew)
+
+
 def split_watched(
     account: Account, plans: list[MailboxPlan], room: int
 ) -> tuple[list[MailboxPlan], list[MailboxPlan]]:
@@ -187,8 +200,7 @@ class AccountDaemon:
             log.warning("%s: not mirrored: %s", self.label, reason)
         self._apply_discovery(discovery, first=True)
         # Re-list now and then: mailboxes created on the server get mirrored.
-        # On the shared grid, so it rides the same wakeup as renewals and polls due then.
-        self._rediscover = CoalescedLoop(self.clock, self.account.poll_interval, self._relist,
+        self._rediscover = CoalescedLoop(self.clock, relist_interval(self.account), self._relist,
                                          label=f"{self.label}: re-listing mailboxes")
         self._rediscover.start(now=False)
         await defer.DeferredList([m.live.first_sync for m in self.runtime.mailboxes.values()])

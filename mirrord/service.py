@@ -109,7 +109,8 @@ class Service:
         self._status_file: Any = None
         self.hooks: dict[str, NewMailHook] = {}
         self._jumps: ClockJumpDetector | None = None
-        self._publisher = ChangePublisher(reactor, self._publish, min_gap=STATUS_MIN_GAP)
+        self._publisher = ChangePublisher(reactor, self._publish, min_gap=STATUS_MIN_GAP,
+                                          differs=lambda: self._content()[1] != self._published)
         self._published: tuple[str, Any] | None = None
         """The status line and snapshot (without its time) last published."""
 
@@ -189,12 +190,16 @@ class Service:
             parts.append("last mail " + time.strftime("%H:%M", time.localtime(self.last_mail)))
         return ", ".join(parts)
 
-    def _publish(self) -> None:
-        """Publish the status line and the status file, unless neither changed since last time."""
-        line = self.status_line()
+    def _content(self) -> tuple[DaemonStatus, tuple[str, Any]]:
+        """The snapshot, and what of it is compared with the last publication (all but its time)."""
         snapshot = self.snapshot()
         content = snapshot.to_json()
         content.pop("updated", None)
+        return snapshot, (self.status_line(), content)
+
+    def _publish(self) -> None:
+        """Publish the status line and the status file, unless neither changed since last time."""
+        snapshot, (line, content) = self._content()
         last, self._published = self._published, (line, content)
         if last is not None and last[0] == line and last[1] == content:
             return

@@ -375,13 +375,20 @@ class ChangePublisher:
     change (a watcher's state, an error, new mail) calls :meth:`changed`;
     the first change in a quiet spell is published on the next reactor turn
     (no extra sleep and wakeup), and a burst of changes (a first sync, a
-    reconnect storm) costs one write per ``min_gap`` seconds. Whether the
-    snapshot differs from the last one published is ``publish``'s business.
+    reconnect storm) costs one write per ``min_gap`` seconds.
+
+    ``differs`` (optional) says whether there is anything new to publish.
+    Within the gap it is asked on the next reactor turn before a later
+    publication is scheduled: an IDLE renewal changes a watcher's state and
+    changes it back within a few milliseconds, and must not cost a wakeup a
+    second later to publish what was already published.
     """
 
-    def __init__(self, clock: Any, publish: Callable[[], None], *, min_gap: float = 1.0) -> None:
+    def __init__(self, clock: Any, publish: Callable[[], None], *, min_gap: float = 1.0,
+                 differs: Callable[[], bool] | None = None) -> None:
         self._clock = clock
         self._publish = publish
+        self._differs = differs
         self.min_gap = min_gap
         self._pending: Any = None
         self._last: float | None = None
@@ -390,9 +397,23 @@ class ChangePublisher:
     def changed(self) -> None:
         if self._stopped or (self._pending is not None and self._pending.active()):
             return
-        now = self._clock.seconds()
-        wait = 0.0 if self._last is None else max(0.0, self._last + self.min_gap - now)
-        self._pending = self._clock.callLater(wait, self._run)
+        if self._wait() == 0.0 or self._differs is None:
+            self._pending = self._clock.callLater(self._wait(), self._run)
+        else:
+            self._pending = self._clock.callLater(0, self._later)
+
+    def _wait(self) -> float:
+        if self._last is None:
+            return 0.0
+        return max(0.0, self._last + self.min_gap - self._clock.seconds())
+
+    def _later(self) -> None:
+        """Within the gap: schedule a publication only if there is something new by then."""
+        self._pending = None
+        assert self._differs is not None
+        if not self._differs():
+            return  # a later change calls changed() again
+        self._pending = self._clock.callLater(self._wait(), self._run)
 
     def _run(self) -> None:
         self._pending = None

@@ -512,3 +512,30 @@ def test_flush_publishes_now_and_drops_the_pending_one() -> None:
     clock.advance(0.5)
     publisher.flush()
     assert published == [0.0, 0.5] and clock.getDelayedCalls() == []
+
+
+def test_a_change_undone_within_the_gap_costs_no_later_wakeup() -> None:
+    clock = task.Clock()
+    state = ["idling"]
+    published: list[str] = []
+
+    def publish() -> None:
+        published.append(state[0])
+
+    publisher = ChangePublisher(clock, publish, min_gap=1.0, differs=lambda: published[-1] != state[0])
+    publisher.changed()
+    clock.advance(0)
+    assert published == ["idling"]
+    # An IDLE renewal: renewing and back to idling within milliseconds, inside the gap.
+    state[0] = "renewing"
+    publisher.changed()
+    state[0] = "idling"
+    clock.advance(0)
+    assert clock.getDelayedCalls() == [], "nothing new: no publication scheduled a second later"
+    # A real change within the gap is published when the gap is over.
+    state[0] = "reconnecting"
+    publisher.changed()
+    clock.advance(0)
+    assert published == ["idling"] and len(clock.getDelayedCalls()) == 1
+    clock.advance(1)
+    assert published == ["idling", "reconnecting"]

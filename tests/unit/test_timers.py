@@ -79,3 +79,20 @@ def test_loop_survives_a_synchronous_exception() -> None:
     clock.advance(100)
     assert len(calls) == 2
     loop.stop()
+
+
+def test_relisting_rides_the_renewals_wakeup() -> None:
+    """With the defaults, re-listing and IDLE renewals come due on the same instant."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from mirrord.config import Account
+    from mirrord.daemon import relist_interval
+
+    account = Account("a", "h", 993, "implicit", None, "u", None, Path("/m"))  # type: ignore[arg-type]
+    assert relist_interval(account) == account.idle_renew == 1200
+    assert relist_interval(replace(account, poll_interval=3600)) == 3600, "never more often than asked"
+    for start in (5000.0, 5020.5, 5039.0):  # started a few seconds apart, as at start-up
+        renew_at = start + coalesced_delay(start, account.idle_renew)
+        relist_at = start + coalesced_delay(start, relist_interval(account))
+        assert renew_at == relist_at == 6180.0

@@ -91,7 +91,7 @@ def _install(out: str) -> None:
         owner = getattr(func, "__self__", func)
         inner = getattr(owner, "f", None)  # a LoopingCall is its own delayed call: name its function
         if inner is not None:
-            return "LoopingCall(" + getattr(inner, "__qualname__", repr(inner)) + ")"
+            return type(owner).__name__ + "(" + getattr(inner, "__qualname__", repr(inner)) + ")"
         return getattr(func, "__qualname__", repr(func))
 
     def init(self: Any, time_: float, func: Any, args: Any, kw: Any, *rest: Any, **kwrest: Any) -> None:
