@@ -129,7 +129,9 @@ def cause_of(wakeup: dict[str, Any]) -> list[str]:
     if lines and all(SERVER_KEEPALIVE in line for line in lines):
         return ["server keepalive: * OK Still here"]
     if lines:
-        return ["server data: " + lines[0][:30]]
+        # One cause per kind of reply: no tags, counts or timings.
+        first = re.sub(r"^[A-Z]+\d+ ", "<tag> ", lines[0])
+        return ["server data: " + re.sub(r"\d+(\.\d+)?", "N", first)[:30]]
     if wakeup["io"]:
         return ["I/O without an IMAP line: " + ",".join(sorted(set(wakeup["io"])))]
     return ["timeout with nothing due yet (woke before a timer's time)"]
