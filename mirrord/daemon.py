@@ -10,6 +10,7 @@ keeps retrying with backoff; it never stops the others.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,7 @@ from mirrord.store.state import StateDB
 from mirrord.sync.account import Discovery, MailboxPlan, discover
 from mirrord.sync.live import LiveMailbox, poll_every
 from mirrord.sync.mailbox import MailboxResult, MailboxSync
+from mirrord.timers import CoalescedLoop
 from mirrord.watcher import Backoff, WatcherService
 
 log = logging.getLogger("mirrord.daemon")
@@ -32,6 +34,19 @@ log = logging.getLogger("mirrord.daemon")
 LOGIN_RETRY_FIRST = 600.0
 LOGIN_RETRY_CAP = 6 * 3600.0
 """A refused login is tried again after 5-10 minutes, the wait doubling up to 6 hours."""
+
+
+def relist_interval(account: Account) -> float:
+    """How often the account's mailboxes are listed anew, to mirror those created on the server.
+
+    As often as the slowest of the daemon's own periodic work: the IDLE
+    renewals and the polls. On the shared grid of :mod:`mirrord.timers` the
+    listing then rides the wakeup that renews IDLE (or polls) anyway, instead
+    of waking an idle daemon for itself; a mailbox created on the server is
+    mirrored within ``idle_renew`` (20 minutes by default), or at once after
+    SIGHUP.
+    """
+    return max(account.poll_interval, account.idle_renew)
 
 
 def split_watched(
@@ -54,7 +69,7 @@ class MailboxRuntime:
     plan: MailboxPlan
     live: LiveMailbox
     watcher: WatcherService | None = None
-    poller: task.LoopingCall | None = None
+    poller: CoalescedLoop | None = None
 
     def display(self) -> tuple[str, float | None]:
         """(state, since) for `mirrord status`: idling, polling, reconnecting, error..."""
@@ -84,19 +99,22 @@ class AccountDaemon:
         *,
         clock: IReactorTime | None = None,
         on_new_mail: Any = None,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         self.reactor = reactor
         self.account = account
         self.state_db = state
         self.clock: IReactorTime = clock or reactor
         self.on_new_mail = on_new_mail
+        self.on_change: Callable[[], None] = on_change or (lambda: None)
+        """Called when anything `mirrord status` shows may have changed."""
         self.runtime = AccountRuntime(account)
         self.pool: WorkerPool | None = None
         self._password: str | None = None
         self._stopping = False
         self._starting: defer.Deferred[None] | None = None
         self._sleep: defer.Deferred[None] | None = None
-        self._rediscover: task.LoopingCall | None = None
+        self._rediscover: CoalescedLoop | None = None
         self.start_finished: defer.Deferred[None] = defer.Deferred()
         """Fires when start() does: the first catch-up is done (or the account gave up for now)."""
 
@@ -134,6 +152,7 @@ class AccountDaemon:
                 await self._bring_up()
                 self.runtime.state = "running"
                 self.runtime.error = None
+                self.on_change()
                 return
             except PasswordError as e:
                 self.runtime.error = str(e)
@@ -148,6 +167,7 @@ class AccountDaemon:
                 self.runtime.error = str(e) or type(e).__name__
                 delay = backoff.next()
             self.runtime.state = "error"
+            self.on_change()
             self._log_failure(refusals, delay)
             self._first_attempt_done()
             if self.pool is not None:
@@ -180,11 +200,9 @@ class AccountDaemon:
             log.warning("%s: not mirrored: %s", self.label, reason)
         self._apply_discovery(discovery, first=True)
         # Re-list now and then: mailboxes created on the server get mirrored.
-        self._rediscover = task.LoopingCall(self._relist)
-        self._rediscover.clock = self.clock
-        self._rediscover.start(self.account.poll_interval, now=False).addErrback(
-            lambda f: log.error("%s: re-listing stopped: %s", self.label, f.getErrorMessage())
-        )
+        self._rediscover = CoalescedLoop(self.clock, relist_interval(self.account), self._relist,
+                                         label=f"{self.label}: re-listing mailboxes")
+        self._rediscover.start(now=False)
         await defer.DeferredList([m.live.first_sync for m in self.runtime.mailboxes.values()])
 
     def _apply_discovery(self, discovery: Discovery, first: bool = False) -> None:
@@ -198,7 +216,7 @@ class AccountDaemon:
         watched, polled = split_watched(account, fresh, room)
         for plan in fresh:
             sync = MailboxSync.for_account(account, plan.entry, plan.local_name, self.state_db, self.pool)  # type: ignore[arg-type]
-            live = LiveMailbox(sync, self.clock, on_new_mail=self._new_mail)
+            live = LiveMailbox(sync, self.clock, on_new_mail=self._new_mail, on_change=self.on_change)
             known[plan.local_name] = MailboxRuntime(plan, live)
         for plan in watched:
             runtime = known[plan.local_name]
@@ -210,11 +228,13 @@ class AccountDaemon:
                 label=f"{self.label}/{plan.local_name}",
                 idle_renew=account.idle_renew,
                 poll_interval=account.poll_interval,
+                on_change=self.on_change,
             )
             runtime.watcher.start()
         for plan in polled:
             runtime = known[plan.local_name]
             runtime.poller = poll_every(self.clock, account.poll_interval, runtime.live)
+        self.on_change()
         log.info(
             "%s: %d mailboxes %s: %d watched with IDLE, %d polled every %g s",
             self.label,

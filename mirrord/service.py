@@ -6,12 +6,19 @@ what makes it a good citizen under systemd and in a terminal:
 - READY=1 once every account has had its first catch-up (or failed it with
   a logged reason); until then, while the reactor is alive, the start
   timeout is extended so a large first sync is not killed as a hung start.
-- STATUS= lines for ``systemctl --user status``; WATCHDOG=1 from the reactor.
+- STATUS= lines for ``systemctl --user status``; WATCHDOG=1 from the reactor
+  only when systemd asks for it (``WATCHDOG_USEC``), at its period.
 - SIGTERM/SIGINT: STOPPING=1, stop taking work, let writes finish, log out.
 - SIGHUP: re-read the config and apply it without a restart: accounts that
   are new or changed are (re)started, removed ones stopped, the rest left
   alone. A config that does not load is logged and the old one kept.
 - A status file that ``mirrord status`` reads.
+
+An idle daemon sleeps: no timer here runs unless it has to. The status is
+published when something changes (:class:`~mirrord.status.ChangePublisher`),
+and a suspend and resume is noticed when the kernel says the clock was set
+(:class:`~mirrord.watcher.ClockJumpDetector`), not by looking every few
+seconds.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from mirrord.daemon import AccountDaemon
 from mirrord.hooks import NewMailHook
 from mirrord.sdnotify import Notifier, start_watchdog
 from mirrord.watcher import ClockJumpDetector
-from mirrord.status import STATE_DB_NAME, AccountStatus, DaemonStatus, MailboxStatus, StatusFile
+from mirrord.status import STATE_DB_NAME, AccountStatus, ChangePublisher, DaemonStatus, MailboxStatus, StatusFile
 from mirrord.store.state import StateDB
 from mirrord.sync.mailbox import MailboxResult
 
@@ -39,7 +46,8 @@ log = logging.getLogger("mirrord")
 
 START_EXTEND_EVERY = 20.0
 """While the first sync runs, ask systemd for this much more start time, twice over."""
-STATUS_EVERY = 10.0
+STATUS_MIN_GAP = 1.0
+"""Seconds between two publications of the status during a burst of changes."""
 
 
 class AccountLock:
@@ -101,6 +109,10 @@ class Service:
         self._status_file: Any = None
         self.hooks: dict[str, NewMailHook] = {}
         self._jumps: ClockJumpDetector | None = None
+        self._publisher = ChangePublisher(reactor, self._publish, min_gap=STATUS_MIN_GAP,
+                                          differs=lambda: self._content()[1] != self._published)
+        self._published: tuple[str, Any] | None = None
+        """The status line and snapshot (without its time) last published."""
 
     # -- starting -----------------------------------------------------------------
 
@@ -118,7 +130,7 @@ class Service:
         await defer.DeferredList([d.start() for d in self.accounts.values()], consumeErrors=True)
         extend.stop()
         self._loops.remove(extend)
-        self._every(STATUS_EVERY, self._publish)
+        self._publisher.flush()
         self._jumps = ClockJumpDetector(self._clock_jumped, self.reactor)
         self._jumps.start()
         self.notifier.ready(self.status_line())
@@ -130,7 +142,8 @@ class Service:
             old.stop()
         if account.on_new_mail:
             self.hooks[account.name] = NewMailHook(self.reactor, account.name, account.on_new_mail)
-        return AccountDaemon(self.reactor, account, self.state, on_new_mail=self._new_mail)
+        return AccountDaemon(self.reactor, account, self.state, on_new_mail=self._new_mail,
+                             on_change=self._publisher.changed)
 
     def _every(self, seconds: float, f: Any) -> task.LoopingCall:
         loop = task.LoopingCall(f)
@@ -149,6 +162,7 @@ class Service:
 
     def _new_mail(self, account: Account, result: MailboxResult) -> None:
         self.last_mail = time.time()
+        self._publisher.changed()
         hook = self.hooks.get(account.name)
         if hook is not None:
             hook.new_mail(result.mailbox, result.fetched)
@@ -176,11 +190,24 @@ class Service:
             parts.append("last mail " + time.strftime("%H:%M", time.localtime(self.last_mail)))
         return ", ".join(parts)
 
+    def _content(self) -> tuple[DaemonStatus, tuple[str, Any]]:
+        """The snapshot, and what of it is compared with the last publication (all but its time)."""
+        snapshot = self.snapshot()
+        content = snapshot.to_json()
+        content.pop("updated", None)
+        return snapshot, (self.status_line(), content)
+
     def _publish(self) -> None:
-        self.notifier.status(self.status_line())
+        """Publish the status line and the status file, unless neither changed since last time."""
+        snapshot, (line, content) = self._content()
+        last, self._published = self._published, (line, content)
+        if last is not None and last[0] == line and last[1] == content:
+            return
+        if last is None or last[0] != line:
+            self.notifier.status(line)
         if self._status_file is not None:
             try:
-                self._status_file.write(self.snapshot())
+                self._status_file.write(snapshot)
             except OSError as e:
                 log.warning("cannot write the status file: %s", e)
 
@@ -277,6 +304,7 @@ class Service:
         await defer.DeferredList(starting, consumeErrors=True)
         log.info("config reloaded: %d accounts (%d restarted or added, %d removed)",
                  len(self.accounts), len(coming), len([n for n in going if n not in fresh]))
+        self._publisher.flush()
         self.notifier.ready(self.status_line())
 
     # -- stopping ----------------------------------------------------------------------
@@ -288,6 +316,7 @@ class Service:
             if loop.running:
                 loop.stop()
         self._loops.clear()
+        self._publisher.stop()
         for hook in self.hooks.values():
             hook.stop()
         if self._jumps is not None:

@@ -23,7 +23,7 @@ import stat
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -362,6 +362,78 @@ def find_status(config_path: Path, state_dir: Path | None = None) -> DaemonStatu
         if status is not None:
             return status
     return None
+
+
+# -- when to publish ------------------------------------------------------------
+
+
+class ChangePublisher:
+    """Publishes when something changed: soon after, at most once per ``min_gap``, never on a timer of its own.
+
+    The daemon used to rewrite the status every few seconds whether or not
+    anything had changed, which woke an idle daemon for nothing. Now every
+    change (a watcher's state, an error, new mail) calls :meth:`changed`;
+    the first change in a quiet spell is published on the next reactor turn
+    (no extra sleep and wakeup), and a burst of changes (a first sync, a
+    reconnect storm) costs one write per ``min_gap`` seconds.
+
+    ``differs`` (optional) says whether there is anything new to publish.
+    Within the gap it is asked on the next reactor turn before a later
+    publication is scheduled: an IDLE renewal changes a watcher's state and
+    changes it back within a few milliseconds, and must not cost a wakeup a
+    second later to publish what was already published.
+    """
+
+    def __init__(self, clock: Any, publish: Callable[[], None], *, min_gap: float = 1.0,
+                 differs: Callable[[], bool] | None = None) -> None:
+        self._clock = clock
+        self._publish = publish
+        self._differs = differs
+        self.min_gap = min_gap
+        self._pending: Any = None
+        self._last: float | None = None
+        self._stopped = False
+
+    def changed(self) -> None:
+        if self._stopped or (self._pending is not None and self._pending.active()):
+            return
+        if self._wait() == 0.0 or self._differs is None:
+            self._pending = self._clock.callLater(self._wait(), self._run)
+        else:
+            self._pending = self._clock.callLater(0, self._later)
+
+    def _wait(self) -> float:
+        if self._last is None:
+            return 0.0
+        return max(0.0, self._last + self.min_gap - self._clock.seconds())
+
+    def _later(self) -> None:
+        """Within the gap: schedule a publication only if there is something new by then."""
+        self._pending = None
+        assert self._differs is not None
+        if not self._differs():
+            return  # a later change calls changed() again
+        self._pending = self._clock.callLater(self._wait(), self._run)
+
+    def _run(self) -> None:
+        self._pending = None
+        self._last = self._clock.seconds()
+        try:
+            self._publish()
+        except Exception:  # noqa: BLE001 - the status is a convenience; mirroring goes on
+            log.exception("publishing the status failed")
+
+    def flush(self) -> None:
+        """Publish now (a change may be pending): at READY, `mirrord status` must already agree."""
+        if self._pending is not None and self._pending.active():
+            self._pending.cancel()
+        self._run()
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._pending is not None and self._pending.active():
+            self._pending.cancel()
+        self._pending = None
 
 
 # -- the file -------------------------------------------------------------------

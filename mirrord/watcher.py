@@ -30,17 +30,18 @@ from twisted.internet import defer, task
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+from mirrord.clockset import ClockSetAlarm
 from mirrord.flags import Flags
 from mirrord.interfaces import MailboxEvents
 from mirrord.protocol._parser import Untagged, as_flags, as_int, fetch_items
 from mirrord.protocol.client import MirrordIMAP4Client
 from mirrord.protocol.errors import CommandFailed, ConnectFailed, LoginFailed, ProtocolError
+from mirrord.timers import coalesced_delay
 
 log = logging.getLogger("mirrord.watcher")
 
 DONE_TIMEOUT = 30.0
 """Seconds to wait for the tagged OK after DONE before calling the connection dead."""
-
 
 class SequenceMapError(Exception):
     """The server's sequence numbers no longer agree with our map."""
@@ -146,6 +147,7 @@ class IdleWatcher:
         idle_renew: float,
         poll_interval: float,
         done_timeout: float = DONE_TIMEOUT,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         self.client = client
         self.raw_name = raw_name
@@ -156,8 +158,8 @@ class IdleWatcher:
         self.poll_interval = poll_interval
         self.map = SequenceMap()
         self.uidvalidity: int | None = None
-        self.state = "starting"
-        """starting, idling, polling, or stopped: what `mirrord status` shows."""
+        self.on_change: Callable[[], None] = on_change or (lambda: None)
+        self._state = "starting"
         self._session: Any = None
         self._renewal: IDelayedCall | None = None
         self._stopping = False
@@ -165,6 +167,17 @@ class IdleWatcher:
         self._rebuild = False
         self._reexamine = False
         client.command_timeout = done_timeout
+
+    @property
+    def state(self) -> str:
+        """starting, idling, renewing, polling, or stopped: what `mirrord status` shows."""
+        return self._state
+
+    @state.setter
+    def state(self, value: str) -> None:
+        if value != self._state:
+            self._state = value
+            self.on_change()
 
     # -- running ------------------------------------------------------------
 
@@ -204,7 +217,8 @@ class IdleWatcher:
                         refused.raiseException()
                     continue
                 self.state = "idling"
-                self._renewal = self.clock.callLater(self.idle_renew, self._renew)
+                delay = coalesced_delay(self.clock.seconds(), self.idle_renew)
+                self._renewal = self.clock.callLater(delay, self._renew)
                 try:
                     await session.finished
                 finally:
@@ -347,6 +361,12 @@ class ClockJumpDetector:
     or the server dropped long ago, and nothing on the wire says so; without
     this, the first sign would be the next IDLE renewal, many minutes later.
     Linux's monotonic clock does not count time asleep, the wall clock does.
+
+    The clocks are compared when the kernel says the wall clock was set
+    (resume counts as a set: :mod:`mirrord.clockset`), so an idle daemon is
+    not woken every few seconds to look. Where that alarm is not available
+    (not Linux, or a reactor without file descriptors such as ``task.Clock``)
+    the clocks are compared every ``interval`` seconds instead.
     """
 
     def __init__(
@@ -358,25 +378,46 @@ class ClockJumpDetector:
         threshold: float = 30.0,
         wall: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        alarm_factory: Callable[[Callable[[], None]], Any] = ClockSetAlarm.create,
     ) -> None:
         self.on_jump = on_jump
         self.threshold = threshold
         self._wall = wall
         self._monotonic = monotonic
         self._last = (wall(), monotonic())
-        self._loop = task.LoopingCall(self._tick)
+        self._clock = clock
+        self._alarm_factory = alarm_factory
+        self._alarm: Any = None
+        self._loop = task.LoopingCall(self.check)
         self._loop.clock = clock
         self.interval = interval
 
+    @property
+    def polling(self) -> bool:
+        """True when falling back to looking at the clocks every ``interval``."""
+        return self._loop.running
+
     def start(self) -> None:
         self._last = (self._wall(), self._monotonic())
-        self._loop.start(self.interval, now=False)
+        add_reader = getattr(self._clock, "addReader", None)
+        if add_reader is not None:
+            self._alarm = self._alarm_factory(self.check)
+        if self._alarm is not None:
+            add_reader(self._alarm)
+        else:
+            log.debug("no clock-set alarm here; comparing the clocks every %g s", self.interval)
+            self._loop.start(self.interval, now=False)
 
     def stop(self) -> None:
         if self._loop.running:
             self._loop.stop()
+        if self._alarm is not None:
+            self._clock.removeReader(self._alarm)  # type: ignore[attr-defined]
+            self._alarm.close()
+            self._alarm = None
 
-    def _tick(self) -> None:
+    def check(self) -> None:
+        """Compare the clocks now; call ``on_jump`` if the wall clock ran ahead by more than the threshold."""
         wall, mono = self._wall(), self._monotonic()
         jump = (wall - self._last[0]) - (mono - self._last[1])
         self._last = (wall, mono)
@@ -407,6 +448,7 @@ class WatcherService:
         idle_renew: float,
         poll_interval: float,
         backoff: Backoff | None = None,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         self._connect = connect
         self.raw_name = raw_name
@@ -416,6 +458,8 @@ class WatcherService:
         self.idle_renew = idle_renew
         self.poll_interval = poll_interval
         self.backoff = backoff or Backoff()
+        self.on_change: Callable[[], None] = on_change or (lambda: None)
+        """Called when ``display_state`` may have changed (for `mirrord status`)."""
         self.watcher: IdleWatcher | None = None
         self._state = "stopped"
         self.since: float = clock.seconds()
@@ -434,12 +478,18 @@ class WatcherService:
         if value != self._state:
             self._state = value
             self.since = self.clock.seconds()
+            self.on_change()
 
     @property
     def display_state(self) -> str:
-        """idling, polling, reconnecting, connecting or stopped."""
+        """idling, polling, reconnecting, connecting or stopped.
+
+        A watcher renewing its IDLE (or learning new UIDs between two IDLEs)
+        is still watching: it shows as idling, not as connecting.
+        """
         if self._state == "watching" and self.watcher is not None:
-            return {"idling": "idling", "polling": "polling"}.get(self.watcher.state, "connecting")
+            shown = {"idling": "idling", "renewing": "idling", "polling": "polling"}
+            return shown.get(self.watcher.state, "connecting")
         return self._state
 
     def check_now(self) -> None:
@@ -486,6 +536,7 @@ class WatcherService:
                     label=self.label,
                     idle_renew=self.idle_renew,
                     poll_interval=self.poll_interval,
+                    on_change=self.on_change,
                 )
                 self.state = "watching"
                 await self.watcher.run()

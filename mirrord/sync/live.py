@@ -19,12 +19,13 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from mirrord.flags import Flags
 from mirrord.protocol.errors import LoginFailed
 from mirrord.sync.mailbox import LOGIN_RETRY_AFTER, MailboxResult, MailboxSync
+from mirrord.timers import CoalescedLoop
 from mirrord.watcher import Backoff
 
 log = logging.getLogger("mirrord.sync")
@@ -43,11 +44,14 @@ class LiveMailbox:
         clock: IReactorTime,
         *,
         on_new_mail: Callable[[MailboxResult], None] | None = None,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         self.sync = sync
         self.label = sync.label
         self.clock = clock
         self.on_new_mail = on_new_mail
+        self.on_change: Callable[[], None] = on_change or (lambda: None)
+        """Called when busy, last_change or last_error may have changed (for `mirrord status`)."""
         self.last_change: float | None = None
         self.last_error: str | None = None
         self._full = False
@@ -87,6 +91,7 @@ class LiveMailbox:
 
     def disconnected(self, reason: str) -> None:
         self.last_error = reason
+        self.on_change()
         self._first_done()
 
     def _first_done(self) -> None:
@@ -135,12 +140,14 @@ class LiveMailbox:
         # _busy, not the Deferred, says whether work is in hand: an operation
         # that needs no I/O completes inside fromCoroutine, before it returns.
         self._busy = True
+        self.on_change()
         defer.Deferred.fromCoroutine(self._work())
 
     async def _work(self) -> None:
         try:
             while self._pending() and not self._stopped:
                 await self._one()
+                self.on_change()
         except Exception as e:  # noqa: BLE001 - one mailbox's trouble stays its own
             self._first_done()
             self.last_error = str(e) or type(e).__name__
@@ -154,6 +161,7 @@ class LiveMailbox:
             self._retry = self.clock.callLater(delay, self._kick)
         finally:
             self._busy = False
+            self.on_change()
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
@@ -205,9 +213,12 @@ class _Retry(Exception):
         self.retry_after = retry_after
 
 
-def poll_every(clock: IReactorTime, interval: float, mailbox: LiveMailbox) -> task.LoopingCall:
-    """Full syncs of ``mailbox`` every ``interval`` seconds, starting now."""
-    loop = task.LoopingCall(mailbox.poll)
-    loop.clock = clock
-    loop.start(interval, now=True).addErrback(lambda f: log.error("%s: polling stopped: %s", mailbox.label, f))
+def poll_every(clock: IReactorTime, interval: float, mailbox: LiveMailbox) -> CoalescedLoop:
+    """Full syncs of ``mailbox`` about every ``interval`` seconds, starting now.
+
+    On the shared grid (:mod:`mirrord.timers`): the polls of every polled
+    mailbox, and the account's re-listing, come in one wakeup.
+    """
+    loop = CoalescedLoop(clock, interval, mailbox.poll, label=f"{mailbox.label}: polling")
+    loop.start(now=True)
     return loop

@@ -443,3 +443,99 @@ def test_two_configs_do_not_see_each_other(tmp_path: Path, runtime: Path) -> Non
 )
 def test_format_duration(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
+
+
+# -- publishing on change ---------------------------------------------------------
+
+from twisted.internet import task  # noqa: E402
+
+from mirrord.status import ChangePublisher  # noqa: E402
+
+
+def test_nothing_changed_means_no_timer_and_no_write() -> None:
+    clock = task.Clock()
+    published: list[float] = []
+    ChangePublisher(clock, lambda: published.append(clock.seconds()), min_gap=1.0)
+    clock.advance(3600)
+    assert published == [] and clock.getDelayedCalls() == []
+
+
+def test_a_change_is_published_on_the_next_turn_and_a_burst_once_per_gap() -> None:
+    clock = task.Clock()
+    clock.advance(100)
+    published: list[float] = []
+    publisher = ChangePublisher(clock, lambda: published.append(clock.seconds()), min_gap=1.0)
+    publisher.changed()
+    clock.advance(0)
+    assert published == [100.0], "the first change of a quiet spell: at once, no extra sleep"
+    for _ in range(50):  # a burst of 12.5 s: one publication per gap, not fifty
+        publisher.changed()
+        clock.advance(0.25)
+    assert published == [100.0 + i for i in range(13)]
+    clock.advance(1)
+    assert len(published) == 14, "the burst's last change is published too"
+    assert clock.getDelayedCalls() == []
+    clock.advance(60)
+    publisher.changed()
+    clock.advance(0)
+    assert published[-1] == 173.5, "after a quiet minute, at once again"
+    publisher.changed()
+    publisher.stop()
+    clock.advance(10)
+    assert published[-1] == 173.5 and clock.getDelayedCalls() == []
+
+
+def test_a_failing_publish_does_not_stop_later_ones(caplog: pytest.LogCaptureFixture) -> None:
+    clock = task.Clock()
+    calls: list[int] = []
+
+    def publish() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+
+    publisher = ChangePublisher(clock, publish, min_gap=1.0)
+    publisher.changed()
+    clock.advance(0)
+    publisher.changed()
+    clock.advance(1)
+    assert len(calls) == 2 and "publishing the status failed" in caplog.text
+
+
+def test_flush_publishes_now_and_drops_the_pending_one() -> None:
+    clock = task.Clock()
+    published: list[float] = []
+    publisher = ChangePublisher(clock, lambda: published.append(clock.seconds()), min_gap=1.0)
+    publisher.changed()
+    clock.advance(0)
+    publisher.changed()  # within the gap: pending for a second later
+    clock.advance(0.5)
+    publisher.flush()
+    assert published == [0.0, 0.5] and clock.getDelayedCalls() == []
+
+
+def test_a_change_undone_within_the_gap_costs_no_later_wakeup() -> None:
+    clock = task.Clock()
+    state = ["idling"]
+    published: list[str] = []
+
+    def publish() -> None:
+        published.append(state[0])
+
+    publisher = ChangePublisher(clock, publish, min_gap=1.0, differs=lambda: published[-1] != state[0])
+    publisher.changed()
+    clock.advance(0)
+    assert published == ["idling"]
+    # An IDLE renewal: renewing and back to idling within milliseconds, inside the gap.
+    state[0] = "renewing"
+    publisher.changed()
+    state[0] = "idling"
+    clock.advance(0)
+    assert clock.getDelayedCalls() == [], "nothing new: no publication scheduled a second later"
+    # A real change within the gap is published when the gap is over.
+    state[0] = "reconnecting"
+    publisher.changed()
+    clock.advance(0)
+    assert published == ["idling"] and len(clock.getDelayedCalls()) == 1
+    clock.advance(1)
+    assert published == ["idling", "reconnecting"]

@@ -415,7 +415,7 @@ def test_service_reconnects_with_backoff_and_long_wait_after_refused_login() -> 
 from mirrord.watcher import ClockJumpDetector  # noqa: E402
 
 
-def test_a_wall_clock_jump_triggers_a_check_and_normal_time_does_not() -> None:
+def test_without_a_clock_alarm_the_clocks_are_compared_every_interval() -> None:
     clock = task.Clock()
     wall = [1000.0]
     mono = [50.0]
@@ -423,6 +423,7 @@ def test_a_wall_clock_jump_triggers_a_check_and_normal_time_does_not() -> None:
     detector = ClockJumpDetector(jumps.append, clock, interval=5, threshold=30,
                                  wall=lambda: wall[0], monotonic=lambda: mono[0])
     detector.start()
+    assert detector.polling, "task.Clock has no file descriptors: the fallback polls"
     for _ in range(10):
         wall[0] += 5
         mono[0] += 5
@@ -469,3 +470,91 @@ def test_vanished_for_a_message_not_yet_learned_rebuilds_the_map() -> None:
     assert ("expunged", (8,)) in server.events.log
     server.say(b"* 4 EXISTS")  # one more arrives: the map must see it as new
     assert server.events.log[-1] == ("new",)
+
+
+class FakeAlarm:
+    """Stands in for the kernel's clock-set alarm: a test says when the clock was set."""
+
+    def __init__(self, on_set: Any) -> None:
+        self.on_set = on_set
+        self.closed = False
+
+    def fileno(self) -> int:
+        return 99
+
+    def doRead(self) -> None:  # noqa: N802
+        self.on_set()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_with_a_clock_alarm_an_idle_daemon_is_not_woken_and_a_resume_is_noticed() -> None:
+    from twisted.internet.testing import MemoryReactorClock
+
+    reactor = MemoryReactorClock()
+    wall = [1000.0]
+    mono = [50.0]
+    jumps: list[float] = []
+    alarms: list[FakeAlarm] = []
+
+    def factory(on_set: Any) -> FakeAlarm:
+        alarms.append(FakeAlarm(on_set))
+        return alarms[-1]
+
+    detector = ClockJumpDetector(jumps.append, reactor, threshold=30, wall=lambda: wall[0],
+                                 monotonic=lambda: mono[0], alarm_factory=factory)
+    detector.start()
+    (alarm,) = alarms
+    assert not detector.polling
+    assert reactor.getDelayedCalls() == [], "no timer: nothing wakes an idle daemon"
+    assert alarm in reactor.getReaders()
+    # A day of normal time, the wall clock slewed a little by NTP: no alarm, nothing to do.
+    wall[0] += 86400 + 2
+    mono[0] += 86400
+    reactor.advance(86400)
+    assert jumps == []
+    # An NTP step of a few seconds sets the clock: the alarm fires, the jump is too small to matter.
+    wall[0] += 3
+    alarm.doRead()
+    assert jumps == []
+    # Resume after an hour asleep: the kernel fires the alarm; only the wall clock moved.
+    wall[0] += 3600
+    alarm.doRead()
+    assert jumps == [3600]
+    detector.stop()
+    assert alarm.closed and alarm not in reactor.getReaders()
+
+
+def test_where_the_alarm_cannot_be_had_the_detector_falls_back_to_polling() -> None:
+    from twisted.internet.testing import MemoryReactorClock
+
+    reactor = MemoryReactorClock()
+    detector = ClockJumpDetector(lambda jump: None, reactor, interval=5, alarm_factory=lambda on_set: None)
+    detector.start()
+    assert detector.polling and len(reactor.getDelayedCalls()) == 1
+    detector.stop()
+    assert reactor.getDelayedCalls() == []
+
+
+# -- renewals share wakeups ---------------------------------------------------------
+
+def test_watchers_that_started_idling_seconds_apart_renew_in_one_wakeup() -> None:
+    clock = task.Clock()
+    clock.advance(1_000_007.0)
+    servers = []
+    for _ in range(5):
+        server = Server()
+        server.clock = clock
+        server.client._clock = clock
+        watcher, _ = server.start()
+        idle_tag(server)
+        server.say(b"+ idling")
+        servers.append(server)
+        clock.advance(3)  # the next watcher comes up a few seconds later
+    due = {round(call.getTime(), 6) for call in clock.getDelayedCalls()}
+    assert len(due) == 1, f"one renewal instant for all, not {sorted(due)}"
+    (at,) = due
+    assert 1_000_007.0 + 4 * 3 + RENEW - 60 < at <= 1_000_007.0 + RENEW, "early by less than the slack, never late"
+    clock.advance(at - clock.seconds())
+    assert all(s.sent() == [b"DONE"] for s in servers)
