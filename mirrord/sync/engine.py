@@ -46,8 +46,18 @@ class LocalSnapshot:
     """UIDVALIDITY the state rows belong to; None if the mailbox was never synced."""
     known: Mapping[int, KnownMessage]
     """State rows by UID."""
-    files: Mapping[str, Flags]
-    """Files present in ``new/`` and ``cur/``: unique name -> flags their name carries."""
+    files: Mapping[str, Flags] | None
+    """Files present in ``new/`` and ``cur/``: unique name -> flags their name carries.
+
+    None when the directories were not listed because they are unchanged
+    since a sync found every recorded file in place with its recorded flags:
+    then each row's file is taken to be there, carrying ``representable(row.flags)``."""
+
+    def file_flags(self, row: KnownMessage) -> Flags | None:
+        """The flags ``row``'s file carries, or None if it is missing."""
+        if self.files is None:
+            return representable(row.flags)
+        return self.files.get(row.key)
 
 
 @dataclass(frozen=True)
@@ -96,7 +106,7 @@ def plan_sync(server: ServerListing, local: LocalSnapshot) -> SyncPlan:
     ):
         # The rows name UIDs of a mailbox that no longer exists as such: diffing
         # them against the new UIDs would remove and re-fetch everything.
-        if any(row.key in local.files for row in local.known.values()):
+        if any(local.file_flags(row) is not None for row in local.known.values()):
             raise UidValidityChanged(local.uidvalidity, server.uidvalidity)
         # The user moved the old copies away (what the error tells them to
         # do): start afresh.
@@ -110,7 +120,7 @@ def plan_sync(server: ServerListing, local: LocalSnapshot) -> SyncPlan:
         if row is None:
             fetch.append(uid)
             continue
-        file_flags = local.files.get(row.key)
+        file_flags = local.file_flags(row)
         if file_flags is None:
             # The row outlived its file (a reader or the user deleted it); the
             # server still has the message, so the mirror must have it too.
@@ -161,12 +171,111 @@ def plan_changes(
         row = local.known.get(uid)
         if row is None or uid in remove:
             continue
-        file_flags = local.files.get(row.key)
+        file_flags = local.file_flags(row)
         if file_flags is None:
             continue  # the next full sync re-fetches it, with its flags
         if not same_flags(server_flags, row.flags) or not same_flags(file_flags, representable(server_flags)):
             set_flags[uid] = frozenset(server_flags)
     return SyncPlan(remove=remove, set_flags=set_flags)
+
+
+@dataclass(frozen=True)
+class ServerChanges:
+    """What changed on the server since the last complete sync, as QRESYNC or CONDSTORE tell it.
+
+    ``vanished`` and ``changed`` cover every change since the HIGHESTMODSEQ
+    that sync recorded (the server may name more: UIDs we never had, flags
+    that changed and changed back); ``new`` is every UID on the server above
+    the highest UID we have.
+    """
+
+    uidvalidity: int
+    exists: int
+    """Messages in the mailbox (EXAMINE's EXISTS): checks the picture adds up."""
+    vanished: frozenset[int] = frozenset()
+    changed: Mapping[int, Flags] = field(default_factory=dict)
+    new: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class LocalSummary:
+    """The local side of a catch-up, without reading every row when nothing changed."""
+
+    snapshot: LocalSnapshot
+    """Its ``known`` holds every row when ``files`` is a listing; otherwise at
+    least the rows of the UIDs the server named (vanished or changed)."""
+    count: int
+    """How many rows the mailbox has in all."""
+    highest: int
+    """The highest UID among them (0: none)."""
+
+
+def plan_catchup(server: ServerChanges, local: LocalSummary) -> SyncPlan | None:
+    """Decide a catch-up from the server's changes instead of a complete listing.
+
+    Returns the plan :func:`plan_sync` would give for the complete listing,
+    or None when the changes do not add up to the server's mailbox (a UID
+    below our highest that we never had, a removal the server did not
+    report, another UIDVALIDITY): then only a complete listing can tell, and
+    the caller falls back to it.
+
+    Removals here are explicit server evidence (VANISHED, or absence from
+    the complete UID list of a CONDSTORE catch-up); the caller still applies
+    :func:`check_removal`, as for a listing.
+    """
+    snap = local.snapshot
+    if snap.uidvalidity != server.uidvalidity:
+        return None
+    if any(uid <= local.highest for uid in server.new):
+        return None
+    gone = sorted(uid for uid in server.vanished if uid in snap.known)
+    # Every message we keep plus every new one must be all the server has: a
+    # message below our highest UID that we never had, or one the server
+    # dropped without saying so, breaks the count.
+    if local.count - len(gone) + len(server.new) != server.exists:
+        return None
+    fetch: set[int] = set(server.new)
+    set_flags: dict[int, Flags] = {}
+    gone_set = set(gone)
+    for uid, server_flags in server.changed.items():
+        if uid > local.highest or uid in gone_set:
+            continue
+        row = snap.known.get(uid)
+        if row is None:
+            return None  # a message we should have and do not: only a listing can say more
+        _reconcile(uid, frozenset(server_flags), row, snap, fetch, set_flags)
+    if snap.files is not None:
+        # The Maildir was listed: files deleted or renamed by hand are found
+        # here, their server flags being the recorded ones (unchanged since).
+        for uid, row in snap.known.items():
+            if uid in gone_set or uid in server.changed:
+                continue
+            _reconcile(uid, row.flags, row, snap, fetch, set_flags)
+    return SyncPlan(fetch=tuple(sorted(fetch)), remove=tuple(gone), set_flags=set_flags)
+
+
+def _reconcile(
+    uid: int, server_flags: Flags, row: KnownMessage, local: LocalSnapshot, fetch: set[int], set_flags: dict[int, Flags]
+) -> None:
+    """plan_sync's rule for one kept message: re-fetch a missing file, fix differing flags."""
+    file_flags = local.file_flags(row)
+    if file_flags is None:
+        fetch.add(uid)
+    elif not same_flags(server_flags, row.flags) or not same_flags(file_flags, representable(server_flags)):
+        set_flags[uid] = server_flags
+
+
+def files_in_place(known: Mapping[int, KnownMessage], files: Mapping[str, Flags]) -> bool:
+    """Whether every row's file is present and carries the row's flags.
+
+    When it holds right after a sync, the Maildir's directory mtimes can
+    stand for a listing next time (see LocalSnapshot.files).
+    """
+    for row in known.values():
+        file_flags = files.get(row.key)
+        if file_flags is None or not same_flags(file_flags, representable(row.flags)):
+            return False
+    return True
 
 
 class MassRemoval(Exception):
