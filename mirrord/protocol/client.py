@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import functools
 import logging
+import re
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -199,6 +200,16 @@ def uid_set(uids: Iterable[int]) -> bytes:
         start = prev = uid
     ranges.append(b"%d" % start if start == prev else b"%d:%d" % (start, prev))
     return b",".join(ranges)
+
+
+_LISTING_LINE = re.compile(
+    rb"\* [0-9]{1,10} FETCH \((?:"
+    rb"UID (?P<uid1>[0-9]{1,10}) FLAGS \((?P<flags1>[^\x00-\x1f\x7f()\"{}%*\[\]]*)\) RFC822\.SIZE (?P<size1>[0-9]{1,20})"
+    rb"|FLAGS \((?P<flags2>[^\x00-\x1f\x7f()\"{}%*\[\]]*)\) UID (?P<uid2>[0-9]{1,10}) RFC822\.SIZE (?P<size2>[0-9]{1,20})"
+    rb")\)",
+    re.IGNORECASE,
+)
+"""A listing's FETCH response as Dovecot, Cyrus and Courier write it: the fast path."""
 
 
 def parse_uid_set(text: bytes) -> set[int]:
@@ -691,6 +702,9 @@ class MirrordIMAP4Client(IMAP4Client):
     async def uid_fetch_listing(self, uids: bytes = b"1:*") -> dict[int, ListingEntry]:
         """UID -> flags and size for a UID set: the complete listing a sync diffs against."""
         listing: dict[int, ListingEntry] = {}
+        # A mailbox has few distinct flag lists: decode each once (this runs
+        # once per message of every mailbox on every sync without CONDSTORE).
+        flag_sets: dict[tuple[Any, ...], Flags] = {}
 
         def claim(response: Untagged) -> bool:
             if response.kind != "FETCH":
@@ -698,15 +712,44 @@ class MirrordIMAP4Client(IMAP4Client):
             items = fetch_items(response)
             if "UID" not in items or "FLAGS" not in items or "BODY[]" in items:
                 return False
+            raw = items["FLAGS"]
+            try:
+                flags = flag_sets[tuple(raw)]
+            except (KeyError, TypeError):
+                flags = as_flags(raw)
+                flag_sets[tuple(raw)] = flags
             size = items.get("RFC822.SIZE")
             listing[as_int(items["UID"], "UID")] = ListingEntry(
-                as_flags(items["FLAGS"]), as_int(size, "RFC822.SIZE") if size is not None else None
+                flags, as_int(size, "RFC822.SIZE") if size is not None else None
             )
             return True
 
-        await self._run(
-            self._simple("UID FETCH", uids + b" (UID FLAGS RFC822.SIZE)", claim=claim, pipelined=True)
-        )
+        def fast(line: bytes) -> bool:
+            # Most of a plain catch-up's time went into tokenising these lines
+            # one by one; the common shape is read here with one regex, and
+            # anything else takes the general path (and ``claim``).
+            if command.tag not in self._in_flight:
+                return False
+            m = _LISTING_LINE.fullmatch(line)
+            if m is None:
+                return False
+            uid, flag_text, size_text = m.group("uid1", "flags1", "size1")
+            if uid is None:
+                uid, flag_text, size_text = m.group("uid2", "flags2", "size2")
+            try:
+                flags = flag_sets[(flag_text,)]
+            except KeyError:
+                flags = flag_sets[(flag_text,)] = frozenset(flag_text.decode("ascii", "replace").split())
+            listing[int(uid)] = ListingEntry(flags, int(size_text))
+            return True
+
+        command = self._simple("UID FETCH", uids + b" (UID FLAGS RFC822.SIZE)", claim=claim, pipelined=True)
+        self._reader.fast_line = fast
+        try:
+            await self._run(command)
+        finally:
+            if self._reader.fast_line is fast:
+                self._reader.fast_line = None
         return listing
 
     @_drops_on_malformed

@@ -14,8 +14,10 @@ to removal here (invariant 3).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from mirrord.flags import Flags, representable
 
@@ -38,13 +40,23 @@ class KnownMessage:
     flags: Flags
 
 
+class Known(Protocol):
+    """What the engine reads of a state row (KnownMessage, or the store's own record)."""
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def flags(self) -> Flags: ...
+
+
 @dataclass(frozen=True)
 class LocalSnapshot:
     """What we have for one mailbox."""
 
     uidvalidity: int | None
     """UIDVALIDITY the state rows belong to; None if the mailbox was never synced."""
-    known: Mapping[int, KnownMessage]
+    known: Mapping[int, Known]
     """State rows by UID."""
     files: Mapping[str, Flags] | None
     """Files present in ``new/`` and ``cur/``: unique name -> flags their name carries.
@@ -53,7 +65,7 @@ class LocalSnapshot:
     since a sync found every recorded file in place with its recorded flags:
     then each row's file is taken to be there, carrying ``representable(row.flags)``."""
 
-    def file_flags(self, row: KnownMessage) -> Flags | None:
+    def file_flags(self, row: Known) -> Flags | None:
         """The flags ``row``'s file carries, or None if it is missing."""
         if self.files is None:
             return representable(row.flags)
@@ -114,12 +126,16 @@ def plan_sync(server: ServerListing, local: LocalSnapshot) -> SyncPlan:
 
     fetch: list[int] = []
     set_flags: dict[int, Flags] = {}
+    known = local.known
+    unlisted = local.files is None
     for uid in sorted(server.messages):
         server_flags = frozenset(server.messages[uid])
-        row = local.known.get(uid)
+        row = known.get(uid)
         if row is None:
             fetch.append(uid)
             continue
+        if unlisted and server_flags == row.flags:
+            continue  # the common case, decided without looking further: nothing changed
         file_flags = local.file_flags(row)
         if file_flags is None:
             # The row outlived its file (a reader or the user deleted it); the
@@ -149,8 +165,13 @@ def same_flags(a: Flags, b: Flags) -> bool:
     return _canonical(a) == _canonical(b)
 
 
+@functools.lru_cache(maxsize=4096)
 def _canonical(flags: Flags) -> Flags:
+    # Cached: a mailbox has few distinct flag sets, compared once per message.
     return frozenset(f.lower() if f.startswith("\\") else f for f in flags)
+
+
+representable = functools.lru_cache(maxsize=4096)(representable)
 
 
 def plan_changes(
@@ -255,7 +276,7 @@ def plan_catchup(server: ServerChanges, local: LocalSummary) -> SyncPlan | None:
 
 
 def _reconcile(
-    uid: int, server_flags: Flags, row: KnownMessage, local: LocalSnapshot, fetch: set[int], set_flags: dict[int, Flags]
+    uid: int, server_flags: Flags, row: Known, local: LocalSnapshot, fetch: set[int], set_flags: dict[int, Flags]
 ) -> None:
     """plan_sync's rule for one kept message: re-fetch a missing file, fix differing flags."""
     file_flags = local.file_flags(row)
@@ -265,7 +286,7 @@ def _reconcile(
         set_flags[uid] = server_flags
 
 
-def files_in_place(known: Mapping[int, KnownMessage], files: Mapping[str, Flags]) -> bool:
+def files_in_place(known: Mapping[int, Known], files: Mapping[str, Flags]) -> bool:
     """Whether every row's file is present and carries the row's flags.
 
     When it holds right after a sync, the Maildir's directory mtimes can

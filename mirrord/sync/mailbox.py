@@ -386,7 +386,7 @@ class MailboxSync:
         files = None if trust else self.maildir.scan()
         snapshot = LocalSnapshot(
             uidvalidity=uidvalidity,
-            known={uid: KnownMessage(r.key, r.flags) for uid, r in known.items()},
+            known=known,
             files=None if files is None else {key: f.flags for key, f in files.items()},
         )
         return snapshot, files
