@@ -422,3 +422,43 @@ def test_uid_search_all_without_esearch() -> None:
     assert sent(transport) == b"M1 UID SEARCH ALL\r\n"
     client.dataReceived(b"* SEARCH 4 2 9\r\nM1 OK done\r\n")
     assert result_of(d) == {2, 4, 9}
+
+
+def _listing(lines: bytes, monkeypatch: Any = None) -> dict[int, Any]:
+    client, transport, _ = connected()
+    d = run(client.uid_fetch_listing())
+    sent(transport)
+    client.dataReceived(lines + b"M1 OK done\r\n")
+    return {uid: (e.flags, e.size) for uid, e in result_of(d).items()}
+
+
+def test_listing_fast_path_reads_the_same_as_the_general_parser(monkeypatch: pytest.MonkeyPatch) -> None:
+    lines = (
+        b"* 1 FETCH (UID 10 FLAGS (\\Seen $Junk) RFC822.SIZE 99)\r\n"
+        b"* 2 EXISTS\r\n"
+        b"* 2 FETCH (FLAGS () UID 12 RFC822.SIZE 5)\r\n"
+        b"* 3 FETCH (uid 13 flags (\\Answered  \\Seen) rfc822.size 7)\r\n"
+        b"* 4 FETCH (UID 14 FLAGS (\\Seen) MODSEQ (77) RFC822.SIZE 8)\r\n"  # general path
+        b"* 5 FETCH (UID 15 FLAGS (a[1]) RFC822.SIZE 9)\r\n"  # general path
+        b"* 6 FETCH (RFC822.SIZE 10 UID 16 FLAGS (\\Draft))\r\n"  # general path
+    )
+    fast = _listing(lines)
+    import mirrord.protocol.client as client_module
+
+    monkeypatch.setattr(client_module, "_LISTING_LINE", __import__("re").compile(rb"(?!)"))
+    general = _listing(lines)
+    assert fast == general
+    assert fast[10] == ({"\\Seen", "$Junk"}, 99) and fast[13] == ({"\\Answered", "\\Seen"}, 7)
+    assert set(fast) == {10, 12, 13, 14, 15, 16}
+
+
+def test_listing_fast_path_ends_with_its_command() -> None:
+    client, transport, _ = connected()
+    d = run(client.uid_fetch_listing())
+    sent(transport)
+    client.dataReceived(b"* 1 FETCH (UID 10 FLAGS () RFC822.SIZE 1)\r\nM1 OK done\r\n")
+    result_of(d)
+    seen: list[Any] = []
+    client.on_unsolicited = seen.append
+    client.dataReceived(b"* 1 FETCH (UID 10 FLAGS (\\Seen) RFC822.SIZE 1)\r\n")
+    assert [r.kind for r in seen] == ["FETCH"]
