@@ -592,7 +592,10 @@ class MailboxSync:
                     if status.highestmodseq != since
                     else defer.succeed({})
                 )
-                uids, changed = await d_uids, await d_changed
+                try:
+                    uids, changed = await defer.gatherResults([d_uids, d_changed], consumeErrors=True)
+                except defer.FirstError as e:
+                    e.subFailure.raiseException()  # the connection error itself, for the pool's retry
                 new = {uid: ListingEntry(frozenset(), None) for uid in uids if uid > highest}
                 mine = self.state.uids(self.account, self.name)
                 changes = ServerChanges(
