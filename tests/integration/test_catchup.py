@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,14 @@ def change_while_down(account: ImapAccount) -> None:
         client.append("INBOX", make_message(i, size=1500))
 
 
+def mailbox_row(root: Path, mailbox: str) -> tuple[int | None, int | None, int | None]:
+    """(highestmodseq, new/ mtime, cur/ mtime) as the state DB has them."""
+    with sqlite3.connect(root / "state" / "state.sqlite3") as conn:
+        return conn.execute(
+            "SELECT highestmodseq, new_mtime, cur_mtime FROM mailbox WHERE mailbox = ?", (mailbox,)
+        ).fetchone()
+
+
 def mirrored(account: ImapAccount, root: Path) -> None:
     for mailbox in ("INBOX", "Archive"):
         assert_mirrors(account, root / "Mail", mailbox)
@@ -72,6 +81,10 @@ def test_qresync_restart_with_nothing_changed_sends_one_examine_per_mailbox(
     assert "BODY.PEEK[]" not in stderr and "UID SEARCH" not in stderr
     assert "up to date" in stderr
     mirrored(imap_account, tmp_path)
+    # The Maildir stamp that lets the next sync skip listing new/ and cur/ is on record.
+    modseq, new_mtime, cur_mtime = mailbox_row(tmp_path, "INBOX")
+    inbox = tmp_path / "Mail" / "INBOX"
+    assert modseq and (new_mtime, cur_mtime) == ((inbox / "new").stat().st_mtime_ns, (inbox / "cur").stat().st_mtime_ns)
 
 
 def test_qresync_catchup_fetches_exactly_what_changed(imap_account: ImapAccount, tmp_path: Path) -> None:
@@ -120,10 +133,13 @@ def test_catchup_removing_most_of_a_mailbox_stops_until_allowed(imap_account: Im
     uids = imap_account.client.uids("INBOX")
     imap_account.client.expunge("INBOX", uids[:10])
 
+    before = mailbox_row(tmp_path, "INBOX")[0]
     run = mirrord("-c", str(config), "run", "--once")
     assert run.status == 1
     assert "would remove 10 of 12 local copies" in run.stderr
     assert len(local_messages(tmp_path / "Mail" / "INBOX")) == 12
+    # A sync that did not complete leaves the HIGHESTMODSEQ of the last one that did.
+    assert mailbox_row(tmp_path, "INBOX")[0] == before
 
     sync(config, "--allow-delete", "INBOX")
     mirrored(imap_account, tmp_path)
@@ -184,3 +200,22 @@ def test_catchup_without_qresync_converges(
         mirrored(account, tmp_path)
     finally:
         account.close()
+
+
+def test_qresync_catchup_that_does_not_add_up_lists_in_full(imap_account: ImapAccount, tmp_path: Path) -> None:
+    """A message below our highest UID that we never got (a batch that failed, say) is found."""
+    fill(imap_account)
+    config = write_config(tmp_path, imap_account)
+    sync(config)
+    uid = imap_account.client.uids("INBOX")[3]
+    with sqlite3.connect(tmp_path / "state" / "state.sqlite3") as conn:
+        (key,) = conn.execute("SELECT key FROM message WHERE mailbox = 'INBOX' AND uid = ?", (uid,)).fetchone()
+        conn.execute("DELETE FROM message WHERE mailbox = 'INBOX' AND uid = ?", (uid,))
+    for path in (tmp_path / "Mail" / "INBOX").glob(f"*/{key}*"):
+        path.unlink()
+
+    stderr, sent = sync(config)
+    assert "do not add up" in stderr
+    assert any(c.startswith(FULL_LISTING) for c in sent), sent
+    assert f"UID FETCH {uid} (UID FLAGS RFC822.SIZE BODY.PEEK[])" in sent
+    mirrored(imap_account, tmp_path)
