@@ -317,8 +317,13 @@ def check_removal(plan: SyncPlan, known: int, max_delete: float) -> None:
     """Raise MassRemoval if ``plan`` removes a whole non-empty mailbox or more than ``max_delete`` of it.
 
     ``known`` is how many messages we have locally; ``max_delete`` a share
-    from 0 to 1. Only listings are checked: an EXPUNGE or VANISHED names each
-    UID, which is evidence, not inference from absence.
+    from 0 to 1. Listings and catch-ups are checked, live events are not.
+    A VANISHED (EARLIER) in a catch-up names each UID, so it is evidence in
+    the sense of invariant 2, but it arrives in bulk after any length of
+    downtime, from the same server that might be half-restored or be the
+    wrong mailbox behind a name: a catch-up that would remove most of a
+    mailbox stops and asks, exactly as a listing would. An EXPUNGE or
+    VANISHED seen live, one change at a time, is applied.
     """
     count = len(plan.remove)
     if not count:
