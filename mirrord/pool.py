@@ -48,11 +48,11 @@ class Worker:
             self.client = await self.pool.connect(self.label)
         return self.client
 
-    async def examine(self, raw_name: bytes) -> MailboxStatus:
-        """EXAMINE ``raw_name`` now, for a fresh view of its state."""
+    async def examine(self, raw_name: bytes, **params: Any) -> MailboxStatus:
+        """EXAMINE ``raw_name`` now, for a fresh view of its state (``params``: see the client's)."""
         client = await self.connection()
         self.selected = None
-        self.status = await client.examine(raw_name)
+        self.status = await client.examine(raw_name, **params)
         self.selected = raw_name
         return self.status
 
@@ -108,9 +108,12 @@ class WorkerPool:
             return await self._connect(label)
         return await open_session(self.reactor, self.account, self._password, label=label)
 
-    async def _acquire(self) -> Worker:
+    async def _acquire(self, prefer: Worker | None = None) -> Worker:
         if self._closed:
             raise RuntimeError("the worker pool is closed")
+        if prefer is not None and prefer in self._idle:
+            self._idle.remove(prefer)
+            return prefer
         if self._idle:
             return self._idle.pop(0)
         waiter: defer.Deferred[Worker] = defer.Deferred()
@@ -123,16 +126,19 @@ class WorkerPool:
         else:
             self._idle.append(worker)
 
-    async def run(self, job: Callable[[Worker], Awaitable[T]], what: str = "job") -> T:
+    async def run(
+        self, job: Callable[[Worker], Awaitable[T]], what: str = "job", prefer: Worker | None = None
+    ) -> T:
         """Run ``job`` on a free worker, retrying on a fresh connection if it drops.
 
-        A refused login is not retried: trying again at once is how accounts
-        get locked.
+        ``prefer``: take this worker if it is free (it has the job's mailbox
+        selected already, which saves an EXAMINE). A refused login is not
+        retried: trying again at once is how accounts get locked.
         """
         attempt = 0
         while True:
             attempt += 1
-            worker = await self._acquire()
+            worker = await self._acquire(prefer if attempt == 1 else None)
             try:
                 return await job(worker)
             except LoginFailed:

@@ -284,6 +284,16 @@ def _write_file(path: Path, data: bytes, mode: int) -> None:
     os.replace(tmp, path)
 
 
+DOVECOT_CAPABILITY = (
+    "IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE SORT SORT=DISPLAY THREAD=REFERENCES "
+    "THREAD=REFS THREAD=ORDEREDSUBJECT MULTIAPPEND URL-PARTIAL CATENATE UNSELECT CHILDREN "
+    "NAMESPACE UIDPLUS LIST-EXTENDED I18NLEVEL=1 CONDSTORE QRESYNC ESEARCH ESORT SEARCHRES "
+    "WITHIN CONTEXT=SEARCH LIST-STATUS BINARY MOVE SNIPPET=FUZZY PREVIEW=FUZZY PREVIEW "
+    "STATUS=SIZE SAVEDATE LITERAL+ NOTIFY"
+)
+"""What Dovecot 2.3 (Debian 12) lists after login by default."""
+
+
 class PrivateDovecot:
     """A throwaway Dovecot IMAP server on 127.0.0.1, living entirely under ``root``.
 
@@ -298,7 +308,10 @@ class PrivateDovecot:
     fine. Started by anyone else, everything runs as that user.
 
     ``imap_capability`` replaces the capability list (to hide IDLE,
-    CONDSTORE... from fallback tests); ``max_connections`` is
+    CONDSTORE... from fallback tests); ``hide_capabilities`` is the short
+    way to the same: Dovecot's default list (:data:`DOVECOT_CAPABILITY`)
+    without the named ones, e.g. ``("CONDSTORE", "QRESYNC")`` for a server
+    without the catch-up extensions; ``max_connections`` is
     ``mail_max_userip_connections``; ``cert_names`` are the DNS names and IP
     addresses the server certificate is valid for; ``extra_config`` comes
     last in the config, so it can also override anything above it.
@@ -313,6 +326,7 @@ class PrivateDovecot:
         root: Path,
         *,
         imap_capability: str | None = None,
+        hide_capabilities: Sequence[str] = (),
         max_connections: int = 50,
         cert_names: Sequence[str] = ("localhost", "127.0.0.1"),
         extra_config: str = "",
@@ -330,6 +344,11 @@ class PrivateDovecot:
             )
         if isinstance(cert_names, str):
             cert_names = (cert_names,)
+        if hide_capabilities:
+            if imap_capability is not None:
+                raise ValueError("give imap_capability or hide_capabilities, not both")
+            hidden = {c.upper() for c in hide_capabilities}
+            imap_capability = " ".join(c for c in DOVECOT_CAPABILITY.split() if c.upper() not in hidden)
         self.imap_capability = imap_capability
         self.max_connections = max_connections
         self.cert_names: tuple[str, ...] = tuple(cert_names)

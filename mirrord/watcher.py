@@ -34,7 +34,7 @@ from mirrord.clockset import ClockSetAlarm
 from mirrord.flags import Flags
 from mirrord.interfaces import MailboxEvents
 from mirrord.protocol._parser import Untagged, as_flags, as_int, fetch_items
-from mirrord.protocol.client import MirrordIMAP4Client
+from mirrord.protocol.client import MirrordIMAP4Client, parse_uid_set
 from mirrord.protocol.errors import CommandFailed, ConnectFailed, LoginFailed, ProtocolError
 from mirrord.timers import coalesced_delay
 
@@ -99,19 +99,6 @@ class SequenceMap:
         for seq, uid in found.items():
             if 1 <= seq <= len(self._uids):
                 self._uids[seq - 1] = uid
-
-
-def parse_uid_set(text: bytes) -> set[int]:
-    """``1:3,7,9:10`` -> {1, 2, 3, 7, 9, 10}; ranges may come in either order."""
-    uids: set[int] = set()
-    for part in text.split(b","):
-        first, _, last = part.partition(b":")
-        a = as_int(first, "UID")
-        b = as_int(last, "UID") if last else a
-        if abs(b - a) > 10_000_000:
-            raise ProtocolError(f"absurd UID range {part[:40]!r}")
-        uids.update(range(min(a, b), max(a, b) + 1))
-    return uids
 
 
 class Backoff:

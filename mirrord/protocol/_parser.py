@@ -157,6 +157,10 @@ class ResponseReader:
         self._scanned = 0
         """How much of the buffer is known to hold no LF (no rescans of a long line)."""
         self._pending: _Pending | None = None
+        self.fast_line: Callable[[bytes], bool] | None = None
+        """Offered each line that starts a response, before it is parsed; True:
+        it was handled. A consumer's short cut for a flood of simple responses
+        (a listing's ``* n FETCH (UID u FLAGS (...) RFC822.SIZE s)``)."""
         # Literal in progress: bytes left, and either a sink or a memory buffer.
         self._literal_left = 0
         self._literal_sink: LiteralSink | None = None
@@ -284,6 +288,8 @@ class ResponseReader:
             self._on_line(line)
         if self._pending is not None:
             self._tokens(line, self._pending)
+            return
+        if self.fast_line is not None and self.fast_line(line):
             return
         if line.startswith(b"+"):
             self._emit(Continuation(line[2:].decode("utf-8", "replace")))

@@ -112,6 +112,7 @@ async def open_session(
             raise LoginFailed(
                 f"{where} refused the login of {account.username!r}: {e.text or e.status}"
             ) from None
+        await enable_resync(client)
     except ConnectionLost as e:
         _abort(client)
         reason = _tls_reason(Failure(e)) if not isinstance(e, ConnectionLost) else None
@@ -127,6 +128,29 @@ async def open_session(
         raise ConnectFailed(f"{where}: session setup failed: {e}") from None
     log.debug("%s: logged in to %s; capabilities: %s", label, where, " ".join(sorted(client.capabilities)))
     return client
+
+
+async def enable_resync(client: MirrordIMAP4Client) -> None:
+    """Turn on QRESYNC (or CONDSTORE alone) where offered, for cheap catch-ups.
+
+    With QRESYNC an EXAMINE can ask "what changed since modseq M" and gets
+    VANISHED (EARLIER) plus the changed flags; the session then also reports
+    expunges as VANISHED rather than EXPUNGE, which the watcher handles.
+    CONDSTORE alone gives CHANGEDSINCE for flags. A server refusing ENABLE
+    is not an error: the session just stays without them, and syncs use the
+    full listing.
+    """
+    caps = client.capabilities
+    if "QRESYNC" in caps:
+        wanted = "QRESYNC"
+    elif "CONDSTORE" in caps and "ENABLE" in caps:
+        wanted = "CONDSTORE"
+    else:
+        return
+    try:
+        await client.enable(wanted)
+    except CommandFailed as e:
+        log.info("%s: server refused ENABLE %s (%s); catch-ups use full listings", client.label, wanted, e.text)
 
 
 def _abort(client: MirrordIMAP4Client) -> None:

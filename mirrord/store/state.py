@@ -11,6 +11,7 @@ enforces that.
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -18,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import NamedTuple
 
 from mirrord._fs import make_private_dirs
 from mirrord.flags import Flags
@@ -25,7 +27,7 @@ from mirrord.flags import Flags
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _MAX_UID = 2**32 - 1
 _MAX_MODSEQ = 2**63 - 1
@@ -41,11 +43,18 @@ class MailboxRecord:
     mailbox: str
     uidvalidity: int
     highestmodseq: int | None
+    """The server's HIGHESTMODSEQ when the last complete sync looked (its EXAMINE);
+    None when no complete sync is on record since the rows last changed."""
     last_sync: float | None
+    maildir_stamp: tuple[int, int] | None = None
+    """Modification times (ns) of the Maildir's new/ and cur/ when the last sync
+    found every recorded file in place with its flags; None: unknown."""
 
 
-@dataclass(frozen=True)
-class MessageRecord:
+class MessageRecord(NamedTuple):
+    """One row. A named tuple, not a dataclass: a sync reads every row of a
+    mailbox, and a frozen dataclass costs about three times as much to build."""
+
     uid: int
     key: str
     """The Maildir unique name of the local file (the part before ``:2,``)."""
@@ -102,9 +111,17 @@ def _v2(conn: sqlite3.Connection) -> None:
     )
 
 
+def _v3(conn: sqlite3.Connection) -> None:
+    # The Maildir's new/ and cur/ mtimes when every recorded file was last seen
+    # in place: while both are unchanged, a sync need not list the directories
+    # to find files deleted or renamed by hand.
+    conn.execute("ALTER TABLE mailbox ADD COLUMN new_mtime INTEGER")
+    conn.execute("ALTER TABLE mailbox ADD COLUMN cur_mtime INTEGER")
+
+
 # _MIGRATIONS[n] takes a DB at version n-1 to version n. Later schema changes
 # append a step here; never edit a released one.
-_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1, 2: _v2}
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1, 2: _v2, 3: _v3}
 
 
 def _canonical_flags(flags: Flags) -> str:
@@ -115,7 +132,22 @@ def _canonical_flags(flags: Flags) -> str:
     return " ".join(sorted(set(flags)))
 
 
+def _mailbox_record(
+    account: str,
+    mailbox: str,
+    uidvalidity: int,
+    highestmodseq: int | None,
+    last_sync: float | None,
+    new_mtime: int | None,
+    cur_mtime: int | None,
+) -> MailboxRecord:
+    stamp = (new_mtime, cur_mtime) if new_mtime is not None and cur_mtime is not None else None
+    return MailboxRecord(account, mailbox, uidvalidity, highestmodseq, last_sync, stamp)
+
+
+@functools.lru_cache(maxsize=4096)
 def _parse_flags(text: str) -> Flags:
+    # Cached: a mailbox has few distinct flag sets, and every row is read.
     return frozenset(text.split())
 
 
@@ -226,24 +258,36 @@ class StateDB:
         else:
             db.execute(f"RELEASE sp{self._depth}")
 
+    @contextmanager
+    def _synchronous(self, mode: str | None) -> Iterator[None]:
+        """Run a block under another ``PRAGMA synchronous`` (None: as is), then back to FULL."""
+        if mode is None:
+            yield
+            return
+        self._db.execute(f"PRAGMA synchronous={mode}")
+        try:
+            yield
+        finally:
+            self._db.execute("PRAGMA synchronous=FULL")
+
     # -- mailboxes --------------------------------------------------------
 
     def mailbox(self, account: str, mailbox: str) -> MailboxRecord | None:
         row = self._db.execute(
-            "SELECT uidvalidity, highestmodseq, last_sync FROM mailbox"
+            "SELECT uidvalidity, highestmodseq, last_sync, new_mtime, cur_mtime FROM mailbox"
             " WHERE account = ? AND mailbox = ?",
             (account, mailbox),
         ).fetchone()
-        return None if row is None else MailboxRecord(account, mailbox, *row)
+        return None if row is None else _mailbox_record(account, mailbox, *row)
 
     def mailboxes(self, account: str) -> list[MailboxRecord]:
         """The account's mailboxes, ordered by name."""
         rows = self._db.execute(
-            "SELECT mailbox, uidvalidity, highestmodseq, last_sync FROM mailbox"
+            "SELECT mailbox, uidvalidity, highestmodseq, last_sync, new_mtime, cur_mtime FROM mailbox"
             " WHERE account = ? ORDER BY mailbox",
             (account,),
         ).fetchall()
-        return [MailboxRecord(account, *row) for row in rows]
+        return [_mailbox_record(account, *row) for row in rows]
 
     def set_mailbox(
         self,
@@ -252,24 +296,38 @@ class StateDB:
         uidvalidity: int,
         highestmodseq: int | None = None,
         last_sync: float | None = None,
+        maildir_stamp: tuple[int, int] | None = None,
+        *,
+        durable: bool = True,
     ) -> None:
         """Write the whole mailbox row; None stores NULL, it does not keep the old value.
 
         Keeping an old HIGHESTMODSEQ across a UIDVALIDITY change would make the
-        next sync skip changes; forgetting one only costs a full listing.
+        next sync skip changes; forgetting one only costs a full listing. The
+        same goes for the Maildir stamp: forgetting it costs one directory scan.
+
+        ``durable=False`` commits without an fsync, for a write whose loss in a
+        power cut is harmless because the row it replaces is still true (a
+        sync's closing mark): WAL keeps commits in order, so it can be lost
+        only together with everything after it, never on its own. Inside an
+        enclosing transaction it is as durable as that one.
         """
         _check_uid(uidvalidity, "uidvalidity")
         if highestmodseq is not None and not 0 <= highestmodseq <= _MAX_MODSEQ:
             raise ValueError(f"highestmodseq out of range: {highestmodseq!r}")
-        with self.transaction():
+        new_mtime, cur_mtime = maildir_stamp if maildir_stamp is not None else (None, None)
+        with self._synchronous("NORMAL" if not durable and self._depth == 0 else None), self.transaction():
             self._db.execute(
-                "INSERT INTO mailbox (account, mailbox, uidvalidity, highestmodseq, last_sync)"
-                " VALUES (?, ?, ?, ?, ?)"
+                "INSERT INTO mailbox (account, mailbox, uidvalidity, highestmodseq, last_sync,"
+                " new_mtime, cur_mtime)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (account, mailbox) DO UPDATE SET"
                 " uidvalidity = excluded.uidvalidity,"
                 " highestmodseq = excluded.highestmodseq,"
-                " last_sync = excluded.last_sync",
-                (account, mailbox, uidvalidity, highestmodseq, last_sync),
+                " last_sync = excluded.last_sync,"
+                " new_mtime = excluded.new_mtime,"
+                " cur_mtime = excluded.cur_mtime",
+                (account, mailbox, uidvalidity, highestmodseq, last_sync, new_mtime, cur_mtime),
             )
 
     def delete_mailbox(self, account: str, mailbox: str) -> None:
@@ -298,10 +356,30 @@ class StateDB:
                 chunk = wanted[i : i + 500]
                 marks = ",".join("?" * len(chunk))
                 rows.extend(self._db.execute(f"{query} AND uid IN ({marks})", (account, mailbox, *chunk)))
+        parse = _parse_flags
+        return {uid: MessageRecord(uid, key, parse(flags), size) for uid, key, flags, size in rows}
+
+    def uids(self, account: str, mailbox: str) -> set[int]:
+        """The UIDs we have, without their rows: cheap next to :meth:`messages`."""
         return {
-            uid: MessageRecord(uid, key, _parse_flags(flags), size)
-            for uid, key, flags, size in rows
+            uid
+            for (uid,) in self._db.execute(
+                "SELECT uid FROM message WHERE account = ? AND mailbox = ?", (account, mailbox)
+            )
         }
+
+    def keys(self, account: str, mailbox: str) -> list[tuple[str, str]]:
+        """(key, flags as stored: space separated, sorted) of every row, unparsed: for quick checks."""
+        return self._db.execute(
+            "SELECT key, flags FROM message WHERE account = ? AND mailbox = ?", (account, mailbox)
+        ).fetchall()
+
+    def summary(self, account: str, mailbox: str) -> tuple[int, int]:
+        """How many rows the mailbox has and its highest UID (0 when none): one index scan."""
+        count, highest = self._db.execute(
+            "SELECT COUNT(*), MAX(uid) FROM message WHERE account = ? AND mailbox = ?", (account, mailbox)
+        ).fetchone()
+        return count, highest or 0
 
     def highest_uid(self, account: str, mailbox: str) -> int | None:
         """The highest UID we have: new mail is what lies above it. An index lookup."""

@@ -14,8 +14,10 @@ to removal here (invariant 3).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from mirrord.flags import Flags, representable
 
@@ -38,16 +40,36 @@ class KnownMessage:
     flags: Flags
 
 
+class Known(Protocol):
+    """What the engine reads of a state row (KnownMessage, or the store's own record)."""
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def flags(self) -> Flags: ...
+
+
 @dataclass(frozen=True)
 class LocalSnapshot:
     """What we have for one mailbox."""
 
     uidvalidity: int | None
     """UIDVALIDITY the state rows belong to; None if the mailbox was never synced."""
-    known: Mapping[int, KnownMessage]
+    known: Mapping[int, Known]
     """State rows by UID."""
-    files: Mapping[str, Flags]
-    """Files present in ``new/`` and ``cur/``: unique name -> flags their name carries."""
+    files: Mapping[str, Flags] | None
+    """Files present in ``new/`` and ``cur/``: unique name -> flags their name carries.
+
+    None when the directories were not listed because they are unchanged
+    since a sync found every recorded file in place with its recorded flags:
+    then each row's file is taken to be there, carrying ``representable(row.flags)``."""
+
+    def file_flags(self, row: Known) -> Flags | None:
+        """The flags ``row``'s file carries, or None if it is missing."""
+        if self.files is None:
+            return representable(row.flags)
+        return self.files.get(row.key)
 
 
 @dataclass(frozen=True)
@@ -96,7 +118,7 @@ def plan_sync(server: ServerListing, local: LocalSnapshot) -> SyncPlan:
     ):
         # The rows name UIDs of a mailbox that no longer exists as such: diffing
         # them against the new UIDs would remove and re-fetch everything.
-        if any(row.key in local.files for row in local.known.values()):
+        if any(local.file_flags(row) is not None for row in local.known.values()):
             raise UidValidityChanged(local.uidvalidity, server.uidvalidity)
         # The user moved the old copies away (what the error tells them to
         # do): start afresh.
@@ -104,13 +126,17 @@ def plan_sync(server: ServerListing, local: LocalSnapshot) -> SyncPlan:
 
     fetch: list[int] = []
     set_flags: dict[int, Flags] = {}
+    known = local.known
+    unlisted = local.files is None
     for uid in sorted(server.messages):
         server_flags = frozenset(server.messages[uid])
-        row = local.known.get(uid)
+        row = known.get(uid)
         if row is None:
             fetch.append(uid)
             continue
-        file_flags = local.files.get(row.key)
+        if unlisted and server_flags == row.flags:
+            continue  # the common case, decided without looking further: nothing changed
+        file_flags = local.file_flags(row)
         if file_flags is None:
             # The row outlived its file (a reader or the user deleted it); the
             # server still has the message, so the mirror must have it too.
@@ -139,8 +165,13 @@ def same_flags(a: Flags, b: Flags) -> bool:
     return _canonical(a) == _canonical(b)
 
 
+@functools.lru_cache(maxsize=4096)
 def _canonical(flags: Flags) -> Flags:
+    # Cached: a mailbox has few distinct flag sets, compared once per message.
     return frozenset(f.lower() if f.startswith("\\") else f for f in flags)
+
+
+representable = functools.lru_cache(maxsize=4096)(representable)
 
 
 def plan_changes(
@@ -161,12 +192,111 @@ def plan_changes(
         row = local.known.get(uid)
         if row is None or uid in remove:
             continue
-        file_flags = local.files.get(row.key)
+        file_flags = local.file_flags(row)
         if file_flags is None:
             continue  # the next full sync re-fetches it, with its flags
         if not same_flags(server_flags, row.flags) or not same_flags(file_flags, representable(server_flags)):
             set_flags[uid] = frozenset(server_flags)
     return SyncPlan(remove=remove, set_flags=set_flags)
+
+
+@dataclass(frozen=True)
+class ServerChanges:
+    """What changed on the server since the last complete sync, as QRESYNC or CONDSTORE tell it.
+
+    ``vanished`` and ``changed`` cover every change since the HIGHESTMODSEQ
+    that sync recorded (the server may name more: UIDs we never had, flags
+    that changed and changed back); ``new`` is every UID on the server above
+    the highest UID we have.
+    """
+
+    uidvalidity: int
+    exists: int
+    """Messages in the mailbox (EXAMINE's EXISTS): checks the picture adds up."""
+    vanished: frozenset[int] = frozenset()
+    changed: Mapping[int, Flags] = field(default_factory=dict)
+    new: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class LocalSummary:
+    """The local side of a catch-up, without reading every row when nothing changed."""
+
+    snapshot: LocalSnapshot
+    """Its ``known`` holds every row when ``files`` is a listing; otherwise at
+    least the rows of the UIDs the server named (vanished or changed)."""
+    count: int
+    """How many rows the mailbox has in all."""
+    highest: int
+    """The highest UID among them (0: none)."""
+
+
+def plan_catchup(server: ServerChanges, local: LocalSummary) -> SyncPlan | None:
+    """Decide a catch-up from the server's changes instead of a complete listing.
+
+    Returns the plan :func:`plan_sync` would give for the complete listing,
+    or None when the changes do not add up to the server's mailbox (a UID
+    below our highest that we never had, a removal the server did not
+    report, another UIDVALIDITY): then only a complete listing can tell, and
+    the caller falls back to it.
+
+    Removals here are explicit server evidence (VANISHED, or absence from
+    the complete UID list of a CONDSTORE catch-up); the caller still applies
+    :func:`check_removal`, as for a listing.
+    """
+    snap = local.snapshot
+    if snap.uidvalidity != server.uidvalidity:
+        return None
+    if any(uid <= local.highest for uid in server.new):
+        return None
+    gone = sorted(uid for uid in server.vanished if uid in snap.known)
+    # Every message we keep plus every new one must be all the server has: a
+    # message below our highest UID that we never had, or one the server
+    # dropped without saying so, breaks the count.
+    if local.count - len(gone) + len(server.new) != server.exists:
+        return None
+    fetch: set[int] = set(server.new)
+    set_flags: dict[int, Flags] = {}
+    gone_set = set(gone)
+    for uid, server_flags in server.changed.items():
+        if uid > local.highest or uid in gone_set:
+            continue
+        row = snap.known.get(uid)
+        if row is None:
+            return None  # a message we should have and do not: only a listing can say more
+        _reconcile(uid, frozenset(server_flags), row, snap, fetch, set_flags)
+    if snap.files is not None:
+        # The Maildir was listed: files deleted or renamed by hand are found
+        # here, their server flags being the recorded ones (unchanged since).
+        for uid, row in snap.known.items():
+            if uid in gone_set or uid in server.changed:
+                continue
+            _reconcile(uid, row.flags, row, snap, fetch, set_flags)
+    return SyncPlan(fetch=tuple(sorted(fetch)), remove=tuple(gone), set_flags=set_flags)
+
+
+def _reconcile(
+    uid: int, server_flags: Flags, row: Known, local: LocalSnapshot, fetch: set[int], set_flags: dict[int, Flags]
+) -> None:
+    """plan_sync's rule for one kept message: re-fetch a missing file, fix differing flags."""
+    file_flags = local.file_flags(row)
+    if file_flags is None:
+        fetch.add(uid)
+    elif not same_flags(server_flags, row.flags) or not same_flags(file_flags, representable(server_flags)):
+        set_flags[uid] = server_flags
+
+
+def files_in_place(known: Mapping[int, Known], files: Mapping[str, Flags]) -> bool:
+    """Whether every row's file is present and carries the row's flags.
+
+    When it holds right after a sync, the Maildir's directory mtimes can
+    stand for a listing next time (see LocalSnapshot.files).
+    """
+    for row in known.values():
+        file_flags = files.get(row.key)
+        if file_flags is None or not same_flags(file_flags, representable(row.flags)):
+            return False
+    return True
 
 
 class MassRemoval(Exception):
@@ -187,8 +317,13 @@ def check_removal(plan: SyncPlan, known: int, max_delete: float) -> None:
     """Raise MassRemoval if ``plan`` removes a whole non-empty mailbox or more than ``max_delete`` of it.
 
     ``known`` is how many messages we have locally; ``max_delete`` a share
-    from 0 to 1. Only listings are checked: an EXPUNGE or VANISHED names each
-    UID, which is evidence, not inference from absence.
+    from 0 to 1. Listings and catch-ups are checked, live events are not.
+    A VANISHED (EARLIER) in a catch-up names each UID, so it is evidence in
+    the sense of invariant 2, but it arrives in bulk after any length of
+    downtime, from the same server that might be half-restored or be the
+    wrong mailbox behind a name: a catch-up that would remove most of a
+    mailbox stops and asks, exactly as a listing would. An EXPUNGE or
+    VANISHED seen live, one change at a time, is applied.
     """
     count = len(plan.remove)
     if not count:

@@ -15,31 +15,36 @@ a duplicate.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 
-from mirrord.flags import Flags
+from mirrord.flags import Flags, maildir_info
 from mirrord.pool import Worker, WorkerPool
 from mirrord.progress import Progress
-from mirrord.protocol.client import FetchedMessage, ListEntry, ListingEntry
+from mirrord.protocol.client import FetchedMessage, ListEntry, ListingEntry, MailboxStatus
 from mirrord.protocol.errors import LoginFailed
 from mirrord.config import Account
 from mirrord.store.maildir import LocalFile, Maildir, Trash
-from mirrord.store.state import MessageRecord, StateDB
+from mirrord.store.state import MailboxRecord, MessageRecord, StateDB
 from mirrord.sync.names import maildir_path
 from mirrord.sync.rematch import Identity, message_id, rematch
 from mirrord.sync.engine import (
     KnownMessage,
     LocalSnapshot,
+    LocalSummary,
+    ServerChanges,
     ServerListing,
     SyncPlan,
     MassRemoval,
     UidValidityChanged,
     check_removal,
+    plan_catchup,
     plan_changes,
     plan_sync,
 )
@@ -52,6 +57,10 @@ BATCH_BYTES = 16 * 1024 * 1024
 """Most bytes (by RFC822.SIZE) in one UID FETCH, so big mailboxes split across workers."""
 LOGIN_RETRY_AFTER = 600.0
 """A worker's refused login is not retried sooner than this (lockout risk)."""
+STAMP_MARGIN_NS = 20_000_000
+"""A Maildir stamp is trusted only once its mtimes are this much older than
+the moment we read them: longer than a kernel clock tick (1-10 ms), so a
+later change cannot carry the same mtime."""
 FLUSH_MESSAGES = 25
 FLUSH_BYTES = 4 * 1024 * 1024
 """Within a batch, messages are renamed into place and recorded this often."""
@@ -108,6 +117,42 @@ def batches(uids: Sequence[int], sizes: dict[int, int | None], workers: int = 1)
     if current:
         out.append(current)
     return out
+
+
+def maildir_stamp(path: Path) -> tuple[int, int] | None:
+    """The mtimes (ns) of ``new/`` and ``cur/``: any file added, removed or renamed changes one."""
+    try:
+        return os.stat(path / "new").st_mtime_ns, os.stat(path / "cur").st_mtime_ns
+    except OSError:
+        return None
+
+
+def _margin(stamp: tuple[int, int]) -> int:
+    """How old (ns) a stamp must be to be trusted: file systems with whole-second times need more."""
+    fine = any(t % 1_000_000_000 for t in stamp)
+    return STAMP_MARGIN_NS if fine else 2_000_000_000
+
+
+@dataclass(frozen=True)
+class _ServerView:
+    """What one look at the server's mailbox gave."""
+
+    worker: Worker
+    """The worker that looked: it has the mailbox selected."""
+    status: MailboxStatus
+    listing: dict[int, ListingEntry]
+    """Complete when ``changes`` is None; else only the messages above our highest UID."""
+    changes: ServerChanges | None = None
+
+
+CATCHUP_FETCH_MESSAGES = 64
+"""At most this many messages (and BATCH_BYTES) to fetch in a catch-up go in one command."""
+
+
+def _few(uids: Sequence[int], listing: dict[int, ListingEntry]) -> bool:
+    if not uids or len(uids) > CATCHUP_FETCH_MESSAGES:
+        return False
+    return sum(listing[u].size or 0 for u in uids if u in listing) <= BATCH_BYTES
 
 
 class MailboxSync:
@@ -226,37 +271,188 @@ class MailboxSync:
 
     async def _run(self, result: MailboxResult) -> None:
         self.recover()
-        uidvalidity, listing = await self.pool.run(self._list, f"listing {self.label}")
         record = self.state.mailbox(self.account, self.name)
-        known = self.state.messages(self.account, self.name)
-        local = self._snapshot(record.uidvalidity if record else None, known)
-        server = ServerListing(uidvalidity, {uid: e.flags for uid, e in listing.items()})
-        try:
-            plan = plan_sync(server, local)
-        except UidValidityChanged as e:
-            await self._rematch(e, known)
-            record = self.state.mailbox(self.account, self.name)
+        count, highest = self.state.summary(self.account, self.name)
+        # Read before anything looks at the files: a change made after this
+        # moment shows as a different stamp next time.
+        stamp = maildir_stamp(self.maildir.path)
+        stamp_read = time.time_ns()
+        trust_files = record is not None and record.maildir_stamp is not None and stamp == record.maildir_stamp
+        view = await self.pool.run(
+            lambda worker: self._list(worker, record, highest), f"listing {self.label}"
+        )
+        uidvalidity = view.status.uidvalidity
+        plan: SyncPlan | None = None
+        files: dict[str, LocalFile] | None = None
+        known: dict[int, MessageRecord] = {}
+        if view.changes is not None and record is not None:
+            plan, known, files = self._plan_catchup(view.changes, record, count, highest, trust_files)
+            if plan is None:
+                log.info("%s: the server's changes do not add up to its mailbox; listing it in full", self.label)
+                view = await self.pool.run(lambda worker: self._list(worker, None, 0), f"listing {self.label}")
+                uidvalidity = view.status.uidvalidity
+        if plan is None:
             known = self.state.messages(self.account, self.name)
-            plan = plan_sync(server, self._snapshot(uidvalidity, known))
+            count = len(known)
+            local, files = self._snapshot(record.uidvalidity if record else None, known, trust_files)
+            server = ServerListing(uidvalidity, {uid: e.flags for uid, e in view.listing.items()})
+            try:
+                plan = plan_sync(server, local)
+            except UidValidityChanged as e:
+                await self._rematch(e, known)
+                record = self.state.mailbox(self.account, self.name)
+                known = self.state.messages(self.account, self.name)
+                count = len(known)
+                local, files = self._snapshot(uidvalidity, known, trust=False)
+                plan = plan_sync(server, local)
         if not self.allow_delete:
-            check_removal(plan, len(known), self.max_delete)
+            check_removal(plan, count, self.max_delete)
         if plan.forget_all:
             log.warning("%s: UIDVALIDITY changed and the old copies are gone; mirroring afresh", self.label)
             self.state.delete_mailbox(self.account, self.name)
             known = {}
+            record = None
+        changing = not plan.is_empty
         if record is None or record.uidvalidity != uidvalidity:
             self.state.set_mailbox(self.account, self.name, uidvalidity)
-        self._apply_local(plan, known, result)
-        await self._fetch(plan, uidvalidity, listing, result)
-        self.state.set_mailbox(self.account, self.name, uidvalidity, last_sync=time.time())
-        result.messages = self.state.count(self.account, self.name)
-
-    def _snapshot(self, uidvalidity: int | None, known: dict[int, MessageRecord]) -> LocalSnapshot:
-        return LocalSnapshot(
-            uidvalidity=uidvalidity,
-            known={uid: KnownMessage(r.key, r.flags) for uid, r in known.items()},
-            files={key: f.flags for key, f in self.maildir.scan().items()},
+        # A HIGHESTMODSEQ already on record stays while the mirror changes: it
+        # is older than anything this sync does, so a sync that fails half-way
+        # leaves the next one to go over the same changes again (and the
+        # catch-up's count check to notice a message it did not finish). The
+        # Maildir stamp on record stops matching with the first file we touch.
+        if (plan.remove or plan.set_flags) and files is None:
+            rows = [known[uid] for uid in (*plan.remove, *plan.set_flags)]
+            located = {r.key: self.maildir.locate(r.key, r.flags) for r in rows}
+            files = {key: lf for key, lf in located.items() if lf is not None}
+        self._apply_local(plan, known, result, files)
+        if record is not None and _few(plan.fetch, view.listing):
+            # A catch-up's handful of messages: one command on the worker that
+            # has the mailbox selected, rather than a batch per worker each
+            # needing its own EXAMINE.
+            uids = list(plan.fetch)
+            if self.progress is not None:
+                self.progress.planned(len(uids), sum(view.listing[u].size or 0 for u in uids if u in view.listing))
+            await self.pool.run(
+                lambda worker: self._fetch_batch(worker, uids, uidvalidity, result),
+                f"fetching {len(uids)} messages of {self.label}",
+                prefer=view.worker,
+            )
+        else:
+            await self._fetch(plan, uidvalidity, view.listing, result)
+        if changing or not trust_files:
+            listed_after = stamp if not changing and files is not None else None
+            stamp = await self._settled_stamp(listed_after, stamp_read)
+        # Only now, the sync complete, may the record say "complete as of this
+        # modseq" (the EXAMINE's: later changes have higher ones). Not
+        # fsynced: should a power cut lose it, the row before it is still
+        # true, only older (WAL keeps commits in order).
+        self.state.set_mailbox(
+            self.account,
+            self.name,
+            uidvalidity,
+            highestmodseq=view.status.highestmodseq,
+            last_sync=time.time(),
+            maildir_stamp=stamp,
+            durable=False,
         )
+        result.messages = self.state.count(self.account, self.name) if changing else count
+
+    def _plan_catchup(
+        self, changes: ServerChanges, record: MailboxRecord, count: int, highest: int, trust_files: bool
+    ) -> tuple[SyncPlan | None, dict[int, MessageRecord], dict[str, LocalFile] | None]:
+        """The incremental plan, reading only the rows the server's changes name.
+
+        The Maildir is listed only if its directories changed since the last
+        sync found every file in place (``trust_files`` False).
+        """
+        named = {uid for uid in (*changes.vanished, *changes.changed) if uid <= highest}
+        if trust_files and len(named) < max(64, count // 4):
+            known = self.state.messages(self.account, self.name, named) if named else {}
+            local, files = self._snapshot(record.uidvalidity, known, trust=True)
+        else:
+            known = self.state.messages(self.account, self.name)
+            local, files = self._snapshot(record.uidvalidity, known, trust=trust_files)
+        plan = plan_catchup(changes, LocalSummary(local, count, highest))
+        return plan, known, files
+
+    def _snapshot(
+        self, uidvalidity: int | None, known: dict[int, MessageRecord], trust: bool = False
+    ) -> tuple[LocalSnapshot, dict[str, LocalFile] | None]:
+        """The local side; the Maildir is listed unless ``trust`` says it is as recorded.
+
+        Returns the listing too (None when not listed), for the renames and
+        removals that follow.
+        """
+        files = None if trust else self.maildir.scan()
+        snapshot = LocalSnapshot(
+            uidvalidity=uidvalidity,
+            known=known,
+            files=None if files is None else {key: f.flags for key, f in files.items()},
+        )
+        return snapshot, files
+
+    async def _settled_stamp(self, listed_after: tuple[int, int] | None, read_at: int) -> tuple[int, int] | None:
+        """The Maildir stamp to record at the end of a sync, or None if none can be trusted.
+
+        A recorded stamp stands for "every recorded file is in place, with its
+        recorded flags", so that the next sync may skip listing the Maildir
+        while new/ and cur/ keep their mtimes. Directory mtimes only tell
+        apart changes that fall in different clock ticks, so a stamp counts
+        only if it was already :data:`STAMP_MARGIN_NS` old when read (2 s on
+        file systems with whole-second times): a change made after the read
+        then gets another mtime.
+
+        ``listed_after``: the stamp read (at ``read_at``) just before this
+        sync listed the Maildir and found everything in place, and then
+        changed nothing; if the directories still carry it, it holds. Else
+        (this sync changed files, or the stamp was too fresh), wait out the
+        margin, read the stamp, list and check the Maildir, and keep the
+        stamp if nothing moved meanwhile.
+        """
+        current = maildir_stamp(self.maildir.path)
+        if current is None:
+            return None
+        if listed_after is not None and current == listed_after and read_at - max(current) >= _margin(current):
+            return current
+        for _ in range(3):
+            age = time.time_ns() - max(current)
+            margin = _margin(current)
+            if age >= margin:
+                break
+            if margin > STAMP_MARGIN_NS:
+                return None  # coarse times: not worth seconds of waiting; the next sync lists
+            await task.deferLater(self.pool.reactor, (margin - age) / 1e9, lambda: None)
+            current = maildir_stamp(self.maildir.path)
+            if current is None:
+                return None
+        else:
+            return None
+        in_place = self._files_in_place()
+        return current if in_place and maildir_stamp(self.maildir.path) == current else None
+
+    def _files_in_place(self) -> bool:
+        """Whether every row's file is where and as we would have put it.
+
+        A quick, strict form of :func:`~mirrord.sync.engine.files_in_place`:
+        names are compared as strings, so a file a reader renamed (other
+        letter order, letters of its own) counts as not in place, which only
+        costs a listing next time.
+        """
+        try:
+            present = {"new": set(os.listdir(self.maildir.path / "new")), "cur": set(os.listdir(self.maildir.path / "cur"))}
+        except OSError:
+            return False
+        letters: dict[str, str] = {}
+        for key, flags in self.state.keys(self.account, self.name):
+            info = letters.get(flags)
+            if info is None:
+                info = letters[flags] = maildir_info(frozenset(flags.split()))
+            if f"{key}:2,{info}" in present["cur"]:
+                continue
+            if (f"{key}:2,{info}" if info else key) in present["new"]:
+                continue
+            return False
+        return True
 
     # -- live changes, from a watcher's events ---------------------------------
 
@@ -365,11 +561,60 @@ class MailboxSync:
             len(result.unmatched_server),
         )
 
-    async def _list(self, worker: Worker) -> tuple[int, dict[int, ListingEntry]]:
-        status = await worker.examine(self.entry.raw_name)
+    async def _list(self, worker: Worker, record: MailboxRecord | None, highest: int) -> _ServerView:
+        """Look at the server's mailbox: what changed since the last complete sync, or all of it.
+
+        With QRESYNC on, the EXAMINE itself brings the expunges and flag
+        changes since the recorded HIGHESTMODSEQ, and only messages above
+        our highest UID are listed. With CONDSTORE alone, a compact UID list
+        (for expunges and new mail) and the flags changed since. Otherwise,
+        or when the server cannot answer from that modseq (a new UIDVALIDITY,
+        NOMODSEQ), the complete ``UID FETCH 1:* (UID FLAGS RFC822.SIZE)``.
+        """
         client = await worker.connection()
+        since = record.highestmodseq if record is not None else None
+        raw = self.entry.raw_name
+        if since is not None and record is not None and "QRESYNC" in client.enabled:
+            status = await worker.examine(raw, qresync=(record.uidvalidity, since))
+            if status.resynced and status.highestmodseq is not None:
+                new = await self._list_new(client, status, highest)
+                changes = ServerChanges(
+                    status.uidvalidity, status.exists, status.vanished, status.changed, frozenset(new)
+                )
+                return _ServerView(worker, status, new, changes)
+        elif since is not None and record is not None and "CONDSTORE" in client.capabilities:
+            status = await worker.examine(raw, condstore="CONDSTORE" not in client.enabled)
+            if status.uidvalidity == record.uidvalidity and status.highestmodseq is not None:
+                # Both in flight at once: one round trip.
+                d_uids = defer.Deferred.fromCoroutine(client.uid_search_all())
+                d_changed = (
+                    defer.Deferred.fromCoroutine(client.uid_fetch_changed(since))
+                    if status.highestmodseq != since
+                    else defer.succeed({})
+                )
+                try:
+                    uids, changed = await defer.gatherResults([d_uids, d_changed], consumeErrors=True)
+                except defer.FirstError as e:
+                    e.subFailure.raiseException()  # the connection error itself, for the pool's retry
+                new = {uid: ListingEntry(frozenset(), None) for uid in uids if uid > highest}
+                mine = self.state.uids(self.account, self.name)
+                changes = ServerChanges(
+                    status.uidvalidity, status.exists, frozenset(mine - uids), changed, frozenset(new)
+                )
+                return _ServerView(worker, status, new, changes)
+        else:
+            status = await worker.examine(raw)
         listing = await client.uid_fetch_listing() if status.exists else {}
-        return status.uidvalidity, listing
+        return _ServerView(worker, status, listing, None)
+
+    @staticmethod
+    async def _list_new(client: Any, status: MailboxStatus, highest: int) -> dict[int, ListingEntry]:
+        """Messages above ``highest`` with their sizes; no command when UIDNEXT says there are none."""
+        if not status.exists or (status.uidnext is not None and status.uidnext <= highest + 1):
+            return {}
+        listing = await client.uid_fetch_listing(b"%d:*" % (highest + 1))
+        # ``n:*`` also returns the highest message when its UID is below n.
+        return {uid: entry for uid, entry in listing.items() if uid > highest}
 
     def _apply_local(
         self,
@@ -385,7 +630,8 @@ class MailboxSync:
             self.state.remove_messages(self.account, self.name, plan.remove)
             result.removed = len(plan.remove)
         if plan.set_flags:
-            files = files if files is not None and not plan.remove else self.maildir.scan()
+            # Entries of the kept files stay valid across the removals above.
+            files = files if files is not None else self.maildir.scan()
             changes: dict[int, Flags] = {}
             for uid, flags in plan.set_flags.items():
                 key = known[uid].key

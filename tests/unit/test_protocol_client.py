@@ -351,3 +351,114 @@ def test_disk_full_mid_body_fails_the_command_but_keeps_the_connection() -> None
     d2 = run(client.noop())
     client.dataReceived(b"M2 OK\r\n")
     assert result_of(d2) is None, "the connection is still good for the retry"
+
+
+# -- catch-up commands (QRESYNC, CONDSTORE, ESEARCH) ----------------------------
+
+
+def test_examine_with_qresync_collects_vanished_and_changed_flags() -> None:
+    client, transport, _ = connected()
+    d = run(client.examine(b"INBOX", qresync=(67890007, 20050715194045000)))
+    assert sent(transport) == b'M1 EXAMINE "INBOX" (QRESYNC (67890007 20050715194045000))\r\n'
+    client.dataReceived(
+        b"* 314 EXISTS\r\n* OK [UIDVALIDITY 67890007] UIDs valid\r\n* OK [UIDNEXT 567] next\r\n"
+        b"* OK [HIGHESTMODSEQ 20050715194045319] Highest\r\n"
+        b"* VANISHED (EARLIER) 41,43:45,90\r\n"
+        b"* 49 FETCH (UID 117 FLAGS (\\Seen \\Answered) MODSEQ (90060128194045007))\r\n"
+        b"* 50 FETCH (UID 119 FLAGS (\\Draft $MDNSent) MODSEQ (90060128194045308))\r\n"
+        b"M1 OK [READ-ONLY] done\r\n"
+    )
+    status = result_of(d)
+    assert status.resynced and status.highestmodseq == 20050715194045319 and status.exists == 314
+    assert status.vanished == {41, 43, 44, 45, 90}
+    assert status.changed == {117: {"\\Seen", "\\Answered"}, 119: {"\\Draft", "$MDNSent"}}
+
+
+def test_examine_with_qresync_on_a_new_uidvalidity_reports_nothing_as_changed() -> None:
+    client, transport, _ = connected()
+    d = run(client.examine(b"INBOX", qresync=(1, 5)))
+    sent(transport)
+    client.dataReceived(
+        b"* 2 EXISTS\r\n* OK [UIDVALIDITY 2] UIDs valid\r\n* OK [HIGHESTMODSEQ 9] x\r\nM1 OK done\r\n"
+    )
+    status = result_of(d)
+    assert not status.resynced and status.vanished == frozenset() and status.changed == {}
+
+
+def test_enable_is_sent_once_per_session() -> None:
+    client, transport, _ = connected()
+    d = run(client.enable("QRESYNC"))
+    assert sent(transport) == b"M1 ENABLE QRESYNC\r\n"
+    client.dataReceived(b"* ENABLED QRESYNC\r\nM1 OK Enabled\r\n")
+    assert result_of(d) == {"QRESYNC", "CONDSTORE"}
+    assert client.enabled == {"QRESYNC", "CONDSTORE"}
+    d = run(client.enable("QRESYNC"))
+    assert sent(transport) == b"" and result_of(d) == frozenset()
+
+
+def test_uid_fetch_changed_since() -> None:
+    client, transport, _ = connected()
+    d = run(client.uid_fetch_changed(12345))
+    assert sent(transport) == b"M1 UID FETCH 1:* (UID FLAGS) (CHANGEDSINCE 12345)\r\n"
+    client.dataReceived(b"* 3 FETCH (UID 7 MODSEQ (12350) FLAGS (\\Seen))\r\nM1 OK done\r\n")
+    assert result_of(d) == {7: {"\\Seen"}}
+
+
+def test_uid_search_all_uses_esearch_ranges_where_offered() -> None:
+    client, transport, _ = connected(b"* OK [CAPABILITY IMAP4rev1 ESEARCH] ready\r\n")
+    d = run(client.uid_search_all())
+    assert sent(transport) == b"M1 UID SEARCH RETURN (ALL) ALL\r\n"
+    client.dataReceived(b'* ESEARCH (TAG "M1") UID ALL 1:3,7,10:11\r\nM1 OK done\r\n')
+    assert result_of(d) == {1, 2, 3, 7, 10, 11}
+    d = run(client.uid_search_all())
+    sent(transport)
+    client.dataReceived(b'* ESEARCH (TAG "M2") UID\r\nM2 OK done\r\n')  # empty mailbox
+    assert result_of(d) == set()
+
+
+def test_uid_search_all_without_esearch() -> None:
+    client, transport, _ = connected()
+    d = run(client.uid_search_all())
+    assert sent(transport) == b"M1 UID SEARCH ALL\r\n"
+    client.dataReceived(b"* SEARCH 4 2 9\r\nM1 OK done\r\n")
+    assert result_of(d) == {2, 4, 9}
+
+
+def _listing(lines: bytes, monkeypatch: Any = None) -> dict[int, Any]:
+    client, transport, _ = connected()
+    d = run(client.uid_fetch_listing())
+    sent(transport)
+    client.dataReceived(lines + b"M1 OK done\r\n")
+    return {uid: (e.flags, e.size) for uid, e in result_of(d).items()}
+
+
+def test_listing_fast_path_reads_the_same_as_the_general_parser(monkeypatch: pytest.MonkeyPatch) -> None:
+    lines = (
+        b"* 1 FETCH (UID 10 FLAGS (\\Seen $Junk) RFC822.SIZE 99)\r\n"
+        b"* 2 EXISTS\r\n"
+        b"* 2 FETCH (FLAGS () UID 12 RFC822.SIZE 5)\r\n"
+        b"* 3 FETCH (uid 13 flags (\\Answered  \\Seen) rfc822.size 7)\r\n"
+        b"* 4 FETCH (UID 14 FLAGS (\\Seen) MODSEQ (77) RFC822.SIZE 8)\r\n"  # general path
+        b"* 5 FETCH (UID 15 FLAGS (a[1]) RFC822.SIZE 9)\r\n"  # general path
+        b"* 6 FETCH (RFC822.SIZE 10 UID 16 FLAGS (\\Draft))\r\n"  # general path
+    )
+    fast = _listing(lines)
+    import mirrord.protocol.client as client_module
+
+    monkeypatch.setattr(client_module, "_LISTING_LINE", __import__("re").compile(rb"(?!)"))
+    general = _listing(lines)
+    assert fast == general
+    assert fast[10] == ({"\\Seen", "$Junk"}, 99) and fast[13] == ({"\\Answered", "\\Seen"}, 7)
+    assert set(fast) == {10, 12, 13, 14, 15, 16}
+
+
+def test_listing_fast_path_ends_with_its_command() -> None:
+    client, transport, _ = connected()
+    d = run(client.uid_fetch_listing())
+    sent(transport)
+    client.dataReceived(b"* 1 FETCH (UID 10 FLAGS () RFC822.SIZE 1)\r\nM1 OK done\r\n")
+    result_of(d)
+    seen: list[Any] = []
+    client.on_unsolicited = seen.append
+    client.dataReceived(b"* 1 FETCH (UID 10 FLAGS (\\Seen) RFC822.SIZE 1)\r\n")
+    assert [r.kind for r in seen] == ["FETCH"]

@@ -259,3 +259,38 @@ def test_many_messages(db: StateDB) -> None:
     db.set_flags(A, INBOX, {u: frozenset() for u in range(1, 20001, 2)})
     got = db.messages(A, INBOX)
     assert got[1].flags == frozenset() and got[2].flags == {"\\Seen"}
+
+
+def test_version_2_db_is_migrated_keeping_rows(tmp_path: Path) -> None:
+    """A DB written before the Maildir stamp existed gains it, empty: the next sync lists the Maildir."""
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    from mirrord.store.state import _v1, _v2
+
+    _v1(conn)
+    _v2(conn)
+    conn.execute("PRAGMA user_version = 2")
+    conn.execute("INSERT INTO mailbox VALUES ('work', 'INBOX', 5, 42, 1.5)")
+    conn.execute("INSERT INTO message VALUES ('work', 'INBOX', 1, 'k1', '\\Seen', 10)")
+    conn.close()
+    with StateDB(path) as db:
+        assert db.mailbox(A, INBOX) == MailboxRecord(A, INBOX, 5, 42, 1.5, None)
+        assert db.messages(A, INBOX)[1].key == "k1"
+
+
+def test_maildir_stamp_round_trip_and_summary(db: StateDB) -> None:
+    db.set_mailbox(A, INBOX, 5, 42, 1.5, maildir_stamp=(10**18, 10**18 + 1))
+    assert db.mailbox(A, INBOX) == MailboxRecord(A, INBOX, 5, 42, 1.5, (10**18, 10**18 + 1))
+    assert db.summary(A, INBOX) == (0, 0)
+    db.add_messages(A, INBOX, [MessageRecord(3, "k3", frozenset({"\\Seen", "$Junk"}), 1), MessageRecord(9, "k9", frozenset(), None)])
+    assert db.summary(A, INBOX) == (2, 9)
+    assert db.uids(A, INBOX) == {3, 9}
+    assert sorted(db.keys(A, INBOX)) == [("k3", "$Junk \\Seen"), ("k9", "")]
+    db.set_mailbox(A, INBOX, 5)
+    assert db.mailbox(A, INBOX) == MailboxRecord(A, INBOX, 5, None, None, None)
+
+
+def test_non_durable_mailbox_write_is_committed_and_leaves_full_sync(db: StateDB) -> None:
+    db.set_mailbox(A, INBOX, 5, 42, 1.5, durable=False)
+    assert db.mailbox(A, INBOX) == MailboxRecord(A, INBOX, 5, 42, 1.5)
+    assert db._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL again
