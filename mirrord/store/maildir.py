@@ -21,6 +21,7 @@ import os
 import shutil
 import socket
 import stat
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -153,7 +154,8 @@ class TmpMessage:
         self._pending: list[bytes] = []
         self._pending_len = 0
         self._held_cr = False
-        self._state = "open"  # open -> closed -> delivered, or -> aborted
+        self._state = "open"  # open -> written -> closed -> delivered; or -> failed/aborted
+        self._fd_lock = threading.Lock()
 
     def __enter__(self) -> TmpMessage:
         return self
@@ -198,18 +200,20 @@ class TmpMessage:
                 raise
 
     def abort(self) -> None:
-        """Close and unlink; safe to call more than once and after a failed delivery."""
+        """Close and unlink; safe to call more than once, after a failed delivery, and
+        while another thread is in :meth:`sync` (it waits for it)."""
         if self._state == "delivered":
             return
-        self._state = "aborted"
-        self._pending.clear()
-        _live_tmp.discard(self.key)
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        with self._fd_lock:
+            self._state = "aborted"
+            self._pending.clear()
+            _live_tmp.discard(self.key)
+            if self._fd is not None:
+                fd, self._fd = self._fd, None
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
         try:
             os.unlink(self.path)
         except FileNotFoundError:
@@ -224,16 +228,16 @@ class TmpMessage:
         while view:
             view = view[os.write(self._fd, view) :]
 
-    def finish(self) -> None:
-        """Make the content durable and release the file descriptor.
+    def close_write(self) -> None:
+        """Write out what is buffered: the message is complete, no more writes.
 
-        Delivery does this too; calling it as soon as the last byte arrives
-        keeps a large fetch batch from holding one open descriptor per message.
+        The descriptor stays open for :meth:`sync`, which may then run in
+        another thread while this one goes on reading the network.
         """
-        if self._state == "closed":
+        if self._state == "written":
             return
         if self._state != "open":
-            raise ValueError(f"deliver of a {self._state} message {self.key}")
+            raise ValueError(f"close_write of a {self._state} message {self.key}")
         assert self._fd is not None
         if self._held_cr:
             # A CR at the very end has no LF after it: it is data.
@@ -241,11 +245,54 @@ class TmpMessage:
             self._pending.append(b"\r")
             self._pending_len += 1
             self.size += 1
-        self._drain()
-        os.fsync(self._fd)
-        fd, self._fd = self._fd, None
-        self._state = "closed"
-        os.close(fd)
+        try:
+            self._drain()
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "written"
+
+    def sync(self) -> None:
+        """Make the written content durable and release the file descriptor.
+
+        Safe to call from a thread other than the one that wrote the file:
+        it touches only the descriptor, under a lock that :meth:`abort`
+        takes too, so an abort meanwhile never closes a descriptor number
+        that is in use (or already reused by another file).
+        """
+        with self._fd_lock:
+            if self._state == "closed":
+                return
+            if self._state != "written" or self._fd is None:
+                raise ValueError(f"sync of a {self._state} message {self.key}")
+            try:
+                os.fsync(self._fd)
+            except BaseException:
+                # A second fsync after a failed one may report success for
+                # data that never reached the disk: this file is done for.
+                self._state = "failed"
+                raise
+            fd, self._fd = self._fd, None
+            self._state = "closed"
+            os.close(fd)
+
+    def finish(self) -> None:
+        """Write out, make durable and release the file descriptor (:meth:`close_write`, :meth:`sync`).
+
+        Delivery does this too; calling it as soon as the last byte arrives
+        keeps a large fetch batch from holding one open descriptor per message.
+        """
+        if self._state == "closed":
+            return
+        if self._state not in ("open", "written"):
+            raise ValueError(f"deliver of a {self._state} message {self.key}")
+        self.close_write()
+        self.sync()
+
+    @property
+    def synced(self) -> bool:
+        """Durable and closed: ready to be renamed into place."""
+        return self._state == "closed"
 
     def _delivered(self) -> None:
         self._state = "delivered"

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from twisted.internet import defer
 
+from mirrord._fs import InlineSyncer, Syncer, default_syncer
 from mirrord.flags import Flags
 from mirrord.pool import Worker, WorkerPool
 from mirrord.progress import Progress
@@ -142,6 +143,8 @@ class MailboxSync:
         self.state = state
         self.pool = pool
         self.label = f"{account}/{local_name}"
+        self.syncer: Syncer | InlineSyncer = default_syncer()
+        """Where message files are fsynced: threads, off the reactor."""
 
     @classmethod
     def for_account(
@@ -405,10 +408,16 @@ class MailboxSync:
         sizes = {uid: listing[uid].size for uid in plan.fetch if uid in listing}
         if self.progress is not None:
             self.progress.planned(len(plan.fetch), sum(s or 0 for s in sizes.values()))
+        recorded: set[int] = set()
 
         async def fetch_batch(uids: list[int]) -> None:
             async def job(worker: Worker) -> None:
-                await self._fetch_batch(worker, uids, uidvalidity, result)
+                # A retry on a new connection fetches only what the dropped
+                # one did not bring: fetching a recorded message again would
+                # leave its first file behind as a duplicate.
+                todo = [uid for uid in uids if uid not in recorded]
+                if todo:
+                    await self._fetch_batch(worker, todo, uidvalidity, result, recorded)
 
             await self.pool.run(job, f"fetching {len(uids)} messages of {self.label}")
 
@@ -420,19 +429,31 @@ class MailboxSync:
             if not ok:
                 value.raiseException()
 
-    async def _fetch_batch(self, worker: Worker, uids: list[int], uidvalidity: int, result: MailboxResult) -> None:
+    async def _fetch_batch(
+        self,
+        worker: Worker,
+        uids: list[int],
+        uidvalidity: int,
+        result: MailboxResult,
+        recorded: set[int] | None = None,
+    ) -> None:
         status = await worker.ensure_selected(self.entry.raw_name)
         if status.uidvalidity != uidvalidity:
             raise UidValidityChanged(uidvalidity, status.uidvalidity)
         client = await worker.connection()
-        await self._receive(lambda arrived: client.uid_fetch_bodies(uids, self.maildir.open_tmp, arrived), result)
+        await self._receive(
+            lambda arrived: client.uid_fetch_bodies(uids, self.maildir.open_tmp, arrived), result, recorded=recorded
+        )
 
-    def _record(self, messages: list[FetchedMessage], result: MailboxResult) -> None:
+    def _record(self, messages: list[FetchedMessage], result: MailboxResult, recorded: set[int] | None = None) -> None:
         """Put complete messages in place and record them.
 
         Record first, rename second, promote third: a crash at any point
         leaves either nothing visible or a pending row that names the file
         (adopted by the next sync), never a file we would fetch again.
+        ``deliver_many`` fsyncs any file not fsynced yet before its rename,
+        and fsyncs the directories before it returns, so the promotion (the
+        commit that makes the rows real) always follows both.
         """
         if not messages:
             return
@@ -445,6 +466,8 @@ class MailboxSync:
             self.state.drop_pending(self.account, self.name, uids)
             raise
         self.state.promote_pending(self.account, self.name, uids)
+        if recorded is not None:
+            recorded.update(uids)
         size = sum(m.body.size for m in messages)
         result.fetched += len(messages)
         result.fetched_bytes += size
@@ -456,31 +479,76 @@ class MailboxSync:
         fetch: Callable[[Callable[[FetchedMessage], None]], Awaitable[None]],
         result: MailboxResult,
         flush_every: int = FLUSH_MESSAGES,
+        recorded: set[int] | None = None,
     ) -> None:
         """Run one body-fetching command and make what it brought durable.
 
-        Each body is finished (fsynced, closed) as soon as it is complete;
-        every few messages, and at the end, those finished are renamed into
-        place with one directory fsync and recorded (see :meth:`_record`).
+        Each body's last bytes are written as soon as it is complete, and its
+        fsync handed to the syncer's threads, so that the reactor goes on
+        reading while the disk works (and several fsyncs share the journal's
+        commits). Every few messages, those handed over form a group; once
+        all of a group's fsyncs are done it is renamed into place with one
+        directory fsync and recorded (see :meth:`_record`). Returns when all
+        of it is recorded. Messages that arrived complete are recorded even
+        when the command fails later; a failed fsync fails the command with
+        that error, and the rest of its bodies are discarded.
         """
-        unrecorded: list[FetchedMessage] = []
+        group: list[tuple[FetchedMessage, defer.Deferred[None]]] = []
+        group_bytes = 0
+        settling: list[defer.Deferred[None]] = []
+        failure: list[BaseException] = []
+
+        def close_group() -> None:
+            nonlocal group_bytes
+            if group:
+                settling.append(defer.Deferred.fromCoroutine(self._settle(list(group), result, failure, recorded)))
+                group.clear()
+                group_bytes = 0
 
         def arrived(message: FetchedMessage) -> None:
-            message.body.finish()
-            unrecorded.append(message)
-            if len(unrecorded) >= flush_every or sum(m.body.size for m in unrecorded) >= FLUSH_BYTES:
+            nonlocal group_bytes
+            if failure:
+                raise failure[0]  # the client discards this body and the rest
+            body = message.body
+            body.close_write()
+            group.append((message, self.syncer.run(body.sync)))
+            group_bytes += body.size
+            if len(group) >= flush_every or group_bytes >= FLUSH_BYTES:
                 # Make a long batch's progress durable as it goes: an interrupted
                 # first sync resumes from here instead of from the batch start.
-                self._record(unrecorded, result)
-                unrecorded.clear()
+                close_group()
 
         try:
             await fetch(arrived)
-            self._record(unrecorded, result)
-        except BaseException:
-            for message in unrecorded:
-                message.body.abort()
-            raise
+        finally:
+            # Complete messages are kept whatever happened to the command;
+            # and the caller (or a retry) must see them recorded before it
+            # decides what to fetch next.
+            close_group()
+            await defer.DeferredList(settling, consumeErrors=True)
+        if failure:
+            raise failure[0]
+
+    async def _settle(
+        self,
+        group: list[tuple[FetchedMessage, defer.Deferred[None]]],
+        result: MailboxResult,
+        failure: list[BaseException],
+        recorded: set[int] | None,
+    ) -> None:
+        """Wait for a group's fsyncs, then deliver and record it (or abort it all)."""
+        outcomes = await defer.DeferredList([synced for _, synced in group], consumeErrors=True)
+        messages = [m for m, _ in group]
+        error = next((f.value for ok, f in outcomes if not ok), None)
+        if error is None:
+            try:
+                self._record(messages, result, recorded)
+                return
+            except BaseException as e:  # noqa: BLE001 - reported when the command ends
+                error = e
+        for message in messages:
+            message.body.abort()
+        failure.append(error)
 
 
 def _local_message_id(path: Path) -> str | None:
