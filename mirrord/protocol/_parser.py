@@ -240,7 +240,11 @@ class ResponseReader:
         take = min(self._literal_left, len(view))
         chunk = view[:take]
         if self._literal_sink is not None:
-            self._literal_sink.write(bytes(chunk))
+            # The whole read goes to the sink as it is (no copy) when the
+            # literal takes all of it, as most reads of a large body do.
+            obj = chunk.obj
+            whole = type(obj) is bytes and len(obj) == take
+            self._literal_sink.write(obj if whole else bytes(chunk))
         else:
             assert self._literal_memory is not None
             self._literal_memory += chunk

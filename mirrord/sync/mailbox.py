@@ -14,6 +14,7 @@ a duplicate.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ from mirrord.progress import Progress
 from mirrord.protocol.client import FetchedMessage, ListEntry, ListingEntry
 from mirrord.protocol.errors import LoginFailed
 from mirrord.config import Account
-from mirrord.store.maildir import LocalFile, Maildir, Trash
+from mirrord.store.maildir import LocalFile, Maildir, TmpMessage, Trash
 from mirrord.store.state import MessageRecord, StateDB
 from mirrord.sync.names import maildir_path
 from mirrord.sync.rematch import Identity, message_id, rematch
@@ -53,6 +54,10 @@ BATCH_BYTES = 16 * 1024 * 1024
 """Most bytes (by RFC822.SIZE) in one UID FETCH, so big mailboxes split across workers."""
 LOGIN_RETRY_AFTER = 600.0
 """A worker's refused login is not retried sooner than this (lockout risk)."""
+RESERVE_TMP = 32
+"""Empty tmp/ files kept made ahead, by the syncer's threads, while a batch is fetched."""
+RESERVE_STEP = 4
+"""Files one thread call makes: several calls run at once, and creation overlaps."""
 FLUSH_MESSAGES = 25
 FLUSH_BYTES = 4 * 1024 * 1024
 """Within a batch, messages are renamed into place and recorded this often."""
@@ -145,6 +150,8 @@ class MailboxSync:
         self.label = f"{account}/{local_name}"
         self.syncer: Syncer | InlineSyncer = default_syncer()
         """Where message files are fsynced: threads, off the reactor."""
+        self._reserving: list[defer.Deferred[None]] = []
+        """Calls making tmp/ files ahead, in the syncer's threads."""
 
     @classmethod
     def for_account(
@@ -421,10 +428,16 @@ class MailboxSync:
 
             await self.pool.run(job, f"fetching {len(uids)} messages of {self.label}")
 
-        outcomes = await defer.DeferredList(
-            [defer.Deferred.fromCoroutine(fetch_batch(b)) for b in batches(plan.fetch, sizes, self.pool.size)],
-            consumeErrors=True,
-        )
+        try:
+            outcomes = await defer.DeferredList(
+                [defer.Deferred.fromCoroutine(fetch_batch(b)) for b in batches(plan.fetch, sizes, self.pool.size)],
+                consumeErrors=True,
+            )
+        finally:
+            # No thread may add to the reserve after it is released.
+            while self._reserving:
+                await defer.DeferredList(list(self._reserving), consumeErrors=True)
+            self.maildir.release_reserve()
         for ok, value in outcomes:
             if not ok:
                 value.raiseException()
@@ -441,9 +454,31 @@ class MailboxSync:
         if status.uidvalidity != uidvalidity:
             raise UidValidityChanged(uidvalidity, status.uidvalidity)
         client = await worker.connection()
+        self._top_up()
         await self._receive(
-            lambda arrived: client.uid_fetch_bodies(uids, self.maildir.open_tmp, arrived), result, recorded=recorded
+            lambda arrived: client.uid_fetch_bodies(uids, self._open_tmp, arrived), result, recorded=recorded
         )
+
+    def _open_tmp(self) -> TmpMessage:
+        tmp = self.maildir.open_tmp()
+        self._top_up()
+        return tmp
+
+    def _top_up(self) -> None:
+        """Have the syncer's threads make tmp/ files ahead, up to RESERVE_TMP."""
+        while self.maildir.reserved + RESERVE_STEP * len(self._reserving) < RESERVE_TMP:
+            d = self.syncer.run(functools.partial(self.maildir.reserve_tmp, RESERVE_STEP))
+            if d.called:
+                # Made in place (the syncer is busy, or inline): nothing to track;
+                # an error here (disk full) is reported by the next open_tmp.
+                d.addErrback(lambda _: None)
+                return
+            self._reserving.append(d)
+
+            def done(result: object, d: defer.Deferred[None] = d) -> None:
+                self._reserving.remove(d)
+
+            d.addBoth(done)
 
     def _record(self, messages: list[FetchedMessage], result: MailboxResult, recorded: set[int] | None = None) -> None:
         """Put complete messages in place and record them.
