@@ -58,9 +58,12 @@ RESERVE_TMP = 32
 """Empty tmp/ files kept made ahead, by the syncer's threads, while a batch is fetched."""
 RESERVE_STEP = 4
 """Files one thread call makes: several calls run at once, and creation overlaps."""
-FLUSH_MESSAGES = 25
+FLUSH_MESSAGES = 100
 FLUSH_BYTES = 4 * 1024 * 1024
-"""Within a batch, messages are renamed into place and recorded this often."""
+"""Within a batch, messages are renamed into place and recorded this often.
+Each group costs two fsynced state commits on the reactor thread and two
+directory fsyncs; 100 keeps that near 0.02 ms a message, and what a crash
+makes us fetch again small."""
 
 
 @dataclass
@@ -480,7 +483,9 @@ class MailboxSync:
 
             d.addBoth(done)
 
-    def _record(self, messages: list[FetchedMessage], result: MailboxResult, recorded: set[int] | None = None) -> None:
+    async def _record(
+        self, messages: list[FetchedMessage], result: MailboxResult, recorded: set[int] | None = None
+    ) -> None:
         """Put complete messages in place and record them.
 
         Record first, rename second, promote third: a crash at any point
@@ -488,7 +493,9 @@ class MailboxSync:
         (adopted by the next sync), never a file we would fetch again.
         ``deliver_many`` fsyncs any file not fsynced yet before its rename,
         and fsyncs the directories before it returns, so the promotion (the
-        commit that makes the rows real) always follows both.
+        commit that makes the rows real) always follows both. It runs in the
+        syncer's threads: the directory fsyncs are disk waits too. The state
+        DB is only touched here, on the reactor thread.
         """
         if not messages:
             return
@@ -496,7 +503,7 @@ class MailboxSync:
         uids = [m.uid for m in messages]
         self.state.add_pending(self.account, self.name, records)
         try:
-            self.maildir.deliver_many([(m.body, m.flags) for m in messages])
+            await self.syncer.run(functools.partial(self.maildir.deliver_many, [(m.body, m.flags) for m in messages]))
         except BaseException:
             self.state.drop_pending(self.account, self.name, uids)
             raise
@@ -577,7 +584,7 @@ class MailboxSync:
         error = next((f.value for ok, f in outcomes if not ok), None)
         if error is None:
             try:
-                self._record(messages, result, recorded)
+                await self._record(messages, result, recorded)
                 return
             except BaseException as e:  # noqa: BLE001 - reported when the command ends
                 error = e

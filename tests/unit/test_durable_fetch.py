@@ -40,6 +40,11 @@ class HeldSyncer:
         return d
 
     def release(self, fail: BaseException | None = None) -> None:
+        """Run (or fail) every waiting call, and those they lead to."""
+        while self.calls:
+            self._release_once(fail)
+
+    def _release_once(self, fail: BaseException | None) -> None:
         calls, self.calls = self.calls, []
         for fn, d in calls:
             if fail is not None:
@@ -320,3 +325,18 @@ def test_syncer_runs_in_threads_and_in_place_beyond_its_limit() -> None:
     assert syncer.pending == 0
     assert all(name != threading.current_thread().name for name in where)
     assert reactor.triggers  # stops its threads at shutdown
+
+
+def test_a_failed_delivery_in_a_thread_leaves_no_row_and_no_file(sync: MailboxSync) -> None:
+    result = MailboxResult("acct", "INBOX")
+    d = defer.Deferred.fromCoroutine(sync._receive(fake_fetch(sync, 4), result, flush_every=2))
+    held: HeldSyncer = sync.syncer  # type: ignore[assignment]
+    held._release_once(None)  # the fsyncs succeed...
+    assert len(held.calls) == 2  # ...and the two groups' deliveries wait, their rows pending
+    assert set(sync.state.pending("acct", "INBOX")) == {1, 2, 3, 4}
+    held.release(OSError(errno.EIO, "Input/output error"))
+    failure = d.result
+    d.addErrback(lambda _: None)
+    assert failure.value.errno == errno.EIO
+    assert sync.state.pending("acct", "INBOX") == {} and sync.state.count("acct", "INBOX") == 0
+    assert sync.maildir.scan() == {} and tmp_files(sync) == []
