@@ -50,6 +50,26 @@ _counter = itertools.count(1)
 _live_tmp: set[str] = set()
 
 
+MAX_RESERVED = 256
+"""Most tmp/ files made ahead, open, across all Maildirs of the process."""
+_reserved_lock = threading.Lock()
+_reserved_count = 0
+
+
+def _reserved_take(wanted: int) -> int:
+    global _reserved_count
+    with _reserved_lock:
+        n = max(0, min(wanted, MAX_RESERVED - _reserved_count))
+        _reserved_count += n
+        return n
+
+
+def _reserved_release(n: int) -> None:
+    global _reserved_count
+    with _reserved_lock:
+        _reserved_count -= n
+
+
 @dataclass(frozen=True)
 class LocalFile:
     """A message file found in ``new/`` or ``cur/``."""
@@ -369,8 +389,8 @@ class Maildir:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._reserve: collections.deque[str] = collections.deque()
-        """Keys of empty tmp/ files made ahead (appended from other threads: a deque is safe)."""
+        self._reserve: collections.deque[tuple[str, int]] = collections.deque()
+        """Empty tmp/ files made ahead, key and open descriptor (appended from other threads: a deque is safe)."""
         missing: list[Path] = []
         p = self.path
         while not p.exists() and p.parent != p:
@@ -390,21 +410,16 @@ class Maildir:
         """A new, empty, private file in tmp/ to write a message into.
 
         Takes one made ahead by :meth:`reserve_tmp` when there is one:
-        opening an existing file costs microseconds where creating one can
-        cost half a millisecond (measured on ext4), time the caller's
-        thread would not be reading the network.
+        creating a file can cost half a millisecond (measured on ext4),
+        time the caller's thread would not be reading the network.
         """
-        while self._reserve:
-            key = self._reserve.popleft()
-            path = self.path / "tmp" / key
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except FileNotFoundError:
-                _live_tmp.discard(key)
-                continue
-            return TmpMessage(key, path, fd)
-        key, path, fd = self._create_tmp()
-        return TmpMessage(key, path, fd)
+        try:
+            key, fd = self._reserve.popleft()
+        except IndexError:
+            key, _path, fd = self._create_tmp()
+        else:
+            _reserved_release(1)
+        return TmpMessage(key, self.path / "tmp" / key, fd)
 
     def _create_tmp(self) -> tuple[str, Path, int]:
         for _ in range(8):
@@ -427,16 +442,21 @@ class Maildir:
         raise FileExistsError(errno.EEXIST, "could not find a free unique name", str(path))
 
     def reserve_tmp(self, count: int) -> None:
-        """Create ``count`` empty tmp/ files for :meth:`open_tmp` to hand out.
+        """Create up to ``count`` empty tmp/ files for :meth:`open_tmp` to hand out.
 
-        Safe to call from another thread. They hold no descriptor; those
+        Safe to call from another thread. Their descriptors stay open (a
+        later open by name would wait for the directory lock that creations
+        hold); :data:`MAX_RESERVED` bounds them across all Maildirs. Those
         left over are removed by :meth:`release_reserve`, or after a crash
         by :meth:`clean_tmp` like any other debris.
         """
-        for _ in range(count):
-            key, _path, fd = self._create_tmp()
-            os.close(fd)
-            self._reserve.append(key)
+        for _ in range(_reserved_take(count)):
+            try:
+                key, _path, fd = self._create_tmp()
+            except BaseException:
+                _reserved_release(1)
+                raise
+            self._reserve.append((key, fd))
 
     @property
     def reserved(self) -> int:
@@ -445,8 +465,10 @@ class Maildir:
     def release_reserve(self) -> None:
         """Remove the tmp/ files made ahead and not used."""
         while self._reserve:
-            key = self._reserve.popleft()
+            key, fd = self._reserve.popleft()
+            _reserved_release(1)
             _live_tmp.discard(key)
+            os.close(fd)
             try:
                 os.unlink(self.path / "tmp" / key)
             except FileNotFoundError:

@@ -240,13 +240,19 @@ def test_reserved_tmp_files_are_used_then_released(tmp_path: Path) -> None:
     assert md.reserved == 0 and os.listdir(md.path / "tmp") == []
 
 
-def test_a_reserved_file_that_vanished_is_skipped(tmp_path: Path) -> None:
-    md = Maildir(tmp_path / "m")
-    md.reserve_tmp(1)
-    (md.path / "tmp" / os.listdir(md.path / "tmp")[0]).unlink()
-    tmp = md.open_tmp()  # falls back to creating one
-    assert os.listdir(md.path / "tmp") == [tmp.key]
-    tmp.abort()
+def test_reserved_files_are_bounded_across_maildirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(maildir_mod, "MAX_RESERVED", 5)
+    a, b = Maildir(tmp_path / "a"), Maildir(tmp_path / "b")
+    a.reserve_tmp(4)
+    b.reserve_tmp(4)
+    assert (a.reserved, b.reserved) == (4, 1)
+    a.open_tmp().abort()
+    b.reserve_tmp(4)
+    assert b.reserved == 2
+    a.release_reserve()
+    b.release_reserve()
+    assert maildir_mod._reserved_count == 0
+    assert os.listdir(a.path / "tmp") == os.listdir(b.path / "tmp") == []
 
 
 def test_sync_waits_for_a_concurrent_abort_and_never_reuses_a_closed_descriptor(tmp_path: Path) -> None:
