@@ -93,7 +93,14 @@ class Syncer:
     def _stop(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
-            pool.stop()
+            pool.stop()  # waits for the calls in progress
+            # Their results will never reach the stopped reactor: files that
+            # were not delivered go, as a synchronous fsync's would have on
+            # the connection's loss. Delivered ones wait for the next start's
+            # recovery (pending rows), as always.
+            from mirrord.store.maildir import abort_unfinished
+
+            abort_unfinished()
 
 
 class InlineSyncer:

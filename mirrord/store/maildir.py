@@ -24,6 +24,7 @@ import socket
 import stat
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,28 @@ _counter = itertools.count(1)
 # Keys of tmp/ files this process is still writing, across all Maildir
 # instances, so that clean_tmp() never pulls a file from under a live fetch.
 _live_tmp: set[str] = set()
+
+# Messages being written or waiting for their fsync or rename, and Maildirs
+# holding reserved files: what abort_unfinished() cleans up at shutdown.
+_unfinished: weakref.WeakSet[TmpMessage] = weakref.WeakSet()
+_reserving: weakref.WeakSet[Maildir] = weakref.WeakSet()
+
+
+def abort_unfinished() -> int:
+    """Remove every tmp/ file of this process not delivered yet; returns how many.
+
+    For the end of the process, once no thread works on them any more:
+    work handed to threads whose results the stopped reactor will never
+    see would otherwise leave its files in tmp/ until the next start.
+    """
+    count = 0
+    for tmp in list(_unfinished):
+        tmp.abort()
+        count += 1
+    for md in list(_reserving):
+        count += md.reserved
+        md.release_reserve()
+    return count
 
 
 MAX_RESERVED = 256
@@ -178,6 +201,7 @@ class TmpMessage:
         self._held_cr = False
         self._state = "open"  # open -> written -> closed -> delivered; or -> failed/aborted
         self._fd_lock = threading.Lock()
+        _unfinished.add(self)
 
     def __enter__(self) -> TmpMessage:
         return self
@@ -232,6 +256,7 @@ class TmpMessage:
             self._state = "aborted"
             self._pending.clear()
             _live_tmp.discard(self.key)
+            _unfinished.discard(self)
             if self._fd is not None:
                 fd, self._fd = self._fd, None
                 try:
@@ -337,6 +362,7 @@ class TmpMessage:
     def _delivered(self) -> None:
         self._state = "delivered"
         _live_tmp.discard(self.key)
+        _unfinished.discard(self)
 
 
 class Trash:
@@ -450,6 +476,7 @@ class Maildir:
         left over are removed by :meth:`release_reserve`, or after a crash
         by :meth:`clean_tmp` like any other debris.
         """
+        _reserving.add(self)
         for _ in range(_reserved_take(count)):
             try:
                 key, _path, fd = self._create_tmp()
