@@ -346,3 +346,35 @@ def test_a_failed_delivery_in_a_thread_leaves_no_row_and_no_file(sync: MailboxSy
     assert failure.value.errno == errno.EIO
     assert sync.state.pending("acct", "INBOX") == {} and sync.state.count("acct", "INBOX") == 0
     assert sync.maildir.scan() == {} and tmp_files(sync) == []
+
+
+def test_abort_unfinished_removes_what_threads_left_behind(tmp_path: Path) -> None:
+    md = Maildir(tmp_path / "m")
+    md.reserve_tmp(3)  # two are taken below, one stays reserved
+    written = md.open_tmp()
+    written.write(b"complete, waiting for its fsync")
+    written.close_write()
+    done = md.open_tmp()
+    md.deliver(done, frozenset())
+    assert maildir_mod.abort_unfinished() >= 2
+    assert os.listdir(md.path / "tmp") == [] and md.reserved == 0
+    assert len(md.scan()) == 1  # delivered files are not touched
+
+
+def test_pool_close_waits_for_running_jobs() -> None:
+    from mirrord.pool import WorkerPool
+
+    settings = type("S", (), {"name": "acct"})()
+    pool = WorkerPool(None, settings, "pw", 2)  # type: ignore[arg-type]
+    gate: defer.Deferred[None] = defer.Deferred()
+
+    async def job(worker: Any) -> str:
+        await gate
+        return "recorded"
+
+    running = defer.Deferred.fromCoroutine(pool.run(job))
+    closed = defer.Deferred.fromCoroutine(pool.close())
+    assert not closed.called  # the job's last writes come first
+    gate.callback(None)
+    assert running.result == "recorded"
+    assert closed.called
