@@ -97,6 +97,7 @@ class WorkerPool:
         self._idle: list[Worker] = [Worker(self, n) for n in range(1, size + 1)]
         self._all = list(self._idle)
         self._waiters: list[defer.Deferred[Worker]] = []
+        self._drained: list[defer.Deferred[None]] = []
         self._closed = False
 
     @property
@@ -121,6 +122,13 @@ class WorkerPool:
         return await waiter
 
     def _release(self, worker: Worker) -> None:
+        if self._closed:
+            self._idle.append(worker)
+            if len(self._idle) == len(self._all):
+                drained, self._drained = self._drained, []
+                for d in drained:
+                    d.callback(None)
+            return
         if self._waiters:
             self._waiters.pop(0).callback(worker)
         else:
@@ -167,6 +175,14 @@ class WorkerPool:
         for waiter in self._waiters:
             waiter.errback(RuntimeError("the worker pool is closed"))
         self._waiters.clear()
+        if len(self._idle) < len(self._all):
+            # Jobs still running finish first: a fetch's last messages are
+            # made durable and recorded after its command ends (the state DB
+            # is closed once we return), and its LOGOUT would wait for the
+            # command anyway.
+            drained: defer.Deferred[None] = defer.Deferred()
+            self._drained.append(drained)
+            await drained
         await defer.DeferredList(
             [defer.Deferred.fromCoroutine(w.close()) for w in self._all], consumeErrors=True
         )

@@ -154,8 +154,7 @@ class ResponseReader:
         self._max_memory_literal = max_memory_literal
         self._on_line = on_line
         self._buffer = bytearray()
-        self._scanned = 0
-        """How much of the buffer is known to hold no LF (no rescans of a long line)."""
+        """The start of a line that the last read cut off (never holds an LF)."""
         self._pending: _Pending | None = None
         self.fast_line: Callable[[bytes], bool] | None = None
         """Offered each line that starts a response, before it is parsed; True:
@@ -186,72 +185,60 @@ class ResponseReader:
             raise
 
     def _feed(self, data: bytes) -> None:
-        view = memoryview(data)
+        """Split ``data`` into lines and literal bytes, reading it in place.
+
+        Only a line cut by the end of a read is copied into the buffer; the
+        rest of a read (most of it the bytes of literals) goes from ``data``
+        straight to where it belongs, so several messages in one read cost
+        no more copies than one.
+        """
+        if not isinstance(data, bytes):
+            data = bytes(data)
+        pos = 0
+        end = len(data)
+        buffer = self._buffer
         while not self._failed:
             if self._literal_left:
-                if not view:
+                if pos >= end:
                     return
-                view = self._feed_literal(view)
+                pos = self._feed_literal(data, pos)
                 continue
-            if view:
-                self._buffer += view
-                view = memoryview(b"")
-            if not self._buffer:
+            if pos >= end:
                 return
-            leftover = self._drain_lines()
-            if leftover is None:
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                buffer += memoryview(data)[pos:]
+                # A CR at the end may be the first half of the CRLF ending a line of
+                # exactly max_line bytes: the limit must not depend on the chunking.
+                partial = len(buffer) - (1 if buffer.endswith(b"\r") else 0)
+                if partial > self._max_line:
+                    raise ProtocolError(f"response line longer than {self._max_line} bytes")
                 return
-            view = memoryview(leftover)
-
-    def _drain_lines(self) -> bytes | None:
-        """Handle the complete lines in the buffer.
-
-        Stops early when a line starts a literal, and returns the bytes after
-        that line (they belong to the literal); returns None once the buffer
-        holds no complete line.
-        """
-        buffer = self._buffer
-        start = 0
-        while True:
-            end = buffer.find(b"\n", max(start, self._scanned))
-            if end < 0:
-                break
-            line_end = end - 1 if end > start and buffer[end - 1] == 0x0D else end
-            if line_end - start > self._max_line:
+            if buffer:
+                buffer += memoryview(data)[pos:nl]
+                line = bytes(buffer)
+                buffer.clear()
+            else:
+                line = data[pos:nl]
+            pos = nl + 1
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if len(line) > self._max_line:
                 raise ProtocolError(f"response line longer than {self._max_line} bytes")
-            line = bytes(buffer[start:line_end])
-            start = end + 1
             self._line(line)
-            if self._failed:  # a callback gave up on the connection
-                buffer.clear()
-                self._scanned = 0
-                return None
-            if self._literal_left:
-                leftover = bytes(buffer[start:])
-                buffer.clear()
-                self._scanned = 0
-                return leftover
-        del buffer[:start]
-        self._scanned = len(buffer)
-        # A CR at the end may be the first half of the CRLF ending a line of
-        # exactly max_line bytes: the limit must not depend on the chunking.
-        partial = len(buffer) - (1 if buffer.endswith(b"\r") else 0)
-        if partial > self._max_line:
-            raise ProtocolError(f"response line longer than {self._max_line} bytes")
-        return None
 
-    def _feed_literal(self, view: memoryview) -> memoryview:
-        take = min(self._literal_left, len(view))
-        chunk = view[:take]
+    def _feed_literal(self, data: bytes, pos: int) -> int:
+        take = min(self._literal_left, len(data) - pos)
         if self._literal_sink is not None:
-            self._literal_sink.write(bytes(chunk))
+            # A read the literal takes whole goes to the sink as it is.
+            self._literal_sink.write(data if take == len(data) else data[pos : pos + take])
         else:
             assert self._literal_memory is not None
-            self._literal_memory += chunk
+            self._literal_memory += memoryview(data)[pos : pos + take]
         self._literal_left -= take
         if not self._literal_left:
             self._end_literal()
-        return view[take:]
+        return pos + take
 
     def _end_literal(self) -> None:
         assert self._literal_target is not None

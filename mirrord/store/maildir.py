@@ -15,13 +15,16 @@ unique name before the ``:2,`` info.
 
 from __future__ import annotations
 
+import collections
 import errno
 import itertools
 import os
 import shutil
 import socket
 import stat
+import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +40,7 @@ _SUBDIRS = ("cur", "new", "tmp")
 # Socket chunks can be tiny (a literal split over many TCP segments); batching
 # them saves syscalls without holding much memory.
 _WRITE_BUFFER = 64 * 1024
+_IOV_MAX = 512
 
 # Per-process part of unique names. The pid is read at each call, so a forked
 # child that inherits the counter still produces different names.
@@ -45,6 +49,48 @@ _counter = itertools.count(1)
 # Keys of tmp/ files this process is still writing, across all Maildir
 # instances, so that clean_tmp() never pulls a file from under a live fetch.
 _live_tmp: set[str] = set()
+
+# Messages being written or waiting for their fsync or rename, and Maildirs
+# holding reserved files: what abort_unfinished() cleans up at shutdown.
+_unfinished: weakref.WeakSet[TmpMessage] = weakref.WeakSet()
+_reserving: weakref.WeakSet[Maildir] = weakref.WeakSet()
+
+
+def abort_unfinished() -> int:
+    """Remove every tmp/ file of this process not delivered yet; returns how many.
+
+    For the end of the process, once no thread works on them any more:
+    work handed to threads whose results the stopped reactor will never
+    see would otherwise leave its files in tmp/ until the next start.
+    """
+    count = 0
+    for tmp in list(_unfinished):
+        tmp.abort()
+        count += 1
+    for md in list(_reserving):
+        count += md.reserved
+        md.release_reserve()
+    return count
+
+
+MAX_RESERVED = 256
+"""Most tmp/ files made ahead, open, across all Maildirs of the process."""
+_reserved_lock = threading.Lock()
+_reserved_count = 0
+
+
+def _reserved_take(wanted: int) -> int:
+    global _reserved_count
+    with _reserved_lock:
+        n = max(0, min(wanted, MAX_RESERVED - _reserved_count))
+        _reserved_count += n
+        return n
+
+
+def _reserved_release(n: int) -> None:
+    global _reserved_count
+    with _reserved_lock:
+        _reserved_count -= n
 
 
 @dataclass(frozen=True)
@@ -153,7 +199,9 @@ class TmpMessage:
         self._pending: list[bytes] = []
         self._pending_len = 0
         self._held_cr = False
-        self._state = "open"  # open -> closed -> delivered, or -> aborted
+        self._state = "open"  # open -> written -> closed -> delivered; or -> failed/aborted
+        self._fd_lock = threading.Lock()
+        _unfinished.add(self)
 
     def __enter__(self) -> TmpMessage:
         return self
@@ -184,7 +232,9 @@ class TmpMessage:
             data = data[:-1]
         # Every piece handed on ends in a byte other than CR (the held one
         # starts the next piece), so no CRLF can straddle two pieces.
-        out = data.replace(b"\r\n", b"\n")
+        # split + join is about 1.6x faster than replace for a 2-byte
+        # pattern, and a chunk without CR (most of a base64 line) is kept.
+        out = b"\n".join(data.split(b"\r\n")) if b"\r" in data else data
         if not out:
             return
         self._pending.append(out)
@@ -198,18 +248,21 @@ class TmpMessage:
                 raise
 
     def abort(self) -> None:
-        """Close and unlink; safe to call more than once and after a failed delivery."""
+        """Close and unlink; safe to call more than once, after a failed delivery, and
+        while another thread is in :meth:`sync` (it waits for it)."""
         if self._state == "delivered":
             return
-        self._state = "aborted"
-        self._pending.clear()
-        _live_tmp.discard(self.key)
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        with self._fd_lock:
+            self._state = "aborted"
+            self._pending.clear()
+            _live_tmp.discard(self.key)
+            _unfinished.discard(self)
+            if self._fd is not None:
+                fd, self._fd = self._fd, None
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
         try:
             os.unlink(self.path)
         except FileNotFoundError:
@@ -217,23 +270,39 @@ class TmpMessage:
 
     def _drain(self) -> None:
         assert self._fd is not None
-        data = b"".join(self._pending)
-        self._pending.clear()
+        pieces = self._pending
+        self._pending = []
         self._pending_len = 0
+        if len(pieces) == 1:
+            data = pieces[0]
+        else:
+            # One writev rather than a join: no copy of the pieces.
+            total = sum(len(p) for p in pieces)
+            done = 0
+            while pieces and done < total:
+                written = os.writev(self._fd, pieces[:_IOV_MAX])
+                done += written
+                # Drop the pieces written whole; a short write falls through.
+                while pieces and written >= len(pieces[0]):
+                    written -= len(pieces[0])
+                    pieces.pop(0)
+                if written:
+                    pieces[0] = pieces[0][written:]
+            return
         view = memoryview(data)
         while view:
             view = view[os.write(self._fd, view) :]
 
-    def finish(self) -> None:
-        """Make the content durable and release the file descriptor.
+    def close_write(self) -> None:
+        """Write out what is buffered: the message is complete, no more writes.
 
-        Delivery does this too; calling it as soon as the last byte arrives
-        keeps a large fetch batch from holding one open descriptor per message.
+        The descriptor stays open for :meth:`sync`, which may then run in
+        another thread while this one goes on reading the network.
         """
-        if self._state == "closed":
+        if self._state == "written":
             return
         if self._state != "open":
-            raise ValueError(f"deliver of a {self._state} message {self.key}")
+            raise ValueError(f"close_write of a {self._state} message {self.key}")
         assert self._fd is not None
         if self._held_cr:
             # A CR at the very end has no LF after it: it is data.
@@ -241,15 +310,59 @@ class TmpMessage:
             self._pending.append(b"\r")
             self._pending_len += 1
             self.size += 1
-        self._drain()
-        os.fsync(self._fd)
-        fd, self._fd = self._fd, None
-        self._state = "closed"
-        os.close(fd)
+        try:
+            self._drain()
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "written"
+
+    def sync(self) -> None:
+        """Make the written content durable and release the file descriptor.
+
+        Safe to call from a thread other than the one that wrote the file:
+        it touches only the descriptor, under a lock that :meth:`abort`
+        takes too, so an abort meanwhile never closes a descriptor number
+        that is in use (or already reused by another file).
+        """
+        with self._fd_lock:
+            if self._state == "closed":
+                return
+            if self._state != "written" or self._fd is None:
+                raise ValueError(f"sync of a {self._state} message {self.key}")
+            try:
+                os.fsync(self._fd)
+            except BaseException:
+                # A second fsync after a failed one may report success for
+                # data that never reached the disk: this file is done for.
+                self._state = "failed"
+                raise
+            fd, self._fd = self._fd, None
+            self._state = "closed"
+            os.close(fd)
+
+    def finish(self) -> None:
+        """Write out, make durable and release the file descriptor (:meth:`close_write`, :meth:`sync`).
+
+        Delivery does this too; calling it as soon as the last byte arrives
+        keeps a large fetch batch from holding one open descriptor per message.
+        """
+        if self._state == "closed":
+            return
+        if self._state not in ("open", "written"):
+            raise ValueError(f"deliver of a {self._state} message {self.key}")
+        self.close_write()
+        self.sync()
+
+    @property
+    def synced(self) -> bool:
+        """Durable and closed: ready to be renamed into place."""
+        return self._state == "closed"
 
     def _delivered(self) -> None:
         self._state = "delivered"
         _live_tmp.discard(self.key)
+        _unfinished.discard(self)
 
 
 class Trash:
@@ -302,6 +415,8 @@ class Maildir:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._reserve: collections.deque[tuple[str, int]] = collections.deque()
+        """Empty tmp/ files made ahead, key and open descriptor (appended from other threads: a deque is safe)."""
         missing: list[Path] = []
         p = self.path
         while not p.exists() and p.parent != p:
@@ -318,6 +433,21 @@ class Maildir:
     # -- delivery ---------------------------------------------------------
 
     def open_tmp(self) -> TmpMessage:
+        """A new, empty, private file in tmp/ to write a message into.
+
+        Takes one made ahead by :meth:`reserve_tmp` when there is one:
+        creating a file can cost half a millisecond (measured on ext4),
+        time the caller's thread would not be reading the network.
+        """
+        try:
+            key, fd = self._reserve.popleft()
+        except IndexError:
+            key, _path, fd = self._create_tmp()
+        else:
+            _reserved_release(1)
+        return TmpMessage(key, self.path / "tmp" / key, fd)
+
+    def _create_tmp(self) -> tuple[str, Path, int]:
         for _ in range(8):
             key = unique_name()
             path = self.path / "tmp" / key
@@ -334,8 +464,42 @@ class Maildir:
                 os.unlink(path)
                 raise
             _live_tmp.add(key)
-            return TmpMessage(key, path, fd)
+            return key, path, fd
         raise FileExistsError(errno.EEXIST, "could not find a free unique name", str(path))
+
+    def reserve_tmp(self, count: int) -> None:
+        """Create up to ``count`` empty tmp/ files for :meth:`open_tmp` to hand out.
+
+        Safe to call from another thread. Their descriptors stay open (a
+        later open by name would wait for the directory lock that creations
+        hold); :data:`MAX_RESERVED` bounds them across all Maildirs. Those
+        left over are removed by :meth:`release_reserve`, or after a crash
+        by :meth:`clean_tmp` like any other debris.
+        """
+        _reserving.add(self)
+        for _ in range(_reserved_take(count)):
+            try:
+                key, _path, fd = self._create_tmp()
+            except BaseException:
+                _reserved_release(1)
+                raise
+            self._reserve.append((key, fd))
+
+    @property
+    def reserved(self) -> int:
+        return len(self._reserve)
+
+    def release_reserve(self) -> None:
+        """Remove the tmp/ files made ahead and not used."""
+        while self._reserve:
+            key, fd = self._reserve.popleft()
+            _reserved_release(1)
+            _live_tmp.discard(key)
+            os.close(fd)
+            try:
+                os.unlink(self.path / "tmp" / key)
+            except FileNotFoundError:
+                pass
 
     def deliver(self, tmp: TmpMessage, flags: Flags) -> str:
         """Move a finished message into new/ or cur/; see :meth:`deliver_many`."""

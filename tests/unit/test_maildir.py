@@ -296,12 +296,26 @@ def test_write_enospc_cleans_up(md: Maildir, monkeypatch: pytest.MonkeyPatch) ->
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(maildir_mod.os, "write", full)
+    monkeypatch.setattr(maildir_mod.os, "writev", lambda fd, pieces: full(fd, b""))
     with pytest.raises(OSError) as info:
         tmp.write(b"y" * (1 << 17))
     assert info.value.errno == errno.ENOSPC
     assert_empty(md)
     tmp.abort()  # what a caller does on any error: harmless
     assert_empty(md)
+
+
+def test_short_writevs_are_completed(md: Maildir, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Many small chunks are written with one writev; a short one is resumed
+    # mid-piece, whatever piece it stopped in.
+    real = os.writev
+    monkeypatch.setattr(maildir_mod.os, "writev", lambda fd, pieces: real(fd, [b"".join(pieces)[:1000]]))
+    tmp = md.open_tmp()
+    for i in range(3000):
+        tmp.write(b"line %d\r\n" % i)
+    monkeypatch.undo()
+    key = md.deliver(tmp, frozenset())
+    assert (md.path / "new" / key).read_bytes() == b"".join(b"line %d\n" % i for i in range(3000))
 
 
 def test_short_writes_are_completed(md: Maildir, monkeypatch: pytest.MonkeyPatch) -> None:

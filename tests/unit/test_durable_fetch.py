@@ -1,0 +1,380 @@
+"""Fetched messages made durable off the reactor: ordering, failures, the tmp/ reserve.
+
+The fsyncs run in the syncer's threads; these tests use a syncer whose calls
+the test completes by hand, so the order in which the reactor side renames
+and commits can be checked against the fsyncs without threads or sleeps.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet import defer
+
+from mirrord import _fs
+from mirrord.protocol.client import FetchedMessage, ListEntry
+from mirrord.store import maildir as maildir_mod
+from mirrord.store.maildir import Maildir
+from mirrord.store.state import StateDB
+from mirrord.sync.mailbox import MailboxResult, MailboxSync
+
+
+class HeldSyncer:
+    """A syncer whose calls wait until the test runs them (``release``)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Callable[[], Any], defer.Deferred[Any]]] = []
+
+    @property
+    def pending(self) -> int:
+        return len(self.calls)
+
+    def run(self, fn: Callable[[], Any]) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.calls.append((fn, d))
+        return d
+
+    def release(self, fail: BaseException | None = None) -> None:
+        """Run (or fail) every waiting call, and those they lead to."""
+        while self.calls:
+            self._release_once(fail)
+
+    def _release_once(self, fail: BaseException | None) -> None:
+        calls, self.calls = self.calls, []
+        for fn, d in calls:
+            if fail is not None:
+                d.errback(fail)
+                continue
+            try:
+                value = fn()
+            except BaseException as e:  # noqa: BLE001
+                d.errback(e)
+            else:
+                d.callback(value)
+
+
+@pytest.fixture
+def sync(tmp_path: Path) -> MailboxSync:
+    state = StateDB(tmp_path / "state" / "state.sqlite3")
+    state.set_mailbox("acct", "INBOX", 7)
+    s = MailboxSync(
+        account="acct",
+        entry=ListEntry(b"INBOX", "INBOX", "/", frozenset()),
+        local_name="INBOX",
+        maildir=Maildir(tmp_path / "Mail" / "INBOX"),
+        state=state,
+        pool=None,  # type: ignore[arg-type]
+    )
+    s.syncer = HeldSyncer()  # type: ignore[assignment]
+    return s
+
+
+def fake_fetch(sync: MailboxSync, count: int, after: Callable[[], None] | None = None) -> Any:
+    """A fetch command that 'receives' ``count`` messages, then ends (or raises)."""
+
+    async def fetch(arrived: Callable[[FetchedMessage], None]) -> None:
+        for uid in range(1, count + 1):
+            tmp = sync.maildir.open_tmp()
+            tmp.write(b"Subject: %d\r\n\r\nbody\r\n" % uid)
+            arrived(FetchedMessage(uid, frozenset({"\\Seen"}) if uid % 2 else frozenset(), None, tmp))
+        if after is not None:
+            after()
+
+    return fetch
+
+
+def tmp_files(sync: MailboxSync) -> list[str]:
+    return os.listdir(sync.maildir.path / "tmp")
+
+
+def test_rename_follows_fsync_and_commit_follows_directory_fsync(
+    sync: MailboxSync, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[tuple[str, str]] = []
+    fd_paths: dict[int, str] = {}
+    real_open, real_fsync, real_rename = os.open, os.fsync, os.rename
+    real_fsync_dir = maildir_mod._fsync_dir
+    real_promote = sync.state.promote_pending
+
+    def op(path: Any, flags: int, *a: Any) -> int:
+        fd = real_open(path, flags, *a)
+        fd_paths[fd] = os.path.basename(str(path))
+        return fd
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", fd_paths.get(fd, "?")))
+        real_fsync(fd)
+
+    def rename(src: Any, dst: Any) -> None:
+        events.append(("rename", os.path.basename(str(src))))
+        real_rename(src, dst)
+
+    def fsync_dir(path: Path) -> None:
+        events.append(("fsync_dir", path.name))
+        real_fsync_dir(path)
+
+    def promote(account: str, mailbox: str, uids: Any) -> None:
+        events.append(("commit", ",".join(map(str, uids))))
+        real_promote(account, mailbox, uids)
+
+    monkeypatch.setattr(maildir_mod.os, "open", op)
+    monkeypatch.setattr(maildir_mod.os, "fsync", fsync)
+    monkeypatch.setattr(maildir_mod.os, "rename", rename)
+    monkeypatch.setattr(maildir_mod, "_fsync_dir", fsync_dir)
+    monkeypatch.setattr(sync.state, "promote_pending", promote)
+    result = MailboxResult("acct", "INBOX")
+    d = defer.Deferred.fromCoroutine(sync._receive(fake_fetch(sync, 7), result, flush_every=3))
+    # Every message has arrived; none is durable yet, so nothing may be visible.
+    assert not d.called
+    assert [e for e in events if e[0] != "fsync"] == []
+    assert sync.maildir.scan() == {}
+    assert sync.state.count("acct", "INBOX") == 0
+    sync.syncer.release()  # type: ignore[attr-defined]
+    assert d.called
+    d.result  # noqa: B018 - raises if it failed
+    assert result.fetched == 7
+    assert sync.state.count("acct", "INBOX") == 7
+    assert len(sync.maildir.scan()) == 7
+    for name in {n for kind, n in events if kind == "rename"}:
+        assert events.index(("fsync", name)) < events.index(("rename", name))
+    # Each commit comes after a directory fsync that follows the group's last rename.
+    for i, (kind, _) in enumerate(events):
+        if kind == "commit":
+            last_rename = max(j for j in range(i) if events[j][0] == "rename")
+            assert any(events[j][0] == "fsync_dir" for j in range(last_rename, i))
+    assert [e[1] for e in events if e[0] == "commit"] == ["1,2,3", "4,5,6", "7"]
+
+
+def test_a_failed_fsync_in_a_thread_fails_the_fetch_and_leaves_nothing(sync: MailboxSync) -> None:
+    result = MailboxResult("acct", "INBOX")
+    d = defer.Deferred.fromCoroutine(sync._receive(fake_fetch(sync, 5), result, flush_every=2))
+    sync.syncer.release(OSError(errno.EIO, "Input/output error"))  # type: ignore[attr-defined]
+    failure = d.result
+    d.addErrback(lambda _: None)
+    assert isinstance(failure.value, OSError) and failure.value.errno == errno.EIO
+    assert sync.maildir.scan() == {}
+    assert tmp_files(sync) == []
+    assert sync.state.count("acct", "INBOX") == 0
+    assert sync.state.pending("acct", "INBOX") == {}
+
+
+def test_a_failed_fsync_is_the_mailbox_error_users_see(sync: MailboxSync, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def run(result: MailboxResult) -> None:
+        await sync._receive(fake_fetch(sync, 3), result)
+
+    monkeypatch.setattr(sync, "_run", run)
+    monkeypatch.setattr(sync, "syncer", _fs.InlineSyncer())
+
+    def eio(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(maildir_mod.os, "fsync", eio)
+    d = defer.Deferred.fromCoroutine(sync.run())
+    result = d.result
+    assert result.error is not None and result.error.startswith("cannot write the mirror (Input/output error")
+    assert sync.maildir.scan() == {} and tmp_files(sync) == []
+
+
+def test_messages_complete_before_a_dropped_connection_are_kept(sync: MailboxSync) -> None:
+    def drop() -> None:
+        raise ConnectionError("connection lost")
+
+    result = MailboxResult("acct", "INBOX")
+    recorded: set[int] = set()
+    d = defer.Deferred.fromCoroutine(
+        sync._receive(fake_fetch(sync, 4, after=drop), result, flush_every=3, recorded=recorded)
+    )
+    assert not d.called  # waits for the groups before it reports the drop
+    sync.syncer.release()  # type: ignore[attr-defined]
+    failure = d.result
+    d.addErrback(lambda _: None)
+    assert isinstance(failure.value, ConnectionError)
+    assert recorded == {1, 2, 3, 4}
+    assert sync.state.count("acct", "INBOX") == 4 and len(sync.maildir.scan()) == 4
+
+
+def test_failure_of_one_group_discards_the_rest_of_the_command(sync: MailboxSync) -> None:
+    taken: list[int] = []
+
+    async def fetch(arrived: Callable[[FetchedMessage], None]) -> None:
+        for uid in range(1, 5):
+            tmp = sync.maildir.open_tmp()
+            tmp.write(b"m")
+            try:
+                arrived(FetchedMessage(uid, frozenset(), None, tmp))
+                taken.append(uid)
+            except OSError:
+                tmp.abort()  # what the client does with a body on_message refused
+            if uid == 2:
+                sync.syncer.release(OSError(errno.ENOSPC, "No space left on device"))  # type: ignore[attr-defined]
+
+    d = defer.Deferred.fromCoroutine(sync._receive(fetch, MailboxResult("acct", "INBOX"), flush_every=2))
+    failure = d.result
+    d.addErrback(lambda _: None)
+    assert failure.value.errno == errno.ENOSPC
+    assert taken == [1, 2]
+    assert sync.maildir.scan() == {} and tmp_files(sync) == []
+
+
+# -- the tmp/ reserve -----------------------------------------------------------
+
+
+def test_reserved_tmp_files_are_used_then_released(tmp_path: Path) -> None:
+    md = Maildir(tmp_path / "m")
+    md.reserve_tmp(3)
+    assert md.reserved == 3
+    reserved = set(os.listdir(md.path / "tmp"))
+    assert md.clean_tmp() == 0  # files made ahead are live, not debris
+    tmp = md.open_tmp()
+    assert tmp.key in reserved and md.reserved == 2
+    tmp.write(b"hello\r\n")
+    key = md.deliver(tmp, frozenset())
+    assert (md.path / "new" / key).read_bytes() == b"hello\n"
+    assert oct(os.stat(md.path / "new" / key).st_mode & 0o777) == oct(maildir_mod.FILE_MODE)
+    md.release_reserve()
+    assert md.reserved == 0 and os.listdir(md.path / "tmp") == []
+
+
+def test_reserved_files_are_bounded_across_maildirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(maildir_mod, "MAX_RESERVED", 5)
+    a, b = Maildir(tmp_path / "a"), Maildir(tmp_path / "b")
+    a.reserve_tmp(4)
+    b.reserve_tmp(4)
+    assert (a.reserved, b.reserved) == (4, 1)
+    a.open_tmp().abort()
+    b.reserve_tmp(4)
+    assert b.reserved == 2
+    a.release_reserve()
+    b.release_reserve()
+    assert maildir_mod._reserved_count == 0
+    assert os.listdir(a.path / "tmp") == os.listdir(b.path / "tmp") == []
+
+
+def test_sync_waits_for_a_concurrent_abort_and_never_reuses_a_closed_descriptor(tmp_path: Path) -> None:
+    md = Maildir(tmp_path / "m")
+    tmp = md.open_tmp()
+    tmp.write(b"x")
+    tmp.close_write()
+    tmp.abort()
+    with pytest.raises(ValueError):
+        tmp.sync()
+
+
+def test_a_second_fsync_after_a_failed_one_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    md = Maildir(tmp_path / "m")
+    tmp = md.open_tmp()
+    tmp.write(b"x")
+    tmp.close_write()
+
+    def eio(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(maildir_mod.os, "fsync", eio)
+    with pytest.raises(OSError):
+        tmp.sync()
+    monkeypatch.undo()
+    with pytest.raises(ValueError):
+        tmp.sync()  # the data may be lost: a later fsync's success would lie
+    with pytest.raises(ValueError):
+        md.deliver(tmp, frozenset())
+    assert md.scan() == {} and os.listdir(md.path / "tmp") == []
+
+
+# -- the Syncer -------------------------------------------------------------------
+
+
+class QueueReactor:
+    """Enough of a reactor for deferToThreadPool: results are queued, then run by the test."""
+
+    def __init__(self) -> None:
+        self.queue: list[tuple[Any, tuple[Any, ...]]] = []
+        self.triggers: list[Any] = []
+
+    def callFromThread(self, f: Any, *args: Any) -> None:  # noqa: N802 - Twisted's name
+        self.queue.append((f, args))
+
+    def addSystemEventTrigger(self, *args: Any) -> None:  # noqa: N802
+        self.triggers.append(args)
+
+    def run_queued(self) -> None:
+        queue, self.queue = self.queue, []
+        for f, args in queue:
+            f(*args)
+
+
+def test_syncer_runs_in_threads_and_in_place_beyond_its_limit() -> None:
+    import threading
+
+    reactor = QueueReactor()
+    syncer = _fs.Syncer(reactor, threads=2, max_pending=2)
+    gate = threading.Event()
+    where: list[str] = []
+
+    def slow() -> str:
+        gate.wait(5)
+        where.append(threading.current_thread().name)
+        return "done"
+
+    first, second = syncer.run(slow), syncer.run(slow)
+    assert syncer.pending == 2 and not first.called
+    third = syncer.run(lambda: threading.current_thread().name)  # over the limit: here, now
+    assert third.called and third.result == threading.current_thread().name
+    gate.set()
+    syncer._pool.stop()  # joins the threads: both calls have finished
+    reactor.run_queued()
+    assert first.result == second.result == "done"
+    assert syncer.pending == 0
+    assert all(name != threading.current_thread().name for name in where)
+    assert reactor.triggers  # stops its threads at shutdown
+
+
+def test_a_failed_delivery_in_a_thread_leaves_no_row_and_no_file(sync: MailboxSync) -> None:
+    result = MailboxResult("acct", "INBOX")
+    d = defer.Deferred.fromCoroutine(sync._receive(fake_fetch(sync, 4), result, flush_every=2))
+    held: HeldSyncer = sync.syncer  # type: ignore[assignment]
+    held._release_once(None)  # the fsyncs succeed...
+    assert len(held.calls) == 2  # ...and the two groups' deliveries wait, their rows pending
+    assert set(sync.state.pending("acct", "INBOX")) == {1, 2, 3, 4}
+    held.release(OSError(errno.EIO, "Input/output error"))
+    failure = d.result
+    d.addErrback(lambda _: None)
+    assert failure.value.errno == errno.EIO
+    assert sync.state.pending("acct", "INBOX") == {} and sync.state.count("acct", "INBOX") == 0
+    assert sync.maildir.scan() == {} and tmp_files(sync) == []
+
+
+def test_abort_unfinished_removes_what_threads_left_behind(tmp_path: Path) -> None:
+    md = Maildir(tmp_path / "m")
+    md.reserve_tmp(3)  # two are taken below, one stays reserved
+    written = md.open_tmp()
+    written.write(b"complete, waiting for its fsync")
+    written.close_write()
+    done = md.open_tmp()
+    md.deliver(done, frozenset())
+    assert maildir_mod.abort_unfinished() >= 2
+    assert os.listdir(md.path / "tmp") == [] and md.reserved == 0
+    assert len(md.scan()) == 1  # delivered files are not touched
+
+
+def test_pool_close_waits_for_running_jobs() -> None:
+    from mirrord.pool import WorkerPool
+
+    settings = type("S", (), {"name": "acct"})()
+    pool = WorkerPool(None, settings, "pw", 2)  # type: ignore[arg-type]
+    gate: defer.Deferred[None] = defer.Deferred()
+
+    async def job(worker: Any) -> str:
+        await gate
+        return "recorded"
+
+    running = defer.Deferred.fromCoroutine(pool.run(job))
+    closed = defer.Deferred.fromCoroutine(pool.close())
+    assert not closed.called  # the job's last writes come first
+    gate.callback(None)
+    assert running.result == "recorded"
+    assert closed.called
