@@ -71,6 +71,43 @@ class Worker:
                 return self.status
         return await self.examine(raw_name)
 
+    async def examine_then(
+        self, raw_name: bytes, then: Callable[[MirrordIMAP4Client], Awaitable[T]]
+    ) -> tuple[MailboxStatus, T]:
+        """EXAMINE ``raw_name`` and run ``then``'s command pipelined behind it: one round trip.
+
+        This is how new mail is fetched the moment a watcher hears of it. A
+        NOOP (what :meth:`ensure_selected` sends) would cost a round trip of
+        its own: Dovecot runs a UID command pipelined behind a NOOP in
+        parallel with it, on the view from before the NOOP, and answers
+        without the new mail. A command after EXAMINE must run in the mailbox
+        EXAMINE opened, on every server (RFC 3501 5.5), and EXAMINE's view is
+        fresh. ``then`` must send its one command as soon as it is called.
+
+        :attr:`status` and :attr:`selected` are set the moment EXAMINE's OK is
+        read, before any response to ``then``'s command, so a callback
+        handling those can check what was selected.
+        """
+        client = await self.connection()
+        self.selected = None
+        self.status = None
+
+        def examined(status: MailboxStatus) -> MailboxStatus:
+            self.status = status
+            self.selected = raw_name
+            return status
+
+        with client.pipeline():
+            opened = defer.Deferred.fromCoroutine(client.examine(raw_name)).addCallback(examined)
+            done = defer.Deferred.fromCoroutine(then(client))
+        try:
+            status = await opened
+        except BaseException:
+            # Without a mailbox the pipelined command fails too; that is not news.
+            done.addErrback(lambda _: None)
+            raise
+        return status, await done
+
     async def close(self) -> None:
         client, self.client = self.client, None
         if client is not None and not client.connected_transport_lost:
@@ -106,7 +143,7 @@ class WorkerPool:
     async def connect(self, label: str) -> MirrordIMAP4Client:
         if self._connect is not None:
             return await self._connect(label)
-        return await open_session(self.reactor, self.account, self._password, label=label)
+        return await open_session(self.reactor, self.account, self._password, label=label, bulk=True)
 
     async def _acquire(self) -> Worker:
         if self._closed:

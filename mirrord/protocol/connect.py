@@ -9,6 +9,7 @@ that does not match the host or is not trusted ends the attempt with a
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -44,6 +45,7 @@ class ServerSettings(Protocol):
     tls: Literal["implicit", "starttls", "none"]
     ca_file: Path | None
     username: str
+    compress: Literal["auto", "yes", "no"]
 
 
 def tls_options(host: str, ca_file: Path | None) -> Any:
@@ -69,6 +71,27 @@ def _tls_reason(failure: Failure) -> str | None:
     return None
 
 
+def _is_loopback(host: str) -> bool:
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def wants_compression(account: ServerSettings) -> bool:
+    """Whether the account's ``compress`` setting asks for COMPRESS=DEFLATE.
+
+    ``auto`` asks for it except to a loopback host: there the link is faster
+    than zlib, and compression only adds CPU time (tests/bench/bench_link.py).
+    """
+    mode = getattr(account, "compress", "no")
+    if mode == "yes":
+        return True
+    return mode == "auto" and not _is_loopback(account.host)
+
+
 async def open_session(
     reactor: Any,
     account: ServerSettings,
@@ -76,8 +99,14 @@ async def open_session(
     *,
     label: str,
     clock: IReactorTime | None = None,
+    bulk: bool = False,
 ) -> MirrordIMAP4Client:
     """Connect, secure, greet and log in; the result is ready for commands.
+
+    ``bulk``: the connection will carry message bodies (a worker), so it is
+    compressed when the account asks for it and the server offers
+    COMPRESS=DEFLATE. Watchers, which carry a few lines an hour, are not:
+    compression state costs memory per connection and saves them nothing.
 
     Errors come out as :class:`ConnectFailed` subclasses with a message that
     names the account and the server, never the password.
@@ -112,6 +141,15 @@ async def open_session(
             raise LoginFailed(
                 f"{where} refused the login of {account.username!r}: {e.text or e.status}"
             ) from None
+        if bulk and wants_compression(account):
+            if "COMPRESS=DEFLATE" in client.capabilities:
+                try:
+                    await client.compress()
+                except CommandFailed as e:
+                    # Not worth failing the session over: go on uncompressed.
+                    log.info("%s: %s refused COMPRESS DEFLATE (%s); going on without", label, where, e)
+            else:
+                log.debug("%s: %s does not offer COMPRESS=DEFLATE", label, where)
     except ConnectionLost as e:
         _abort(client)
         reason = _tls_reason(Failure(e)) if not isinstance(e, ConnectionLost) else None
