@@ -59,10 +59,12 @@ import os
 import random
 import shlex
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,6 +222,62 @@ def print_sync_table(args: argparse.Namespace, rows: list[Row], count: int, nbyt
 
 
 # ---------------------------------------------------------------------------
+# The link itself
+
+
+def check_link(args: argparse.Namespace, megabytes: float = 25.0) -> tuple[float, float]:
+    """(Mbit/s, RTT ms) of a proxy shaped like the benchmark's, measured with a raw socket.
+
+    A bulk transfer from a local source through a second proxy with the
+    same shape, then ten 1-byte ping-pongs: shows that the emulated link
+    delivers the rate and delay asked for, so that the floor is a floor.
+    """
+    source = socket.socket()
+    source.bind(("127.0.0.1", 0))
+    source.listen(1)
+    total = int(megabytes * 1e6)
+
+    def serve() -> None:
+        conn, _ = source.accept()
+        with conn:
+            conn.recv(1)
+            block = b"x" * 65536
+            left = total
+            while left > 0:
+                conn.sendall(block[: min(left, len(block))])
+                left -= len(block)
+            for _ in range(10):
+                conn.sendall(conn.recv(1))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    with FaultProxy("127.0.0.1", source.getsockname()[1]) as proxy:
+        proxy.shape(delay=args.rtt_ms / 2000, rate_bytes_per_second=rate_bytes(args) if args.mbit else None)
+        with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            started = time.monotonic()
+            sock.sendall(b"g")
+            got = 0
+            while got < total:
+                data = sock.recv(1 << 20)
+                if not data:
+                    break
+                got += len(data)
+            elapsed = time.monotonic() - started
+            rtts = []
+            for _ in range(10):
+                t = time.monotonic()
+                sock.sendall(b"p")
+                sock.recv(1)
+                rtts.append((time.monotonic() - t) * 1000)
+    source.close()
+    thread.join(5)
+    # The first byte waits one RTT (request out, data back): not transfer time.
+    transfer = max(elapsed - args.rtt_ms / 1000, 1e-9)
+    return got * 8 / transfer / 1e6, statistics.median(rtts)
+
+
+# ---------------------------------------------------------------------------
 # Push over the link
 
 
@@ -366,6 +424,9 @@ def main() -> int:
     link = (f"{args.rtt_ms:g} ms RTT ({args.rtt_ms / 2:g} ms each way), "
             + (f"{args.mbit:g} Mbit/s each way" if args.mbit else "no rate limit"))
     print(f"link:    FaultProxy on 127.0.0.1: {link}")
+    mbit, rtt = check_link(args)
+    link_check = f"measured with a raw socket: {mbit:.1f} Mbit/s, RTT {rtt:.1f} ms"
+    print(f"         {link_check}")
     print(flush=True)
 
     root = Path(tempfile.mkdtemp(prefix="mirrord-bench-link-"))
@@ -407,7 +468,7 @@ def main() -> int:
             shutil.rmtree(root, ignore_errors=True)
 
     print("\n" + "=" * 20 + " results " + "=" * 20)
-    print(f"link: {link}")
+    print(f"link: {link}; {link_check}")
     if sync_rows:
         floor = floor_seconds(args, nbytes)
         print(f"initial sync of {count} messages, {nbytes / 1e6:.1f} MB; link floor {floor:.2f} s "
