@@ -92,7 +92,8 @@ class Worker:
         command syncs its view, and Dovecot answers ``UID FETCH`` from the
         old view (no error, just nothing) even when the FETCH is pipelined
         behind a NOOP. So a selection that is re-used gets a NOOP first, one
-        round trip, cheaper than a new EXAMINE.
+        round trip, cheaper than a new EXAMINE. Where a single command follows,
+        :meth:`examine_then` does both in one round trip.
         """
         if self.selected == raw_name and self.status is not None and self.client is not None:
             if not self.client.connected_transport_lost:
