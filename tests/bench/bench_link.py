@@ -328,7 +328,15 @@ def run_push(args: argparse.Namespace, root: Path, server: PrivateDovecot, proxy
     inotify = floor = collector = appender = None
     sent: list[tuple[int, int, float]] = []
     try:
-        out.first_sync_s = daemon.start(timeout=300)
+        # ``python -m``/``-c`` put the working directory first on sys.path,
+        # ahead of PYTHONPATH: start the baseline from its own tree.
+        here = os.getcwd()
+        if pythonpath is not None:
+            os.chdir(pythonpath)
+        try:
+            out.first_sync_s = daemon.start(timeout=300)
+        finally:
+            os.chdir(here)
         latency._wait(lambda: len(latency._local_files(inbox)) >= 200, 60)
         inotify = latency.Inotify()
         for sub in ("new", "cur"):
