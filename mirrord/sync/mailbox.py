@@ -312,11 +312,15 @@ class MailboxSync:
             if status.uidvalidity != record.uidvalidity:
                 raise UidValidityChanged(record.uidvalidity, status.uidvalidity)
             now_highest = self.state.highest_uid(self.account, self.name) or 0
-            if status.uidnext is not None and now_highest < status.uidnext - 1:
+            if status.uidnext is not None:
+                short = now_highest < status.uidnext - 1
+            else:  # no UIDNEXT (Courier): more messages there than here is the hint
+                short = status.exists > self.state.count(self.account, self.name)
+            if short:
                 # Rare: expunged since, or a server whose pipelined FETCH saw
                 # an older view. The selection is fresh now; one more look.
-                log.debug("%s: UIDNEXT %d but highest UID here %d after the fetch; fetching again",
-                          self.label, status.uidnext, now_highest)
+                log.debug("%s: UIDNEXT %s, %d messages, but highest UID here %d after the fetch; "
+                          "fetching again", self.label, status.uidnext, status.exists, now_highest)
                 await fetch_from(await worker.connection(), max(first, now_highest + 1))
 
         await self.pool.run(job, f"fetching new mail of {self.label}")

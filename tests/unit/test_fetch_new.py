@@ -28,10 +28,11 @@ from tests.unit.test_protocol_client import connected, fetch_response, result_of
 BODY = b"Subject: new\r\n\r\nhello\r\n"
 
 
-def examine_answer(tag: bytes, uidvalidity: int = 7, uidnext: int = 7, exists: int = 6) -> bytes:
+def examine_answer(tag: bytes, uidvalidity: int = 7, uidnext: int | None = 7, exists: int = 6) -> bytes:
+    next_line = b"* OK [UIDNEXT %d] ok\r\n" % uidnext if uidnext is not None else b""
     return (
-        b"* FLAGS (\\Seen)\r\n* %d EXISTS\r\n* OK [UIDVALIDITY %d] ok\r\n* OK [UIDNEXT %d] ok\r\n"
-        b"%s OK [READ-ONLY] done\r\n" % (exists, uidvalidity, uidnext, tag)
+        b"* FLAGS (\\Seen)\r\n* %d EXISTS\r\n* OK [UIDVALIDITY %d] ok\r\n%s"
+        b"%s OK [READ-ONLY] done\r\n" % (exists, uidvalidity, next_line, tag)
     )
 
 
@@ -138,3 +139,14 @@ def test_pipeline_block_sends_exclusive_commands_back_to_back() -> None:
     assert sent(transport) == b"M3 NOOP\r\n"
     client.dataReceived(b"M3 OK\r\n")
     result_of(third)
+
+
+def test_without_uidnext_the_message_count_is_the_hint(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    d = run(h.sync.fetch_new())
+    sent(h.transport)
+    # Courier gives no UIDNEXT: EXAMINE's 2 messages against 1 here after a fetch that brought nothing.
+    h.client.dataReceived(examine_answer(b"M1", uidnext=None, exists=2) + b"M2 OK done\r\n")
+    assert sent(h.transport) == b"M3 UID FETCH 6:* (UID FLAGS RFC822.SIZE BODY.PEEK[])\r\n"
+    h.client.dataReceived(fetch_response(2, 6, BODY, b"") + b"M3 OK done\r\n")
+    assert result_of(d).fetched == 1
