@@ -281,7 +281,7 @@ def check_link(args: argparse.Namespace, megabytes: float = 25.0) -> tuple[float
 # Push over the link
 
 
-def push_config(directory: Path, account: ImapAccount, port: int, workers: int) -> Path:
+def push_config(directory: Path, account: ImapAccount, port: int, workers: int, compress_key: bool = True) -> Path:
     password_file = directory / "password"
     password_file.write_text(account.password + "\n")
     os.chmod(password_file, 0o600)
@@ -298,7 +298,7 @@ def push_config(directory: Path, account: ImapAccount, port: int, workers: int) 
         f"    maildir: {directory / 'Mail'}\n"
         f"    workers: {workers}\n"
         "    mailboxes: [INBOX]\n"
-        "    compress: no\n"
+        + ("    compress: no\n" if compress_key else "")  # a baseline may predate the key
     )
     os.chmod(config, 0o600)
     return config
@@ -315,7 +315,7 @@ def run_push(args: argparse.Namespace, root: Path, server: PrivateDovecot, proxy
     opener.login(account.user, account.password)
     opener.command(b'SELECT "INBOX"')
     opener.close()
-    config = push_config(work, account, proxy.port, args.workers)
+    config = push_config(work, account, proxy.port, args.workers, compress_key=pythonpath is None)
     old_path = os.environ.get("PYTHONPATH")
     if pythonpath is not None:
         os.environ["PYTHONPATH"] = pythonpath
@@ -469,8 +469,11 @@ def main() -> int:
             print("\n== push over the link", flush=True)
             pushes.append(("mirrord (this tree)", run_push(args, root, server, proxy, "push", None)))
             if args.push_baseline:
-                pushes.append((f"mirrord from {args.push_baseline}",
-                               run_push(args, root, server, proxy, "push-baseline", args.push_baseline)))
+                try:
+                    pushes.append((f"mirrord from {args.push_baseline}",
+                                   run_push(args, root, server, proxy, "push-baseline", args.push_baseline)))
+                except RuntimeError as e:
+                    print(f"  the baseline failed: {e}", flush=True)
     except syncb.ToolFailed as e:
         print(f"\nFAILED: {e}", file=sys.stderr)
         ok = False
