@@ -51,8 +51,9 @@ TLS_MODES: tuple[str, ...] = get_args(TLSMode)
 CompressMode = Literal["auto", "yes", "no"]
 COMPRESS_MODES: tuple[str, ...] = get_args(CompressMode)
 DEFAULT_COMPRESS: CompressMode = "auto"
-"""COMPRESS=DEFLATE on worker connections where offered, except to a loopback host
-(where it only costs CPU); tests/bench/bench_link.py has the figures."""
+"""COMPRESS=DEFLATE on worker connections where offered, when the server is reached
+over the Internet (not loopback or a private network, where the link outruns the
+server's compressor); see mirrord.protocol.connect.wants_compression for the figures."""
 
 DEFAULT_PORTS: dict[str, int] = {"implicit": 993, "starttls": 143, "none": 143}
 DEFAULT_WORKERS = 4
@@ -329,7 +330,7 @@ class Account:
     """The largest share (0..1) of a mailbox one listing may remove without --allow-delete."""
     trash_days: float = DEFAULT_TRASH_DAYS
     compress: CompressMode = DEFAULT_COMPRESS
-    """COMPRESS=DEFLATE for the connections that fetch: auto (not to loopback), yes, no."""
+    """COMPRESS=DEFLATE for the connections that fetch: auto (over the Internet only), yes, no."""
 
     def wants(self, local_name: str) -> bool:
         """Whether the mailbox with this local name (``/`` hierarchy) is mirrored.

@@ -163,15 +163,21 @@ def _account(host: str, compress: str) -> Account:
 
 
 @pytest.mark.parametrize(
-    ("host", "mode", "wanted"),
+    ("host", "peer", "mode", "wanted"),
     [
-        ("imap.example.org", "auto", True),
-        ("127.0.0.1", "auto", False),
-        ("localhost", "auto", False),
-        ("::1", "auto", False),
-        ("127.0.0.1", "yes", True),
-        ("imap.example.org", "no", False),
+        ("imap.example.org", "93.184.216.34", "auto", True),
+        ("imap.example.org", "2606:4700::1111", "auto", True),
+        ("imap.example.org", None, "auto", True),
+        ("imap.example.org", "192.168.1.10", "auto", False),  # a LAN outruns the server's compressor
+        ("mail.home", "10.0.0.2", "auto", False),
+        ("imap.example.org", "fe80::1%eth0", "auto", False),
+        ("imap.example.org", "::ffff:192.168.1.10", "auto", False),
+        ("127.0.0.1", None, "auto", False),
+        ("localhost", None, "auto", False),
+        ("::1", None, "auto", False),
+        ("127.0.0.1", "127.0.0.1", "yes", True),
+        ("imap.example.org", "93.184.216.34", "no", False),
     ],
 )
-def test_compression_policy(host: str, mode: str, wanted: bool) -> None:
-    assert wants_compression(_account(host, mode)) is wanted
+def test_compression_policy(host: str, peer: str | None, mode: str, wanted: bool) -> None:
+    assert wants_compression(_account(host, mode), peer) is wanted
