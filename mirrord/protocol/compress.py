@@ -17,8 +17,9 @@ OK arrived in) is the client's business (:meth:`MirrordIMAP4Client.compress`).
   so that a small compressed chunk that expands enormously (a hostile or
   broken server) never has to exist in memory at once; the response parser
   streams literals to disk piece by piece anyway.
-* A deflate stream that *ends* (a final block) is an error: RFC 4978 has
-  compression last for the rest of the connection.
+* A deflate stream may end (a final block): Dovecot ends it after its BYE
+  to LOGOUT, just before closing. Anything after the end is an error:
+  RFC 4978 has compression last for the rest of the connection.
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ class DeflateStream:
         the inflater until the next chunk completes it.
         """
         self.bytes_in += len(data)
+        if self._inflater.eof:
+            if data:
+                raise CompressionError("the server sent data after ending its compressed stream")
+            return
         pending = data
         while True:
             try:
@@ -81,7 +86,9 @@ class DeflateStream:
                 self.plain_in += len(out)
                 yield out
             if self._inflater.eof:
-                raise CompressionError("the server ended its compressed stream")
+                if self._inflater.unused_data:
+                    raise CompressionError("the server sent data after ending its compressed stream")
+                return
             pending = self._inflater.unconsumed_tail
             # A full piece may leave output inside the inflater even with no
             # input left: ask again until it comes up short.

@@ -51,6 +51,7 @@ def test_compressed_sync_is_byte_identical(zlib_dovecot: PrivateDovecot, tmp_pat
         assert run.status == 0, run.stderr
         assert "C: M2 COMPRESS DEFLATE" in run.stderr or "COMPRESS DEFLATE" in run.stderr
         assert "compression on" in run.stderr
+        assert "dropping connection" not in run.stderr  # not even at LOGOUT, where the stream ends
         assert_mirrors(account, tmp_path / "Mail", "INBOX")
         assert len(local_messages(tmp_path / "Mail" / "INBOX")) == 42
     finally:

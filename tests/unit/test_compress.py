@@ -67,13 +67,30 @@ def test_large_expansion_comes_out_in_bounded_pieces() -> None:
     assert max(len(p) for p in pieces) <= INFLATE_PIECE
 
 
-def test_a_stream_the_server_ends_is_an_error() -> None:
+def test_a_stream_may_end_but_nothing_may_follow_it() -> None:
+    # Dovecot ends its deflate stream after the BYE to LOGOUT.
     deflater = zlib.compressobj(6, zlib.DEFLATED, -15)
-    ended = deflater.compress(b"* OK bye\r\n") + deflater.flush(zlib.Z_FINISH)
+    ended = deflater.compress(b"* BYE bye\r\nM9 OK done\r\n") + deflater.flush(zlib.Z_FINISH)
+    stream = DeflateStream()
+    assert b"".join(stream.decompress(ended)) == b"* BYE bye\r\nM9 OK done\r\n"
+    assert list(stream.decompress(b"")) == []
     with pytest.raises(CompressionError):
-        list(DeflateStream().decompress(ended))
+        list(stream.decompress(b"more"))
+    with pytest.raises(CompressionError):
+        list(DeflateStream().decompress(ended + b"trailing"))
     with pytest.raises(CompressionError):
         list(DeflateStream().decompress(b"\xff\xff\xff garbage"))
+
+
+def test_logout_on_a_compressed_connection_is_quiet(caplog: pytest.LogCaptureFixture) -> None:
+    client, transport, server, _ = compressed_client()
+    d = run(client.logout())
+    assert server.hear(sent(transport)) == b"M2 LOGOUT\r\n"
+    client.dataReceived(server.say(b"* BYE Logging out\r\n") + server.deflater.compress(b"M2 OK Logout completed.\r\n")
+                        + server.deflater.flush(zlib.Z_FINISH))
+    result_of(d)
+    assert transport.connected and not transport.disconnecting
+    assert "dropping" not in caplog.text
 
 
 def test_compressed_bytes_in_the_same_chunk_as_the_ok_are_inflated() -> None:
