@@ -515,8 +515,15 @@ class MailboxSync:
             await fetch(arrived)
             self._record(unrecorded, result)
         except BaseException:
-            for message in unrecorded:
-                message.body.abort()
+            # Messages that arrived complete are kept even though the command
+            # failed (a full disk, a dropped connection): with several batches
+            # in flight none may have reached a flush yet, and the next attempt
+            # resumes after them. Recording is all or nothing.
+            try:
+                self._record(unrecorded, result)
+            except BaseException:
+                for message in unrecorded:
+                    message.body.abort()
             raise
 
 
