@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -86,6 +87,11 @@ class Syncer:
         from twisted.python.threadpool import ThreadPool
 
         self._pool = ThreadPool(minthreads=0, maxthreads=self._threads, name="mirrord-fsync")
+        # Daemon threads: code that used the syncer without ever running the
+        # reactor to its shutdown (a test, a script) must still be able to
+        # exit. Nothing is lost if one dies mid-fsync at exit: its file was
+        # not renamed into place yet.
+        self._pool.threadFactory = _daemon_thread
         self._pool.start()
         # Threads left running would keep the process from exiting.
         self._reactor.addSystemEventTrigger("during", "shutdown", self._stop)
@@ -101,6 +107,10 @@ class Syncer:
             from mirrord.store.maildir import abort_unfinished
 
             abort_unfinished()
+
+
+def _daemon_thread(*args: Any, **kwargs: Any) -> threading.Thread:
+    return threading.Thread(*args, daemon=True, **kwargs)
 
 
 class InlineSyncer:

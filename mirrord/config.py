@@ -48,6 +48,12 @@ __all__ = [
 
 TLSMode = Literal["implicit", "starttls", "none"]
 TLS_MODES: tuple[str, ...] = get_args(TLSMode)
+CompressMode = Literal["auto", "yes", "no"]
+COMPRESS_MODES: tuple[str, ...] = get_args(CompressMode)
+DEFAULT_COMPRESS: CompressMode = "auto"
+"""COMPRESS=DEFLATE on worker connections where offered, when the server is reached
+over the Internet (not loopback or a private network, where the link outruns the
+server's compressor); see mirrord.protocol.connect.wants_compression for the figures."""
 
 DEFAULT_PORTS: dict[str, int] = {"implicit": 993, "starttls": 143, "none": 143}
 DEFAULT_WORKERS = 4
@@ -89,6 +95,7 @@ ACCOUNT_KEYS = (
     "on_new_mail",
     "max_delete",
     "trash_days",
+    "compress",
 )
 REQUIRED_ACCOUNT_KEYS = ("host", "username", "maildir")
 PASSWORD_KEYS = ("password_command", "password_file", "password")
@@ -322,6 +329,8 @@ class Account:
     max_delete: float = DEFAULT_MAX_DELETE
     """The largest share (0..1) of a mailbox one listing may remove without --allow-delete."""
     trash_days: float = DEFAULT_TRASH_DAYS
+    compress: CompressMode = DEFAULT_COMPRESS
+    """COMPRESS=DEFLATE for the connections that fetch: auto (over the Internet only), yes, no."""
 
     def wants(self, local_name: str) -> bool:
         """Whether the mailbox with this local name (``/`` hierarchy) is mirrored.
@@ -822,6 +831,7 @@ class _Parser:
             on_new_mail=cast("tuple[str, ...] | None", values.get("on_new_mail")),
             max_delete=cast(float, values.get("max_delete", DEFAULT_MAX_DELETE)),
             trash_days=cast(float, values.get("trash_days", DEFAULT_TRASH_DAYS)),
+            compress=cast(CompressMode, values.get("compress", DEFAULT_COMPRESS)),
         )
         if account.workers >= account.max_connections:
             self.fail(
@@ -876,7 +886,16 @@ class _Parser:
             return self.share(entry)
         if key == "trash_days":
             return self.number(entry, 0, 3650)
+        if key == "compress":
+            return self.compress_mode(entry)
         raise AssertionError(key)  # pragma: no cover - entries() allows only ACCOUNT_KEYS
+
+    def compress_mode(self, entry: _Entry) -> str:
+        """auto, yes or no; YAML's true/false (what ``compress: yes`` parses as) mean yes/no."""
+        node = entry.node
+        if isinstance(node, ScalarNode) and node.tag == _TAG_BOOL:
+            return "yes" if node.value.lower() in ("true", "yes", "on", "y") else "no"
+        return self.choice(entry, COMPRESS_MODES)
 
     def host(self, entry: _Entry) -> str:
         host = self.text(entry, "a host name or address")

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.python.failure import Failure
 
 from mirrord.protocol.client import MailboxStatus, MirrordIMAP4Client
 from mirrord.protocol.connect import ServerSettings, open_session
@@ -38,15 +39,43 @@ class Worker:
         self.number = number
         self.label = f"{pool.label} worker {number}"
         self.client: MirrordIMAP4Client | None = None
+        self._opening: list[defer.Deferred[MirrordIMAP4Client]] = []
+        """Who waits for the connection being opened (a job, or connecting ahead)."""
         self.selected: bytes | None = None
         self.status: MailboxStatus | None = None
 
     async def connection(self) -> MirrordIMAP4Client:
-        if self.client is None or self.client.connected_transport_lost:
+        """The worker's logged-in connection, opened (or joined, if opening) as needed."""
+        if self.client is not None and not self.client.connected_transport_lost:
+            return self.client
+        waiter: defer.Deferred[MirrordIMAP4Client] = defer.Deferred()
+        self._opening.append(waiter)
+        if len(self._opening) == 1:
             self.client = None
             self.selected = None
-            self.client = await self.pool.connect(self.label)
-        return self.client
+            defer.Deferred.fromCoroutine(self.pool.connect(self.label)).addBoth(self._opened)
+        return await waiter
+
+    def _opened(self, result: MirrordIMAP4Client | Failure) -> None:
+        waiters, self._opening = self._opening, []
+        if isinstance(result, Failure):
+            for waiter in waiters:
+                waiter.errback(result)
+            return
+        if self.pool.closed:
+            if result.transport is not None:  # opened too late: nobody will use or log it out
+                result.transport.abortConnection()
+            for waiter in waiters:
+                waiter.errback(RuntimeError("the worker pool is closed"))
+            return
+        self.client = result
+        for waiter in waiters:
+            waiter.callback(result)
+        self.pool._connected()
+
+    @property
+    def connected(self) -> bool:
+        return self.client is not None and not self.client.connected_transport_lost
 
     async def examine(self, raw_name: bytes, **params: Any) -> MailboxStatus:
         """EXAMINE ``raw_name`` now, for a fresh view of its state (``params``: see the client's)."""
@@ -63,13 +92,51 @@ class Worker:
         command syncs its view, and Dovecot answers ``UID FETCH`` from the
         old view (no error, just nothing) even when the FETCH is pipelined
         behind a NOOP. So a selection that is re-used gets a NOOP first, one
-        round trip, cheaper than a new EXAMINE.
+        round trip, cheaper than a new EXAMINE. Where a single command follows,
+        :meth:`examine_then` does both in one round trip.
         """
         if self.selected == raw_name and self.status is not None and self.client is not None:
             if not self.client.connected_transport_lost:
                 await self.client.noop()
                 return self.status
         return await self.examine(raw_name)
+
+    async def examine_then(
+        self, raw_name: bytes, then: Callable[[MirrordIMAP4Client], Awaitable[T]]
+    ) -> tuple[MailboxStatus, T]:
+        """EXAMINE ``raw_name`` and run ``then``'s command pipelined behind it: one round trip.
+
+        This is how new mail is fetched the moment a watcher hears of it. A
+        NOOP (what :meth:`ensure_selected` sends) would cost a round trip of
+        its own: Dovecot runs a UID command pipelined behind a NOOP in
+        parallel with it, on the view from before the NOOP, and answers
+        without the new mail. A command after EXAMINE must run in the mailbox
+        EXAMINE opened, on every server (RFC 3501 5.5), and EXAMINE's view is
+        fresh. ``then`` must send its one command as soon as it is called.
+
+        :attr:`status` and :attr:`selected` are set the moment EXAMINE's OK is
+        read, before any response to ``then``'s command, so a callback
+        handling those can check what was selected.
+        """
+        client = await self.connection()
+        self.selected = None
+        self.status = None
+
+        def examined(status: MailboxStatus) -> MailboxStatus:
+            self.status = status
+            self.selected = raw_name
+            return status
+
+        with client.pipeline():
+            opened = defer.Deferred.fromCoroutine(client.examine(raw_name)).addCallback(examined)
+            done = defer.Deferred.fromCoroutine(then(client))
+        try:
+            status = await opened
+        except BaseException:
+            # Without a mailbox the pipelined command fails too; that is not news.
+            done.addErrback(lambda _: None)
+            raise
+        return status, await done
 
     async def close(self) -> None:
         client, self.client = self.client, None
@@ -99,6 +166,7 @@ class WorkerPool:
         self._waiters: list[defer.Deferred[Worker]] = []
         self._drained: list[defer.Deferred[None]] = []
         self._closed = False
+        self._warmed = False
 
     @property
     def size(self) -> int:
@@ -107,7 +175,41 @@ class WorkerPool:
     async def connect(self, label: str) -> MirrordIMAP4Client:
         if self._connect is not None:
             return await self._connect(label)
-        return await open_session(self.reactor, self.account, self._password, label=label)
+        return await open_session(self.reactor, self.account, self._password, label=label, bulk=True)
+
+    def _connected(self) -> None:
+        """A login worked: log the other workers in now, in parallel, once.
+
+        Jobs come in waves (discovery, then a listing, then a batch per
+        worker): without this, each worker's connect, greeting, login and
+        COMPRESS (three or four round trips) would come just when its first
+        batch is due, which on a 50 ms link is 0.2 s of an idle link.
+        Only after one login succeeded, so that a wrong password costs one
+        refused login, not one per worker.
+        """
+        if self._warmed or self._closed:
+            return
+        self._warmed = True
+        for worker in self._all:
+            if not worker.connected:
+                defer.Deferred.fromCoroutine(self._warm(worker))
+
+    async def _warm(self, worker: Worker) -> None:
+        """Open a worker's connection ahead of need.
+
+        The worker stays free meanwhile: a job that takes it joins the
+        connection being opened, so which worker runs which job is as
+        without this. A failure is left for the worker's first job to meet
+        (and retry, and report).
+        """
+        try:
+            await worker.connection()
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            log.debug("%s: connecting ahead failed: %s", worker.label, e)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     async def _acquire(self, prefer: Worker | None = None) -> Worker:
         if self._closed:

@@ -313,8 +313,11 @@ class PrivateDovecot:
     without the named ones, e.g. ``("CONDSTORE", "QRESYNC")`` for a server
     without the catch-up extensions; ``max_connections`` is
     ``mail_max_userip_connections``; ``cert_names`` are the DNS names and IP
-    addresses the server certificate is valid for; ``extra_config`` comes
-    last in the config, so it can also override anything above it.
+    addresses the server certificate is valid for; ``compress`` loads the
+    imap_zlib plugin, so that COMPRESS=DEFLATE (RFC 4978) is offered after
+    login (may be changed between :meth:`stop` and :meth:`start`);
+    ``extra_config`` comes last in the config, so it can also override
+    anything above it.
     """
 
     host: str = "127.0.0.1"
@@ -330,6 +333,7 @@ class PrivateDovecot:
         max_connections: int = 50,
         cert_names: Sequence[str] = ("localhost", "127.0.0.1"),
         extra_config: str = "",
+        compress: bool = False,
     ) -> None:
         self.root = Path(root).absolute()
         if _UNSAFE_PATH.search(str(self.root)):
@@ -353,6 +357,7 @@ class PrivateDovecot:
         self.max_connections = max_connections
         self.cert_names: tuple[str, ...] = tuple(cert_names)
         self.extra_config = extra_config
+        self.compress = compress
         self.port: int = 0
         self.imaps_port: int = 0
         self._identity = _current_identity()
@@ -660,6 +665,7 @@ namespace inbox {{
 
 protocol imap {{
   mail_max_userip_connections = {self.max_connections}
+{"  mail_plugins = $mail_plugins imap_zlib" if self.compress else ""}
 }}
 {capability}
 service imap-login {{

@@ -166,8 +166,25 @@ class ResponseReader:
         self._literal_memory: bytearray | None = None
         self._literal_target: list[Any] | None = None
         self._failed = False
+        self._split = False
+        self._rest: bytes | None = None
 
     # -- feeding ----------------------------------------------------------
+
+    def split_after_line(self) -> None:
+        """Stop parsing at the end of the line being handled; keep what follows raw.
+
+        For a change of encoding in the middle of the stream (COMPRESS: the
+        bytes after the tagged OK's CRLF are compressed, even those in the
+        same chunk). Called from a response callback; :meth:`feed` returns
+        once that line is handled, and :meth:`take_rest` hands over the rest.
+        """
+        self._split = True
+
+    def take_rest(self) -> bytes | None:
+        """What followed the line :meth:`split_after_line` was called for (None if not split)."""
+        rest, self._rest = self._rest, None
+        return rest
 
     def feed(self, data: bytes) -> None:
         """Consume bytes off the wire; calls ``on_response`` for each complete response.
@@ -226,6 +243,12 @@ class ResponseReader:
             if len(line) > self._max_line:
                 raise ProtocolError(f"response line longer than {self._max_line} bytes")
             self._line(line)
+            if self._split:
+                # The encoding changes after this line (COMPRESS): the rest of
+                # the read is not ours to parse.
+                self._split = False
+                self._rest = data[pos:]
+                return
 
     def _feed_literal(self, data: bytes, pos: int) -> int:
         take = min(self._literal_left, len(data) - pos)

@@ -19,11 +19,12 @@ methods (``select``, ``fetchMessage``...) are not usable on it; the typed
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import logging
 import re
 import socket
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -48,6 +49,7 @@ from mirrord.protocol._parser import (
     code_name,
     fetch_items,
 )
+from mirrord.protocol.compress import DeflateStream
 from mirrord.protocol.errors import CommandFailed
 from mirrord.protocol.mutf7 import decode_mailbox_name
 
@@ -109,6 +111,10 @@ class _Command:
     claim: Callable[[Untagged], bool] | None = None
     choose_sink: Callable[[Untagged, list[Any], int], LiteralSink | None] | None = None
     on_continuation: Callable[[str], None] | None = None
+    on_ok: Callable[[], None] | None = None
+    """Runs when the tagged OK is read, before anything after it is parsed or sent."""
+    burst: bool = False
+    """Submitted inside :meth:`MirrordIMAP4Client.pipeline`: goes out behind the others at once."""
     untagged: list[Untagged] = field(default_factory=list)
     quiet: bool = False
     """The server may stay silent indefinitely (we are idling): no deadline."""
@@ -265,6 +271,9 @@ class MirrordIMAP4Client(IMAP4Client):
         self.connected_transport_lost = False
         self.on_unsolicited: Callable[[Untagged], None] | None = None
         """Receives every untagged response no command claimed (the watcher's events)."""
+        self.compression: DeflateStream | None = None
+        """Set once COMPRESS DEFLATE is in force: every byte either way goes through it."""
+        self._bursting = 0
 
     # -- Twisted Protocol ---------------------------------------------------
 
@@ -282,12 +291,26 @@ class MirrordIMAP4Client(IMAP4Client):
     def dataReceived(self, data: bytes) -> None:
         self._arm_deadline()
         try:
-            self._reader.feed(data)
+            self._receive(data)
         except ProtocolError as e:
             self.drop(f"server sent something that is not IMAP: {e}")
         except Exception as e:  # noqa: BLE001 - a bug of ours must not kill the reactor
             log.exception("%s: error handling the server's response", self.label)
             self.drop(f"internal error handling a response: {e!r}")
+
+    def _receive(self, data: bytes) -> None:
+        if self.compression is not None:
+            for piece in self.compression.decompress(data):
+                self._reader.feed(piece)
+            return
+        self._reader.feed(data)
+        rest = self._reader.take_rest()
+        if rest is not None and self.compression is not None:
+            # COMPRESS's OK arrived in this chunk: what followed it is
+            # already compressed.
+            self._receive(rest)
+        elif rest:
+            raise ProtocolError("the stream was split where no change of encoding was due")
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self.connected_transport_lost = True
@@ -381,6 +404,8 @@ class MirrordIMAP4Client(IMAP4Client):
             self._set_capabilities(response.code[1:])  # type: ignore[index]
         self._arm_deadline()
         if response.status == "OK":
+            if command.on_ok is not None:
+                command.on_ok()
             command.deferred.callback(CommandResult(command.untagged, response))
         else:
             command.deferred.errback(CommandFailed(command.name, response.status, response.text))
@@ -444,6 +469,8 @@ class MirrordIMAP4Client(IMAP4Client):
         return b"M%d" % self._tag_counter
 
     def _submit(self, command: _Command) -> defer.Deferred[CommandResult]:
+        if self._bursting:
+            command.burst = True
         if self.connected_transport_lost:
             return defer.fail(ConnectionLost(self._closing_reason or "connection is closed"))
         self._waiting.append(command)
@@ -456,7 +483,7 @@ class MirrordIMAP4Client(IMAP4Client):
             command = self._waiting[0]
             if self._in_flight and not (
                 command.pipelined and all(c.pipelined for c in self._in_flight.values())
-            ):
+            ) and not (command.burst and all(c.burst for c in self._in_flight.values())):
                 return
             self._waiting.pop(0)
             command.tag = self._next_tag()
@@ -468,7 +495,28 @@ class MirrordIMAP4Client(IMAP4Client):
         if trace_log.isEnabledFor(logging.DEBUG):
             shown = trace if trace is not None else "<continuation data, redacted>"
             trace_log.debug("%s C: %s", self.label, shown)
-        self.transport.write(line + b"\r\n")
+        data = line + b"\r\n"
+        if self.compression is not None:
+            data = self.compression.compress(data)
+        self.transport.write(data)
+
+    @contextlib.contextmanager
+    def pipeline(self) -> Iterator[None]:
+        """Commands started inside go out at once, behind whatever else started inside.
+
+        Normally a command that changes the session (EXAMINE...) waits for the
+        one before it to finish. Inside this block the caller vouches that the
+        commands are meant to run in the order given, as one exchange: the
+        server executes them in order (RFC 3501 5.5: it must, when the result
+        of one depends on another), and we save a round trip per command.
+        Start them by calling the coroutines (``Deferred.fromCoroutine``):
+        each is sent before the call returns.
+        """
+        self._bursting += 1
+        try:
+            yield
+        finally:
+            self._bursting -= 1
 
     async def _run(self, command: _Command) -> CommandResult:
         return await self._submit(command)
@@ -485,6 +533,25 @@ class MirrordIMAP4Client(IMAP4Client):
         for response in result.untagged:
             self._set_capabilities(response.data)
         return self.capabilities
+
+    async def compress(self) -> None:
+        """COMPRESS DEFLATE (RFC 4978): compress both directions from now on.
+
+        The server starts compressing right after the CRLF of its tagged OK,
+        possibly in the same chunk; the switch happens there, before anything
+        after it is parsed and before any other command goes out (COMPRESS
+        is never pipelined). Over TLS, compression sits inside it.
+        """
+        if self.compression is not None:
+            return
+        stream = DeflateStream()
+
+        def switch() -> None:
+            self._reader.split_after_line()
+            self.compression = stream
+
+        await self._run(self._simple("COMPRESS", b"DEFLATE", on_ok=switch))
+        log.debug("%s: compression on", self.label)
 
     async def starttls(self, options: Any) -> None:
         """Upgrade to TLS and re-read capabilities (the old ones may have been forged)."""

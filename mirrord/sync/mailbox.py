@@ -29,7 +29,7 @@ from mirrord._fs import InlineSyncer, Syncer, default_syncer
 from mirrord.flags import Flags, maildir_info
 from mirrord.pool import Worker, WorkerPool
 from mirrord.progress import Progress
-from mirrord.protocol.client import FetchedMessage, ListEntry, ListingEntry, MailboxStatus
+from mirrord.protocol.client import FetchedMessage, ListEntry, ListingEntry, MailboxStatus, MirrordIMAP4Client
 from mirrord.protocol.errors import LoginFailed
 from mirrord.config import Account
 from mirrord.store.maildir import LocalFile, Maildir, TmpMessage, Trash
@@ -472,7 +472,16 @@ class MailboxSync:
     # -- live changes, from a watcher's events ---------------------------------
 
     async def fetch_new(self) -> MailboxResult:
-        """Fetch what arrived since the highest UID we have, on a worker.
+        """Fetch what arrived since the highest UID we have, on a worker, in one round trip.
+
+        EXAMINE and ``UID FETCH first:*`` go out together
+        (:meth:`Worker.examine_then`): the server's answer to EXAMINE comes
+        first, so each message is checked against the UIDVALIDITY it names
+        before it is recorded. Should the fetch bring less than EXAMINE's
+        UIDNEXT promises (a server that answered it from an older view, or a
+        message expunged in between), a second ``UID FETCH`` on the now fresh
+        selection fetches the rest: mail the watcher announced is never left
+        behind (invariant 5).
 
         Falls back to a full sync when there is nothing to start from (the
         mailbox was never synced). Raises on failure: the caller decides
@@ -484,18 +493,46 @@ class MailboxSync:
         result = MailboxResult(self.account, self.name)
         highest = self.state.highest_uid(self.account, self.name)
         first = highest + 1 if highest else 1
+        raw_name = self.entry.raw_name
 
         async def job(worker: Worker) -> None:
-            status = await worker.ensure_selected(self.entry.raw_name)
-            if status.uidvalidity != record.uidvalidity:
-                raise UidValidityChanged(record.uidvalidity, status.uidvalidity)
-            client = await worker.connection()
+            def checked(arrived: Callable[[FetchedMessage], None]) -> Callable[[FetchedMessage], None]:
+                def on_message(message: FetchedMessage) -> None:
+                    # The EXAMINE's answer precedes the bodies; without it, or
+                    # under another UIDVALIDITY, these UIDs name other mail.
+                    status = worker.status if worker.selected == raw_name else None
+                    if status is None:
+                        raise RuntimeError("the server sent messages before it answered EXAMINE")
+                    if status.uidvalidity != record.uidvalidity:
+                        raise UidValidityChanged(record.uidvalidity, status.uidvalidity)
+                    arrived(message)
+
+                return on_message
+
             # New mail is put in place message by message: under a steady stream
             # one EXISTS may announce dozens, and the first should not wait
             # for the last.
-            await self._receive(
-                lambda arrived: client.uid_fetch_from(first, self.maildir.open_tmp, arrived), result, flush_every=1
-            )
+            async def fetch_from(client: MirrordIMAP4Client, start: int) -> None:
+                await self._receive(
+                    lambda arrived: client.uid_fetch_from(start, self.maildir.open_tmp, checked(arrived)),
+                    result,
+                    flush_every=1,
+                )
+
+            status, _ = await worker.examine_then(raw_name, lambda client: fetch_from(client, first))
+            if status.uidvalidity != record.uidvalidity:
+                raise UidValidityChanged(record.uidvalidity, status.uidvalidity)
+            now_highest = self.state.highest_uid(self.account, self.name) or 0
+            if status.uidnext is not None:
+                short = now_highest < status.uidnext - 1
+            else:  # no UIDNEXT (Courier): more messages there than here is the hint
+                short = status.exists > self.state.count(self.account, self.name)
+            if short:
+                # Rare: expunged since, or a server whose pipelined FETCH saw
+                # an older view. The selection is fresh now; one more look.
+                log.debug("%s: UIDNEXT %s, %d messages, but highest UID here %d after the fetch; "
+                          "fetching again", self.label, status.uidnext, status.exists, now_highest)
+                await fetch_from(await worker.connection(), max(first, now_highest + 1))
 
         await self.pool.run(job, f"fetching new mail of {self.label}")
         if result.fetched:

@@ -887,3 +887,26 @@ def test_defaults_for_the_daemon(tmp_path: Path) -> None:
     (acct,) = load(tmp_path, BASE).accounts
     assert acct.watch is None and acct.wants_watched("Anything")
     assert (acct.max_connections, acct.poll_interval, acct.idle_renew) == (10, 300.0, 1200.0)
+
+
+# --------------------------------------------------------------------------
+# compress
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("auto", "auto"), ("yes", "yes"), ("no", "no"), ("true", "yes"), ("off", "no"), ('"yes"', "yes")],
+)
+def test_compress_modes(tmp_path: Path, value: str, expected: str) -> None:
+    (acct,) = load(tmp_path, BASE + f"    compress: {value}\n").accounts
+    assert acct.compress == expected
+
+
+def test_compress_defaults_to_auto(tmp_path: Path) -> None:
+    (acct,) = load(tmp_path, BASE).accounts
+    assert acct.compress == "auto"
+
+
+def test_compress_rejects_other_values(tmp_path: Path) -> None:
+    error = fails(tmp_path, BASE + "    compress: fast\n", 7, "accounts.personal.compress")
+    assert "auto, yes, no" in str(error)
