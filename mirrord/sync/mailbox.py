@@ -347,11 +347,14 @@ class MailboxSync:
             uids = list(plan.fetch)
             if self.progress is not None:
                 self.progress.planned(len(uids), sum(view.listing[u].size or 0 for u in uids if u in view.listing))
-            await self.pool.run(
-                lambda worker: self._fetch_batch(worker, uids, uidvalidity, result),
-                f"fetching {len(uids)} messages of {self.label}",
-                prefer=view.worker,
-            )
+            try:
+                await self.pool.run(
+                    lambda worker: self._fetch_batch(worker, uids, uidvalidity, result),
+                    f"fetching {len(uids)} messages of {self.label}",
+                    prefer=view.worker,
+                )
+            finally:
+                await self._release_reserve()
         else:
             await self._fetch(plan, uidvalidity, view.listing, result)
         if changing or not trust_files:
@@ -722,10 +725,7 @@ class MailboxSync:
                 consumeErrors=True,
             )
         finally:
-            # No thread may add to the reserve after it is released.
-            while self._reserving:
-                await defer.DeferredList(list(self._reserving), consumeErrors=True)
-            self.maildir.release_reserve()
+            await self._release_reserve()
         for ok, value in outcomes:
             if not ok:
                 value.raiseException()
@@ -746,6 +746,13 @@ class MailboxSync:
         await self._receive(
             lambda arrived: client.uid_fetch_bodies(uids, self._open_tmp, arrived), result, recorded=recorded
         )
+
+    async def _release_reserve(self) -> None:
+        """Remove the tmp/ files made ahead and not used: every path that tops up ends here."""
+        # No thread may add to the reserve after it is released.
+        while self._reserving:
+            await defer.DeferredList(list(self._reserving), consumeErrors=True)
+        self.maildir.release_reserve()
 
     def _open_tmp(self) -> TmpMessage:
         tmp = self.maildir.open_tmp()

@@ -63,6 +63,9 @@ def mailbox_row(root: Path, mailbox: str) -> tuple[int | None, int | None, int |
 def mirrored(account: ImapAccount, root: Path) -> None:
     for mailbox in ("INBOX", "Archive"):
         assert_mirrors(account, root / "Mail", mailbox)
+        # Nothing left behind in tmp/: no unfinished body, no file made ahead and not used.
+        tmp = root / "Mail" / mailbox / "tmp"
+        assert not tmp.exists() or os.listdir(tmp) == [], f"{mailbox}/tmp: {os.listdir(tmp)}"
 
 
 def test_qresync_restart_with_nothing_changed_sends_one_examine_per_mailbox(
