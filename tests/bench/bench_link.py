@@ -61,14 +61,12 @@ import shlex
 import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -435,6 +433,7 @@ def main() -> int:
     args.gnu_time = syncb.have_gnu_time()
 
     print("command: " + shlex.join([sys.executable, *sys.argv]))
+    print(syncb.compile_mirrord())
     for line in syncb.versions(args):
         print(line)
     link = (f"{args.rtt_ms:g} ms RTT ({args.rtt_ms / 2:g} ms each way), "
