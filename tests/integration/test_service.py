@@ -149,7 +149,12 @@ def test_sigterm_during_a_large_first_sync_leaves_nothing_partial_and_resumes(
     assert os.listdir(inbox / "tmp") == []
     with sqlite3.connect(tmp_path / "state" / "state.sqlite3") as db:
         rows = db.execute("SELECT COUNT(*) FROM message").fetchone()[0]
-    assert rows == len(landed), "the state DB records exactly what landed"
+        pending = db.execute("SELECT COUNT(*) FROM pending").fetchone()[0]
+    # A group whose renames finished in a syncer thread as the reactor stopped
+    # may still be pending rows (with or without their files): the next start
+    # adopts those whose file landed and drops the rest (recover()), which the
+    # run below checks by fetching exactly what did not land.
+    assert rows <= len(landed) <= rows + pending, "the state DB records what landed, or has it pending"
 
     run = mirrord("-c", str(config), "run", "--once")
     assert run.status == 0, run.stderr
