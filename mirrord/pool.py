@@ -102,7 +102,7 @@ class Worker:
         return await self.examine(raw_name)
 
     async def examine_then(
-        self, raw_name: bytes, then: Callable[[MirrordIMAP4Client], Awaitable[T]]
+        self, raw_name: bytes, then: Callable[[MirrordIMAP4Client], Awaitable[T]], **params: Any
     ) -> tuple[MailboxStatus, T]:
         """EXAMINE ``raw_name`` and run ``then``'s command pipelined behind it: one round trip.
 
@@ -116,7 +116,8 @@ class Worker:
 
         :attr:`status` and :attr:`selected` are set the moment EXAMINE's OK is
         read, before any response to ``then``'s command, so a callback
-        handling those can check what was selected.
+        handling those can check what was selected. ``params`` go to the
+        client's ``examine`` (``qresync=``, ``condstore=``).
         """
         client = await self.connection()
         self.selected = None
@@ -128,7 +129,7 @@ class Worker:
             return status
 
         with client.pipeline():
-            opened = defer.Deferred.fromCoroutine(client.examine(raw_name)).addCallback(examined)
+            opened = defer.Deferred.fromCoroutine(client.examine(raw_name, **params)).addCallback(examined)
             done = defer.Deferred.fromCoroutine(then(client))
         try:
             status = await opened

@@ -118,6 +118,12 @@ class _Command:
     untagged: list[Untagged] = field(default_factory=list)
     quiet: bool = False
     """The server may stay silent indefinitely (we are idling): no deadline."""
+    barrier: bool = False
+    """Opens a mailbox (EXAMINE): a server runs what is pipelined behind it only
+    after it, so every untagged response before its tagged OK is its own or
+    unsolicited, never one for a command behind it. Without this a listing
+    pipelined behind ``EXAMINE ... (QRESYNC ...)`` would take the EXAMINE's
+    FETCH (changed flags) responses for its own."""
     deferred: defer.Deferred[CommandResult] = field(default_factory=defer.Deferred)
     tag: bytes = b""
     next_part: int = 1
@@ -415,6 +421,8 @@ class MirrordIMAP4Client(IMAP4Client):
         for command in list(self._in_flight.values()):
             if command.claim is not None and command.claim(response):
                 return
+            if command.barrier:
+                break
         for command in self._in_flight.values():
             if response.kind in command.wants:
                 command.untagged.append(response)
@@ -425,6 +433,15 @@ class MirrordIMAP4Client(IMAP4Client):
             self._set_capabilities(response.data)
         _abort_sinks(response.data)
         self.unsolicited(response)
+
+    def _behind_barrier(self, command: _Command) -> bool:
+        """Whether an EXAMINE sent before ``command`` is still in flight (see ``_Command.barrier``)."""
+        for other in self._in_flight.values():
+            if other is command:
+                return False
+            if other.barrier:
+                return True
+        return False
 
     def _continuation(self, response: Continuation) -> None:
         for command in self._in_flight.values():
@@ -670,7 +687,7 @@ class MirrordIMAP4Client(IMAP4Client):
             wants += ["VANISHED", "FETCH"]
         elif condstore:
             args += b" (CONDSTORE)"
-        result = await self._run(self._simple("EXAMINE", args, wants=wants))
+        result = await self._run(self._simple("EXAMINE", args, wants=wants, barrier=True))
         exists, uidvalidity, uidnext, modseq = 0, None, None, None
         vanished: set[int] = set()
         changed: dict[int, Flags] = {}
@@ -795,7 +812,7 @@ class MirrordIMAP4Client(IMAP4Client):
             # Most of a plain catch-up's time went into tokenising these lines
             # one by one; the common shape is read here with one regex, and
             # anything else takes the general path (and ``claim``).
-            if command.tag not in self._in_flight:
+            if command.tag not in self._in_flight or self._behind_barrier(command):
                 return False
             m = _LISTING_LINE.fullmatch(line)
             if m is None:

@@ -80,8 +80,14 @@ def choose_mailboxes(account: Account, entries: list[ListEntry], namespace: Name
 async def discover(pool: WorkerPool, account: Account) -> Discovery:
     async def job(worker: Worker) -> Discovery:
         client = await worker.connection()
-        namespace = await client.namespace()
-        entries = await client.list_mailboxes("", "*")
+        # Neither depends on the other: one round trip for both.
+        with client.pipeline():
+            d_namespace = defer.Deferred.fromCoroutine(client.namespace())
+            d_entries = defer.Deferred.fromCoroutine(client.list_mailboxes("", "*"))
+        try:
+            namespace, entries = await defer.gatherResults([d_namespace, d_entries], consumeErrors=True)
+        except defer.FirstError as e:
+            e.subFailure.raiseException()  # the error itself, for the pool's retry and the log
         discovery = choose_mailboxes(account, entries, namespace)
         discovery.capabilities = client.capabilities
         return discovery

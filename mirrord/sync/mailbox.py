@@ -30,7 +30,7 @@ from mirrord.flags import Flags, maildir_info
 from mirrord.pool import Worker, WorkerPool
 from mirrord.progress import Progress
 from mirrord.protocol.client import FetchedMessage, ListEntry, ListingEntry, MailboxStatus, MirrordIMAP4Client
-from mirrord.protocol.errors import LoginFailed
+from mirrord.protocol.errors import CommandFailed, LoginFailed
 from mirrord.config import Account
 from mirrord.store.maildir import LocalFile, Maildir, TmpMessage, Trash
 from mirrord.store.state import MailboxRecord, MessageRecord, StateDB
@@ -158,6 +158,21 @@ class _ServerView:
 
 CATCHUP_FETCH_MESSAGES = 64
 """At most this many messages (and BATCH_BYTES) to fetch in a catch-up go in one command."""
+
+
+async def _listing_after_examine(
+    client: MirrordIMAP4Client, uids: bytes = b"1:*"
+) -> dict[int, ListingEntry] | None:
+    """The listing pipelined behind an EXAMINE, or None if the server refused it.
+
+    Sent before EXISTS is known, so it may meet an empty mailbox, where some
+    servers refuse ``1:*``; the caller, which by then has the EXAMINE's
+    answer, decides whether to ask again.
+    """
+    try:
+        return await client.uid_fetch_listing(uids)
+    except CommandFailed:
+        return None
 
 
 def _few(uids: Sequence[int], listing: dict[int, ListingEntry]) -> bool:
@@ -630,13 +645,24 @@ class MailboxSync:
         since = record.highestmodseq if record is not None else None
         raw = self.entry.raw_name
         if since is not None and record is not None and "QRESYNC" in client.enabled:
-            status = await worker.examine(raw, qresync=(record.uidvalidity, since))
+            # The messages above our highest UID are listed in the same round
+            # trip as the EXAMINE; ``n:*`` also returns the highest message
+            # when its UID is below n, hence the filter.
+            above = b"%d:*" % (highest + 1)
+            status, listing = await worker.examine_then(
+                raw, lambda c: _listing_after_examine(c, above), qresync=(record.uidvalidity, since)
+            )
             if status.resynced and status.highestmodseq is not None:
-                new = await self._list_new(client, status, highest)
+                if listing is None:
+                    listing = await client.uid_fetch_listing(above) if status.exists else {}
+                new = {uid: entry for uid, entry in listing.items() if uid > highest}
                 changes = ServerChanges(
                     status.uidvalidity, status.exists, status.vanished, status.changed, frozenset(new)
                 )
                 return _ServerView(worker, status, new, changes)
+            # Renumbered, or no modseq to resume from: the complete listing.
+            listing = await client.uid_fetch_listing() if status.exists else {}
+            return _ServerView(worker, status, listing, None)
         elif since is not None and record is not None and "CONDSTORE" in client.capabilities:
             status = await worker.examine(raw, condstore="CONDSTORE" not in client.enabled)
             if status.uidvalidity == record.uidvalidity and status.highestmodseq is not None:
@@ -658,18 +684,12 @@ class MailboxSync:
                 )
                 return _ServerView(worker, status, new, changes)
         else:
-            status = await worker.examine(raw)
+            status, listing = await worker.examine_then(raw, _listing_after_examine)
+            if listing is None:
+                listing = await client.uid_fetch_listing() if status.exists else {}
+            return _ServerView(worker, status, listing, None)
         listing = await client.uid_fetch_listing() if status.exists else {}
         return _ServerView(worker, status, listing, None)
-
-    @staticmethod
-    async def _list_new(client: Any, status: MailboxStatus, highest: int) -> dict[int, ListingEntry]:
-        """Messages above ``highest`` with their sizes; no command when UIDNEXT says there are none."""
-        if not status.exists or (status.uidnext is not None and status.uidnext <= highest + 1):
-            return {}
-        listing = await client.uid_fetch_listing(b"%d:*" % (highest + 1))
-        # ``n:*`` also returns the highest message when its UID is below n.
-        return {uid: entry for uid, entry in listing.items() if uid > highest}
 
     def _apply_local(
         self,

@@ -462,3 +462,51 @@ def test_listing_fast_path_ends_with_its_command() -> None:
     client.on_unsolicited = seen.append
     client.dataReceived(b"* 1 FETCH (UID 10 FLAGS (\\Seen) RFC822.SIZE 1)\r\n")
     assert [r.kind for r in seen] == ["FETCH"]
+
+
+def test_listing_pipelined_behind_a_qresync_examine_leaves_it_its_flag_changes() -> None:
+    """The EXAMINE's FETCH responses come before its OK and are its own, whatever
+    their shape; the listing behind it gets only what follows that OK."""
+    client, transport, _ = connected()
+    with client.pipeline():
+        examined = run(client.examine(b"INBOX", qresync=(7, 100)))
+        listed = run(client.uid_fetch_listing(b"51:*"))
+    assert sent(transport) == (
+        b'M1 EXAMINE "INBOX" (QRESYNC (7 100))\r\nM2 UID FETCH 51:* (UID FLAGS RFC822.SIZE)\r\n'
+    )
+    client.dataReceived(
+        b"* 60 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n* OK [HIGHESTMODSEQ 120] ok\r\n"
+        b"* VANISHED (EARLIER) 3\r\n"
+        b"* 4 FETCH (UID 4 FLAGS (\\Flagged) MODSEQ (110))\r\n"
+        # The listing's own shape (the fast path's regex would take it), still the EXAMINE's.
+        b"* 5 FETCH (UID 5 FLAGS (\\Seen) RFC822.SIZE 10)\r\n"
+        b"M1 OK [READ-ONLY] done\r\n"
+        b"* 59 FETCH (UID 51 FLAGS () RFC822.SIZE 300)\r\n"
+        b"* 60 FETCH (UID 52 FLAGS (\\Seen) RFC822.SIZE 400)\r\n"
+        b"M2 OK done\r\n"
+    )
+    status = result_of(examined)
+    assert status.vanished == {3}
+    assert status.changed == {4: {"\\Flagged"}, 5: {"\\Seen"}}
+    assert {uid: (e.flags, e.size) for uid, e in result_of(listed).items()} == {
+        51: (frozenset(), 300),
+        52: ({"\\Seen"}, 400),
+    }
+
+
+def test_listing_pipelined_behind_examine_of_an_empty_mailbox_may_be_refused() -> None:
+    """Sent before EXISTS is known: a server that refuses ``1:*`` on an empty
+    mailbox leaves the caller None, to decide with the EXAMINE's answer."""
+    from mirrord.sync.mailbox import _listing_after_examine
+
+    client, transport, _ = connected()
+    with client.pipeline():
+        examined = run(client.examine(b"Empty"))
+        listed = run(_listing_after_examine(client))
+    sent(transport)
+    client.dataReceived(
+        b"* 0 EXISTS\r\n* OK [UIDVALIDITY 9] ok\r\nM1 OK [READ-ONLY] done\r\n"
+        b"M2 BAD Invalid uidset\r\n"
+    )
+    assert result_of(examined).exists == 0
+    assert result_of(listed) is None
