@@ -219,7 +219,11 @@ class WorkerPool:
             self._idle.remove(prefer)
             return prefer
         if self._idle:
-            return self._idle.pop(0)
+            # A worker already logged in runs the job now; one still logging
+            # in (connecting ahead) would make it wait three round trips.
+            worker = next((w for w in self._idle if w.connected), self._idle[0])
+            self._idle.remove(worker)
+            return worker
         waiter: defer.Deferred[Worker] = defer.Deferred()
         self._waiters.append(waiter)
         return await waiter

@@ -556,8 +556,9 @@ class MirrordIMAP4Client(IMAP4Client):
 
         The server starts compressing right after the CRLF of its tagged OK,
         possibly in the same chunk; the switch happens there, before anything
-        after it is parsed and before any other command goes out (COMPRESS
-        is never pipelined). Over TLS, compression sits inside it.
+        after it is parsed and before any other command goes out (nothing
+        is pipelined behind COMPRESS; it may itself follow a command sent in
+        the same :meth:`pipeline`). Over TLS, compression sits inside it.
         """
         if self.compression is not None:
             return

@@ -152,16 +152,22 @@ async def open_session(
             raise LoginFailed(
                 f"{where} refused the login of {account.username!r}: {e.text or e.status}"
             ) from None
-        if bulk and wants_compression(account, _peer_address(client)):
-            if "COMPRESS=DEFLATE" in client.capabilities:
-                try:
-                    await client.compress()
-                except CommandFailed as e:
-                    # Not worth failing the session over: go on uncompressed.
-                    log.info("%s: %s refused COMPRESS DEFLATE (%s); going on without", label, where, e)
-            else:
-                log.debug("%s: %s does not offer COMPRESS=DEFLATE", label, where)
-        await enable_resync(client)
+        compress = bulk and wants_compression(account, _peer_address(client))
+        if compress and "COMPRESS=DEFLATE" not in client.capabilities:
+            log.debug("%s: %s does not offer COMPRESS=DEFLATE", label, where)
+            compress = False
+        # ENABLE and COMPRESS in one round trip: COMPRESS may follow another
+        # command, only nothing may follow it before its OK (RFC 4978).
+        with client.pipeline():
+            enabled = defer.Deferred.fromCoroutine(enable_resync(client))
+            compressed = defer.Deferred.fromCoroutine(client.compress()) if compress else defer.succeed(None)
+        try:
+            await compressed
+        except CommandFailed as e:
+            # Not worth failing the session over: go on uncompressed.
+            log.info("%s: %s refused COMPRESS DEFLATE (%s); going on without", label, where, e)
+        finally:
+            await enabled
     except ConnectionLost as e:
         _abort(client)
         reason = _tls_reason(Failure(e)) if not isinstance(e, ConnectionLost) else None

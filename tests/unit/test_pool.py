@@ -68,10 +68,31 @@ def test_a_refused_login_is_not_repeated_on_every_worker() -> None:
     job.addErrback(lambda f: f.trap(LoginFailed))
 
 
+def _holds(until: defer.Deferred[None]) -> Any:
+    """A job that keeps its worker busy until ``until`` fires."""
+
+    async def job(worker: Any) -> int:
+        await worker.connection()
+        await until
+        return worker.number
+
+    return job
+
+
+def test_a_job_goes_to_a_logged_in_worker_before_one_still_logging_in() -> None:
+    pool, connector = make(3)
+    defer.Deferred.fromCoroutine(pool.run(_uses))
+    connector.succeed()  # worker 1 logged in and free again; workers 2 and 3 connecting ahead
+    second = defer.Deferred.fromCoroutine(pool.run(_uses))
+    assert second.result == 1
+    assert len(connector.pending) == 2  # nothing waited on, nothing opened anew
+
+
 def test_a_job_on_a_worker_still_logging_in_joins_that_login() -> None:
     pool, connector = make(2)
-    defer.Deferred.fromCoroutine(pool.run(_uses))
-    connector.succeed()  # worker 1 logged in; worker 2 connecting ahead, still free
+    busy: defer.Deferred[None] = defer.Deferred()
+    defer.Deferred.fromCoroutine(pool.run(_holds(busy)))
+    connector.succeed()  # worker 1 logged in and busy; worker 2 connecting ahead, still free
     second = defer.Deferred.fromCoroutine(pool.run(_uses))
     assert [label for label, _ in connector.pending] == ["acct worker 2"]  # no second connect
     assert not second.called
@@ -81,7 +102,8 @@ def test_a_job_on_a_worker_still_logging_in_joins_that_login() -> None:
 
 def test_a_failed_connect_ahead_is_left_to_the_job_that_needs_the_worker() -> None:
     pool, connector = make(2)
-    defer.Deferred.fromCoroutine(pool.run(_uses))
+    busy: defer.Deferred[None] = defer.Deferred()
+    defer.Deferred.fromCoroutine(pool.run(_holds(busy)))
     connector.succeed()
     connector.fail(ConnectionRefusedError("busy"))  # worker 2's early connect
     assert not pool._all[1].connected
