@@ -213,6 +213,11 @@ class MailboxSync:
         self.state = state
         self.pool = pool
         self.label = f"{account}/{local_name}"
+        self._fresh: set[Worker] = set()
+        """Workers whose selection of this mailbox shows every message of the
+        current sync's listing: the worker that listed, and those that sent
+        EXAMINE after the listing's answer came (so the server opened their
+        view after the listing's). Reset at each sync."""
         self.syncer: Syncer | InlineSyncer = default_syncer()
         """Where message files are fsynced: threads, off the reactor."""
         self._reserving: list[defer.Deferred[None]] = []
@@ -300,6 +305,7 @@ class MailboxSync:
                      "%d unfinished files removed from tmp/", self.label, len(adopted), cleaned)
 
     async def _run(self, result: MailboxResult) -> None:
+        self._fresh.clear()
         self.recover()
         record = self.state.mailbox(self.account, self.name)
         count, highest = self.state.summary(self.account, self.name)
@@ -311,6 +317,7 @@ class MailboxSync:
         view = await self.pool.run(
             lambda worker: self._list(worker, record, highest), f"listing {self.label}"
         )
+        self._fresh.add(view.worker)
         uidvalidity = view.status.uidvalidity
         plan: SyncPlan | None = None
         files: dict[str, LocalFile] | None = None
@@ -320,6 +327,7 @@ class MailboxSync:
             if plan is None:
                 log.info("%s: the server's changes do not add up to its mailbox; listing it in full", self.label)
                 view = await self.pool.run(lambda worker: self._list(worker, None, 0), f"listing {self.label}")
+                self._fresh.add(view.worker)
                 uidvalidity = view.status.uidvalidity
         if plan is None:
             known = self.state.messages(self.account, self.name)
@@ -758,14 +766,52 @@ class MailboxSync:
         result: MailboxResult,
         recorded: set[int] | None = None,
     ) -> None:
-        status = await worker.ensure_selected(self.entry.raw_name)
+        """Fetch ``uids`` (all from this sync's listing) on ``worker``.
+
+        A worker whose selection is known to show every listed UID (see
+        :attr:`_fresh`) fetches at once. Any other sends EXAMINE with the
+        fetch pipelined behind it, one round trip instead of two: a fresh
+        EXAMINE's view holds every listed message, as a NOOP would make
+        sure of, but Dovecot answers a FETCH pipelined behind a NOOP from
+        the view before it. Bodies are recorded only once the EXAMINE's
+        UIDVALIDITY has been checked.
+        """
+        raw = self.entry.raw_name
+        delivered: set[int] = set()
+
+        def checked(arrived: Callable[[FetchedMessage], None]) -> Callable[[FetchedMessage], None]:
+            def on_message(message: FetchedMessage) -> None:
+                status = worker.status if worker.selected == raw else None
+                if status is None:
+                    raise RuntimeError("the server sent messages before it answered EXAMINE")
+                if status.uidvalidity != uidvalidity:
+                    raise UidValidityChanged(uidvalidity, status.uidvalidity)
+                delivered.add(message.uid)
+                arrived(message)
+
+            return on_message
+
+        async def fetch(client: MirrordIMAP4Client, wanted: list[int]) -> None:
+            await self._receive(
+                lambda arrived: client.uid_fetch_bodies(wanted, self._open_tmp, checked(arrived)),
+                result,
+                recorded=recorded,
+            )
+
+        self._top_up()
+        if worker in self._fresh and worker.selected == raw and worker.connected:
+            await fetch(await worker.connection(), uids)
+            return
+        status, _ = await worker.examine_then(raw, lambda client: fetch(client, uids))
         if status.uidvalidity != uidvalidity:
             raise UidValidityChanged(uidvalidity, status.uidvalidity)
-        client = await worker.connection()
-        self._top_up()
-        await self._receive(
-            lambda arrived: client.uid_fetch_bodies(uids, self._open_tmp, arrived), result, recorded=recorded
-        )
+        self._fresh.add(worker)
+        missing = [uid for uid in uids if uid not in delivered]
+        if missing:
+            # Expunged since the listing, or a server that answered the
+            # pipelined FETCH from an older view: one more look on the
+            # selection that is now fresh.
+            await fetch(await worker.connection(), missing)
 
     async def _release_reserve(self) -> None:
         """Remove the tmp/ files made ahead and not used: every path that tops up ends here."""

@@ -233,3 +233,28 @@ def test_qresync_catchup_that_does_not_add_up_lists_in_full(imap_account: ImapAc
     assert any(c.startswith(FULL_LISTING) for c in sent), sent
     assert f"UID FETCH {uid} (UID FLAGS RFC822.SIZE BODY.PEEK[])" in sent
     mirrored(imap_account, tmp_path)
+
+
+def test_each_fetch_batch_selects_in_the_same_round_trip(imap_account: ImapAccount, tmp_path: Path) -> None:
+    """A first sync's body fetches: on the worker that listed, at once; on any
+    other, right behind its own EXAMINE; never behind a NOOP (a round trip
+    of its own, since Dovecot answers a FETCH pipelined behind a NOOP from
+    the older view)."""
+    client = imap_account.client
+    for i in range(60):
+        client.append("INBOX", make_message(i, size=1500))
+    config = write_config(tmp_path, imap_account)  # 3 workers
+    stderr, sent = sync(config)
+    assert "NOOP" not in sent
+    per_worker: dict[str, list[str]] = {}
+    for m in re.finditer(r"(worker \d+) C: M\d+ (.*)$", stderr, re.MULTILINE):
+        per_worker.setdefault(m.group(1), []).append(m.group(2))
+    bodies = 0
+    for worker, sent_here in per_worker.items():
+        for i, command in enumerate(sent_here):
+            if "BODY.PEEK[]" in command:
+                bodies += 1
+                before = sent_here[i - 1]
+                assert before.startswith(('EXAMINE "INBOX"', FULL_LISTING, "UID FETCH")), (worker, sent_here)
+    assert bodies >= 2  # split across workers
+    assert_mirrors(imap_account, tmp_path / "Mail", "INBOX")
