@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import functools
+import math
 import logging
 import re
 import socket
@@ -60,6 +61,9 @@ COMMAND_TIMEOUT = 120.0
 """Seconds without a byte from the server, while a command waits, before we
 call the connection dead. Long enough for a slow server's big SEARCH; short
 enough that a stalled link is noticed."""
+
+DEADLINE_GRID = 1.0
+"""The command deadline's timer ends on multiples of this many seconds (rounded up)."""
 
 
 LOGOUT_GRACE = 5.0
@@ -274,6 +278,9 @@ class MirrordIMAP4Client(IMAP4Client):
         self._closing_reason: str | None = None
         self._dropped = False
         self._deadline: IDelayedCall | None = None
+        """The one timer checking :attr:`_deadline_at`; see :meth:`_arm_deadline`."""
+        self._deadline_at: float | None = None
+        """When the server must have answered by, if a command waits; None if none does."""
         self.connected_transport_lost = False
         self.on_unsolicited: Callable[[Untagged], None] | None = None
         """Receives every untagged response no command claimed (the watcher's events)."""
@@ -356,22 +363,49 @@ class MirrordIMAP4Client(IMAP4Client):
     # -- deadlines -----------------------------------------------------------
 
     def _arm_deadline(self) -> None:
-        """(Re)start the no-progress timer while any command waits for the server."""
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
+        """(Re)start the no-progress deadline while any command waits for the server.
+
+        This runs on every read, so it only moves :attr:`_deadline_at`; a
+        single timer, started when none is pending, checks it when it fires
+        and goes again if the deadline moved. Cancelling and re-creating a
+        timer per read cost heap work on the hot path, and each cancelled
+        timer stayed in the reactor's heap to wake an idle daemon when its
+        time came. Timers end on a :data:`DEADLINE_GRID` grid, rounded up,
+        so the stale ones of many connections expire in one wakeup; a
+        silent server is dropped at most that much after ``command_timeout``.
+        """
         needs = (not self._greeted) or any(not c.quiet for c in self._in_flight.values())
-        if needs and self.command_timeout > 0:
-            self._deadline = self._clock.callLater(self.command_timeout, self._timed_out)
+        if not needs or self.command_timeout <= 0:
+            self._deadline_at = None  # a pending timer finds nothing due, once
+            return
+        self._deadline_at = self._clock.seconds() + self.command_timeout
+        if self._deadline is None:
+            self._schedule_deadline(self._deadline_at)
+        elif self._deadline.getTime() > self._deadline_at + DEADLINE_GRID:
+            # A shorter timeout than the pending timer was set for (the
+            # watcher's DONE deadline): that timer would look too late.
+            self._deadline.cancel()
+            self._schedule_deadline(self._deadline_at)
+
+    def _schedule_deadline(self, at: float) -> None:
+        on_grid = math.ceil(at / DEADLINE_GRID) * DEADLINE_GRID
+        self._deadline = self._clock.callLater(max(on_grid - self._clock.seconds(), 0.0), self._deadline_due)
+
+    def _deadline_due(self) -> None:
+        self._deadline = None
+        if self._deadline_at is None or self.connected_transport_lost:
+            return
+        if self._clock.seconds() < self._deadline_at:
+            self._schedule_deadline(self._deadline_at)  # progress since: look again then
+            return
+        self._deadline_at = None
+        self.drop(f"no response from the server for {self.command_timeout:g} s")
 
     def _cancel_deadline(self) -> None:
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
-
-    def _timed_out(self) -> None:
-        self._deadline = None
-        self.drop(f"no response from the server for {self.command_timeout:g} s")
+        self._deadline_at = None
 
     # -- responses ------------------------------------------------------------
 

@@ -510,3 +510,37 @@ def test_listing_pipelined_behind_examine_of_an_empty_mailbox_may_be_refused() -
     )
     assert result_of(examined).exists == 0
     assert result_of(listed) is None
+
+
+def test_reads_move_the_deadline_without_making_timers() -> None:
+    """The deadline is checked by one timer, not re-made on every read: a
+    cancelled timer stays in the reactor's heap and wakes an idle daemon."""
+    client, transport, clock = connected()
+    aborted = []
+    transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+    done = run(client.noop())
+    made = []
+    call_later = clock.callLater
+    clock.callLater = lambda *a, **kw: made.append(a) or call_later(*a, **kw)  # type: ignore[method-assign]
+    for _ in range(50):
+        clock.advance(3)
+        client.dataReceived(b"* 1 EXISTS\r\n")
+    # 150 s of reads: the timer looked at the moved deadline once (at ~120 s) and went again.
+    assert len(made) == 1 and len(clock.getDelayedCalls()) == 1 and not aborted
+    client.dataReceived(b"M1 OK done\r\n")
+    result_of(done)
+    # The pending timer fires once, finds nothing due, and is not renewed.
+    clock.advance(client.command_timeout + 2)
+    assert clock.getDelayedCalls() == [] and not aborted
+
+
+def test_deadline_timers_of_many_connections_end_together() -> None:
+    clock = task.Clock()
+    clock.advance(0.37)
+    times = []
+    for n in range(5):
+        client = MirrordIMAP4Client(label=f"c{n}", clock=clock)
+        client.makeConnection(StringTransport())
+        times.extend(call.getTime() for call in clock.getDelayedCalls() if call.getTime() not in times)
+        clock.advance(0.1)
+    assert len(set(times)) == 1 and times[0] >= 0.37 + client.command_timeout
