@@ -274,6 +274,8 @@ class MirrordIMAP4Client(IMAP4Client):
         self._reader = ResponseReader(self._response, self._choose_sink, on_line=self._trace_in)
         self._waiting: list[_Command] = []
         self._in_flight: dict[bytes, _Command] = {}
+        self._barriers = 0
+        """Commands in flight that are barriers (EXAMINE)."""
         self._tag_counter = 0
         self._closing_reason: str | None = None
         self._dropped = False
@@ -334,6 +336,7 @@ class MirrordIMAP4Client(IMAP4Client):
             why = Failure(ConnectionLost(self._closing_reason))
         pending = list(self._in_flight.values()) + self._waiting
         self._in_flight.clear()
+        self._barriers = 0
         self._waiting.clear()
         if not self._greeted:
             self._greeted = True
@@ -438,6 +441,8 @@ class MirrordIMAP4Client(IMAP4Client):
 
     def _tagged(self, response: Tagged) -> None:
         command = self._in_flight.pop(response.tag, None)
+        if command is not None and command.barrier:
+            self._barriers -= 1
         if command is None:
             raise ProtocolError(f"tagged response for a command we never sent: {response.tag!r:.40}")
         if code_name(response.code) == "CAPABILITY":
@@ -470,6 +475,8 @@ class MirrordIMAP4Client(IMAP4Client):
 
     def _behind_barrier(self, command: _Command) -> bool:
         """Whether an EXAMINE sent before ``command`` is still in flight (see ``_Command.barrier``)."""
+        if not self._barriers:  # the usual case, asked once per listing line
+            return False
         for other in self._in_flight.values():
             if other is command:
                 return False
@@ -539,6 +546,8 @@ class MirrordIMAP4Client(IMAP4Client):
             self._waiting.pop(0)
             command.tag = self._next_tag()
             self._in_flight[command.tag] = command
+            if command.barrier:
+                self._barriers += 1
             self._send(command.tag + b" " + command.parts[0], command.tag.decode() + " " + command.trace)
             self._arm_deadline()
 
