@@ -603,12 +603,16 @@ class Maildir:
 
     # -- changing ---------------------------------------------------------
 
-    def set_flags(self, key: str, flags: Flags, current: LocalFile | None = None) -> LocalFile:
+    def set_flags(
+        self, key: str, flags: Flags, current: LocalFile | None = None, *, sync: bool = True
+    ) -> LocalFile:
         """Rename the message so its name carries ``flags``; returns where it now is.
 
         ``current`` (from a scan) saves a directory listing; if a reader has
         renamed the file since, the file is looked up by key instead. Raises
-        FileNotFoundError when no file has this key.
+        FileNotFoundError when no file has this key. ``sync=False`` leaves
+        the directory fsyncs to the caller, who renames many and then calls
+        :meth:`sync_dirs` once.
         """
         letters = maildir_info(flags)
         for attempt in range(3):
@@ -623,11 +627,17 @@ class Maildir:
                 os.rename(source, self.path / subdir / name)
             except FileNotFoundError:
                 continue  # renamed or removed under us; look again
-            _fsync_dir(self.path / subdir)
-            if subdir != found.subdir:
-                _fsync_dir(self.path / found.subdir)
+            if sync:
+                _fsync_dir(self.path / subdir)
+                if subdir != found.subdir:
+                    _fsync_dir(self.path / found.subdir)
             return LocalFile(subdir, name, flags_from_info(letters))
         raise FileNotFoundError(errno.ENOENT, "no message file with this key", key)
+
+    def sync_dirs(self, subdirs: Iterable[str] = ("new", "cur")) -> None:
+        """fsync these of ``new/`` and ``cur/``: renames made with ``sync=False`` are durable after this."""
+        for subdir in sorted(set(subdirs)):
+            _fsync_dir(self.path / subdir)
 
     def remove(self, key: str, current: LocalFile | None = None) -> None:
         """Unlink the message; a file already gone is not an error."""

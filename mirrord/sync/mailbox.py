@@ -372,7 +372,7 @@ class MailboxSync:
                 self.progress.planned(len(uids), sum(view.listing[u].size or 0 for u in uids if u in view.listing))
             try:
                 await self.pool.run(
-                    lambda worker: self._fetch_batch(worker, uids, uidvalidity, result),
+                    lambda worker: self._fetch_batch(worker, uids, uidvalidity, result, ahead=False),
                     f"fetching {len(uids)} messages of {self.label}",
                     prefer=view.worker,
                 )
@@ -716,14 +716,22 @@ class MailboxSync:
             # Entries of the kept files stay valid across the removals above.
             files = files if files is not None else self.maildir.scan()
             changes: dict[int, Flags] = {}
+            touched: set[str] = set()
             for uid, flags in plan.set_flags.items():
                 key = known[uid].key
+                before = files.get(key)
                 try:
-                    self.maildir.set_flags(key, flags, files.get(key))
+                    after = self.maildir.set_flags(key, flags, before, sync=False)
                 except FileNotFoundError:
                     continue  # vanished since the scan: the next sync re-fetches it
+                if before is None or (after.subdir, after.filename) != (before.subdir, before.filename):
+                    touched.add(after.subdir)
+                    touched.add(before.subdir if before is not None else "new")
                 changes[uid] = flags
-            self.state.set_flags(self.account, self.name, changes)
+            # One fsync per directory for all the renames, not one or two each;
+            # then the rows, whose loss a later sync would repair (see set_flags).
+            self.maildir.sync_dirs(touched)
+            self.state.set_flags(self.account, self.name, changes, durable=False)
             result.flags_changed = len(changes)
 
     async def _fetch(
@@ -765,8 +773,15 @@ class MailboxSync:
         uidvalidity: int,
         result: MailboxResult,
         recorded: set[int] | None = None,
+        *,
+        ahead: bool = True,
     ) -> None:
         """Fetch ``uids`` (all from this sync's listing) on ``worker``.
+
+        ``ahead``: have the syncer's threads make tmp/ files ahead, which
+        pays off over hundreds of messages; for a catch-up's handful in each
+        of many mailboxes it would make (and then remove) dozens of unused
+        files per mailbox.
 
         A worker whose selection is known to show every listed UID (see
         :attr:`_fresh`) fetches at once. Any other sends EXAMINE with the
@@ -791,14 +806,17 @@ class MailboxSync:
 
             return on_message
 
+        open_tmp = self._open_tmp if ahead else self.maildir.open_tmp
+
         async def fetch(client: MirrordIMAP4Client, wanted: list[int]) -> None:
             await self._receive(
-                lambda arrived: client.uid_fetch_bodies(wanted, self._open_tmp, checked(arrived)),
+                lambda arrived: client.uid_fetch_bodies(wanted, open_tmp, checked(arrived)),
                 result,
                 recorded=recorded,
             )
 
-        self._top_up()
+        if ahead:
+            self._top_up()
         if worker in self._fresh and worker.selected == raw and worker.connected:
             await fetch(await worker.connection(), uids)
             return

@@ -504,6 +504,22 @@ def test_set_flags_new_to_cur_when_seen(md: Maildir) -> None:
     assert md.scan()[key] == lf
 
 
+def test_many_flag_renames_leave_the_directory_fsyncs_to_one_call(
+    md: Maildir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = [put(md, b"m%d" % i) for i in range(5)]
+    synced: list[Path] = []
+    real = maildir_mod._fsync_dir
+    monkeypatch.setattr(maildir_mod, "_fsync_dir", lambda p: (synced.append(p), real(p)))
+    for key in keys:
+        md.set_flags(key, frozenset({SEEN}), sync=False)
+    assert synced == [] and len(listing(md)["cur"]) == 5
+    md.sync_dirs({"cur", "new", "cur"})
+    assert synced == [md.path / "cur", md.path / "new"]
+    md.set_flags(keys[0], frozenset({SEEN, FLAGGED}))  # alone: fsynced at once
+    assert synced[2:] == [md.path / "cur"]
+
+
 def test_set_flags_stays_in_new_while_unseen(md: Maildir) -> None:
     key = put(md, b"x")
     md.set_flags(key, frozenset({FLAGGED}))

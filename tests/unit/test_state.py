@@ -294,3 +294,21 @@ def test_non_durable_mailbox_write_is_committed_and_leaves_full_sync(db: StateDB
     db.set_mailbox(A, INBOX, 5, 42, 1.5, durable=False)
     assert db.mailbox(A, INBOX) == MailboxRecord(A, INBOX, 5, 42, 1.5)
     assert db._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL again
+
+
+def test_pending_rows_are_fsynced_before_the_renames_and_their_promotion_is_not(db: StateDB) -> None:
+    """A lost promotion leaves pending rows, which recovery adopts; a lost
+    pending row would leave a file no row names."""
+    statements: list[str] = []
+    db._db.set_trace_callback(statements.append)
+    db.add_pending(A, INBOX, [MessageRecord(1, "k1", frozenset(), 10)])
+    assert "COMMIT" in statements and not any("synchronous" in s for s in statements)
+    statements.clear()
+    db.promote_pending(A, INBOX, [1])
+    assert statements.index("PRAGMA synchronous=NORMAL") < statements.index("COMMIT")
+    assert statements[-1] == "PRAGMA synchronous=FULL"
+    assert db.messages(A, INBOX) == {1: MessageRecord(1, "k1", frozenset(), 10)} and db.pending(A, INBOX) == {}
+    statements.clear()
+    db.set_flags(A, INBOX, {1: frozenset({"\\Seen"})}, durable=False)
+    assert statements.index("PRAGMA synchronous=NORMAL") < statements.index("COMMIT")
+    assert db.messages(A, INBOX)[1].flags == {"\\Seen"}
