@@ -160,6 +160,11 @@ class ResponseReader:
         """Offered each line that starts a response, before it is parsed; True:
         it was handled. A consumer's short cut for a flood of simple responses
         (a listing's ``* n FETCH (UID u FLAGS (...) RFC822.SIZE s)``)."""
+        self.fast_run: Callable[[bytes, int], int] | None = None
+        """Like :attr:`fast_line` for many lines at once: offered the read and the
+        position where a response starts, it handles as many whole lines
+        from there as it can and returns where it stopped (the position
+        itself if it took none). Not offered while lines are traced."""
         # Literal in progress: bytes left, and either a sink or a memory buffer.
         self._literal_left = 0
         self._literal_sink: LiteralSink | None = None
@@ -222,6 +227,11 @@ class ResponseReader:
                 continue
             if pos >= end:
                 return
+            if self.fast_run is not None and self._pending is None and not buffer:
+                taken = self.fast_run(data, pos)
+                if taken > pos:
+                    pos = taken
+                    continue
             nl = data.find(b"\n", pos)
             if nl < 0:
                 buffer += memoryview(data)[pos:]

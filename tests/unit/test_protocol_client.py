@@ -424,11 +424,13 @@ def test_uid_search_all_without_esearch() -> None:
     assert result_of(d) == {2, 4, 9}
 
 
-def _listing(lines: bytes, monkeypatch: Any = None) -> dict[int, Any]:
+def _listing(lines: bytes, monkeypatch: Any = None, chunk: int = 0) -> dict[int, Any]:
     client, transport, _ = connected()
     d = run(client.uid_fetch_listing())
     sent(transport)
-    client.dataReceived(lines + b"M1 OK done\r\n")
+    data = lines + b"M1 OK done\r\n"
+    for i in range(0, len(data), chunk or len(data)):
+        client.dataReceived(data[i : i + (chunk or len(data))])
     return {uid: (e.flags, e.size) for uid, e in result_of(d).items()}
 
 
@@ -443,9 +445,13 @@ def test_listing_fast_path_reads_the_same_as_the_general_parser(monkeypatch: pyt
         b"* 6 FETCH (RFC822.SIZE 10 UID 16 FLAGS (\\Draft))\r\n"  # general path
     )
     fast = _listing(lines)
+    # Cut anywhere: runs of lines and single lines take turns with the buffer.
+    assert all(_listing(lines, chunk=n) == fast for n in (1, 2, 7, 50, 61, 130))
     import mirrord.protocol.client as client_module
 
-    monkeypatch.setattr(client_module, "_LISTING_LINE", __import__("re").compile(rb"(?!)"))
+    never = __import__("re").compile(rb"(?!)")
+    monkeypatch.setattr(client_module, "_LISTING_LINE", never)
+    monkeypatch.setattr(client_module, "_LISTING_RUN", never)
     general = _listing(lines)
     assert fast == general
     assert fast[10] == ({"\\Seen", "$Junk"}, 99) and fast[13] == ({"\\Answered", "\\Seen"}, 7)
@@ -544,3 +550,27 @@ def test_deadline_timers_of_many_connections_end_together() -> None:
         times.extend(call.getTime() for call in clock.getDelayedCalls() if call.getTime() not in times)
         clock.advance(0.1)
     assert len(set(times)) == 1 and times[0] >= 0.37 + client.command_timeout
+
+
+def test_listing_runs_of_lines_are_taken_whole_and_a_traced_listing_goes_line_by_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    lines = b"".join(b"* %d FETCH (UID %d FLAGS (\\Seen) RFC822.SIZE %d)\r\n" % (i, i + 100, i) for i in range(1, 501))
+    client, transport, _ = connected()
+    offered: list[Any] = []
+    d = run(client.uid_fetch_listing())
+    line_by_line = client._reader.fast_line
+    client._reader.fast_line = lambda line: offered.append(line) or line_by_line(line)  # type: ignore[misc]
+    sent(transport)
+    client.dataReceived(lines + b"M1 OK done\r\n")
+    assert len(result_of(d)) == 500 and len(offered) <= 1  # the tagged OK, at most
+    assert client._reader.fast_run is None  # gone with its command
+
+    with caplog.at_level(logging.DEBUG, logger="mirrord.trace"):
+        client, transport, _ = connected()
+        d = run(client.uid_fetch_listing())
+        assert client._reader.fast_run is None
+        sent(transport)
+        client.dataReceived(lines + b"M1 OK done\r\n")
+    assert len(result_of(d)) == 500
+    assert sum("FETCH (UID" in r.getMessage() for r in caplog.records) == 500
