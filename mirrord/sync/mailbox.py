@@ -63,11 +63,11 @@ STAMP_MARGIN_NS = 20_000_000
 """A Maildir stamp is trusted only once its mtimes are this much older than
 the moment we read them: longer than a kernel clock tick (1-10 ms), so a
 later change cannot carry the same mtime."""
-RESERVE_TMP = 32
+RESERVE_TMP = 64
 """Empty tmp/ files kept made ahead, by the syncer's threads, while a batch is fetched."""
-RESERVE_STEP = 4
+RESERVE_STEP = 16
 """Files one thread call makes: several calls run at once, and creation overlaps."""
-SYNC_CHUNK = 4
+SYNC_CHUNK = 8
 """Bodies fsynced by one thread call."""
 FLUSH_MESSAGES = 100
 FLUSH_BYTES = 4 * 1024 * 1024
