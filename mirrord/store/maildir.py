@@ -301,11 +301,16 @@ class TmpMessage:
         while view:
             view = view[os.write(self._fd, view) :]
 
-    def close_write(self) -> None:
-        """Write out what is buffered: the message is complete, no more writes.
+    def close_write(self, flush: bool = True) -> None:
+        """The message is complete, no more writes; write out what is buffered.
 
         The descriptor stays open for :meth:`sync`, which may then run in
-        another thread while this one goes on reading the network.
+        another thread while this one goes on reading the network. With
+        ``flush`` False the buffered tail (all of a message under
+        :data:`_WRITE_BUFFER`) is written by :meth:`sync` instead, in that
+        thread: a write waits for page-cache allocation, and the reading
+        thread has better things to do. An error writing it is then raised
+        by :meth:`sync`, like an fsync's.
         """
         if self._state == "written":
             return
@@ -318,11 +323,12 @@ class TmpMessage:
             self._pending.append(b"\r")
             self._pending_len += 1
             self.size += 1
-        try:
-            self._drain()
-        except BaseException:
-            self.abort()
-            raise
+        if flush:
+            try:
+                self._drain()
+            except BaseException:
+                self.abort()
+                raise
         self._state = "written"
 
     def sync(self) -> None:
@@ -339,6 +345,8 @@ class TmpMessage:
             if self._state != "written" or self._fd is None:
                 raise ValueError(f"sync of a {self._state} message {self.key}")
             try:
+                if self._pending:
+                    self._drain()
                 os.fsync(self._fd)
             except BaseException:
                 # A second fsync after a failed one may report success for
