@@ -289,7 +289,7 @@ def test_a_second_fsync_after_a_failed_one_is_refused(tmp_path: Path, monkeypatc
 
 
 class QueueReactor:
-    """Enough of a reactor for deferToThreadPool: results are queued, then run by the test."""
+    """Enough of a reactor for the Syncer: results are queued, then run by the test."""
 
     def __init__(self) -> None:
         self.queue: list[tuple[Any, tuple[Any, ...]]] = []
@@ -313,9 +313,11 @@ def test_syncer_runs_in_threads_and_in_place_beyond_its_limit() -> None:
     reactor = QueueReactor()
     syncer = _fs.Syncer(reactor, threads=2, max_pending=2)
     gate = threading.Event()
+    started = threading.Semaphore(0)
     where: list[str] = []
 
     def slow() -> str:
+        started.release()
         gate.wait(5)
         where.append(threading.current_thread().name)
         return "done"
@@ -324,13 +326,43 @@ def test_syncer_runs_in_threads_and_in_place_beyond_its_limit() -> None:
     assert syncer.pending == 2 and not first.called
     third = syncer.run(lambda: threading.current_thread().name)  # over the limit: here, now
     assert third.called and third.result == threading.current_thread().name
+    assert started.acquire(timeout=5) and started.acquire(timeout=5)
     gate.set()
-    syncer._pool.stop()  # joins the threads: both calls have finished
+    syncer.join()  # joins the threads: both calls (already running) have finished
     reactor.run_queued()
     assert first.result == second.result == "done"
     assert syncer.pending == 0
     assert all(name != threading.current_thread().name for name in where)
     assert reactor.triggers  # stops its threads at shutdown
+
+
+def test_syncer_wakes_the_reactor_once_for_results_that_finish_together() -> None:
+    import threading
+
+    reactor = QueueReactor()
+    syncer = _fs.Syncer(reactor, threads=3, max_pending=10)
+    gate = threading.Event()
+    started = threading.Semaphore(0)
+
+    def slow(value: int) -> int:
+        started.release()
+        gate.wait(5)
+        if value == 2:
+            raise OSError(errno.EIO, "Input/output error")
+        return value
+
+    ds = [syncer.run(lambda v=v: slow(v)) for v in (1, 2, 3)]
+    for _ in ds:
+        assert started.acquire(timeout=5)
+    gate.set()
+    syncer.join()
+    # Three results, one wake-up: the reactor collects them all at once.
+    assert len(reactor.queue) == 1
+    reactor.run_queued()
+    assert ds[0].result == 1 and ds[2].result == 3
+    assert ds[1].result.check(OSError)
+    ds[1].addErrback(lambda _: None)
+    assert syncer.pending == 0
 
 
 def test_a_failed_delivery_in_a_thread_leaves_no_row_and_no_file(sync: MailboxSync) -> None:

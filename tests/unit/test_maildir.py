@@ -649,3 +649,32 @@ def test_trash_of_zero_days_unlinks_at_once(tmp_path: Path) -> None:
     key = md.deliver(tmp, frozenset())
     md.remove_many([key], None, Trash(tmp_path / "trash", days=0))
     assert md.scan() == {} and not (tmp_path / "trash").exists()
+
+
+def test_a_tail_left_for_sync_is_written_there(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    md = Maildir(tmp_path / "m")
+    tmp = md.open_tmp()
+    tmp.write(b"Subject: x\r\n\r\nbody\r")
+    tmp.close_write(flush=False)
+    assert os.path.getsize(tmp.path) == 0  # nothing written yet: the syncing thread will
+    tmp.sync()
+    assert tmp.path.read_bytes() == b"Subject: x\n\nbody\r"
+    key = md.deliver(tmp, frozenset())
+    assert key in md.scan()
+    # A write that fails there fails the sync, and the message can only be aborted.
+    bad = md.open_tmp()
+    bad.write(b"more")
+    bad.close_write(flush=False)
+
+    def full(*args: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(OSError):
+        bad.sync()
+    monkeypatch.undo()
+    with pytest.raises(ValueError):
+        md.deliver(bad, frozenset())
+    assert os.listdir(md.path / "tmp") == []
