@@ -318,14 +318,7 @@ class MirrordIMAP4Client(IMAP4Client):
         self._arm_deadline()
 
     def dataReceived(self, data: bytes) -> None:
-        deadline = self._deadline
-        if deadline is not None and deadline.active():
-            # Progress: push the running deadline back. Whether one is needed
-            # only changes where commands start or end, which re-arm it; a
-            # reset is cheaper than a cancel and a new call, once per read.
-            deadline.reset(self.command_timeout)
-        else:
-            self._arm_deadline()
+        self._arm_deadline()  # progress: moves the deadline, makes no timer
         try:
             self._receive(data)
         except ProtocolError as e:
