@@ -878,12 +878,15 @@ class MirrordIMAP4Client(IMAP4Client):
             uid, flag_text, size_text = m.group("uid1", "flags1", "size1")
             if uid is None:
                 uid, flag_text, size_text = m.group("uid2", "flags2", "size2")
+            add(uid, flag_text, size_text)
+            return True
+
+        def add(uid: bytes, flag_text: bytes, size_text: bytes) -> None:
             try:
                 flags = flag_sets[(flag_text,)]
             except KeyError:
                 flags = flag_sets[(flag_text,)] = frozenset(flag_text.decode("ascii", "replace").split())
             listing[int(uid)] = ListingEntry(flags, int(size_text))
-            return True
 
         def fast_run(data: bytes, pos: int) -> int:
             if command.tag not in self._in_flight or self._behind_barrier(command):
@@ -892,12 +895,7 @@ class MirrordIMAP4Client(IMAP4Client):
             if m is None:
                 return pos
             for uid1, flags1, size1, flags2, uid2, size2 in _LISTING_LINES.findall(data, pos, m.end()):
-                flag_text = flags1 or flags2
-                try:
-                    flags = flag_sets[(flag_text,)]
-                except KeyError:
-                    flags = flag_sets[(flag_text,)] = frozenset(flag_text.decode("ascii", "replace").split())
-                listing[int(uid1 or uid2)] = ListingEntry(flags, int(size1 or size2))
+                add(uid1 or uid2, flags1 or flags2, size1 or size2)
             return m.end()
 
         command = self._simple("UID FETCH", uids + b" (UID FLAGS RFC822.SIZE)", claim=claim, pipelined=True)

@@ -551,8 +551,7 @@ class Maildir:
                 os.rename(tmp._path, target)
                 moved.append(target)
                 dirs.add(subdir)
-            for subdir in sorted(dirs):
-                _fsync_dir(self.path / subdir)
+            self.sync_dirs(dirs)
         except BaseException:
             # Complete files may already be visible; without a state row they
             # would be orphans the next sync fetches again as duplicates.
@@ -648,14 +647,12 @@ class Maildir:
             except FileNotFoundError:
                 continue  # renamed or removed under us; look again
             if sync:
-                _fsync_dir(self.path / subdir)
-                if subdir != found.subdir:
-                    _fsync_dir(self.path / found.subdir)
+                self.sync_dirs({subdir, found.subdir})
             return LocalFile(subdir, name, flags_from_info(letters))
         raise FileNotFoundError(errno.ENOENT, "no message file with this key", key)
 
     def sync_dirs(self, subdirs: Iterable[str] = ("new", "cur")) -> None:
-        """fsync these of ``new/`` and ``cur/``: renames made with ``sync=False`` are durable after this."""
+        """fsync each of these directories once: the renames and removals in them are durable after this."""
         for subdir in sorted(set(subdirs)):
             _fsync_dir(self.path / subdir)
 
@@ -705,8 +702,7 @@ class Maildir:
                         pass
         # Without this a crash could bring the file back after the state row
         # is gone, leaving an orphan the engine cannot account for.
-        for subdir in sorted(dirs):
-            _fsync_dir(self.path / subdir)
+        self.sync_dirs(dirs)
 
     def clean_tmp(self, older_than: float = 0) -> int:
         """Remove files in tmp/ at least ``older_than`` seconds old; returns how many.

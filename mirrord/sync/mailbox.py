@@ -166,6 +166,26 @@ CATCHUP_FETCH_MESSAGES = 64
 """At most this many messages (and BATCH_BYTES) to fetch in a catch-up go in one command."""
 
 
+def _under_selection(
+    worker: Worker, raw_name: bytes, uidvalidity: int, arrived: Callable[[FetchedMessage], None]
+) -> Callable[[FetchedMessage], None]:
+    """``arrived``, for bodies fetched behind an EXAMINE of ``raw_name`` expected at ``uidvalidity``.
+
+    The EXAMINE's answer precedes the bodies; without it, or under another
+    UIDVALIDITY, their UIDs name other mail, and nothing may be recorded.
+    """
+
+    def on_message(message: FetchedMessage) -> None:
+        status = worker.status if worker.selected == raw_name else None
+        if status is None:
+            raise RuntimeError("the server sent messages before it answered EXAMINE")
+        if status.uidvalidity != uidvalidity:
+            raise UidValidityChanged(uidvalidity, status.uidvalidity)
+        arrived(message)
+
+    return on_message
+
+
 async def _listing_after_examine(
     client: MirrordIMAP4Client, uids: bytes = b"1:*"
 ) -> dict[int, ListingEntry] | None:
@@ -529,17 +549,7 @@ class MailboxSync:
 
         async def job(worker: Worker) -> None:
             def checked(arrived: Callable[[FetchedMessage], None]) -> Callable[[FetchedMessage], None]:
-                def on_message(message: FetchedMessage) -> None:
-                    # The EXAMINE's answer precedes the bodies; without it, or
-                    # under another UIDVALIDITY, these UIDs name other mail.
-                    status = worker.status if worker.selected == raw_name else None
-                    if status is None:
-                        raise RuntimeError("the server sent messages before it answered EXAMINE")
-                    if status.uidvalidity != record.uidvalidity:
-                        raise UidValidityChanged(record.uidvalidity, status.uidvalidity)
-                    arrived(message)
-
-                return on_message
+                return _under_selection(worker, raw_name, record.uidvalidity, arrived)
 
             # New mail is put in place message by message: under a steady stream
             # one EXISTS may announce dozens, and the first should not wait
@@ -802,15 +812,10 @@ class MailboxSync:
 
         def checked(arrived: Callable[[FetchedMessage], None]) -> Callable[[FetchedMessage], None]:
             def on_message(message: FetchedMessage) -> None:
-                status = worker.status if worker.selected == raw else None
-                if status is None:
-                    raise RuntimeError("the server sent messages before it answered EXAMINE")
-                if status.uidvalidity != uidvalidity:
-                    raise UidValidityChanged(uidvalidity, status.uidvalidity)
                 delivered.add(message.uid)
                 arrived(message)
 
-            return on_message
+            return _under_selection(worker, raw, uidvalidity, on_message)
 
         open_tmp = self._open_tmp if ahead else self.maildir.open_tmp
 

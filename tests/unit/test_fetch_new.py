@@ -153,3 +153,20 @@ def test_without_uidnext_the_message_count_is_the_hint(tmp_path: Path) -> None:
     assert sent(h.transport) == b"M3 UID FETCH 6:* (UID FLAGS RFC822.SIZE BODY.PEEK[])\r\n"
     h.client.dataReceived(fetch_response(2, 6, BODY, b"") + b"M3 OK done\r\n")
     assert result_of(d).fetched == 1
+
+
+def test_a_batch_behind_its_examine_records_nothing_under_a_new_uidvalidity(tmp_path: Path) -> None:
+    """A sync's fetch batch on a worker that did not list sends EXAMINE with the
+    FETCH behind it; bodies that arrive under another UIDVALIDITY name other
+    mail and must not be recorded (DESIGN invariant 3)."""
+    from mirrord.sync.mailbox import MailboxResult
+
+    h = Harness(tmp_path)
+    worker = h.pool._all[0]
+    d = run(h.sync._fetch_batch(worker, [6], 7, MailboxResult("acct", "INBOX")))
+    assert sent(h.transport) == b'M1 EXAMINE "INBOX"\r\nM2 UID FETCH 6 (UID FLAGS RFC822.SIZE BODY.PEEK[])\r\n'
+    h.client.dataReceived(examine_answer(b"M1", uidvalidity=99) + fetch_response(6, 6, BODY, b"") + b"M2 OK done\r\n")
+    with pytest.raises(UidValidityChanged):
+        result_of(d)
+    assert h.files() == [] and h.state.highest_uid("acct", "INBOX") == 5
+    assert h.state.pending("acct", "INBOX") == {}
