@@ -740,9 +740,10 @@ class MailboxSync:
                     after = self.maildir.set_flags(key, flags, before, sync=False)
                 except FileNotFoundError:
                     continue  # vanished since the scan: the next sync re-fetches it
-                if before is None or (after.subdir, after.filename) != (before.subdir, before.filename):
-                    touched.add(after.subdir)
-                    touched.add(before.subdir if before is not None else "new")
+                if before is None:
+                    touched.update(("new", "cur"))  # found by key: where it was is not known here
+                elif (after.subdir, after.filename) != (before.subdir, before.filename):
+                    touched.update((after.subdir, before.subdir))
                 changes[uid] = flags
             # One fsync per directory for all the renames, not one or two each;
             # then the rows, whose loss a later sync would repair (see set_flags).
