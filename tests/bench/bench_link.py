@@ -7,7 +7,7 @@ Usage (from the repository root, Dovecot and isync installed):
         [--tools mirrord,mbsync] [--modes plain,compress] [--no-sync] [--no-push]
         [--push-messages 40] [--push-baseline DIR] [--keep]
 
-This kernel has no ``netem``, so the link is :class:`mirrord.faultproxy.FaultProxy`
+This kernel has no ``netem``, so the link is :class:`mirrord.testing.faultproxy.FaultProxy`
 on loopback, started here: every byte either way is held ``rtt/2`` and the
 rate is capped at ``--mbit`` in each direction (a token bucket shared by all
 connections, as one link is shared). ``--rtt-ms 0 --mbit 0`` is plain loopback
@@ -72,7 +72,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_latency as latency  # noqa: E402
 import bench_sync as syncb  # noqa: E402
-from mirrord.faultproxy import FaultProxy  # noqa: E402
+from mirrord.testing.faultproxy import FaultProxy  # noqa: E402
 from mirrord.testing import ImapAccount, PrivateDovecot, make_message  # noqa: E402
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from mirrord.faultproxy import FaultProxy
+from mirrord.testing.faultproxy import FaultProxy
 from mirrord.testing import ImapAccount, make_message
 
 Handler = Callable[[socket.socket], None]

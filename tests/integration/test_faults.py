@@ -1,6 +1,6 @@
 """``mirrord run`` survives network and server faults without losing or duplicating a message.
 
-Each test puts a :class:`~mirrord.faultproxy.FaultProxy` between the daemon and
+Each test puts a :class:`~mirrord.testing.faultproxy.FaultProxy` between the daemon and
 Dovecot's plain port (or, for a server restart, stops and starts a private
 Dovecot), breaks the link at an exact point of the IMAP conversation, changes
 the mailbox through a client that talks to Dovecot directly, and waits for the
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from mirrord.faultproxy import FaultProxy
+from mirrord.testing.faultproxy import FaultProxy
 from mirrord.testing import ImapAccount, PrivateDovecot, make_message
 from tests.integration._mirrord import (
     DaemonProcess,

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 import mirrord.testing
+import mirrord.testing.dovecot
 from mirrord.testing import (
     DovecotError,
     DovecotMissing,
@@ -327,7 +328,7 @@ def test_stop_leaves_a_stranger_alone(tmp_path: Path) -> None:
 
 
 def test_missing_dovecot_says_how_to_install_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mirrord.testing, "DOVECOT", tmp_path / "no-such-dovecot")
+    monkeypatch.setattr(mirrord.testing.dovecot, "DOVECOT", tmp_path / "no-such-dovecot")
     with pytest.raises(DovecotMissing, match="apt-get install dovecot-imapd"):
         PrivateDovecot(tmp_path / "server").start()
 
