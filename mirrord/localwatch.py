@@ -1,0 +1,209 @@
+"""Noticing what mail readers do to the Maildir, as it happens.
+
+A two-way mirror has to hear about a reader's rename (a flag change), unlink
+(a deletion) or new file (a saved copy) within a second, and a daemon should
+not list thousands of files every second to find out. The kernel tells us:
+one inotify watch on each mirrored folder's ``new/`` and ``cur/``.
+
+This module only *notices*. What a change means is decided by comparing a
+scan of the folder with the state (the sync engine's job), so an event here
+carries no more than "look at this mailbox". That keeps it robust against
+what inotify cannot promise: a queue overflow, a rename whose two halves
+land in different reads, a directory removed and made again. Each of those
+simply asks for a look.
+
+Bursts are debounced: a reader that renames 200 files as you tag a thread
+gets one look, ``DEBOUNCE`` after the last event and never later than
+``MAX_WAIT`` after the first (a steady stream does not starve the server of
+changes). Files mirrord itself is about to create, rename or remove can be
+announced with :meth:`LocalChangeWatcher.ours`; their events are consumed
+without asking for a look. That is an economy, not a correctness need: a
+look after mirrord's own change finds nothing to do, because the mailbox's
+operations run one at a time and the state is current when the look runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.filepath import FilePath
+
+log = logging.getLogger("mirrord.localwatch")
+
+DEBOUNCE = 0.2
+"""Seconds of quiet after a reader's last change before the mailbox is looked at."""
+MAX_WAIT = 1.0
+"""A look happens at most this long after the first change of a burst, quiet or not."""
+OURS_TTL = 30.0
+"""How long an announced own change waits for its event before it is forgotten."""
+
+# inotify masks, as the kernel defines them (linux/inotify.h); repeated here
+# so that importing this module works where twisted.internet.inotify cannot.
+IN_CLOSE_WRITE = 0x00000008
+IN_MOVED_FROM = 0x00000040
+IN_MOVED_TO = 0x00000080
+IN_CREATE = 0x00000100
+IN_DELETE = 0x00000200
+IN_DELETE_SELF = 0x00000400
+IN_MOVE_SELF = 0x00000800
+IN_UNMOUNT = 0x00002000
+IN_Q_OVERFLOW = 0x00004000
+IN_IGNORED = 0x00008000
+IN_ISDIR = 0x40000000
+
+WATCH_MASK = (
+    IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF | IN_UNMOUNT
+)
+_GONE = IN_DELETE_SELF | IN_MOVE_SELF | IN_UNMOUNT | IN_IGNORED
+
+
+class Notifier(Protocol):
+    """The part of :class:`twisted.internet.inotify.INotify` we use (a fake in tests)."""
+
+    def watch(
+        self, path: FilePath[Any], mask: int = ..., autoAdd: bool = ..., callbacks: Any = ..., recursive: bool = ...
+    ) -> Any: ...
+
+    def ignore(self, path: FilePath[Any]) -> None: ...
+
+    def loseConnection(self) -> None: ...
+
+
+def default_notifier() -> Notifier | None:
+    """The kernel's inotify through Twisted, or None where there is none (not Linux)."""
+    try:
+        from twisted.internet import inotify
+
+        notifier = inotify.INotify()
+        notifier.startReading()
+        return notifier
+    except Exception as e:  # noqa: BLE001 - no inotify: the caller falls back to polling
+        log.warning("cannot watch the Maildir for local changes (%s); they are noticed at each sync", e)
+        return None
+
+
+class LocalChangeWatcher:
+    """Tells ``changed(mailbox)`` when a reader touched that mailbox's Maildir."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        changed: Callable[[str], None],
+        notifier: Notifier | None,
+        *,
+        debounce: float = DEBOUNCE,
+        max_wait: float = MAX_WAIT,
+    ) -> None:
+        self.clock = clock
+        self.changed = changed
+        self.notifier = notifier
+        self.debounce = debounce
+        self.max_wait = max_wait
+        self._dirs: dict[bytes, str] = {}
+        """Watched directory (as bytes, the way inotify names it) -> mailbox."""
+        self._by_mailbox: dict[str, list[FilePath[Any]]] = {}
+        self._timers: dict[str, IDelayedCall] = {}
+        self._first: dict[str, float] = {}
+        self._ours: dict[tuple[str, str], float] = {}
+        """(mailbox, file name) -> until when an event for it is ours to ignore."""
+
+    @property
+    def active(self) -> bool:
+        return self.notifier is not None
+
+    def watch(self, mailbox: str, path: Path) -> None:
+        """Watch ``path``'s ``new/`` and ``cur/`` on behalf of ``mailbox``."""
+        if self.notifier is None or mailbox in self._by_mailbox:
+            return
+        watched: list[FilePath[Any]] = []
+        for sub in ("new", "cur"):
+            fp = FilePath(str(path / sub)).asBytesMode()
+            try:
+                self.notifier.watch(fp, mask=WATCH_MASK, callbacks=[self._event])
+            except Exception as e:  # noqa: BLE001 - e.g. the per-user watch limit
+                log.warning("%s: cannot watch %s for local changes (%s); they are noticed at each sync",
+                            mailbox, fp.path.decode(errors="replace"), e)
+                continue
+            self._dirs[fp.path] = mailbox
+            watched.append(fp)
+        self._by_mailbox[mailbox] = watched
+
+    def unwatch(self, mailbox: str) -> None:
+        for fp in self._by_mailbox.pop(mailbox, []):
+            self._dirs.pop(fp.path, None)
+            if self.notifier is not None:
+                try:
+                    self.notifier.ignore(fp)
+                except KeyError:
+                    pass  # the kernel dropped the watch already (directory gone)
+        timer = self._timers.pop(mailbox, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._first.pop(mailbox, None)
+        self._ours = {k: v for k, v in self._ours.items() if k[0] != mailbox}
+
+    def stop(self) -> None:
+        for mailbox in list(self._by_mailbox):
+            self.unwatch(mailbox)
+        if self.notifier is not None:
+            self.notifier.loseConnection()
+            self.notifier = None
+
+    def ours(self, mailbox: str, filenames: Iterable[str]) -> None:
+        """mirrord is about to create, rename or remove these files of ``mailbox``."""
+        until = self.clock.seconds() + OURS_TTL
+        for name in filenames:
+            self._ours[(mailbox, name)] = until
+
+    # -- events ---------------------------------------------------------------
+
+    def _event(self, _watch: Any, path: FilePath[Any], mask: int) -> None:
+        if mask & IN_Q_OVERFLOW:
+            # Events were lost: every mailbox may have changed.
+            for mailbox in self._by_mailbox:
+                self._schedule(mailbox)
+            return
+        path_bytes = path.asBytesMode()
+        parent = path_bytes.parent().path
+        mailbox = self._dirs.get(path_bytes.path) if mask & _GONE else self._dirs.get(parent)
+        if mailbox is None:
+            return
+        if mask & _GONE:
+            # new/ or cur/ itself went away: the look finds out what that means
+            # (and the guard against a vanished folder applies there).
+            self._schedule(mailbox)
+            return
+        if mask & IN_ISDIR:
+            return
+        name = path_bytes.basename().decode("utf-8", "surrogateescape")
+        key = (mailbox, name)
+        until = self._ours.get(key)
+        if until is not None:
+            if until >= self.clock.seconds():
+                # One of ours: a rename reports both halves, each with its own name.
+                del self._ours[key]
+                return
+            del self._ours[key]
+        self._schedule(mailbox)
+
+    def _schedule(self, mailbox: str) -> None:
+        now = self.clock.seconds()
+        first = self._first.setdefault(mailbox, now)
+        when = min(now + self.debounce, first + self.max_wait)
+        timer = self._timers.get(mailbox)
+        if timer is not None and timer.active():
+            timer.reset(max(0.0, when - now))
+            return
+        self._timers[mailbox] = self.clock.callLater(max(0.0, when - now), self._fire, mailbox)
+
+    def _fire(self, mailbox: str) -> None:
+        self._timers.pop(mailbox, None)
+        self._first.pop(mailbox, None)
+        now = self.clock.seconds()
+        self._ours = {k: v for k, v in self._ours.items() if v >= now}
+        if mailbox in self._by_mailbox:
+            self.changed(mailbox)
