@@ -31,7 +31,7 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from mirrord.clockset import ClockSetAlarm
-from mirrord.flags import Flags
+from mirrord.flags import Flags, message_flags
 from mirrord.interfaces import MailboxEvents
 from mirrord.protocol._parser import Untagged, as_flags, as_int, fetch_items
 from mirrord.protocol.client import MirrordIMAP4Client, parse_uid_set
@@ -392,7 +392,7 @@ class IdleWatcher:
             items = fetch_items(response)
             if "FLAGS" not in items:
                 return
-            flags: Flags = as_flags(items["FLAGS"])
+            flags: Flags = message_flags(as_flags(items["FLAGS"]))
             uid = as_int(items["UID"], "UID") if "UID" in items else self.map.uid(response.number)
             if uid is None:
                 # A brand-new message; its fetch takes the flags it has then,
@@ -443,7 +443,7 @@ class IdleWatcher:
                 return
             if "UID" in items:
                 if build.announce:
-                    self.listener.flags_changed({as_int(items["UID"], "UID"): as_flags(items["FLAGS"])})
+                    self.listener.flags_changed({as_int(items["UID"], "UID"): message_flags(as_flags(items["FLAGS"]))})
             else:
                 build.flags_lost = True
         else:

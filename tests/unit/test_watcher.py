@@ -659,3 +659,12 @@ def test_uids_learned_across_an_expunge_are_asked_for_again() -> None:
     assert watcher.map.uids() == [20, 30, None, None]
     server.say(b"* 3 FETCH (UID 40 FLAGS ())", b"* 4 FETCH (UID 50 FLAGS ())", server.tag(again[0]) + b" OK")
     assert watcher.map.uids() == [20, 30, 40, 50]
+
+
+def test_idle_flag_events_carry_no_recent() -> None:
+    """``\\Recent`` is the session's, not the message's (issue #11 item 7)."""
+    server = Server()
+    server.start(uids=[10])
+    idle_tag(server)
+    server.say(b"+ idling", b"* 1 FETCH (FLAGS (\\Recent \\Seen))")
+    assert server.events.log[-1] == ("flags", {10: frozenset({"\\Seen"})})
