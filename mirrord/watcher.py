@@ -10,7 +10,10 @@ nobody has to guess which.
 Sequence numbers shift with every expunge; ``* 3 EXPUNGE`` only names a UID
 through a map of the mailbox that is kept current across EXISTS (new
 messages appended with UIDs still unknown, then learned) and EXPUNGE. With
-QRESYNC the server names expunged UIDs itself (VANISHED).
+QRESYNC the server names expunged UIDs itself (VANISHED). A (re-)EXAMINE
+voids the map the moment it is sent: until a UID listing known to be current
+stands in its place, no sequence number is translated at all (see
+``IdleWatcher._build_map``).
 
 :class:`WatcherService` keeps a watcher connected: reconnecting with
 exponential backoff and jitter, and telling the listener ``watching()``
@@ -258,7 +261,10 @@ class IdleWatcher:
         """
         old = self.map
         build = self._building = _MapBuild(announce=announce)
-        status = await self.client.examine(self.raw_name)
+        try:
+            status = await self.client.examine(self.raw_name)
+        finally:
+            self._building = None
         build.count = status.exists
         await self._build_map(build)
         if status.uidvalidity != self.uidvalidity:
