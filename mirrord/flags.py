@@ -2,8 +2,8 @@
 
 A Maildir file name carries message flags after ``:2,`` as single letters in
 ASCII order. Only the five IMAP system flags below have a letter; keywords
-(``$Forwarded``, ``Junk``, ...) and ``\\Recent`` have none and live only in the
-state DB. Comparing the *representable* part of two flag sets is how the engine
+(``$Forwarded``, ``Junk``, ...) have none and live only in the state DB.
+``\\Recent`` is not a message flag at all (see :func:`message_flags`). Comparing the *representable* part of two flag sets is how the engine
 decides whether a local file name must change.
 """
 
@@ -48,3 +48,19 @@ def representable(flags: Flags) -> Flags:
 
 def is_seen(flags: Flags) -> bool:
     return any(f.lower() == "\\seen" for f in flags)
+
+
+_SESSION_FLAGS = frozenset({"\\recent"})
+
+
+def message_flags(flags: Flags) -> Flags:
+    """The flags that belong to the message: ``flags`` without ``\\Recent``.
+
+    ``\\Recent`` (RFC 3501) says which *session* was first to see a message;
+    the next session sees it unset. Kept as a message flag it would turn a
+    restart into a flag change of every new message. Every flag list a
+    server sends about a message passes through here on its way in.
+    """
+    if not any(f.lower() in _SESSION_FLAGS for f in flags):
+        return flags  # the common case: the very same (cached, shared) set
+    return frozenset(f for f in flags if f.lower() not in _SESSION_FLAGS)

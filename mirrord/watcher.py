@@ -10,7 +10,10 @@ nobody has to guess which.
 Sequence numbers shift with every expunge; ``* 3 EXPUNGE`` only names a UID
 through a map of the mailbox that is kept current across EXISTS (new
 messages appended with UIDs still unknown, then learned) and EXPUNGE. With
-QRESYNC the server names expunged UIDs itself (VANISHED).
+QRESYNC the server names expunged UIDs itself (VANISHED). A (re-)EXAMINE
+voids the map the moment it is sent: until a UID listing known to be current
+stands in its place, no sequence number is translated at all (see
+``IdleWatcher._build_map``).
 
 :class:`WatcherService` keeps a watcher connected: reconnecting with
 exponential backoff and jitter, and telling the listener ``watching()``
@@ -31,7 +34,7 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from mirrord.clockset import ClockSetAlarm
-from mirrord.flags import Flags
+from mirrord.flags import Flags, message_flags
 from mirrord.interfaces import MailboxEvents
 from mirrord.protocol._parser import Untagged, as_flags, as_int, fetch_items
 from mirrord.protocol.client import MirrordIMAP4Client, parse_uid_set
@@ -95,6 +98,9 @@ class SequenceMap:
                 return i + 1
         return None
 
+    def uids(self) -> list[int | None]:
+        return list(self._uids)
+
     def learn(self, found: dict[int, int]) -> None:
         for seq, uid in found.items():
             if 1 <= seq <= len(self._uids):
@@ -153,6 +159,8 @@ class IdleWatcher:
         self._poll_wait: defer.Deferred[None] | None = None
         self._rebuild = False
         self._reexamine = False
+        self._building: _MapBuild | None = None
+        self._expunge_epoch = 0
         client.command_timeout = done_timeout
 
     @property
@@ -173,13 +181,8 @@ class IdleWatcher:
         client.on_unsolicited = self._event
         if "QRESYNC" in client.capabilities:
             await client.enable("QRESYNC")
-        status = await client.examine(self.raw_name)
-        self.uidvalidity = status.uidvalidity
-        uids = await client.uid_search(b"ALL") if status.exists else []
-        self.map = SequenceMap(uids)
-        if len(self.map) != status.exists:
-            # Something arrived or left between EXAMINE and SEARCH: learn it.
-            self.map = SequenceMap(await client.uid_search(b"ALL"))
+        # Nothing is announced yet: the full sync ``watching()`` starts covers it all.
+        await self._examine(announce=False)
         use_idle = "IDLE" in client.capabilities
         if not use_idle:
             log.warning("%s: server has no IDLE; polling every %g s", self.label, self.poll_interval)
@@ -243,11 +246,68 @@ class IdleWatcher:
         one forever. A new UIDVALIDITY shows it; the listener then syncs.
         """
         self._reexamine = False
-        status = await self.client.examine(self.raw_name)
-        self.map = SequenceMap(await self.client.uid_search(b"ALL") if status.exists else [])
+        await self._examine(announce=True)
+
+    async def _examine(self, *, announce: bool) -> None:
+        """(Re-)EXAMINE the mailbox and build its sequence map anew.
+
+        The old map is void from the moment EXAMINE is sent: the server
+        numbers its messages afresh, and what it dropped silently since is
+        gone from that numbering. Nothing that arrives until the new map
+        stands is translated through the old one (see :meth:`_build_map`).
+        With ``announce``, what the old and new maps disagree on reaches the
+        listener: a UID of the old map absent from the new complete listing
+        (same UIDVALIDITY) was expunged.
+        """
+        old = self.map
+        build = self._building = _MapBuild(announce=announce)
+        try:
+            status = await self.client.examine(self.raw_name)
+        finally:
+            self._building = None
+        build.count = status.exists
+        await self._build_map(build)
         if status.uidvalidity != self.uidvalidity:
+            known = self.uidvalidity is not None
             self.uidvalidity = status.uidvalidity
-            self.listener.resync_needed("the mailbox was recreated on the server (new UIDVALIDITY)")
+            if known:
+                self.listener.resync_needed("the mailbox was recreated on the server (new UIDVALIDITY)")
+            return
+        if not announce:
+            return
+        present = set(self.map.uids())
+        gone = sorted(uid for uid in old.uids() if uid is not None and uid not in present)
+        if gone:
+            self.listener.expunged(gone)
+        if build.expunges > len(gone):
+            self.listener.resync_needed("messages were expunged while the watcher re-read the mailbox")
+        elif build.flags_lost:
+            self.listener.resync_needed("flags changed while the watcher re-read the mailbox")
+
+    async def _build_map(self, build: _MapBuild) -> None:
+        """List the mailbox's UIDs until one listing is known to be current; install it.
+
+        A listing is current when no EXISTS, EXPUNGE or VANISHED arrived
+        while its UID SEARCH ran (RFC 3501 allows EXPUNGE during UID
+        commands) and it counts at least the messages the session was told
+        of. Until then ``self._building`` catches those responses, so none
+        is translated through a map the server has invalidated.
+        """
+        self._building = build
+        try:
+            for _ in range(MAP_ATTEMPTS):
+                build.changed = False
+                uids = await self.client.uid_search(b"ALL") if build.count != 0 else []
+                if build.changed or (build.count is not None and len(uids) < build.count):
+                    continue
+                self.map = SequenceMap(uids)
+                if build.count is not None and len(uids) > build.count and build.announce:
+                    # The listing saw mail whose EXISTS has not come (yet): fetch it now.
+                    self.listener.new_messages()
+                return
+        finally:
+            self._building = None
+        raise ProtocolError("the mailbox kept changing while the watcher listed it")
 
     def _end_idle(self) -> None:
         """Send DONE; a renewal still pending is moot and cancelled."""
@@ -267,10 +327,16 @@ class IdleWatcher:
             # A VANISHED named a message whose UID we had not learned yet:
             # which position it held is unknowable, so list the mailbox anew.
             self._rebuild = False
-            self.map = SequenceMap(await self.client.uid_search(b"ALL"))
+            # How many messages the session has is not known either.
+            await self._build_map(_MapBuild(announce=True))
             self.listener.new_messages()
         while (first := self.map.first_unknown()) is not None and not self._stopping:
-            self.map.learn(await self.client.fetch_uids(first))
+            epoch = self._expunge_epoch
+            found = await self.client.fetch_uids(first)
+            if self._expunge_epoch != epoch:
+                # Its sequence numbers are from before an expunge: ask again.
+                continue
+            self.map.learn(found)
             if self.map.first_unknown() == first:
                 raise ProtocolError(f"server gave no UID for message {first}")
 
@@ -300,6 +366,9 @@ class IdleWatcher:
             self.client.drop(f"lost track of sequence numbers: {e}")
 
     def _dispatch(self, response: Untagged) -> None:
+        if self._building is not None:
+            self._dispatch_building(self._building, response)
+            return
         kind = response.kind
         if kind == "EXISTS" and response.number is not None:
             if self.map.exists(response.number):
@@ -307,6 +376,7 @@ class IdleWatcher:
                 # Learn the new UIDs now, so a later EXPUNGE can be named.
                 self._end_idle()
         elif kind == "EXPUNGE" and response.number is not None:
+            self._expunge_epoch += 1
             uid = self.map.expunge(response.number)
             if uid is None:
                 self.listener.resync_needed("a message was expunged before its UID was known")
@@ -319,6 +389,7 @@ class IdleWatcher:
             if not data or not isinstance(data[0], bytes):
                 raise ProtocolError("malformed VANISHED response")
             uids = parse_uid_set(data[0])
+            self._expunge_epoch += 1
             if not self.map.vanished(uids) and not self.map.complete:
                 self._rebuild = True
                 self._end_idle()
@@ -327,7 +398,7 @@ class IdleWatcher:
             items = fetch_items(response)
             if "FLAGS" not in items:
                 return
-            flags: Flags = as_flags(items["FLAGS"])
+            flags: Flags = message_flags(as_flags(items["FLAGS"]))
             uid = as_int(items["UID"], "UID") if "UID" in items else self.map.uid(response.number)
             if uid is None:
                 # A brand-new message; its fetch takes the flags it has then,
@@ -335,10 +406,78 @@ class IdleWatcher:
                 self.listener.resync_needed("flags changed on a message whose UID is not known yet")
             else:
                 self.listener.flags_changed({uid: flags})
-        elif kind == "BYE":
+        else:
+            self._dispatch_plain(response)
+
+    def _dispatch_building(self, build: _MapBuild, response: Untagged) -> None:
+        """A response that came while no valid map exists: never translate its numbers.
+
+        EXISTS and expunges make the listing in flight suspect (it is
+        repeated); expunged sequence numbers are counted, for the old and
+        new maps' difference to account for; UIDs (VANISHED, FETCH with UID)
+        are passed on as they are.
+        """
+        kind = response.kind
+        if kind == "EXISTS" and response.number is not None:
+            build.changed = True
+            grew = build.count is not None and response.number > build.count
+            build.count = response.number
+            if grew and build.announce:
+                self.listener.new_messages()
+        elif kind == "EXPUNGE" and response.number is not None:
+            build.changed = True
+            build.expunges += 1
+            self._expunge_epoch += 1
+            if build.count is not None:
+                build.count = max(0, build.count - 1)
+        elif kind == "VANISHED":
+            data = response.data
+            if data and isinstance(data[0], list):  # (EARLIER): old news, handled by resync
+                return
+            if not data or not isinstance(data[0], bytes):
+                raise ProtocolError("malformed VANISHED response")
+            uids = parse_uid_set(data[0])
+            build.changed = True
+            self._expunge_epoch += 1
+            if build.count is not None:
+                build.count = max(0, build.count - len(uids))
+            if build.announce:
+                self.listener.expunged(sorted(uids))
+        elif kind == "FETCH" and response.number is not None:
+            items = fetch_items(response)
+            if "FLAGS" not in items:
+                return
+            if "UID" in items:
+                if build.announce:
+                    self.listener.flags_changed({as_int(items["UID"], "UID"): message_flags(as_flags(items["FLAGS"]))})
+            else:
+                build.flags_lost = True
+        else:
+            self._dispatch_plain(response)
+
+    def _dispatch_plain(self, response: Untagged) -> None:
+        kind = response.kind
+        if kind == "BYE":
             log.info("%s: server is closing the connection: %s", self.label, response.text)
         elif kind in ("OK", "NO", "BAD") and response.text:
             log.debug("%s: server says %s %s", self.label, kind, response.text)
+
+
+MAP_ATTEMPTS = 5
+"""UID listings tried while the mailbox keeps changing under them, before reconnecting."""
+
+
+class _MapBuild:
+    """What arrived while a sequence map was being built (and so could not be translated)."""
+
+    def __init__(self, *, announce: bool, count: int | None = None) -> None:
+        self.announce = announce
+        """Tell the listener (not before the first ``watching()``: its full sync covers it)."""
+        self.count = count
+        """The message count the session was last told; None where not known."""
+        self.changed = False
+        self.expunges = 0
+        self.flags_lost = False
 
 
 class ClockJumpDetector:

@@ -35,7 +35,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.mail.imap4 import IMAP4Client
 from twisted.python.failure import Failure
 
-from mirrord.flags import Flags
+from mirrord.flags import Flags, message_flags
 from mirrord.protocol._parser import (
     Continuation,
     LiteralSink,
@@ -762,7 +762,7 @@ class MirrordIMAP4Client(IMAP4Client):
             elif response.kind == "FETCH":
                 items = fetch_items(response)
                 if "UID" in items and "FLAGS" in items:
-                    changed[as_int(items["UID"], "UID")] = as_flags(items["FLAGS"])
+                    changed[as_int(items["UID"], "UID")] = message_flags(as_flags(items["FLAGS"]))
             name = code_name(response.code)
             if name in ("UIDVALIDITY", "UIDNEXT", "HIGHESTMODSEQ") and len(response.code or ()) >= 2:
                 value = as_int(response.code[1], name)  # type: ignore[index]
@@ -798,7 +798,7 @@ class MirrordIMAP4Client(IMAP4Client):
             items = fetch_items(response)
             if "UID" not in items or "FLAGS" not in items or "BODY[]" in items:
                 return False
-            changed[as_int(items["UID"], "UID")] = as_flags(items["FLAGS"])
+            changed[as_int(items["UID"], "UID")] = message_flags(as_flags(items["FLAGS"]))
             return True
 
         await self._run(
@@ -858,7 +858,7 @@ class MirrordIMAP4Client(IMAP4Client):
             try:
                 flags = flag_sets[tuple(raw)]
             except (KeyError, TypeError):
-                flags = as_flags(raw)
+                flags = message_flags(as_flags(raw))
                 flag_sets[tuple(raw)] = flags
             size = items.get("RFC822.SIZE")
             listing[as_int(items["UID"], "UID")] = ListingEntry(
@@ -885,7 +885,9 @@ class MirrordIMAP4Client(IMAP4Client):
             try:
                 flags = flag_sets[(flag_text,)]
             except KeyError:
-                flags = flag_sets[(flag_text,)] = frozenset(flag_text.decode("ascii", "replace").split())
+                flags = flag_sets[(flag_text,)] = message_flags(
+                    frozenset(flag_text.decode("ascii", "replace").split())
+                )
             listing[int(uid)] = ListingEntry(flags, int(size_text))
 
         def fast_run(data: bytes, pos: int) -> int:
@@ -1045,7 +1047,7 @@ class MirrordIMAP4Client(IMAP4Client):
             size = items.get("RFC822.SIZE")
             message = FetchedMessage(
                 uid=uid,
-                flags=as_flags(items.get("FLAGS", [])),
+                flags=message_flags(as_flags(items.get("FLAGS", []))),
                 size=as_int(size, "RFC822.SIZE") if size is not None else None,
                 body=body,
             )

@@ -168,7 +168,9 @@ def same_flags(a: Flags, b: Flags) -> bool:
 @functools.lru_cache(maxsize=4096)
 def _canonical(flags: Flags) -> Flags:
     # Cached: a mailbox has few distinct flag sets, compared once per message.
-    return frozenset(f.lower() if f.startswith("\\") else f for f in flags)
+    # ``\\Recent`` is a session's, not a message's: state rows written before
+    # it was stripped on the way in may still hold it (flags.message_flags).
+    return frozenset(f.lower() if f.startswith("\\") else f for f in flags) - {"\\recent"}
 
 
 representable = functools.lru_cache(maxsize=4096)(representable)

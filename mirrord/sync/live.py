@@ -7,6 +7,12 @@ one mailbox never overlap (two overlapping fetches could both deliver the
 same message). Local-only work (expunges, flag changes) goes first; then new
 mail; a full sync when the watcher (re)connected or asked for one.
 
+Expunges and flag changes wait a moment (``CHANGE_WINDOW``) before they are
+applied: a burst of them (a reader marking a thread read, a filter moving
+mail) then becomes one batch, one state transaction and one log line, not
+one of each per message. Any other operation starting meanwhile takes them
+along.
+
 Events are idempotent against the state: an expunge of a UID we do not have
 is nothing, a fetch starts above the highest UID we have. So applying them
 after an operation that already saw their effect is harmless, and the queue
@@ -33,6 +39,8 @@ log = logging.getLogger("mirrord.sync")
 RETRY_DELAY = 5.0
 """Seconds before the first retry of a failed operation; doubling up to RETRY_CAP."""
 RETRY_CAP = 300.0
+CHANGE_WINDOW = 0.1
+"""Seconds that expunges and flag changes are gathered before being applied together."""
 
 
 class LiveMailbox:
@@ -60,6 +68,7 @@ class LiveMailbox:
         self._flags: dict[int, Flags] = {}
         self._busy = False
         self._retry: Any = None
+        self._window: Any = None
         self._backoff = Backoff(first=RETRY_DELAY * 2, cap=RETRY_CAP)
         self._stopped = False
         self._idle_waiters: list[defer.Deferred[None]] = []
@@ -79,10 +88,19 @@ class LiveMailbox:
         self._expunged.update(uids)
         for uid in uids:
             self._flags.pop(uid, None)
-        self._kick()
+        self._gather()
 
     def flags_changed(self, changes: Mapping[int, Flags]) -> None:
         self._flags.update(changes)
+        self._gather()
+
+    def _gather(self) -> None:
+        """Apply local changes when the window that this one opens (or joined) closes."""
+        if self._window is None or not self._window.active():
+            self._window = self.clock.callLater(CHANGE_WINDOW, self._window_closed)
+
+    def _window_closed(self) -> None:
+        self._window = None
         self._kick()
 
     def resync_needed(self, reason: str) -> None:
@@ -122,6 +140,9 @@ class LiveMailbox:
         self._stopped = True
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
+        if self._window is not None and self._window.active():
+            # Not lost: the next start's full sync compares every flag.
+            self._window.cancel()
         return self.when_idle()
 
     def _want_full(self) -> None:

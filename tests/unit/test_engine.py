@@ -187,11 +187,11 @@ def test_keywords_compare_case_sensitively() -> None:
     assert plan == SyncPlan(set_flags={1: fs("junk")})
 
 
-def test_recent_lives_only_in_the_state_row() -> None:
+def test_recent_is_no_flag_change() -> None:
+    """``\\Recent`` is a session's (issue #11 item 7): its coming or going changes nothing."""
     local = snapshot(7, {1: ("a", fs("\\Recent", SEEN))}, {"a": fs(SEEN)})
     assert plan_sync(listing(7, {1: fs("\\Recent", SEEN)}), local).is_empty
-    plan = plan_sync(listing(7, {1: fs(SEEN)}), local)
-    assert plan == SyncPlan(set_flags={1: fs(SEEN)})
+    assert plan_sync(listing(7, {1: fs(SEEN)}), local).is_empty
 
 
 def test_set_flags_carries_the_servers_spelling() -> None:

@@ -7,7 +7,7 @@ from typing import Any
 from twisted.internet import defer, task
 
 from mirrord.flags import Flags
-from mirrord.sync.live import RETRY_DELAY, LiveMailbox
+from mirrord.sync.live import CHANGE_WINDOW, RETRY_DELAY, LiveMailbox
 from mirrord.sync.mailbox import MailboxResult
 
 
@@ -99,13 +99,43 @@ def test_events_during_a_fetch_wait_for_it() -> None:
 
 def test_synchronous_operations_do_not_wedge_the_queue() -> None:
     """Local changes finish without I/O; the queue must still take the next event."""
-    live, sync, _ = make()
+    live, sync, clock = make()
     live.flags_changed({1: frozenset()})
+    clock.advance(CHANGE_WINDOW)
     live.expunged([2])
+    clock.advance(CHANGE_WINDOW)
     live.flags_changed({3: frozenset()})
+    clock.advance(CHANGE_WINDOW)
     assert [op[0] for op in sync.ops] == ["changes", "changes", "changes"]
     live.new_messages()
     assert sync.ops[-1] == ("new",)
+
+
+def test_a_burst_of_flag_changes_and_expunges_is_applied_as_one_batch() -> None:
+    """Issue #11 item 15: ten events in a moment, one apply_changes and so one log line."""
+    live, sync, clock = make()
+    for uid in range(1, 11):
+        live.flags_changed({uid: frozenset({"\\Seen"})})
+        clock.advance(CHANGE_WINDOW / 20)
+    for uid in range(20, 30):
+        live.expunged([uid])
+    assert sync.ops == [], "the window is still open"
+    clock.advance(CHANGE_WINDOW)
+    assert sync.ops == [("changes", tuple(range(20, 30)), {uid: frozenset({"\\Seen"}) for uid in range(1, 11)})]
+    clock.advance(CHANGE_WINDOW * 10)
+    assert len(sync.ops) == 1
+    assert not live.busy
+
+
+def test_another_operation_takes_gathered_changes_along() -> None:
+    """Changes are never held back behind new mail: the fetch's queue applies them first."""
+    live, sync, clock = make()
+    live.flags_changed({1: frozenset()})
+    live.new_messages()
+    assert sync.ops == [("changes", (), {1: frozenset()}), ("new",)]
+    sync.release()
+    clock.advance(CHANGE_WINDOW)
+    assert len(sync.ops) == 2
 
 
 def test_expunge_cancels_a_pending_flag_change_of_the_same_uid() -> None:

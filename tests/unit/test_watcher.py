@@ -558,3 +558,113 @@ def test_watchers_that_started_idling_seconds_apart_renew_in_one_wakeup() -> Non
     assert 1_000_007.0 + 4 * 3 + RENEW - 60 < at <= 1_000_007.0 + RENEW, "early by less than the slack, never late"
     clock.advance(at - clock.seconds())
     assert all(s.sent() == [b"DONE"] for s in servers)
+
+
+def renew(server: Server) -> None:
+    """Let the IDLE renewal fire and answer its DONE, up to the re-EXAMINE."""
+    tag = idle_tag(server)
+    server.say(b"+ idling")
+    server.clock.advance(RENEW)
+    assert server.sent() == [b"DONE"]
+    server.say(tag + b" OK")
+
+
+def test_expunge_during_the_renewal_search_is_not_translated_through_the_old_map() -> None:
+    """Issue #11 item 2: no QRESYNC; between the re-EXAMINE and its UID SEARCH an EXPUNGE comes.
+
+    The server dropped UID 10 without a word (a new EXAMINE renumbers), so
+    in the new session 20 is number 1 and 30 number 2; ``* 2 EXPUNGE`` is
+    30. Through the old map (10, 20, 30) it would have named 20, which
+    still exists, and left 30.
+    """
+    server = Server()
+    watcher, _ = server.start(uids=[10, 20, 30])
+    renew(server)
+    examine = server.sent()
+    server.say(b"* 2 EXISTS", b"* OK [UIDVALIDITY 42] ok", server.tag(examine[-1]) + b" OK [READ-ONLY] done")
+    search = server.sent()
+    assert search[-1].endswith(b"UID SEARCH ALL")
+    # The listing was made before the expunge: it must be asked for again.
+    server.say(b"* 2 EXPUNGE", b"* SEARCH 20 30", server.tag(search[-1]) + b" OK")
+    assert ("expunged", (20,)) not in server.events.log, "20 still exists"
+    again = server.sent()
+    assert again[-1].endswith(b"UID SEARCH ALL"), again
+    server.say(b"* SEARCH 20", server.tag(again[-1]) + b" OK")
+    expunged = {uid for e in server.events.log if e[0] == "expunged" for uid in e[1]}
+    assert 20 not in expunged, server.events.log
+    assert expunged == {10, 30}
+    assert watcher.map.uids() == [20]
+    assert [e for e in server.events.log if e[0] == "resync"] == []
+    idle_tag(server)
+
+
+def test_expunge_of_a_message_unknown_to_both_maps_during_renewal_asks_for_resync() -> None:
+    server = Server()
+    watcher, _ = server.start(uids=[10, 20])
+    renew(server)
+    examine = server.sent()
+    # 30 came and went while the watcher was re-reading: neither map names it.
+    server.say(b"* 3 EXISTS", b"* OK [UIDVALIDITY 42] ok", server.tag(examine[-1]) + b" OK [READ-ONLY] done")
+    search = server.sent()
+    server.say(b"* 3 EXPUNGE", server.tag(search[-1]) + b" OK")  # no SEARCH line: suspect anyway
+    again = server.sent()
+    assert again[-1].endswith(b"UID SEARCH ALL"), again
+    server.say(b"* SEARCH 10 20", server.tag(again[-1]) + b" OK")
+    assert watcher.map.uids() == [10, 20]
+    assert not [e for e in server.events.log if e[0] == "expunged"]
+    assert server.events.log[-1][0] == "resync"
+
+
+def test_flag_change_by_number_during_renewal_is_not_translated_but_resynced() -> None:
+    server = Server()
+    watcher, _ = server.start(uids=[10, 20, 30])
+    renew(server)
+    examine = server.sent()
+    server.say(b"* 2 EXISTS", b"* OK [UIDVALIDITY 42] ok", server.tag(examine[-1]) + b" OK [READ-ONLY] done")
+    search = server.sent()
+    server.say(b"* 1 FETCH (FLAGS (\\Seen))", b"* SEARCH 20 30", server.tag(search[-1]) + b" OK")
+    assert not [e for e in server.events.log if e[0] == "flags"], "number 1 is 20 now, not 10"
+    assert ("expunged", (10,)) in server.events.log
+    assert server.events.log[-1][0] == "resync"
+
+
+def test_expunge_during_the_first_search_lists_again_instead_of_dropping() -> None:
+    server = Server()
+    watcher = server.watcher()
+    defer.Deferred.fromCoroutine(watcher.run())
+    server.sent()
+    server.say(b"* 3 EXISTS", b"* OK [UIDVALIDITY 42] ok", b"M1 OK [READ-ONLY] done")
+    assert server.sent() == [b"M2 UID SEARCH ALL"]
+    server.say(b"* 1 EXPUNGE", b"* SEARCH 1 2 3", b"M2 OK")
+    assert not server.aborted
+    assert server.sent() == [b"M3 UID SEARCH ALL"]
+    server.say(b"* SEARCH 2 3", b"M3 OK")
+    assert watcher.map.uids() == [2, 3]
+    assert server.events.log == [("watching",)]
+
+
+def test_uids_learned_across_an_expunge_are_asked_for_again() -> None:
+    """A FETCH's sequence numbers predate an EXPUNGE that came with it: not learned as they are."""
+    server = Server()
+    watcher, _ = server.start(uids=[10, 20, 30])
+    tag = idle_tag(server)
+    server.say(b"+ idling", b"* 5 EXISTS")
+    assert server.sent() == [b"DONE"]
+    server.say(tag + b" OK")
+    learn = server.sent()
+    assert learn[0].endswith(b"FETCH 4:* (UID FLAGS)")
+    server.say(b"* 4 FETCH (UID 40 FLAGS ())", b"* 1 EXPUNGE", server.tag(learn[0]) + b" OK")
+    again = server.sent()
+    assert again[0].endswith(b"FETCH 3:* (UID FLAGS)"), again
+    assert watcher.map.uids() == [20, 30, None, None]
+    server.say(b"* 3 FETCH (UID 40 FLAGS ())", b"* 4 FETCH (UID 50 FLAGS ())", server.tag(again[0]) + b" OK")
+    assert watcher.map.uids() == [20, 30, 40, 50]
+
+
+def test_idle_flag_events_carry_no_recent() -> None:
+    """``\\Recent`` is the session's, not the message's (issue #11 item 7)."""
+    server = Server()
+    server.start(uids=[10])
+    idle_tag(server)
+    server.say(b"+ idling", b"* 1 FETCH (FLAGS (\\Recent \\Seen))")
+    assert server.events.log[-1] == ("flags", {10: frozenset({"\\Seen"})})
