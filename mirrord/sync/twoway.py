@@ -142,6 +142,19 @@ class LocalFlags:
 
 
 @dataclass(frozen=True)
+class Adopt:
+    """Record the row (``uid``, ``key``, ``base``) and rename the file to carry ``flags``.
+
+    Nothing goes to the server: it has the message already, with its flags
+    (no base is known to merge against, so the server's win)."""
+
+    uid: int
+    key: str
+    flags: Flags
+    base: Flags
+
+
+@dataclass(frozen=True)
 class Rekey:
     """A reader renamed a file within the folder (mu): the row now names ``new_key``."""
 
@@ -210,6 +223,8 @@ class FolderPlan:
     policy ``flag``): the engine must not fetch them back."""
     held: tuple[str, ...] = ()
     """New files not acted on this round: their content came from a refused folder."""
+    adopt: tuple[Adopt, ...] = ()
+    """New files the server already holds in this folder under a UID no row names."""
     base: Mapping[int, Flags] = field(default_factory=dict)
     """UID -> the row's flags once the store/local actions above are done
     (rows whose agreed flags change; deleted rows under ``flag`` get ``\\Deleted``)."""
@@ -219,7 +234,8 @@ class FolderPlan:
     def is_empty(self) -> bool:
         return not (
             self.store or self.delete or self.append or self.local_flags or self.rekey
-            or self.remove_local or self.refetch or self.base
+            or self.remove_local or self.remove_files or self.forget or self.refetch or self.base
+            or self.adopt
         )
 
 
@@ -290,8 +306,12 @@ class _Seen:
     """Rows whose file is gone and which the server keeps (tombstones left out)."""
     gone_files: dict[str, list[int]] = field(default_factory=dict)
     """Rows whose file is gone and which the server expunged too."""
+    tombs: dict[str, list[int]] = field(default_factory=dict)
+    """Tombstones: absent on purpose; not deletions, but still a rename's or move's source."""
     fresh: dict[str, list[str]] = field(default_factory=dict)
     """Keys of files no row names."""
+    unknown: dict[str, list[int]] = field(default_factory=dict)
+    """Server UIDs no row names (new on the server, or our own APPEND/MOVE without a UID back)."""
 
 
 def _classify(folders: Mapping[str, Folder]) -> _Seen:
@@ -301,7 +321,9 @@ def _classify(folders: Mapping[str, Folder]) -> _Seen:
         files = folder.files
         vanished: list[int] = []
         gone_files: list[int] = []
-        seen.vanished[name], seen.gone_files[name] = vanished, gone_files
+        tombs: list[int] = []
+        seen.vanished[name], seen.gone_files[name], seen.tombs[name] = vanished, gone_files, tombs
+        seen.unknown[name] = sorted(uid for uid in folder.server if uid not in folder.rows)
         if files is None:
             vanished.extend(sorted(uid for uid in folder.rows if uid not in gone))
             seen.fresh[name] = []
@@ -312,29 +334,41 @@ def _classify(folders: Mapping[str, Folder]) -> _Seen:
                 continue
             if uid in gone:
                 gone_files.append(uid)
-            elif not _is_tombstone(row.flags, folder.server.get(uid, row.flags)):
-                # Tombstones are absent on purpose: neither a deletion nor a move's source.
+            elif _is_tombstone(row.flags, folder.server.get(uid, row.flags)):
+                tombs.append(uid)
+            else:
                 vanished.append(uid)
         keys = {row.key for row in folder.rows.values()}
         seen.fresh[name] = sorted(key for key in files if key not in keys)
     return seen
 
 
-def identity_request(folders: Mapping[str, Folder]) -> tuple[set[tuple[str, str]], set[tuple[str, int]]]:
-    """Which identities :func:`plan_round` needs: (folder, key) of new files, (folder, uid) of vanished rows.
+def identity_request(
+    folders: Mapping[str, Folder],
+) -> tuple[set[tuple[str, str]], set[tuple[str, int]], set[tuple[str, int]]]:
+    """Which identities :func:`plan_round` needs.
 
-    Both empty unless the round has new files *and* vanished rows, so the
-    common round (flags only) reads no file content at all. A vanished
+    Returns (folder, key) of new files, (folder, uid) of rows whose file is
+    gone, and (folder, uid) of server UIDs no row names. All empty unless the
+    round has new files, so the common round (flags only) reads no file
+    content at all. The third set matters: a new file whose content the
+    server already holds in that folder under a UID we do not know (another
+    client moved it there too; our own APPEND or MOVE that gave no UID back)
+    is adopted, never appended a second time. The identity must therefore be
+    one the server can give: Message-ID and RFC822.SIZE. A vanished
     row's file is gone: its identity comes from the state (a digest recorded
     at fetch) or the server (Message-ID and RFC822.SIZE); the new file's must
     be computed the same way (size with CRLF line ends, as the server counts).
     """
     seen = _classify(folders)
     new = {(name, key) for name, keys in seen.fresh.items() for key in keys}
-    gone = {(name, uid) for name in folders for uid in seen.vanished[name] + seen.gone_files[name]}
-    if not new or not gone:
-        return set(), set()
-    return new, gone
+    gone = {
+        (name, uid) for name in folders for uid in seen.vanished[name] + seen.gone_files[name] + seen.tombs[name]
+    }
+    unknown = {(name, uid) for name in folders for uid in seen.unknown[name]}
+    if not new:
+        return set(), set(), set()
+    return new, gone, unknown
 
 
 def _server_gone(folder: Folder) -> set[int]:
@@ -351,6 +385,7 @@ def plan_round(
     max_delete: float = 0.5,
     new_identity: Mapping[tuple[str, str], Hashable | None] | None = None,
     gone_identity: Mapping[tuple[str, int], Hashable | None] | None = None,
+    server_identity: Mapping[tuple[str, int], Hashable | None] | None = None,
 ) -> RoundPlan:
     """Decide one round of local changes for every folder of an account.
 
@@ -361,6 +396,7 @@ def plan_round(
     """
     new_identity = new_identity or {}
     gone_identity = gone_identity or {}
+    server_identity = server_identity or {}
     seen = _classify(folders)
     expunged, vanished, gone_files, fresh = seen.expunged, seen.vanished, seen.gone_files, seen.fresh
 
@@ -369,15 +405,27 @@ def plan_round(
     # expunged is paired only within its folder: its renamed file goes too.
     by_identity: dict[Hashable, list[tuple[str, int]]] = {}
     for name in sorted(vanished):
-        for uid in sorted(vanished[name] + gone_files[name]):
+        for uid in sorted(vanished[name] + gone_files[name] + seen.tombs[name]):
             ident = gone_identity.get((name, uid))
             if ident is not None:
                 by_identity.setdefault(ident, []).append((name, uid))
+    # The server already has it here under a UID we do not know: adopt.
+    adopted: dict[tuple[str, str], int] = {}
+    for name in sorted(fresh):
+        by_server: dict[Hashable, list[int]] = {}
+        for uid in seen.unknown[name]:
+            ident = server_identity.get((name, uid))
+            if ident is not None:
+                by_server.setdefault(ident, []).append(uid)
+        for key in fresh[name]:
+            ident = new_identity.get((name, key))
+            if ident is not None and by_server.get(ident):
+                adopted[(name, key)] = by_server[ident].pop(0)
     paired: dict[tuple[str, str], tuple[str, int]] = {}
     for same_folder in (True, False):
         for name in sorted(fresh):
             for key in fresh[name]:
-                if (name, key) in paired:
+                if (name, key) in paired or (name, key) in adopted:
                     continue
                 ident = new_identity.get((name, key))
                 candidates = by_identity.get(ident) if ident is not None else None
@@ -442,7 +490,7 @@ def plan_round(
                         plan["rekey"].append(Rekey(uid, row.key, key))
                         _apply_merge(plan, uid, key, files[key].flags, row.flags, server)
                     continue  # a move: decided with its target below
-                if _is_tombstone(row.flags, server):
+                if policy != "keep" and _is_tombstone(row.flags, server):
                     (plan["delete"] if policy == "expunge" else plan["tombstones"]).append(uid)
                 elif policy == "keep":
                     plan["refetch"].append(uid)
@@ -467,8 +515,13 @@ def plan_round(
             _apply_merge(plan, uid, row.key, lf.flags, row.flags, server)
 
         for key in fresh[name]:
-            src = paired.get((name, key))
             lf = files[key]
+            if (name, key) in adopted:
+                uid = adopted[(name, key)]
+                server = folder.server[uid]
+                plan["adopt"].append(Adopt(uid, key, representable_part(server), server_only_part(server) | representable_part(server)))
+                continue
+            src = paired.get((name, key))
             if src is None:
                 plan["append"].append(Append(key, lf.flags))
                 continue
@@ -502,6 +555,7 @@ def plan_round(
             refetch=tuple(p["refetch"]),
             tombstones=tuple(p["tombstones"]),
             held=tuple(p["held"]),
+            adopt=tuple(p["adopt"]),
             base=p["base"],
             conflicts=tuple(p["conflicts"]),
         )
@@ -511,7 +565,7 @@ def plan_round(
 def _empty() -> dict[str, Any]:
     lists = (
         "store", "delete", "append", "local_flags", "rekey", "remove_local", "remove_files",
-        "forget", "refetch", "tombstones", "held", "conflicts",
+        "forget", "refetch", "tombstones", "held", "conflicts", "adopt",
     )
     return {k: [] for k in lists} | {"base": {}}
 

