@@ -1178,6 +1178,33 @@ class MirrordIMAP4Client(IMAP4Client):
     # -- writes (two-way mirror, issue #12) ----------------------------------------
 
     @_drops_on_malformed
+    async def select(self, raw_name: bytes) -> MailboxStatus:
+        """SELECT a mailbox read-write, for the write commands below.
+
+        Raises CommandFailed when the server opens it read-only: every
+        write would then fail one by one.
+        """
+        result = await self._run(self._simple("SELECT", quote(raw_name), wants=["OK", "EXISTS", "RECENT", "FLAGS"], barrier=True))
+        if code_name(result.tagged.code) == "READ-ONLY":
+            raise CommandFailed("SELECT", "OK", "the server opened the mailbox read-only")
+        exists, uidvalidity, uidnext, modseq = 0, None, None, None
+        for response in result.untagged:
+            if response.kind == "EXISTS" and response.number is not None:
+                exists = response.number
+            name = code_name(response.code)
+            if name in ("UIDVALIDITY", "UIDNEXT", "HIGHESTMODSEQ") and len(response.code or ()) >= 2:
+                value = as_int(response.code[1], name)  # type: ignore[index]
+                if name == "UIDVALIDITY":
+                    uidvalidity = value
+                elif name == "UIDNEXT":
+                    uidnext = value
+                else:
+                    modseq = value
+        if uidvalidity is None:
+            raise ProtocolError("SELECT gave no UIDVALIDITY")
+        return MailboxStatus(exists, uidvalidity, uidnext, modseq)
+
+    @_drops_on_malformed
     async def uid_store(
         self, uids: Iterable[int], add: Iterable[str] = (), remove: Iterable[str] = (),
         unchanged_since: int | None = None,
@@ -1189,19 +1216,36 @@ class MirrordIMAP4Client(IMAP4Client):
         overwritten blindly; without CONDSTORE the store is unconditional.
         Flags are validated: nothing but one atom each reaches the wire.
         """
-        spec = uid_set(uids)
+        targets = sorted(set(uids))
+        uid_set(targets)  # refuses an empty set before anything is sent
+        conditional = unchanged_since is not None and "CONDSTORE" in self.capabilities
         modified: set[int] = set()
+        # RFC 7162 allows no +FLAGS and -FLAGS in one STORE. The first STORE
+        # gives each message it changed a new modseq (told in its FETCH
+        # responses); the second must be conditional on that one, or it would
+        # refuse every message the first changed.
+        since: dict[int, int] = {uid: unchanged_since or 0 for uid in targets}
         for sign, flags in ((b"+", add), (b"-", remove)):
             wire = flag_list(flags)
             if wire is None:
                 continue
-            args = spec
-            if unchanged_since is not None and "CONDSTORE" in self.capabilities:
-                args += b" (UNCHANGEDSINCE %d)" % unchanged_since
-            args += b" " + sign + b"FLAGS.SILENT " + wire
-            result = await self._run(self._simple("UID STORE", args, wants=["FETCH"]))
-            if code_name(result.tagged.code) == "MODIFIED" and len(result.tagged.code or ()) >= 2:
-                modified |= parse_uid_set(result.tagged.code[1])  # type: ignore[index]
+            groups: dict[int, list[int]] = {}
+            for uid in targets:
+                if uid not in modified:
+                    groups.setdefault(since[uid] if conditional else 0, []).append(uid)
+            for modseq, group in sorted(groups.items()):
+                args = uid_set(group)
+                if conditional:
+                    args += b" (UNCHANGEDSINCE %d)" % modseq
+                args += b" " + sign + b"FLAGS.SILENT " + wire
+                result = await self._run(self._simple("UID STORE", args, wants=["FETCH"]))
+                if code_name(result.tagged.code) == "MODIFIED" and len(result.tagged.code or ()) >= 2:
+                    modified |= parse_uid_set(result.tagged.code[1]) & set(group)  # type: ignore[index]
+                for response in result.untagged:
+                    items = fetch_items(response)
+                    value = items.get("MODSEQ")
+                    if "UID" in items and isinstance(value, list) and value:
+                        since[as_int(items["UID"], "UID")] = as_int(value[0], "MODSEQ")
         return modified
 
     async def uid_expunge(self, uids: Iterable[int]) -> None:
@@ -1215,12 +1259,18 @@ class MirrordIMAP4Client(IMAP4Client):
         await self._run(self._simple("UID EXPUNGE", uid_set(uids)))
 
     async def create(self, raw_mailbox: bytes) -> bool:
-        """CREATE; False when it already exists (``[ALREADYEXISTS]``), so it is safe to repeat."""
+        """CREATE; False when the mailbox already exists, so it is safe to repeat.
+
+        A refusal is checked with LIST rather than read from the response
+        code: ``[ALREADYEXISTS]`` (RFC 5530) is not sent by every server.
+        """
         try:
             await self._run(self._simple("CREATE", quote(raw_mailbox)))
         except CommandFailed as e:
-            if e.status == "NO" and "ALREADYEXISTS" in e.text.upper():
-                return False
+            if e.status == "NO":
+                found = await self._run(self._simple("LIST", b'"" ' + quote(raw_mailbox), wants=["LIST"]))
+                if found.untagged:
+                    return False
             raise
         return True
 

@@ -74,3 +74,17 @@ def test_move_returns_the_copyuid_mapping_of_the_untagged_ok() -> None:
 def test_copyuid_pairs_in_order() -> None:
     assert copyuid_map([b"COPYUID", b"1", b"3:5,9", b"20:23"]) == {3: 20, 4: 21, 5: 22, 9: 23}
     assert copyuid_map(None) is None
+
+
+def test_remove_after_add_is_conditional_on_the_modseq_the_add_gave() -> None:
+    """+FLAGS and -FLAGS are two STOREs: the second must not refuse what the first changed."""
+    client, transport, _ = connected(b"* OK [CAPABILITY IMAP4rev1 CONDSTORE] hi\r\n")
+    sent(transport)
+    d = run(client.uid_store([1, 2], add=["\\Seen"], remove=["\\Flagged"], unchanged_since=5))
+    assert sent(transport) == b"M1 UID STORE 1:2 (UNCHANGEDSINCE 5) +FLAGS.SILENT (\\Seen)\r\n"
+    client.dataReceived(b"* 1 FETCH (UID 1 MODSEQ (9))\r\nM1 OK done\r\n")
+    assert sent(transport) == b"M2 UID STORE 2 (UNCHANGEDSINCE 5) -FLAGS.SILENT (\\Flagged)\r\n"
+    client.dataReceived(b"M2 OK done\r\n")
+    assert sent(transport) == b"M3 UID STORE 1 (UNCHANGEDSINCE 9) -FLAGS.SILENT (\\Flagged)\r\n"
+    client.dataReceived(b"M3 OK done\r\n")
+    assert result_of(d) == set()
