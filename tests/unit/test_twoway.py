@@ -678,3 +678,10 @@ def test_server_move_racing_a_local_move_ends_in_one_place() -> None:
     for _ in range(3):
         m.sync()
     m.check_converged()
+
+
+def test_a_renamed_file_with_deleted_flag_is_a_rename_not_a_new_message() -> None:
+    """Found by the model: a T-flagged file looked like a tombstone once renamed, and was uploaded again."""
+    folder = Folder({1: row(1, "old", DELETED)}, {"new": lf("new", "T")}, {1: fs(DELETED)}, complete=True)
+    p = plan_round({"A": folder}, policy="flag", new_identity={("A", "new"): "x"}, gone_identity={("A", 1): "x"}).folders["A"]
+    assert p.rekey == (Rekey(1, "old", "new"),) and p.append == () and p.tombstones == ()
