@@ -23,6 +23,7 @@ import contextlib
 import functools
 import math
 import logging
+import os
 import re
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
@@ -51,7 +52,7 @@ from mirrord.protocol._parser import (
     fetch_items,
 )
 from mirrord.protocol.compress import DeflateStream
-from mirrord.protocol.errors import CommandFailed
+from mirrord.protocol.errors import CommandFailed, MissingCapability
 from mirrord.protocol.mutf7 import decode_mailbox_name
 
 log = logging.getLogger("mirrord.protocol")
@@ -253,6 +254,49 @@ def parse_uid_set(text: bytes) -> set[int]:
             raise ProtocolError(f"absurd UID range {part[:40]!r}")
         uids.update(range(min(a, b), max(a, b) + 1))
     return uids
+
+
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+_FLAG = re.compile(r"\\?[!#$&'+\-./0-9:;<=>?@A-Z^_`a-z|~]+\Z")
+
+
+def flag_list(flags: Iterable[str]) -> bytes | None:
+    """``(\\Seen $Junk)`` for a STORE or APPEND; None for no flags.
+
+    Each flag must be one atom (an optional leading backslash): a space,
+    parenthesis, quote, CR or LF in a flag could smuggle another command.
+    ``\\Recent`` cannot be set by a client.
+    """
+    out = sorted(set(flags))
+    for flag in out:
+        if not _FLAG.match(flag) or flag.lower() == "\\recent" or flag.count("\\") > 1:
+            raise ValueError(f"not a flag a client may set: {flag!r}")
+    return ("(" + " ".join(out) + ")").encode("ascii") if out else None
+
+
+def copyuid_map(code: list[Any] | None) -> dict[int, int] | None:
+    """``[COPYUID v 3:5,9 20:23]`` -> {3: 20, 4: 21, 5: 22, 9: 23}; None when there is none."""
+    if code_name(code) != "COPYUID" or code is None or len(code) < 4:
+        return None
+    source = _ordered_uids(code[2])
+    target = _ordered_uids(code[3])
+    if len(source) != len(target):
+        raise ProtocolError("COPYUID with sets of different sizes")
+    return dict(zip(source, target))
+
+
+def _ordered_uids(token: Any) -> list[int]:
+    if not isinstance(token, bytes):
+        raise ProtocolError("malformed COPYUID")
+    out: list[int] = []
+    for part in token.split(b","):
+        first, _, last = part.partition(b":")
+        a = as_int(first, "UID")
+        b = as_int(last, "UID") if last else a
+        if abs(b - a) > 10_000_000:
+            raise ProtocolError("absurd COPYUID range")
+        out.extend(range(min(a, b), max(a, b) + 1))
+    return out
 
 
 def _tcp_handle(transport: Any) -> Any:
@@ -1131,6 +1175,174 @@ class MirrordIMAP4Client(IMAP4Client):
     def _close_transport(self) -> None:
         if self.transport is not None and not self.connected_transport_lost:
             self.transport.abortConnection()
+
+
+    # -- writes (two-way mirror, issue #12) ----------------------------------------
+
+    @_drops_on_malformed
+    async def select(self, raw_name: bytes) -> MailboxStatus:
+        """SELECT a mailbox read-write, for the write commands below.
+
+        Raises CommandFailed when the server opens it read-only: every
+        write would then fail one by one.
+        """
+        result = await self._run(self._simple("SELECT", quote(raw_name), wants=["OK", "EXISTS", "RECENT", "FLAGS"], barrier=True))
+        if code_name(result.tagged.code) == "READ-ONLY":
+            raise CommandFailed("SELECT", "OK", "the server opened the mailbox read-only")
+        exists, uidvalidity, uidnext, modseq = 0, None, None, None
+        for response in result.untagged:
+            if response.kind == "EXISTS" and response.number is not None:
+                exists = response.number
+            name = code_name(response.code)
+            if name in ("UIDVALIDITY", "UIDNEXT", "HIGHESTMODSEQ") and len(response.code or ()) >= 2:
+                value = as_int(response.code[1], name)  # type: ignore[index]
+                if name == "UIDVALIDITY":
+                    uidvalidity = value
+                elif name == "UIDNEXT":
+                    uidnext = value
+                else:
+                    modseq = value
+        if uidvalidity is None:
+            raise ProtocolError("SELECT gave no UIDVALIDITY")
+        return MailboxStatus(exists, uidvalidity, uidnext, modseq)
+
+    @_drops_on_malformed
+    async def uid_store(
+        self, uids: Iterable[int], add: Iterable[str] = (), remove: Iterable[str] = (),
+        unchanged_since: int | None = None,
+    ) -> set[int]:
+        """``UID STORE ... +FLAGS.SILENT`` / ``-FLAGS.SILENT``; returns the UIDs refused as MODIFIED.
+
+        ``unchanged_since`` adds ``(UNCHANGEDSINCE n)`` (RFC 7162) when the
+        server offers CONDSTORE, so a concurrent change on the server is never
+        overwritten blindly; without CONDSTORE the store is unconditional.
+        Flags are validated: nothing but one atom each reaches the wire.
+        """
+        targets = sorted(set(uids))
+        uid_set(targets)  # refuses an empty set before anything is sent
+        conditional = unchanged_since is not None and "CONDSTORE" in self.capabilities
+        modified: set[int] = set()
+        # RFC 7162 allows no +FLAGS and -FLAGS in one STORE. The first STORE
+        # gives each message it changed a new modseq (told in its FETCH
+        # responses); the second must be conditional on that one, or it would
+        # refuse every message the first changed.
+        since: dict[int, int] = {uid: unchanged_since or 0 for uid in targets}
+        for sign, flags in ((b"+", add), (b"-", remove)):
+            wire = flag_list(flags)
+            if wire is None:
+                continue
+            groups: dict[int, list[int]] = {}
+            for uid in targets:
+                if uid not in modified:
+                    groups.setdefault(since[uid] if conditional else 0, []).append(uid)
+            for modseq, group in sorted(groups.items()):
+                args = uid_set(group)
+                if conditional:
+                    args += b" (UNCHANGEDSINCE %d)" % modseq
+                args += b" " + sign + b"FLAGS.SILENT " + wire
+                result = await self._run(self._simple("UID STORE", args, wants=["FETCH"]))
+                if code_name(result.tagged.code) == "MODIFIED" and len(result.tagged.code or ()) >= 2:
+                    modified |= parse_uid_set(result.tagged.code[1]) & set(group)  # type: ignore[index]
+                for response in result.untagged:
+                    items = fetch_items(response)
+                    value = items.get("MODSEQ")
+                    if "UID" in items and isinstance(value, list) and value:
+                        since[as_int(items["UID"], "UID")] = as_int(value[0], "MODSEQ")
+        return modified
+
+    async def uid_expunge(self, uids: Iterable[int]) -> None:
+        """``UID EXPUNGE`` (RFC 4315) of exactly these UIDs; never a plain EXPUNGE.
+
+        Raises MissingCapability without UIDPLUS: a plain EXPUNGE would also
+        remove what other clients marked ``\\Deleted``.
+        """
+        if "UIDPLUS" not in self.capabilities:
+            raise MissingCapability("UID EXPUNGE needs UIDPLUS; the messages stay marked \\Deleted")
+        await self._run(self._simple("UID EXPUNGE", uid_set(uids)))
+
+    async def create(self, raw_mailbox: bytes) -> bool:
+        """CREATE; False when the mailbox already exists, so it is safe to repeat.
+
+        A refusal is checked with LIST rather than read from the response
+        code: ``[ALREADYEXISTS]`` (RFC 5530) is not sent by every server.
+        """
+        try:
+            await self._run(self._simple("CREATE", quote(raw_mailbox)))
+        except CommandFailed as e:
+            if e.status == "NO":
+                found = await self._run(self._simple("LIST", b'"" ' + quote(raw_mailbox), wants=["LIST"]))
+                if found.untagged:
+                    return False
+            raise
+        return True
+
+    @_drops_on_malformed
+    async def uid_copy(self, uids: Iterable[int], raw_target: bytes) -> dict[int, int] | None:
+        """``UID COPY``; source UID -> target UID from ``[COPYUID]`` (None when not offered)."""
+        result = await self._run(self._simple("UID COPY", uid_set(uids) + b" " + quote(raw_target)))
+        return copyuid_map(result.tagged.code)
+
+    @_drops_on_malformed
+    async def uid_move(self, uids: Iterable[int], raw_target: bytes) -> dict[int, int] | None:
+        """``UID MOVE`` (RFC 6851); COPYUID mapping as :meth:`uid_copy`.
+
+        Without MOVE: ``UID COPY``, ``\\Deleted``, ``UID EXPUNGE`` of exactly
+        those UIDs; without UIDPLUS too, the originals stay marked
+        ``\\Deleted`` (never a plain EXPUNGE).
+        """
+        uids = sorted(set(uids))
+        if "MOVE" not in self.capabilities:
+            mapping = await self.uid_copy(uids, raw_target)
+            await self.uid_store(uids, add=["\\Deleted"])
+            if "UIDPLUS" in self.capabilities:
+                await self.uid_expunge(uids)
+            return mapping
+        found: list[dict[int, int] | None] = []
+
+        def claim(response: Untagged) -> bool:
+            if response.kind == "OK" and code_name(response.code) == "COPYUID":
+                found.append(copyuid_map(response.code))
+                return True
+            return False
+
+        result = await self._run(self._simple("UID MOVE", uid_set(uids) + b" " + quote(raw_target), claim=claim))
+        return found[0] if found else copyuid_map(result.tagged.code)
+
+    @_drops_on_malformed
+    async def append(
+        self, raw_mailbox: bytes, body: bytes | str | os.PathLike[str], flags: Iterable[str] = (),
+        internal_date: str | None = None,
+    ) -> tuple[int, int] | None:
+        """APPEND a message; (UIDVALIDITY, UID) from ``[APPENDUID]`` when offered, else None.
+
+        A Maildir file has LF line ends: bare LFs are sent as CRLF. The
+        literal is synchronizing unless LITERAL+ is offered (Courier drops
+        the connection on ``{n+}``); the literal and its closing CRLF go in
+        one write. The body is held in memory (streaming is not done yet).
+        The caller checks the UIDVALIDITY against its rows'.
+        """
+        if not isinstance(body, bytes):
+            with open(body, "rb") as f:
+                body = f.read()
+        data = _BARE_LF.sub(b"\r\n", body)
+        args = quote(raw_mailbox)
+        wire = flag_list(flags)
+        if wire is not None:
+            args += b" " + wire
+        if internal_date is not None:
+            args += b" " + quote(internal_date)
+        name = b"APPEND " + args
+        plus = "LITERAL+" in self.capabilities or ("LITERAL-" in self.capabilities and len(data) <= 4096)
+        if plus:
+            parts = [name + b" {%d+}\r\n" % len(data) + data]
+        else:
+            parts = [name + b" {%d}" % len(data), data]
+        command = _Command("APPEND", parts, name.decode("utf-8", "replace") + " {%d} <message>" % len(data))
+        result = await self._run(command)
+        code = result.tagged.code
+        if code_name(code) == "APPENDUID" and code is not None and len(code) >= 3:
+            return as_int(code[1], "UIDVALIDITY"), as_int(code[2], "UID")
+        return None
 
 
 class IdleSession:
