@@ -404,6 +404,7 @@ class Trash:
         self.root = Path(root)
         self.days = days
         self.legacy = Path(legacy) if legacy is not None and Path(legacy) != Path(root) else None
+        self._made = False
 
     def put(self, path: Path) -> None:
         """Move ``path`` into the trash (or unlink it, with a trash of 0 days)."""
@@ -411,6 +412,9 @@ class Trash:
             os.unlink(path)
             return
         make_private_dirs(self.root)
+        if not self._made:
+            _tighten(self.root)
+            self._made = True
         target = self.root / f"{int(time.time())}-{path.name}"
         try:
             os.rename(path, target)
@@ -456,6 +460,20 @@ class Trash:
         except OSError as e:
             log.warning("trash %s: cannot read it: %s", root, e)
         return gone
+
+
+def _tighten(root: Path) -> None:
+    """Make a trash and its two parents (``<kind>/<account>``) 0700 if an older version left them open.
+
+    Those directories are ours (the state dir's own mode is left to whoever
+    made it); their names are mailbox names, which other users must not read.
+    """
+    for d in (root.parent.parent, root.parent, root):
+        try:
+            if stat.S_IMODE(os.stat(d).st_mode) & 0o077:
+                os.chmod(d, DIR_MODE)
+        except OSError as e:
+            log.warning("trash %s: cannot make it private: %s", d, e)
 
 
 def trash_dir(state_dir: Path, kind: str, account: str, local_name: str) -> Path:

@@ -195,3 +195,24 @@ def test_unique_names_are_stable_and_keep_the_exact_spelling() -> None:
     assert got["a\\x1bb"] == "a\\x1bb"  # the folder really called that keeps its name
     assert got["a\x1bb"] != "a\\x1bb"
     assert got == unique_local_names(reversed(pairs))
+
+
+def test_trash_left_open_by_an_older_version_is_made_private(tmp_path: Path, umask022: None) -> None:
+    state = tmp_path / "state"
+    old = state / "trash" / "acct" / "INBOX"
+    old.mkdir(parents=True)  # 0755 each, as before the fix
+    src = tmp_path / "m"
+    src.write_bytes(b"x")
+    trash_for(state, "trash", "acct", "INBOX", 30).put(src)
+    for d in (state / "trash", state / "trash" / "acct", old):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+
+
+def test_account_lock_dir_and_missing_state_dir_are_private(tmp_path: Path, umask022: None) -> None:
+    from mirrord.service import AccountLock
+
+    state = tmp_path / "new" / "state"
+    lock = AccountLock(state, "acct")
+    assert lock.acquire()
+    for d in (tmp_path / "new", state, state / "locks"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
