@@ -214,5 +214,6 @@ def test_account_lock_dir_and_missing_state_dir_are_private(tmp_path: Path, umas
     state = tmp_path / "new" / "state"
     lock = AccountLock(state, "acct")
     assert lock.acquire()
+    lock.release()
     for d in (tmp_path / "new", state, state / "locks"):
         assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
