@@ -217,3 +217,20 @@ def test_account_lock_dir_and_missing_state_dir_are_private(tmp_path: Path, umas
     lock.release()
     for d in (tmp_path / "new", state, state / "locks"):
         assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+
+
+def test_mailbox_sync_uses_flat_trash_dirs(tmp_path: Path) -> None:
+    """What the sync builds for Archive and Archive/2024: siblings, never parent and child."""
+    from mirrord.store.state import StateDB
+    from mirrord.sync.mailbox import MailboxSync
+
+    account = SimpleNamespace(name="acct", maildir=tmp_path / "mail", max_delete=0.5, trash_days=30)
+    with StateDB(tmp_path / "state" / "state.sqlite3") as state:
+        syncs = [
+            MailboxSync.for_account(account, ListEntry(n.encode(), n, "/", frozenset()), n, state, None)  # type: ignore[arg-type]
+            for n in ("Archive", "Archive/2024")
+        ]
+    roots = [s.trash.root for s in syncs] + [s.set_aside.root for s in syncs]  # type: ignore[union-attr]
+    for a in roots:
+        for b in roots:
+            assert a == b or a not in b.parents
