@@ -488,9 +488,8 @@ def trash_dir(state_dir: Path, kind: str, account: str, local_name: str) -> Path
 
 def trash_for(state_dir: Path, kind: str, account: str, local_name: str, days: float) -> Trash:
     """The :class:`Trash` of one mailbox, which also expires its old nested layout."""
-    legacy: Path | None = None
-    if "/" in local_name:
-        legacy = Path(state_dir) / kind / account / local_name
+    # Older versions nested the name as is; a Trash ignores a legacy dir equal to its own.
+    legacy = Path(state_dir) / kind / account / local_name
     return Trash(trash_dir(state_dir, kind, account, local_name), days, legacy)
 
 
