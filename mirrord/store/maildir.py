@@ -34,7 +34,7 @@ from types import TracebackType
 
 from mirrord._fs import make_private_dirs
 from mirrord.flags import Flags, flags_from_info, is_seen, maildir_info
-from mirrord.sync.names import flat_name, visible
+from mirrord.sync.names import NAME_MAX, flat_name, visible
 
 log = logging.getLogger("mirrord.store")
 
@@ -489,7 +489,9 @@ def trash_dir(state_dir: Path, kind: str, account: str, local_name: str) -> Path
 def trash_for(state_dir: Path, kind: str, account: str, local_name: str, days: float) -> Trash:
     """The :class:`Trash` of one mailbox, which also expires its old nested layout."""
     # Older versions nested the name as is; a Trash ignores a legacy dir equal to its own.
-    legacy = Path(state_dir) / kind / account / local_name
+    legacy: Path | None = Path(state_dir) / kind / account / local_name
+    if any(len(part.encode("utf-8", "surrogatepass")) > NAME_MAX for part in (account, *local_name.split("/"))):
+        legacy = None  # could never have existed
     return Trash(trash_dir(state_dir, kind, account, local_name), days, legacy)
 
 

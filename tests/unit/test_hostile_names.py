@@ -234,3 +234,10 @@ def test_mailbox_sync_uses_flat_trash_dirs(tmp_path: Path) -> None:
     for a in roots:
         for b in roots:
             assert a == b or a not in b.parents
+
+
+def test_expiring_a_long_named_trash_logs_nothing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    name = local_name("中" * 90, "/")
+    assert trash_for(tmp_path, "trash", "acct", "中" * 90, 30).legacy is None
+    assert trash_for(tmp_path, "trash", "acct", name, 30).expire() == 0
+    assert caplog.text == ""
