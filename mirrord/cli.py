@@ -201,7 +201,7 @@ def check(config: Config, out: TextIO | None = None) -> int:
     """Connect and log in to every account, and show what would be mirrored."""
     from mirrord.protocol.connect import open_session
     from mirrord.sync.account import choose_mailboxes
-    from mirrord.sync.names import maildir_path
+    from mirrord.sync.names import maildir_path, visible
 
     out = out or sys.stdout
     outcome = {"ok": True}
@@ -223,9 +223,9 @@ def check(config: Config, out: TextIO | None = None) -> int:
             discovery = choose_mailboxes(account, entries, namespace)
             print(f"  mailboxes to mirror ({len(discovery.wanted)}):", file=out)
             for plan in discovery.wanted:
-                print(f"    {plan.entry.name}  ->  {maildir_path(account.maildir, plan.local_name)}", file=out)
+                print(f"    {visible(plan.entry.name)}  ->  {visible(str(maildir_path(account.maildir, plan.local_name)))}", file=out)
             for reason in discovery.skipped:
-                print(f"  not mirrored: {reason}", file=out)
+                print(f"  not mirrored: {visible(reason)}", file=out)
         except Exception as e:  # noqa: BLE001
             print(f"  FAILED: {e}", file=out)
             outcome["ok"] = False

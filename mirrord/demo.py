@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from mirrord._fs import make_private_dirs
 from mirrord.testing import DovecotMissing, PrivateDovecot, make_message, populate, sample_mailboxes
 
 
@@ -87,7 +88,7 @@ def _live(server: PrivateDovecot, root: Path, config: Path, count: int, verbose:
 
 def run_demo(directory: Path | None = None, *, verbose: bool = False, live: int = 5) -> int:
     root = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="mirrord-demo-"))
-    root.mkdir(parents=True, exist_ok=True)
+    make_private_dirs(root)
     server = PrivateDovecot(root / "server")
     try:
         server.start()

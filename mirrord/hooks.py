@@ -11,6 +11,14 @@ is an argv list run without a shell, with what happened in its environment:
 
 Bursts are coalesced: at most one run per ``MIN_INTERVAL`` per account, and
 never two at once; mail that lands meanwhile is reported by the next run.
+
+Mailbox names come from the server: control characters in them are spelled
+``\\xNN``. The command runs in a process group of its own and is killed
+(the whole group: a shell and what it started) after ``TIMEOUT`` seconds,
+so a hung command cannot stop every later run. Its environment is the
+daemon's minus what systemd meant for the daemon alone (``NOTIFY_SOCKET``,
+``WATCHDOG_*``, ``LISTEN_*``): a hook that inherited them could tell systemd
+the daemon is ready or alive, or take its sockets.
 """
 
 from __future__ import annotations
@@ -18,16 +26,37 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal as _signal
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet import protocol
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+from mirrord.sync.names import visible
+
 log = logging.getLogger("mirrord.hooks")
 
 MIN_INTERVAL = 5.0
 """Seconds between two runs of one account's hook."""
+
+TIMEOUT = 60.0
+"""Seconds a hook may run before its process group is killed."""
+
+_DAEMON_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
+"""Variables systemd sets for the service's main process only."""
+
+_LAUNCH = "import os, sys; os.setpgid(0, 0); os.execv(sys.argv[1], sys.argv[2:])"
+"""Puts the command in a process group of its own (Twisted's spawnProcess cannot), so a timeout kills all of it."""
+
+
+def hook_environment(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The daemon's environment without what belongs to the daemon alone (PATH, HOME, LANG... stay)."""
+    env = dict(os.environ if base is None else base)
+    for key in _DAEMON_ONLY:
+        env.pop(key, None)
+    return env
 
 
 class _HookProcess(protocol.ProcessProtocol):
@@ -43,7 +72,15 @@ class _HookProcess(protocol.ProcessProtocol):
 class NewMailHook:
     """Runs one account's ``on_new_mail`` command; see the module docstring."""
 
-    def __init__(self, reactor: Any, account: str, argv: Sequence[str], *, clock: IReactorTime | None = None) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        account: str,
+        argv: Sequence[str],
+        *,
+        clock: IReactorTime | None = None,
+        timeout: float = TIMEOUT,
+    ) -> None:
         self.reactor = reactor
         self.clock: IReactorTime = clock or reactor
         self.account = account
@@ -54,6 +91,9 @@ class NewMailHook:
         self._running = False
         self._last_start: float | None = None
         self._timer: IDelayedCall | None = None
+        self.timeout = timeout
+        self._process: Any = None
+        self._deadline: IDelayedCall | None = None
 
     def new_mail(self, mailbox: str, count: int) -> None:
         if not self.enabled or count <= 0:
@@ -72,10 +112,10 @@ class NewMailHook:
     def _run(self) -> None:
         self._timer = None
         pending, self._pending = self._pending, {}
-        mailboxes = sorted(pending)
+        mailboxes = sorted(visible(m) for m in pending)
         env = {
-            **os.environ,
-            "MIRRORD_ACCOUNT": self.account,
+            **hook_environment(),
+            "MIRRORD_ACCOUNT": visible(self.account),
             "MIRRORD_MAILBOX": mailboxes[0],
             "MIRRORD_MAILBOXES": "\n".join(mailboxes),
             "MIRRORD_NEW": str(sum(pending.values())),
@@ -86,14 +126,42 @@ class NewMailHook:
             return
         self._running = True
         self._last_start = self.clock.seconds()
+        launcher = [sys.executable, "-I", "-S", "-c", _LAUNCH, executable, *self.argv]
         try:
-            self.reactor.spawnProcess(_HookProcess(self), executable, self.argv, env=env, childFDs={0: "w", 1: 2, 2: 2})
+            self._process = self.reactor.spawnProcess(
+                _HookProcess(self), sys.executable, launcher, env=env, childFDs={0: "w", 1: 2, 2: 2}
+            )
         except OSError as e:
             self._running = False
             log.error("%s: on_new_mail: cannot run %s: %s", self.account, self.argv[0], e)
+            return
+        self._deadline = self.clock.callLater(self.timeout, self._kill)
+
+    def _kill(self) -> None:
+        """The command ran past its time: kill its whole process group."""
+        self._deadline = None
+        pid = getattr(self._process, "pid", None)
+        log.warning(
+            "%s: on_new_mail command %s still running after %gs: killed", self.account, self.argv[0], self.timeout
+        )
+        if pid is None:
+            return
+        try:
+            os.killpg(pid, _signal.SIGKILL)
+        except OSError:
+            # No such group yet (killed before the launcher's setpgid): the
+            # process itself. Its pid is still ours: Twisted has not reaped it.
+            try:
+                os.kill(pid, _signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def _ended(self, code: int | None, signal: int | None) -> None:
         self._running = False
+        self._process = None
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
         if code not in (0, None) or signal is not None:
             how = f"exit status {code}" if signal is None else f"signal {signal}"
             log.warning("%s: on_new_mail command %s ended with %s", self.account, self.argv[0], how)

@@ -15,6 +15,8 @@ import sys
 
 from twisted.logger import STDLibLogObserver, globalLogBeginner
 
+from mirrord.sync.names import visible
+
 _PRIORITY = {
     logging.DEBUG: 7,
     logging.INFO: 6,
@@ -24,7 +26,20 @@ _PRIORITY = {
 }
 
 
-class _JournalFormatter(logging.Formatter):
+class _VisibleFormatter(logging.Formatter):
+    """Spells control characters in the message as ``\\xNN``.
+
+    Mailbox names come from the server: an LF in one would forge a second
+    log line, an ESC would reach the terminal. Tracebacks (added after the
+    message) keep their line breaks.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = visible(record.message)
+        return super().formatMessage(record)
+
+
+class _JournalFormatter(_VisibleFormatter):
     def format(self, record: logging.LogRecord) -> str:
         priority = _PRIORITY.get(record.levelno, 6)
         return f"<{priority}>{super().format(record)}"
@@ -36,7 +51,7 @@ def setup_logging(verbose: bool = False, stream: object = None) -> None:
     if os.environ.get("JOURNAL_STREAM"):
         handler.setFormatter(_JournalFormatter("%(message)s"))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
+        handler.setFormatter(_VisibleFormatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)

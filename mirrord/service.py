@@ -33,6 +33,7 @@ from typing import Any
 
 from twisted.internet import defer, task
 
+from mirrord._fs import make_private_dirs
 from mirrord.config import Account, Config, ConfigError, load_config
 from mirrord.daemon import AccountDaemon
 from mirrord.hooks import NewMailHook
@@ -58,7 +59,7 @@ class AccountLock:
         self._fd: int | None = None
 
     def acquire(self) -> bool:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_dirs(self.path.parent)  # the state dir too, if missing: 0700
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -31,6 +31,7 @@ from typing import Any, TextIO
 import platformdirs
 
 from mirrord._fs import make_private_dirs
+from mirrord.sync.names import visible
 from mirrord.config import Config, default_state_dir
 
 log = logging.getLogger("mirrord.status")
@@ -684,6 +685,8 @@ def _state_text(row: _Row, now: float) -> str:
 
 
 def _table(header: list[str], lines: list[list[str]], right: set[int], out: TextIO) -> None:
+    # Names come from a server: an ESC or LF in one must not reach the terminal.
+    lines = [[visible(c) for c in cells] for cells in lines]
     widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
 
     def fmt(cells: list[str]) -> str:
@@ -748,7 +751,7 @@ def render_status(config: Config, *, as_json: bool, out: TextIO, now: float | No
             title += " (not mirrored by the running daemon)"
         elif live is not None and live.state != "running":
             title += f" ({live.state}" + (f": {_one_line(live.error)}" if live.error else "") + ")"
-        print(f"\n{title}", file=out)
+        print(f"\n{visible(title)}", file=out)
         if not rows[account]:
             print("  nothing mirrored yet", file=out)
             continue

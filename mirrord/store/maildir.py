@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import errno
 import itertools
+import logging
 import os
 import re
 import shutil
@@ -31,7 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from mirrord._fs import make_private_dirs
 from mirrord.flags import Flags, flags_from_info, is_seen, maildir_info
+from mirrord.sync.names import NAME_MAX, flat_name, visible
+
+log = logging.getLogger("mirrord.store")
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -388,18 +393,28 @@ class Trash:
     (a server bug, a mistaken rule, a user's slip in webmail) the copies are
     still here for a while. It lives under the state dir, out of sight of
     mail readers and indexers that would otherwise show the removed mail.
+
+    Each mailbox has one flat directory (see :func:`trash_for`): a trash
+    never holds another mailbox's trash. ``legacy`` names where older
+    versions kept this mailbox's trash (nested by hierarchy); what is there
+    still expires, and nothing new goes there.
     """
 
-    def __init__(self, root: Path, days: float) -> None:
+    def __init__(self, root: Path, days: float, legacy: Path | None = None) -> None:
         self.root = Path(root)
         self.days = days
+        self.legacy = Path(legacy) if legacy is not None and Path(legacy) != Path(root) else None
+        self._made = False
 
     def put(self, path: Path) -> None:
         """Move ``path`` into the trash (or unlink it, with a trash of 0 days)."""
         if self.days <= 0:
             os.unlink(path)
             return
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_dirs(self.root)
+        if not self._made:
+            _tighten(self.root)
+            self._made = True
         target = self.root / f"{int(time.time())}-{path.name}"
         try:
             os.rename(path, target)
@@ -409,21 +424,75 @@ class Trash:
             shutil.move(str(path), str(target))  # the trash is on another filesystem
 
     def expire(self, now: float | None = None) -> int:
-        """Delete what has been in the trash longer than ``days``; returns how many."""
-        if not self.root.is_dir():
-            return 0
+        """Delete what has been in the trash longer than ``days``; returns how many.
+
+        Only regular files named ``<epoch>-...`` are ours to delete. A
+        directory (an old layout's child trash), a foreign file or an entry
+        that cannot be removed is left alone and logged: cleaning the trash
+        is housekeeping and must never fail a sync.
+        """
         limit = (now if now is not None else time.time()) - self.days * 86400
         gone = 0
-        with os.scandir(self.root) as entries:
-            for entry in entries:
-                stamp, _, _ = entry.name.partition("-")
-                if stamp.isdigit() and int(stamp) < limit:
+        for root in (self.root, self.legacy):
+            if root is not None:
+                gone += self._expire_in(root, limit)
+        return gone
+
+    def _expire_in(self, root: Path, limit: float) -> int:
+        gone = 0
+        try:
+            with os.scandir(root) as entries:
+                for entry in entries:
+                    stamp, _, _ = entry.name.partition("-")
+                    if not (stamp.isdigit() and int(stamp) < limit):
+                        continue
                     try:
+                        if entry.is_dir(follow_symlinks=False):
+                            continue
                         os.unlink(entry.path)
                         gone += 1
                     except FileNotFoundError:
                         pass
+                    except OSError as e:
+                        log.warning("trash %s: cannot delete %s: %s", root, visible(entry.name), e)
+        except FileNotFoundError:
+            return gone
+        except OSError as e:
+            log.warning("trash %s: cannot read it: %s", root, e)
         return gone
+
+
+def _tighten(root: Path) -> None:
+    """Make a trash and its two parents (``<kind>/<account>``) 0700 if an older version left them open.
+
+    Those directories are ours (the state dir's own mode is left to whoever
+    made it); their names are mailbox names, which other users must not read.
+    """
+    for d in (root.parent.parent, root.parent, root):
+        try:
+            if stat.S_IMODE(os.stat(d).st_mode) & 0o077:
+                os.chmod(d, DIR_MODE)
+        except OSError as e:
+            log.warning("trash %s: cannot make it private: %s", d, e)
+
+
+def trash_dir(state_dir: Path, kind: str, account: str, local_name: str) -> Path:
+    """The directory of one mailbox's ``kind`` ("trash" or "set-aside") under ``state_dir``.
+
+    One flat component per mailbox (``Archive/2024`` -> ``Archive%2F2024``),
+    so no mailbox's directory is inside another's, and each component fits
+    the file system's name limit.
+    """
+    return Path(state_dir) / kind / flat_name(account) / flat_name(local_name)
+
+
+def trash_for(state_dir: Path, kind: str, account: str, local_name: str, days: float) -> Trash:
+    """The :class:`Trash` of one mailbox, which also expires its old nested layout."""
+    # Older versions nested the name as is; a Trash ignores a legacy dir equal to its own.
+    legacy: Path | None = Path(state_dir) / kind / account / local_name
+    if any(len(part.encode("utf-8", "surrogatepass")) > NAME_MAX for part in (account, *local_name.split("/"))):
+        legacy = None  # could never have existed
+    return Trash(trash_dir(state_dir, kind, account, local_name), days, legacy)
 
 
 class Maildir:

@@ -20,7 +20,7 @@ from mirrord.progress import Progress
 from mirrord.protocol.client import ListEntry, Namespace
 from mirrord.store.state import StateDB
 from mirrord.sync.mailbox import MailboxResult, MailboxSync
-from mirrord.sync.names import UnmappableName, local_name, maildir_path
+from mirrord.sync.names import UnmappableName, local_name, maildir_path, unique_local_names, visible
 
 log = logging.getLogger("mirrord.sync")
 
@@ -57,14 +57,23 @@ def choose_mailboxes(account: Account, entries: list[ListEntry], namespace: Name
     """Which server mailboxes the account's patterns select, by their local names."""
     discovery = Discovery(frozenset(), namespace)
     seen: dict[str, str] = {}
+    mapped: dict[str, str] = {}
     for entry in entries:
         if not entry.selectable:
             continue
         try:
-            name = local_name(entry.name, entry.delimiter or namespace.delimiter, namespace.prefix)
+            mapped[entry.name] = local_name(entry.name, entry.delimiter or namespace.delimiter, namespace.prefix)
+        except UnmappableName as e:
+            discovery.skipped.append(f"{visible(entry.name)}: {e}")
+    unique = unique_local_names(mapped.items())  # INBOX.INBOX must not hide INBOX
+    for entry in entries:
+        if entry.name not in unique:
+            continue
+        try:
+            name = unique[entry.name]
             maildir_path(account.maildir, name)
         except UnmappableName as e:
-            discovery.skipped.append(f"{entry.name}: {e}")
+            discovery.skipped.append(f"{visible(entry.name)}: {e}")
             continue
         if not account.wants(name):
             continue

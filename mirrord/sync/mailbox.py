@@ -32,7 +32,7 @@ from mirrord.progress import Progress
 from mirrord.protocol.client import FetchedMessage, ListEntry, ListingEntry, MailboxStatus, MirrordIMAP4Client
 from mirrord.protocol.errors import CommandFailed, LoginFailed
 from mirrord.config import Account
-from mirrord.store.maildir import LocalFile, Maildir, TmpMessage, Trash
+from mirrord.store.maildir import LocalFile, Maildir, TmpMessage, Trash, trash_for
 from mirrord.store.state import MailboxRecord, MessageRecord, StateDB
 from mirrord.sync.names import maildir_path
 from mirrord.sync.rematch import Identity, message_id, rematch
@@ -272,8 +272,8 @@ class MailboxSync:
             progress=progress,
             max_delete=account.max_delete,
             allow_delete=allow_delete,
-            trash=Trash(state.path.parent / "trash" / account.name / local_name, account.trash_days),
-            set_aside=Trash(state.path.parent / "set-aside" / account.name / local_name, float("inf")),
+            trash=trash_for(state.path.parent, "trash", account.name, local_name, account.trash_days),
+            set_aside=trash_for(state.path.parent, "set-aside", account.name, local_name, float("inf")),
         )
 
     async def run(self) -> MailboxResult:

@@ -539,3 +539,14 @@ def test_a_change_undone_within_the_gap_costs_no_later_wakeup() -> None:
     assert published == ["idling"] and len(clock.getDelayedCalls()) == 1
     clock.advance(1)
     assert published == ["idling", "reconnecting"]
+
+
+def test_control_characters_in_names_are_shown_escaped(tmp_path: Path, runtime: Path) -> None:
+    """A mailbox named with ESC sequences or LF (from an older state DB or a daemon snapshot) cannot rewrite the terminal."""
+    config = make_config(tmp_path)
+    with StateDB(config.state_dir / "state.sqlite3") as db:
+        db.set_mailbox("personal", "evil\x1b[2J\nfake", 1, last_sync=NOW - 60)
+    code, text = render(config)
+    assert code == 0
+    assert "\x1b" not in text
+    assert "evil\\x1b[2J\\x0afake" in text
