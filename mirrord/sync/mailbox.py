@@ -317,6 +317,17 @@ class MailboxSync:
         the row goes (its tmp/ file is crash debris, cleaned too).
         """
         pending = self.state.pending(self.account, self.name)
+        recorded = self.state.messages(self.account, self.name, pending) if pending else {}
+        if recorded:
+            # Left by a version that let a retry record a UID twice: the
+            # recorded file stays the copy; the pending one goes to the trash.
+            twice = [uid for uid in pending if uid in recorded]
+            keys = [pending[uid].key for uid in twice]
+            located = {k: self.maildir.locate(k, pending[u].flags) for u, k in zip(twice, keys)}
+            self.maildir.remove_many(keys, {k: f for k, f in located.items() if f is not None}, self.trash)
+            self.state.drop_pending(self.account, self.name, twice)
+            log.warning("%s: %d second copies of recorded messages moved to the trash", self.label, len(twice))
+            pending = {uid: r for uid, r in pending.items() if uid not in recorded}
         adopted = [uid for uid, r in pending.items() if self.maildir.locate(r.key, r.flags) is not None]
         if adopted:
             self.state.promote_pending(self.account, self.name, adopted)
@@ -396,9 +407,17 @@ class MailboxSync:
             uids = list(plan.fetch)
             if self.progress is not None:
                 self.progress.planned(len(uids), sum(view.listing[u].size or 0 for u in uids if u in view.listing))
+
+
+            async def job(worker: Worker) -> None:
+                # A retry fetches only what the state does not have yet.
+                todo = self._not_recorded(uids)
+                if todo:
+                    await self._fetch_batch(worker, todo, uidvalidity, result, ahead=False)
+
             try:
                 await self.pool.run(
-                    lambda worker: self._fetch_batch(worker, uids, uidvalidity, result, ahead=False),
+                    job,
                     f"fetching {len(uids)} messages of {self.label}",
                     prefer=view.worker,
                 )
@@ -543,11 +562,14 @@ class MailboxSync:
         if record is None:
             return await self.run()
         result = MailboxResult(self.account, self.name)
-        highest = self.state.highest_uid(self.account, self.name)
-        first = highest + 1 if highest else 1
         raw_name = self.entry.raw_name
 
         async def job(worker: Worker) -> None:
+            # Read at each attempt, not once before the first: a retry after
+            # a cut connection starts above what the dropped one recorded.
+            highest = self.state.highest_uid(self.account, self.name)
+            first = highest + 1 if highest else 1
+
             def checked(arrived: Callable[[FetchedMessage], None]) -> Callable[[FetchedMessage], None]:
                 return _under_selection(worker, raw_name, record.uidvalidity, arrived)
 
@@ -766,7 +788,7 @@ class MailboxSync:
                 # A retry on a new connection fetches only what the dropped
                 # one did not bring: fetching a recorded message again would
                 # leave its first file behind as a duplicate.
-                todo = [uid for uid in uids if uid not in recorded]
+                todo = [uid for uid in self._not_recorded(uids) if uid not in recorded]
                 if todo:
                     await self._fetch_batch(worker, todo, uidvalidity, result, recorded)
 
@@ -843,6 +865,11 @@ class MailboxSync:
             # selection that is now fresh.
             await fetch(await worker.connection(), missing)
 
+    def _not_recorded(self, uids: list[int]) -> list[int]:
+        """``uids`` less those the state has: what a (re)try must still fetch."""
+        have = self.state.messages(self.account, self.name, uids)
+        return [uid for uid in uids if uid not in have]
+
     async def _release_reserve(self) -> None:
         """Remove the tmp/ files made ahead and not used: every path that tops up ends here."""
         # No thread may add to the reserve after it is released.
@@ -888,8 +915,19 @@ class MailboxSync:
         if not messages:
             return
         records = [MessageRecord(m.uid, m.body.key, m.flags, m.size) for m in messages]
+        refused = self.state.add_pending(self.account, self.name, records)
+        if refused:
+            # The state has a file for these already (a retry or a race
+            # fetched them again): the new bodies never reach new/ or cur/.
+            for m in messages:
+                if m.uid in refused:
+                    m.body.abort()
+            log.warning("%s: UIDs %s fetched again but already on disk; second copies discarded",
+                        self.label, ",".join(map(str, sorted(refused))))
+            messages = [m for m in messages if m.uid not in refused]
+            if not messages:
+                return
         uids = [m.uid for m in messages]
-        self.state.add_pending(self.account, self.name, records)
         try:
             await self.syncer.run(functools.partial(self.maildir.deliver_many, [(m.body, m.flags) for m in messages]))
         except BaseException:
