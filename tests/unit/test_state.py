@@ -160,7 +160,7 @@ def test_add_pending_refuses_uids_recorded_or_pending(db: StateDB) -> None:
     db.promote_pending(A, INBOX, [2, 3])
     assert {u: r.key for u, r in db.messages(A, INBOX).items()} == {1: "key1", 2: "key2", 3: "again3"}
     # A pending row for a recorded UID (left by an older version) cannot be promoted over it.
-    db._db.execute("DROP TRIGGER pending_one_file")
+    db._db.execute("DROP TRIGGER IF EXISTS pending_one_file")
     db._db.execute("INSERT INTO pending VALUES ('work', 'INBOX', 1, 'stale', '', 1)")
     with pytest.raises(SecondFile):
         db.promote_pending(A, INBOX, [1])
