@@ -400,6 +400,13 @@ class MailboxSync:
             located = {r.key: self.maildir.locate(r.key, r.flags) for r in rows}
             files = {key: lf for key, lf in located.items() if lf is not None}
         self._apply_local(plan, known, result, files)
+        orphaned = [uid for uid in plan.fetch if uid in known]
+        if orphaned:
+            # Rows that outlived their files (deleted by hand): forget them
+            # first, so that the fetch records the new file as the UID's only
+            # one (the state refuses a second file for a recorded UID).
+            self.state.remove_messages(self.account, self.name, orphaned)
+            log.info("%s: %d files gone from the Maildir; fetching them again", self.label, len(orphaned))
         if record is not None and _few(plan.fetch, view.listing):
             # A catch-up's handful of messages: one command on the worker that
             # has the mailbox selected, rather than a batch per worker each
