@@ -158,6 +158,11 @@ class FetchPipeline:
     async def _fetch(
         self, plan: SyncPlan, uidvalidity: int, listing: dict[int, ListingEntry], result: MailboxResult
     ) -> None:
+        """Fetch a plan's messages in batches, one per worker at a time (a first sync, a big catch-up).
+
+        Each attempt of a batch (the first, or a retry after a cut
+        connection) fetches only what the state does not have yet.
+        """
         if not plan.fetch:
             return
         sizes = {uid: listing[uid].size for uid in plan.fetch if uid in listing}
