@@ -27,7 +27,7 @@ from mirrord.flags import Flags
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _MAX_UID = 2**32 - 1
 _MAX_MODSEQ = 2**63 - 1
@@ -35,6 +35,10 @@ _MAX_MODSEQ = 2**63 - 1
 
 class StateError(Exception):
     """The state DB cannot be used as it is (e.g. written by a newer mirrord)."""
+
+
+class SecondFile(StateError):
+    """A second file for one (mailbox, UID): the state refuses it (DESIGN invariant 7)."""
 
 
 @dataclass(frozen=True)
@@ -119,9 +123,52 @@ def _v3(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE mailbox ADD COLUMN cur_mtime INTEGER")
 
 
+_SECOND_FILE = "mirrord: a second file for one UID"
+
+
+def _v4(conn: sqlite3.Connection) -> None:
+    # One server message, one local file (invariant 7), as a rule of the
+    # schema rather than a habit of its callers: while a (account, mailbox,
+    # uid) names a file, recorded or pending, nothing may make it name
+    # another. A UIDVALIDITY change goes through delete_mailbox, which clears
+    # both tables first, so the UID alone stands for (UIDVALIDITY, UID).
+    # Re-recording the same file (same key: new flags, a crash's adoption)
+    # stays allowed. INSERT OR REPLACE and upserts go through the INSERT
+    # trigger; an UPDATE of the key or uid through the UPDATE ones.
+    for table, other in (("message", "pending"), ("pending", "message")):
+        conn.execute(
+            f"""
+            CREATE TRIGGER {table}_one_file BEFORE INSERT ON {table}
+            WHEN EXISTS (SELECT 1 FROM {table} WHERE account = NEW.account AND mailbox = NEW.mailbox
+                         AND uid = NEW.uid AND key <> NEW.key)
+              OR EXISTS (SELECT 1 FROM {other} WHERE account = NEW.account AND mailbox = NEW.mailbox
+                         AND uid = NEW.uid AND key <> NEW.key)
+            BEGIN SELECT RAISE(ABORT, '{_SECOND_FILE}'); END
+            """
+        )
+        conn.execute(
+            f"""
+            CREATE TRIGGER {table}_key_fixed BEFORE UPDATE OF uid, key ON {table}
+            WHEN NEW.key <> OLD.key OR NEW.uid <> OLD.uid
+            BEGIN SELECT RAISE(ABORT, '{_SECOND_FILE}'); END
+            """
+        )
+
+
 # _MIGRATIONS[n] takes a DB at version n-1 to version n. Later schema changes
 # append a step here; never edit a released one.
-_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1, 2: _v2, 3: _v3}
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1, 2: _v2, 3: _v3, 4: _v4}
+
+
+@contextmanager
+def _refusing_second_files() -> Iterator[None]:
+    """Turn the schema's refusal of a second file into :class:`SecondFile`."""
+    try:
+        yield
+    except sqlite3.IntegrityError as e:
+        if _SECOND_FILE in str(e):
+            raise SecondFile(str(e)) from None
+        raise
 
 
 def _canonical_flags(flags: Flags) -> str:
@@ -331,10 +378,17 @@ class StateDB:
             )
 
     def delete_mailbox(self, account: str, mailbox: str) -> None:
-        """Forget a mailbox and all its message rows (its files are the caller's business)."""
+        """Forget a mailbox and all its message rows, pending ones too (its files are the caller's business).
+
+        Pending rows go as well: under a new UIDVALIDITY their UIDs name
+        other mail, and they would stand in the way of its rows.
+        """
         with self.transaction():
             self._db.execute(
                 "DELETE FROM message WHERE account = ? AND mailbox = ?", (account, mailbox)
+            )
+            self._db.execute(
+                "DELETE FROM pending WHERE account = ? AND mailbox = ?", (account, mailbox)
             )
             self._db.execute(
                 "DELETE FROM mailbox WHERE account = ? AND mailbox = ?", (account, mailbox)
@@ -391,7 +445,12 @@ class StateDB:
     def add_messages(
         self, account: str, mailbox: str, records: Iterable[MessageRecord]
     ) -> None:
-        """Record messages in one transaction; a row for the same uid is replaced."""
+        """Record messages in one transaction.
+
+        A row for the same uid and file is updated (flags, size); one that
+        would give a recorded or pending uid another file raises
+        :class:`SecondFile` and records nothing.
+        """
 
         def rows() -> Iterator[tuple[str, str, int, str, str, int | None]]:
             for r in records:
@@ -400,12 +459,12 @@ class StateDB:
                 flags = _canonical_flags(r.flags)
                 yield (account, mailbox, _check_uid(r.uid), r.key, flags, r.size)
 
-        with self.transaction():
+        with _refusing_second_files(), self.transaction():
             self._db.executemany(
                 "INSERT INTO message (account, mailbox, uid, key, flags, size)"
                 " VALUES (?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (account, mailbox, uid) DO UPDATE SET"
-                " key = excluded.key, flags = excluded.flags, size = excluded.size",
+                " flags = excluded.flags, size = excluded.size",
                 rows(),
             )
 
@@ -438,18 +497,41 @@ class StateDB:
 
     # -- deliveries in flight ----------------------------------------------
 
-    def add_pending(self, account: str, mailbox: str, records: Iterable[MessageRecord]) -> None:
-        """Record messages about to be renamed into place (see the ``pending`` table)."""
+    def add_pending(self, account: str, mailbox: str, records: Iterable[MessageRecord]) -> set[int]:
+        """Record messages about to be renamed into place (see the ``pending`` table).
+
+        Returns the uids refused: those already recorded or pending (a retry,
+        or two fetches racing). Their new files must not be put in place:
+        the caller discards them. The others are recorded in one transaction.
+        """
         rows = [
             (account, mailbox, _check_uid(r.uid), r.key, _canonical_flags(r.flags), r.size)
             for r in records
         ]
-        with self.transaction():
+        with _refusing_second_files(), self.transaction():
+            taken = self._taken(account, mailbox, [row[2] for row in rows])
             self._db.executemany(
-                "INSERT OR REPLACE INTO pending (account, mailbox, uid, key, flags, size)"
+                "INSERT INTO pending (account, mailbox, uid, key, flags, size)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
-                rows,
+                [row for row in rows if row[2] not in taken],
             )
+        return taken
+
+    def _taken(self, account: str, mailbox: str, uids: list[int]) -> set[int]:
+        """Which of ``uids`` are recorded or pending already."""
+        taken: set[int] = set()
+        for i in range(0, len(uids), 500):
+            chunk = uids[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            for table in ("message", "pending"):
+                taken.update(
+                    uid
+                    for (uid,) in self._db.execute(
+                        f"SELECT uid FROM {table} WHERE account = ? AND mailbox = ? AND uid IN ({marks})",
+                        (account, mailbox, *chunk),
+                    )
+                )
+        return taken
 
     def pending(self, account: str, mailbox: str) -> dict[int, MessageRecord]:
         rows = self._db.execute(
@@ -469,13 +551,13 @@ class StateDB:
         that fetches a few messages in each of many mailboxes.
         """
         params = [(account, mailbox, _check_uid(uid)) for uid in uids]
-        with self._synchronous("NORMAL" if self._depth == 0 else None), self.transaction():
+        with _refusing_second_files(), self._synchronous("NORMAL" if self._depth == 0 else None), self.transaction():
             self._db.executemany(
                 "INSERT INTO message (account, mailbox, uid, key, flags, size)"
                 " SELECT account, mailbox, uid, key, flags, size FROM pending"
                 " WHERE account = ? AND mailbox = ? AND uid = ?"
                 " ON CONFLICT (account, mailbox, uid) DO UPDATE SET"
-                " key = excluded.key, flags = excluded.flags, size = excluded.size",
+                " flags = excluded.flags, size = excluded.size",
                 params,
             )
             self._db.executemany(

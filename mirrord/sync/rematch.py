@@ -6,7 +6,7 @@ UIDs that mean nothing. Re-downloading everything would be slow, deleting
 the old copies would risk mail. Instead each local copy is matched to a
 server message by Message-ID and size (RFC822.SIZE, which we recorded when
 we fetched it), and keeps its file under its new UID. Pure functions here;
-the I/O is in :mod:`mirrord.sync.mailbox`.
+the I/O is in :mod:`mirrord.sync.renumber`.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from mirrord.store.state import (
     SCHEMA_VERSION,
     MailboxRecord,
     MessageRecord,
+    SecondFile,
     StateDB,
     StateError,
 )
@@ -124,11 +125,71 @@ def test_flags_that_cannot_round_trip_are_refused(db: StateDB, bad: str) -> None
     assert db.count(A, INBOX) == 0
 
 
-def test_add_replaces_same_uid(db: StateDB) -> None:
+def test_add_same_uid_and_file_updates_the_row(db: StateDB) -> None:
     db.add_messages(A, INBOX, [rec(1, {"\\Seen"}), rec(2)])
-    db.add_messages(A, INBOX, [MessageRecord(1, "newkey", frozenset(), 7)])
-    assert db.messages(A, INBOX) == {1: MessageRecord(1, "newkey", frozenset(), 7), 2: rec(2)}
+    db.add_messages(A, INBOX, [MessageRecord(1, "key1", frozenset(), 7)])
+    assert db.messages(A, INBOX) == {1: MessageRecord(1, "key1", frozenset(), 7), 2: rec(2)}
     assert db.count(A, INBOX) == 2
+
+
+def test_a_second_file_for_a_recorded_uid_is_refused(db: StateDB) -> None:
+    """Invariant 7: the state, not its callers, refuses a second file for one UID."""
+    db.add_messages(A, INBOX, [rec(1, {"\\Seen"}), rec(2)])
+    with pytest.raises(SecondFile):
+        db.add_messages(A, INBOX, [rec(3), MessageRecord(1, "newkey", frozenset(), 7)])
+    assert db.messages(A, INBOX) == {1: rec(1, {"\\Seen"}), 2: rec(2)}  # nothing of the call kept
+    # Whatever the SQL: a replace, an upsert, an update of the key.
+    for sql in (
+        "INSERT OR REPLACE INTO message VALUES ('work', 'INBOX', 1, 'other', '', 1)",
+        "INSERT OR REPLACE INTO pending VALUES ('work', 'INBOX', 1, 'other', '', 1)",
+        "UPDATE message SET key = 'other' WHERE uid = 1",
+    ):
+        with pytest.raises(sqlite3.IntegrityError):
+            db._db.execute(sql)
+    assert db.messages(A, INBOX)[1].key == "key1"
+    assert db.pending(A, INBOX) == {}
+
+
+def test_add_pending_refuses_uids_recorded_or_pending(db: StateDB) -> None:
+    """A retried fetch's second copy is refused (returned), the rest recorded; nothing replaced."""
+    db.add_messages(A, INBOX, [rec(1)])
+    assert db.add_pending(A, INBOX, [rec(2)]) == set()
+    again = [MessageRecord(u, f"again{u}", frozenset(), 1) for u in (1, 2, 3)]
+    assert db.add_pending(A, INBOX, again) == {1, 2}
+    assert {u: r.key for u, r in db.pending(A, INBOX).items()} == {2: "key2", 3: "again3"}
+    db.promote_pending(A, INBOX, [2, 3])
+    assert {u: r.key for u, r in db.messages(A, INBOX).items()} == {1: "key1", 2: "key2", 3: "again3"}
+    # A pending row for a recorded UID (left by an older version) cannot be promoted over it.
+    db._db.execute("DROP TRIGGER IF EXISTS pending_one_file")
+    db._db.execute("INSERT INTO pending VALUES ('work', 'INBOX', 1, 'stale', '', 1)")
+    with pytest.raises(SecondFile):
+        db.promote_pending(A, INBOX, [1])
+    assert db.messages(A, INBOX)[1].key == "key1"
+
+
+def test_delete_mailbox_clears_pending_rows(db: StateDB) -> None:
+    """A new UIDVALIDITY's UIDs must not meet the old one's pending rows."""
+    db.add_pending(A, INBOX, [rec(1)])
+    db.delete_mailbox(A, INBOX)
+    assert db.pending(A, INBOX) == {}
+    assert db.add_pending(A, INBOX, [MessageRecord(1, "new", frozenset(), 1)]) == set()
+
+
+def test_version_3_db_gains_the_one_file_rule(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    from mirrord.store.state import _v1, _v2, _v3
+
+    _v1(conn)
+    _v2(conn)
+    _v3(conn)
+    conn.execute("PRAGMA user_version = 3")
+    conn.execute("INSERT INTO message VALUES ('work', 'INBOX', 1, 'k1', '', 10)")
+    conn.close()
+    with StateDB(path) as db:
+        assert db.add_pending(A, INBOX, [rec(1)]) == {1}
+        with pytest.raises(SecondFile):
+            db.add_messages(A, INBOX, [rec(1)])
 
 
 def test_mailboxes_and_accounts_are_separate(db: StateDB) -> None:

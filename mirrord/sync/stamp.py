@@ -1,0 +1,113 @@
+"""The Maildir-stamp shortcut: skip listing new/ and cur/ while their mtimes say nothing moved.
+
+A stamp is the pair of mtimes (ns) of a Maildir's ``new/`` and ``cur/``; any
+file added, removed or renamed there changes one of them. A sync records the
+stamp when it has seen every recorded file in place with its recorded flags;
+the next sync, finding the same stamp, trusts the state instead of listing
+the directories. The catch: mtimes only tell apart changes that fall in
+different clock ticks, hence the margin below, and the check at the end of a
+sync that the files are really where the rows say.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from twisted.internet import task
+from twisted.internet.interfaces import IReactorTime
+
+from mirrord.flags import maildir_info
+
+STAMP_MARGIN_NS = 20_000_000
+"""A Maildir stamp is trusted only once its mtimes are this much older than
+the moment we read them: longer than a kernel clock tick (1-10 ms), so a
+later change cannot carry the same mtime."""
+
+
+def maildir_stamp(path: Path) -> tuple[int, int] | None:
+    """The mtimes (ns) of ``new/`` and ``cur/``: any file added, removed or renamed changes one."""
+    try:
+        return os.stat(path / "new").st_mtime_ns, os.stat(path / "cur").st_mtime_ns
+    except OSError:
+        return None
+
+
+def _margin(stamp: tuple[int, int]) -> int:
+    """How old (ns) a stamp must be to be trusted: file systems with whole-second times need more."""
+    fine = any(t % 1_000_000_000 for t in stamp)
+    return STAMP_MARGIN_NS if fine else 2_000_000_000
+
+
+async def settled_stamp(
+    path: Path,
+    keys: Callable[[], list[tuple[str, str]]],
+    reactor: IReactorTime,
+    listed_after: tuple[int, int] | None,
+    read_at: int,
+) -> tuple[int, int] | None:
+    """The Maildir stamp to record at the end of a sync, or None if none can be trusted.
+
+    A recorded stamp stands for "every recorded file is in place, with its
+    recorded flags", so that the next sync may skip listing the Maildir
+    while new/ and cur/ keep their mtimes. Directory mtimes only tell
+    apart changes that fall in different clock ticks, so a stamp counts
+    only if it was already :data:`STAMP_MARGIN_NS` old when read (2 s on
+    file systems with whole-second times): a change made after the read
+    then gets another mtime.
+
+    ``listed_after``: the stamp read (at ``read_at``) just before this
+    sync listed the Maildir and found everything in place, and then
+    changed nothing; if the directories still carry it, it holds. Else
+    (this sync changed files, or the stamp was too fresh), wait out the
+    margin, read the stamp, list and check the Maildir, and keep the
+    stamp if nothing moved meanwhile.
+    """
+    current = maildir_stamp(path)
+    if current is None:
+        return None
+    if listed_after is not None and current == listed_after and read_at - max(current) >= _margin(current):
+        return current
+    for _ in range(3):
+        age = time.time_ns() - max(current)
+        margin = _margin(current)
+        if age >= margin:
+            break
+        if margin > STAMP_MARGIN_NS:
+            return None  # coarse times: not worth seconds of waiting; the next sync lists
+        await task.deferLater(reactor, (margin - age) / 1e9, lambda: None)
+        current = maildir_stamp(path)
+        if current is None:
+            return None
+    else:
+        return None
+    in_place = files_in_place(path, keys())
+    return current if in_place and maildir_stamp(path) == current else None
+
+def files_in_place(path: Path, keys: list[tuple[str, str]]) -> bool:
+    """Whether every row's file is where and as we would have put it.
+
+    A quick, strict form of :func:`~mirrord.sync.engine.files_in_place`:
+    names are compared as strings, so a file a reader renamed (other
+    letter order, letters of its own) counts as not in place, which only
+    costs a listing next time.
+    """
+    try:
+        present = {"new": set(os.listdir(path / "new")), "cur": set(os.listdir(path / "cur"))}
+    except OSError:
+        return False
+    letters: dict[str, str] = {}
+    for key, flags in keys:
+        info = letters.get(flags)
+        if info is None:
+            info = letters[flags] = maildir_info(frozenset(flags.split()))
+        if f"{key}:2,{info}" in present["cur"]:
+            continue
+        if (f"{key}:2,{info}" if info else key) in present["new"]:
+            continue
+        return False
+    return True
+
+# -- live changes, from a watcher's events ---------------------------------
