@@ -303,6 +303,8 @@ class MirrordIMAP4Client(IMAP4Client):
         self.compression: DeflateStream | None = None
         """Set once COMPRESS DEFLATE is in force: every byte either way goes through it."""
         self._bursting = 0
+        self._starttls_switch = False
+        """STARTTLS's OK was parsed in the read being handled: what follows it is refused."""
 
     # -- Twisted Protocol ---------------------------------------------------
 
@@ -334,6 +336,14 @@ class MirrordIMAP4Client(IMAP4Client):
             return
         self._reader.feed(data)
         rest = self._reader.take_rest()
+        if self._starttls_switch:
+            self._starttls_switch = False
+            if rest:
+                raise ProtocolError(
+                    f"server sent {len(rest)} bytes after its STARTTLS OK, before TLS began "
+                    "(a man in the middle injecting responses?)"
+                )
+            return
         if rest is not None and self.compression is not None:
             # COMPRESS's OK arrived in this chunk: what followed it is
             # already compressed.
@@ -629,9 +639,23 @@ class MirrordIMAP4Client(IMAP4Client):
         log.debug("%s: compression on", self.label)
 
     async def starttls(self, options: Any) -> None:
-        """Upgrade to TLS and re-read capabilities (the old ones may have been forged)."""
-        await self._run(self._simple("STARTTLS"))
-        self.transport.startTLS(options)
+        """Upgrade to TLS and re-read capabilities (the old ones may have been forged).
+
+        Nothing that arrived in plaintext is trusted afterwards (DESIGN.md
+        invariant 9; CVE-2011-0411): the handshake starts the moment the
+        tagged OK's line is parsed, before any byte after it is looked at,
+        and a server that sent anything after that OK in the same read is
+        dropped rather than have those bytes read as if they came over TLS.
+        The capabilities from before TLS are forgotten and asked for again.
+        """
+
+        def switch() -> None:
+            self._reader.split_after_line()
+            self._starttls_switch = True
+            self.capabilities = frozenset()
+            self.transport.startTLS(options)
+
+        await self._run(self._simple("STARTTLS", on_ok=switch))
         self.capabilities = frozenset()
         await self.capability()
 
