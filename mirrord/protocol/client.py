@@ -51,6 +51,7 @@ from mirrord.protocol._parser import (
     fetch_items,
 )
 from mirrord.protocol.compress import DeflateStream
+from mirrord.protocol.errors import quote_server_text
 from mirrord.protocol.errors import CommandFailed
 from mirrord.protocol.mutf7 import decode_mailbox_name
 
@@ -454,7 +455,7 @@ class MirrordIMAP4Client(IMAP4Client):
         if not isinstance(response, Untagged) or response.kind not in ("OK", "PREAUTH", "BYE"):
             raise ProtocolError(f"bad greeting {response!r:.80}")
         if response.kind == "BYE":
-            self._closing_reason = f"server refused the connection: {response.text}"
+            self._closing_reason = f"the server refused the connection: {quote_server_text(response.text)}"
             raise ProtocolError(self._closing_reason)
         self._greeted = True
         self.state = "auth" if response.kind == "PREAUTH" else "unauth"
@@ -491,7 +492,7 @@ class MirrordIMAP4Client(IMAP4Client):
                 command.untagged.append(response)
                 return
         if response.kind == "BYE":
-            self._closing_reason = f"server closed the session: {response.text}"
+            self._closing_reason = f"the server closed the session: {quote_server_text(response.text)}"
         if response.kind == "CAPABILITY":
             self._set_capabilities(response.data)
         _abort_sinks(response.data)
@@ -554,7 +555,7 @@ class MirrordIMAP4Client(IMAP4Client):
         if self._bursting:
             command.burst = True
         if self.connected_transport_lost:
-            return defer.fail(ConnectionLost(self._closing_reason or "connection is closed"))
+            return defer.fail(ConnectionLost(self._closing_reason or "the connection is closed"))
         self._waiting.append(command)
         self._pump()
         return command.deferred
