@@ -60,6 +60,9 @@ def describe_failure(problem: BaseException | Failure) -> str:
             parts.append(describe_failure(arg))
         elif isinstance(arg, str) and arg.strip():
             parts.append(arg.strip())
+    os_error = getattr(error, "osError", None)
+    if isinstance(os_error, (str, BaseException)) and str(os_error).strip():
+        parts.insert(0, str(os_error).strip())
     text = ": ".join(parts)
     if isinstance(error, _net.ConnectError) or isinstance(error, (_net.ConnectionLost, _net.ConnectionDone)):
         # Twisted's own str() adds its class docstring; the args are the reason.

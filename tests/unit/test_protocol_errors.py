@@ -49,3 +49,10 @@ def test_our_errors_keep_their_message_without_trailing_stop() -> None:
 
 def test_quote_server_text_folds_whitespace() -> None:
     assert quote_server_text(" Logged\r\n out ") == '"Logged out"'
+
+
+def test_connect_errors_keep_the_os_reason() -> None:
+    from twisted.internet.error import ConnectionRefusedError
+
+    assert describe_failure(ConnectionRefusedError("111: Connection refused")) == "111: Connection refused"
+    assert describe_failure(ConnectionRefusedError()) == "the connection was refused"
