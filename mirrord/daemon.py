@@ -21,7 +21,7 @@ from mirrord.config import Account, PasswordError
 from mirrord.pool import WorkerPool
 from mirrord.protocol.client import MirrordIMAP4Client
 from mirrord.protocol.connect import open_session
-from mirrord.protocol.errors import LoginFailed
+from mirrord.protocol.errors import LoginFailed, describe_failure
 from mirrord.store.state import StateDB
 from mirrord.sync.account import Discovery, MailboxPlan, discover
 from mirrord.sync.live import LiveMailbox, poll_every
@@ -130,7 +130,7 @@ class AccountDaemon:
         and shown in `mirrord status`.
         """
         self._starting = defer.Deferred.fromCoroutine(self._start())
-        self._starting.addErrback(lambda f: log.error("%s: %s", self.label, f.getErrorMessage()))
+        self._starting.addErrback(lambda f: log.error("%s: %s", self.label, describe_failure(f)))
         self._starting.addBoth(lambda _: self._first_attempt_done())
         waiter: defer.Deferred[None] = defer.Deferred()
         self.start_finished.addBoth(lambda result: (waiter.callback(None), result)[1])

@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 
 from mirrord.protocol.client import MailboxStatus, MirrordIMAP4Client
 from mirrord.protocol.connect import ServerSettings, open_session
-from mirrord.protocol.errors import ConnectFailed, LoginFailed, ProtocolError
+from mirrord.protocol.errors import ConnectFailed, LoginFailed, ProtocolError, describe_failure
 
 log = logging.getLogger("mirrord.pool")
 
@@ -263,7 +263,7 @@ class WorkerPool:
                 worker.selected = None
                 if attempt >= RETRIES:
                     raise
-                log.warning("%s: %s interrupted (%s); retrying on a new connection", worker.label, what, e)
+                log.warning("%s: %s interrupted (%s); retrying on a new connection", worker.label, what, describe_failure(e))
             finally:
                 self._release(worker)
 

@@ -38,7 +38,7 @@ from mirrord.flags import Flags, message_flags
 from mirrord.interfaces import MailboxEvents
 from mirrord.protocol._parser import Untagged, as_flags, as_int, fetch_items
 from mirrord.protocol.client import MirrordIMAP4Client, parse_uid_set
-from mirrord.protocol.errors import CommandFailed, ConnectFailed, LoginFailed, ProtocolError
+from mirrord.protocol.errors import CommandFailed, ConnectFailed, LoginFailed, ProtocolError, describe_failure
 from mirrord.timers import coalesced_delay
 
 log = logging.getLogger("mirrord.watcher")
@@ -628,7 +628,7 @@ class WatcherService:
     def start(self) -> None:
         self._running = True
         self._loop = defer.Deferred.fromCoroutine(self._run())
-        self._loop.addErrback(lambda f: log.error("%s: watcher stopped: %s", self.label, f.getErrorMessage()))
+        self._loop.addErrback(lambda f: log.error("%s: watcher stopped: %s", self.label, describe_failure(f)))
 
     async def stop(self) -> None:
         self._running = False
@@ -673,7 +673,7 @@ class WatcherService:
                 reason = str(e)
                 floor = self.LOGIN_RETRY_FLOOR
             except (ConnectFailed, ConnectionLost, ConnectionDone, ProtocolError, CommandFailed) as e:
-                reason = str(e) or type(e).__name__
+                reason = describe_failure(e)
             except Exception as e:  # noqa: BLE001 - never let one mailbox's watcher die
                 log.exception("%s: watcher failed", self.label)
                 reason = repr(e)

@@ -34,6 +34,15 @@ MAX_MEMORY_LITERAL = 16 * 1024 * 1024
 MAX_STREAMED_LITERAL = 4 * 1024 * 1024 * 1024
 """Largest literal we stream to disk; beyond it a size is absurd, not a message."""
 
+MAX_MEMORY_LITERALS_PER_RESPONSE = 32 * 1024 * 1024
+"""In-memory literal bytes one response may carry in all (headers, literal names):
+without it, one response could hold any number of 16 MiB literals."""
+
+MAX_DEPTH = 64
+"""Deepest nesting of parentheses in a response. BODYSTRUCTURE of a deeply
+nested MIME message is the deepest thing servers send (a few levels per MIME
+level); 8 million ``(`` in one line cost 872 MB and overflowed the stack."""
+
 STATUS_KINDS = frozenset({"OK", "NO", "BAD", "PREAUTH", "BYE"})
 
 
@@ -121,6 +130,8 @@ class _Pending:
         self.number = number
         self.top: list[Any] = []
         self.stack: list[list[Any]] = [self.top]
+        self.memory_bytes = 0
+        """In-memory literal bytes so far, against MAX_MEMORY_LITERALS_PER_RESPONSE."""
 
     @property
     def current(self) -> list[Any]:
@@ -368,7 +379,12 @@ class ResponseReader:
             sink = self._choose_sink(Untagged(pending.kind, pending.number, pending.top), target, size)
         if sink is None:
             if size > self._max_memory_literal:
-                raise ProtocolError(f"literal of {size} bytes is too large")
+                raise ProtocolError(f"literal of {size} bytes is too large (limit {self._max_memory_literal})")
+            pending.memory_bytes += size
+            if pending.memory_bytes > MAX_MEMORY_LITERALS_PER_RESPONSE:
+                raise ProtocolError(
+                    f"one response carries more than {MAX_MEMORY_LITERALS_PER_RESPONSE} bytes of literals to hold in memory"
+                )
             self._literal_memory = bytearray()
         else:
             if size > MAX_STREAMED_LITERAL:
@@ -418,6 +434,8 @@ def _tokenize(line: bytes, stack: list[list[Any]]) -> int | None:
         elif group == "quoted":
             stack[-1].append(_UNQUOTE.sub(rb"\1", m.group("quoted")))
         elif group == "open":
+            if len(stack) > MAX_DEPTH:
+                raise ProtocolError(f"parentheses nested deeper than {MAX_DEPTH}")
             new: list[Any] = []
             stack[-1].append(new)
             stack.append(new)

@@ -52,7 +52,7 @@ from mirrord.protocol._parser import (
     fetch_items,
 )
 from mirrord.protocol.compress import DeflateStream
-from mirrord.protocol.errors import CommandFailed, MissingCapability
+from mirrord.protocol.errors import CommandFailed, MissingCapability, quote_server_text
 from mirrord.protocol.mutf7 import decode_mailbox_name
 
 log = logging.getLogger("mirrord.protocol")
@@ -243,16 +243,41 @@ catch-up of 50 mailboxes). Lines are bounded well under the reader's line
 limit; a longer one takes the general path, which enforces it."""
 
 
-def parse_uid_set(text: bytes) -> set[int]:
-    """``1:3,7,9:10`` -> {1, 2, 3, 7, 9, 10}; ranges may come in either order."""
-    uids: set[int] = set()
+MAX_UIDS_PER_SET = 1_000_000
+"""Most UIDs a server's UID set (VANISHED, ESEARCH ALL, and the sum over one
+EXAMINE's or one search's sets) may name. A 27-byte set ``1:9999999,20000000:29999999``
+named 20 million (1.1 GB, 3.5 s with the reactor stalled); a million, about
+70 MB as a Python set, is more messages than a personal mailbox holds."""
+
+
+def parse_uid_ranges(text: bytes, limit: int = MAX_UIDS_PER_SET) -> list[tuple[int, int]]:
+    """``1:3,7`` -> [(1, 3), (7, 7)], low end first, counted before anything is expanded.
+
+    Raises ProtocolError when the ranges name more than ``limit`` UIDs.
+    """
+    ranges: list[tuple[int, int]] = []
+    total = 0
     for part in text.split(b","):
         first, _, last = part.partition(b":")
         a = as_int(first, "UID")
         b = as_int(last, "UID") if last else a
-        if abs(b - a) > 10_000_000:
-            raise ProtocolError(f"absurd UID range {part[:40]!r}")
-        uids.update(range(min(a, b), max(a, b) + 1))
+        lo, hi = min(a, b), max(a, b)
+        total += hi - lo + 1
+        if total > limit:
+            raise ProtocolError(f"UID set names more than {limit} UIDs ({text[:40]!r}...)")
+        ranges.append((lo, hi))
+    return ranges
+
+
+def parse_uid_set(text: bytes, limit: int = MAX_UIDS_PER_SET) -> set[int]:
+    """``1:3,7,9:10`` -> {1, 2, 3, 7, 9, 10}; ranges may come in either order.
+
+    At most ``limit`` UIDs (see :data:`MAX_UIDS_PER_SET`): the size is
+    checked on the ranges before the set is built.
+    """
+    uids: set[int] = set()
+    for lo, hi in parse_uid_ranges(text, limit):
+        uids.update(range(lo, hi + 1))
     return uids
 
 
@@ -347,6 +372,8 @@ class MirrordIMAP4Client(IMAP4Client):
         self.compression: DeflateStream | None = None
         """Set once COMPRESS DEFLATE is in force: every byte either way goes through it."""
         self._bursting = 0
+        self._starttls_switch = False
+        """STARTTLS's OK was parsed in the read being handled: what follows it is refused."""
 
     # -- Twisted Protocol ---------------------------------------------------
 
@@ -378,6 +405,14 @@ class MirrordIMAP4Client(IMAP4Client):
             return
         self._reader.feed(data)
         rest = self._reader.take_rest()
+        if self._starttls_switch:
+            self._starttls_switch = False
+            if rest:
+                raise ProtocolError(
+                    f"server sent {len(rest)} bytes after its STARTTLS OK, before TLS began "
+                    "(a man in the middle injecting responses?)"
+                )
+            return
         if rest is not None and self.compression is not None:
             # COMPRESS's OK arrived in this chunk: what followed it is
             # already compressed.
@@ -488,7 +523,7 @@ class MirrordIMAP4Client(IMAP4Client):
         if not isinstance(response, Untagged) or response.kind not in ("OK", "PREAUTH", "BYE"):
             raise ProtocolError(f"bad greeting {response!r:.80}")
         if response.kind == "BYE":
-            self._closing_reason = f"server refused the connection: {response.text}"
+            self._closing_reason = f"the server refused the connection: {quote_server_text(response.text)}"
             raise ProtocolError(self._closing_reason)
         self._greeted = True
         self.state = "auth" if response.kind == "PREAUTH" else "unauth"
@@ -525,7 +560,7 @@ class MirrordIMAP4Client(IMAP4Client):
                 command.untagged.append(response)
                 return
         if response.kind == "BYE":
-            self._closing_reason = f"server closed the session: {response.text}"
+            self._closing_reason = f"the server closed the session: {quote_server_text(response.text)}"
         if response.kind == "CAPABILITY":
             self._set_capabilities(response.data)
         _abort_sinks(response.data)
@@ -588,7 +623,7 @@ class MirrordIMAP4Client(IMAP4Client):
         if self._bursting:
             command.burst = True
         if self.connected_transport_lost:
-            return defer.fail(ConnectionLost(self._closing_reason or "connection is closed"))
+            return defer.fail(ConnectionLost(self._closing_reason or "the connection is closed"))
         self._waiting.append(command)
         self._pump()
         return command.deferred
@@ -673,9 +708,23 @@ class MirrordIMAP4Client(IMAP4Client):
         log.debug("%s: compression on", self.label)
 
     async def starttls(self, options: Any) -> None:
-        """Upgrade to TLS and re-read capabilities (the old ones may have been forged)."""
-        await self._run(self._simple("STARTTLS"))
-        self.transport.startTLS(options)
+        """Upgrade to TLS and re-read capabilities (the old ones may have been forged).
+
+        Nothing that arrived in plaintext is trusted afterwards (DESIGN.md
+        invariant 9; CVE-2011-0411): the handshake starts the moment the
+        tagged OK's line is parsed, before any byte after it is looked at,
+        and a server that sent anything after that OK in the same read is
+        dropped rather than have those bytes read as if they came over TLS.
+        The capabilities from before TLS are forgotten and asked for again.
+        """
+
+        def switch() -> None:
+            self._reader.split_after_line()
+            self._starttls_switch = True
+            self.capabilities = frozenset()
+            self.transport.startTLS(options)
+
+        await self._run(self._simple("STARTTLS", on_ok=switch))
         self.capabilities = frozenset()
         await self.capability()
 
@@ -802,7 +851,7 @@ class MirrordIMAP4Client(IMAP4Client):
                     data = data[1:]
                 if len(data) != 1 or not isinstance(data[0], bytes):
                     raise ProtocolError("malformed VANISHED response")
-                vanished.update(parse_uid_set(data[0]))
+                vanished.update(parse_uid_set(data[0], MAX_UIDS_PER_SET - len(vanished)))
             elif response.kind == "FETCH":
                 items = fetch_items(response)
                 if "UID" in items and "FLAGS" in items:
@@ -878,7 +927,7 @@ class MirrordIMAP4Client(IMAP4Client):
                 if isinstance(name, bytes) and name.upper() == b"ALL":
                     if not isinstance(value, bytes):
                         raise ProtocolError("malformed ESEARCH ALL")
-                    found.update(parse_uid_set(value))
+                    found.update(parse_uid_set(value, MAX_UIDS_PER_SET - len(found)))
             return True
 
         command = self._simple("UID SEARCH", b"RETURN (ALL) ALL", claim=claim, pipelined=True)

@@ -10,6 +10,7 @@ that does not match the host or is not trusted ends the attempt with a
 from __future__ import annotations
 
 import ipaddress
+import re
 import logging
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -48,10 +49,27 @@ class ServerSettings(Protocol):
     compress: Literal["auto", "yes", "no"]
 
 
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
+)
+
+
+def load_ca_bundle(path: Path) -> list[Any]:
+    """Every certificate in a PEM file: a bundle trusts all of its CAs, not the first.
+
+    (``Certificate.loadPEM`` reads only the first one, so a bundle with an
+    unrelated CA first failed as "not trusted".)
+    """
+    blocks = _PEM_CERTIFICATE.findall(path.read_bytes())
+    if not blocks:
+        raise ValueError(f"{path} holds no PEM certificate")
+    return [ssl.Certificate.loadPEM(block) for block in blocks]
+
+
 def tls_options(host: str, ca_file: Path | None) -> Any:
     """Client TLS options that verify ``host`` against ``ca_file`` or the system store."""
     if ca_file is not None:
-        trust: Any = ssl.Certificate.loadPEM(Path(ca_file).read_bytes())
+        trust: Any = ssl.trustRootFromCertificates(load_ca_bundle(Path(ca_file)))
     else:
         trust = ssl.platformTrust()
     return ssl.optionsForClientTLS(host, trustRoot=trust)

@@ -6,6 +6,9 @@ why, and never contains a secret.
 
 from __future__ import annotations
 
+from twisted.internet import error as _net
+from twisted.python.failure import Failure
+
 from mirrord.protocol._parser import ProtocolError
 
 __all__ = [
@@ -15,7 +18,69 @@ __all__ = [
     "MissingCapability",
     "ProtocolError",
     "TLSFailed",
+    "describe_failure",
+    "quote_server_text",
 ]
+
+#: Twisted's fixed prefixes, which say nothing a reader of our log needs.
+_BOILERPLATE = (
+    "Connection to the other side was lost in a non-clean fashion",
+    "Connection was closed cleanly",
+    "An error occurred while connecting",
+)
+
+#: What to say when Twisted's error carries no reason of ours.
+_PLAIN = (
+    (_net.ConnectionDone, "the server closed the connection"),
+    (_net.ConnectionLost, "the connection was lost"),
+    (_net.ConnectionRefusedError, "the connection was refused"),
+    (_net.TimeoutError, "the connection timed out"),
+)
+
+
+def quote_server_text(text: str) -> str:
+    """The server's own words (a BYE or NO text), quoted so that its punctuation stays its own."""
+    text = " ".join(text.split())
+    return f'"{text}"' if text else "(no text)"
+
+
+def describe_failure(problem: BaseException | Failure) -> str:
+    """One clean clause for a log line about a lost or failed connection.
+
+    Twisted's messages glue a fixed prefix to whatever reason was given, so a
+    BYE came out as ``...lost in a non-clean fashion: server closed the
+    session: Server shutting down..)``. This drops the prefix, keeps the
+    reason (the server's words stay quoted, see :func:`quote_server_text`),
+    and leaves no trailing full stop, since callers embed it in a sentence.
+    """
+    error = problem.value if isinstance(problem, Failure) else problem
+    parts: list[str] = []
+    for arg in getattr(error, "args", ()):
+        if isinstance(arg, BaseException):
+            parts.append(describe_failure(arg))
+        elif isinstance(arg, str) and arg.strip():
+            parts.append(arg.strip())
+    os_error = getattr(error, "osError", None)
+    if isinstance(os_error, (str, BaseException)) and str(os_error).strip():
+        parts.insert(0, str(os_error).strip())
+    text = ": ".join(parts)
+    if isinstance(error, _net.ConnectError) or isinstance(error, (_net.ConnectionLost, _net.ConnectionDone)):
+        # Twisted's own str() adds its class docstring; the args are the reason.
+        for prefix in _BOILERPLATE:
+            if text.startswith(prefix):
+                text = text[len(prefix) :].lstrip(" :.")
+        if not text:
+            for kind, plain in _PLAIN:
+                if isinstance(error, kind):
+                    return plain
+            return "the connection failed"
+    elif not text:
+        text = str(error).strip() or type(error).__name__
+    text = " ".join(text.split())
+    while text.endswith(".") and not text.endswith('."'):
+        text = text[:-1].rstrip()
+    return text.replace("..", ".")
+
 
 
 class CommandFailed(Exception):

@@ -1017,3 +1017,66 @@ def test_fetch_items_tolerates_a_repeated_equal_item() -> None:
     c.feed_all([b"* 1 FETCH (UID 5 FLAGS (\\Seen) UID 5)\r\n"])
     assert fetch_items(c.responses[0])["UID"] == b"5"  # type: ignore[arg-type]
 
+
+
+# -- resource bounds (issue #11 item 9) ----------------------------------------
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    ranges=st.lists(st.tuples(st.integers(1, 2**32 - 1), st.integers(1, 2**32 - 1)), min_size=1, max_size=6),
+)
+def test_uid_sets_from_the_server_are_bounded(ranges: list[tuple[int, int]]) -> None:
+    """Any UID set either parses within MAX_UIDS_PER_SET or is refused, never expanded past it."""
+    from mirrord.protocol.client import MAX_UIDS_PER_SET, parse_uid_ranges, parse_uid_set
+
+    text = b",".join(b"%d:%d" % r for r in ranges)
+    named = sum(abs(b - a) + 1 for a, b in ranges)
+    if named > MAX_UIDS_PER_SET:
+        with pytest.raises(ProtocolError):
+            parse_uid_ranges(text)
+    elif named <= 50_000:
+        assert len(parse_uid_set(text)) <= named
+
+
+@settings(max_examples=60, deadline=None)
+@given(depth=st.integers(0, 200), close=st.booleans())
+def test_nesting_depth_is_bounded(depth: int, close: bool) -> None:
+    """Parentheses nest up to MAX_DEPTH; deeper is a ProtocolError, not a recursion or a stall."""
+    from mirrord.protocol._parser import MAX_DEPTH, ResponseReader
+
+    out: list[Any] = []
+    reader = ResponseReader(out.append)
+    line = b"* 1 FETCH " + b"(" * depth + (b")" * depth if close else b"") + b"\r\n"
+    if depth > MAX_DEPTH:
+        with pytest.raises(ProtocolError, match="nested deeper"):
+            reader.feed(line)
+    elif close:
+        reader.feed(line)
+        assert len(out) == 1
+    elif depth:
+        with pytest.raises(ProtocolError):
+            reader.feed(line)
+
+
+@settings(max_examples=30, deadline=None)
+@given(sizes=st.lists(st.integers(0, 4096), min_size=1, max_size=12))
+def test_in_memory_literal_bytes_per_response_are_bounded(sizes: list[int]) -> None:
+    """A response's in-memory literals are refused once their sum passes the per-response budget."""
+    from mirrord.protocol import _parser
+
+    budget = 8192
+    old = _parser.MAX_MEMORY_LITERALS_PER_RESPONSE
+    _parser.MAX_MEMORY_LITERALS_PER_RESPONSE = budget
+    try:
+        out: list[Any] = []
+        reader = _parser.ResponseReader(out.append)
+        data = b"* 1 FETCH (X " + b"".join(b"{%d}\r\n" % n + b"a" * n + b" " for n in sizes) + b"Y)\r\n"
+        if sum(sizes) > budget:
+            with pytest.raises(ProtocolError, match="bytes of literals"):
+                reader.feed(data)
+        else:
+            reader.feed(data)
+            assert len(out) == 1
+    finally:
+        _parser.MAX_MEMORY_LITERALS_PER_RESPONSE = old
