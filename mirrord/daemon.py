@@ -86,6 +86,8 @@ class AccountRuntime:
     state: str = "starting"
     error: str | None = None
     mailboxes: dict[str, MailboxRuntime] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    """Mailboxes that could not be set up (local name -> why), retried at each listing."""
 
 
 class AccountDaemon:
@@ -213,11 +215,28 @@ class AccountDaemon:
         watched_now = sum(1 for m in known.values() if m.watcher is not None)
         account = self.account
         room = max(0, account.max_connections - account.workers - watched_now)
-        watched, polled = split_watched(account, fresh, room)
+        ready: list[MailboxPlan] = []
         for plan in fresh:
-            sync = MailboxSync.for_account(account, plan.entry, plan.local_name, self.state_db, self.pool)  # type: ignore[arg-type]
-            live = LiveMailbox(sync, self.clock, on_new_mail=self._new_mail, on_change=self.on_change)
+            # A local folder that cannot be made (a name too long for the file
+            # system, a file in its place) fails that mailbox alone: the others
+            # still get their watchers. It is tried again at the next listing.
+            try:
+                sync = MailboxSync.for_account(account, plan.entry, plan.local_name, self.state_db, self.pool)  # type: ignore[arg-type]
+                live = LiveMailbox(sync, self.clock, on_new_mail=self._new_mail, on_change=self.on_change)
+            except Exception as e:  # noqa: BLE001 - one mailbox's local trouble stays its own
+                error = f"cannot set up its local folder: {_describe(e)}"
+                if self.runtime.failed.get(plan.local_name) != error:
+                    log.error("%s/%s: FAILED: %s; trying again at the next listing", self.label, plan.local_name, error)
+                self.runtime.failed[plan.local_name] = error
+                continue
+            self.runtime.failed.pop(plan.local_name, None)
             known[plan.local_name] = MailboxRuntime(plan, live)
+            ready.append(plan)
+        fresh = ready
+        if not fresh:
+            self.on_change()
+            return
+        watched, polled = split_watched(account, fresh, room)
         for plan in watched:
             runtime = known[plan.local_name]
             runtime.watcher = WatcherService(
@@ -295,3 +314,11 @@ class AccountDaemon:
         await defer.DeferredList([r.live.stop() for r in self.runtime.mailboxes.values()], consumeErrors=True)
         if self.pool is not None:
             await self.pool.close()
+
+
+def _describe(error: BaseException) -> str:
+    """An error as one line for the log: an OSError with the path it concerns."""
+    if isinstance(error, OSError) and error.strerror:
+        where = f": {error.filename}" if error.filename else ""
+        return f"{error.strerror}{where}"
+    return str(error) or type(error).__name__

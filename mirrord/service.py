@@ -180,6 +180,7 @@ class Service:
                     polled += 1
                 if runtime.live.last_error:
                     failing += 1
+            failing += len(daemon.runtime.failed)
         parts = [f"{len(self.accounts)} accounts", f"{watched} mailboxes watched", f"{polled} polled"]
         errors = sum(1 for d in self.accounts.values() if d.runtime.state == "error")
         if errors:
@@ -229,6 +230,10 @@ class Service:
                         last_error=live.last_error,
                     )
                 )
+            for name, error in daemon.runtime.failed.items():
+                if name not in daemon.runtime.mailboxes:
+                    mailboxes.append(MailboxStatus(name=name, state="error", last_error=error))
+            mailboxes.sort(key=lambda m: m.name)
             accounts.append(
                 AccountStatus(
                     name=daemon.account.name,

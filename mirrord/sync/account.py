@@ -116,26 +116,21 @@ async def sync_account(
         for reason in discovery.skipped:
             log.warning("%s: not mirrored: %s", account.name, reason)
         log.info("%s: %d mailboxes to mirror", account.name, len(discovery.wanted))
-        syncs = [
-            MailboxSync.for_account(
-                account,
-                plan.entry,
-                plan.local_name,
-                state,
-                pool,
-                progress=progress,
-                allow_delete=_allowed(account, plan.local_name, allow_delete),
+        runs: list[defer.Deferred[MailboxResult]] = []
+        for plan in discovery.wanted:
+            runs.append(
+                defer.Deferred.fromCoroutine(
+                    _sync_one(account, plan, state, pool, progress, _allowed(account, plan.local_name, allow_delete))
+                )
             )
-            for plan in discovery.wanted
-        ]
-        outcomes = await defer.DeferredList(
-            [defer.Deferred.fromCoroutine(s.run()) for s in syncs], consumeErrors=True
-        )
-        for ok, value in outcomes:
+        outcomes = await defer.DeferredList(runs, consumeErrors=True)
+        for plan, (ok, value) in zip(discovery.wanted, outcomes):
             if ok:
                 result.mailboxes.append(value)
             else:
-                result.error = value.getErrorMessage()
+                failed = MailboxResult(account.name, plan.local_name, error=_describe(value.value))
+                log.error("%s", failed.summary())
+                result.mailboxes.append(failed)
     except Exception as e:  # noqa: BLE001 - reported, and the other accounts go on
         result.error = str(e) or type(e).__name__
         log.error("%s: %s", account.name, result.error)
@@ -143,3 +138,37 @@ async def sync_account(
     finally:
         await pool.close()
     return result
+
+
+def _describe(error: BaseException) -> str:
+    """An error as one line for the log: an OSError with the path it concerns."""
+    if isinstance(error, OSError) and error.strerror:
+        where = f": {error.filename}" if error.filename else ""
+        return f"{error.strerror}{where}"
+    return str(error) or type(error).__name__
+
+
+async def _sync_one(
+    account: Account,
+    plan: MailboxPlan,
+    state: StateDB,
+    pool: WorkerPool,
+    progress: Progress | None,
+    allow_delete: bool,
+) -> MailboxResult:
+    """One mailbox's sync, from setting up its Maildir to the end.
+
+    Setting up is inside: a local folder that cannot be made (a name too
+    long for the file system, a file where its directory should be) is
+    that mailbox's failure, reported with its name; the others go on.
+    """
+    try:
+        sync = MailboxSync.for_account(
+            account, plan.entry, plan.local_name, state, pool, progress=progress, allow_delete=allow_delete
+        )
+    except Exception as e:  # noqa: BLE001 - one mailbox's local trouble must not stop the account
+        failed = MailboxResult(account.name, plan.local_name, error=f"cannot set up its local folder: {_describe(e)}")
+        log.error("%s", failed.summary())
+        log.debug("%s/%s: setup failed", account.name, plan.local_name, exc_info=True)
+        return failed
+    return await sync.run()
