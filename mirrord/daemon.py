@@ -24,6 +24,7 @@ from mirrord.protocol.connect import open_session
 from mirrord.protocol.errors import LoginFailed
 from mirrord.store.state import StateDB
 from mirrord.sync.account import Discovery, MailboxPlan, discover
+from mirrord.sync.folders import MassFolderRemoval, check_folders, gone_folders, set_aside_folder
 from mirrord.sync.live import LiveMailbox, poll_every
 from mirrord.sync.mailbox import MailboxResult, MailboxSync
 from mirrord.timers import CoalescedLoop
@@ -200,6 +201,7 @@ class AccountDaemon:
         discovery = await discover(self.pool, self.account)
         for reason in discovery.skipped:
             log.warning("%s: not mirrored: %s", self.label, reason)
+        await self._folders_gone(discovery)
         self._apply_discovery(discovery, first=True)
         # Re-list now and then: mailboxes created on the server get mirrored.
         self._rediscover = CoalescedLoop(self.clock, relist_interval(self.account), self._relist,
@@ -275,9 +277,43 @@ class AccountDaemon:
         if self.pool is None or self._stopping:
             return
         try:
-            self._apply_discovery(await discover(self.pool, self.account))
+            discovery = await discover(self.pool, self.account)
+            await self._folders_gone(discovery)
+            self._apply_discovery(discovery)
         except Exception as e:  # noqa: BLE001 - next time, then
             log.warning("%s: could not re-list mailboxes: %s", self.label, e)
+
+    async def _folders_gone(self, discovery: Discovery) -> None:
+        """Folders gone from this complete LIST: their watchers stop, their copies are set aside.
+
+        A LIST lacking too many folders is logged and changes nothing (see
+        :mod:`mirrord.sync.folders`); one that fails never gets here.
+        """
+        recorded = [r.mailbox for r in self.state_db.mailboxes(self.account.name)]
+        gone = set(gone_folders(self.account, discovery.listed, [*recorded, *self.runtime.mailboxes]))
+        if not gone:
+            return
+        try:
+            check_folders(self.account, sorted(gone), len({*recorded, *self.runtime.mailboxes}))
+        except MassFolderRemoval as e:
+            log.error("%s", e)
+            return
+        for name in sorted(gone):
+            runtime = self.runtime.mailboxes.pop(name, None)
+            if runtime is not None:
+                if runtime.poller is not None and runtime.poller.running:
+                    runtime.poller.stop()
+                if runtime.watcher is not None:
+                    await runtime.watcher.stop()
+                await runtime.live.stop()
+            try:
+                where = set_aside_folder(self.account, self.state_db, name)
+            except OSError as e:
+                log.error("%s/%s: gone from the server, but cannot be set aside: %s", self.label, name, _describe(e))
+                continue
+            log.warning("%s/%s: gone from the server; watcher stopped, local copy set aside in %s",
+                        self.label, name, where)
+        self.on_change()
 
     async def _connect(self, label: str) -> MirrordIMAP4Client:
         assert self._password is not None

@@ -20,6 +20,7 @@ from mirrord.progress import Progress
 from mirrord.protocol.client import ListEntry, Namespace
 from mirrord.store.state import StateDB
 from mirrord.sync.mailbox import MailboxResult, MailboxSync
+from mirrord.sync.folders import MassFolderRemoval, set_aside_gone
 from mirrord.sync.names import UnmappableName, local_name, maildir_path
 
 log = logging.getLogger("mirrord.sync")
@@ -40,6 +41,8 @@ class Discovery:
     wanted: list[MailboxPlan] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     """Server mailboxes left out, with the reason."""
+    listed: set[str] = field(default_factory=set)
+    """The local name of every selectable mailbox of the (complete) LIST, wanted or not."""
 
 
 @dataclass
@@ -66,6 +69,7 @@ def choose_mailboxes(account: Account, entries: list[ListEntry], namespace: Name
         except UnmappableName as e:
             discovery.skipped.append(f"{entry.name}: {e}")
             continue
+        discovery.listed.add(name)
         if not account.wants(name):
             continue
         if name in seen:
@@ -116,6 +120,14 @@ async def sync_account(
         for reason in discovery.skipped:
             log.warning("%s: not mirrored: %s", account.name, reason)
         log.info("%s: %d mailboxes to mirror", account.name, len(discovery.wanted))
+        try:
+            set_aside_gone(account, state, discovery.listed)
+        except MassFolderRemoval as e:
+            log.error("%s", e)
+            result.error = str(e)
+        except OSError as e:
+            result.error = f"{account.name}: cannot set aside a folder gone from the server: {_describe(e)}"
+            log.error("%s", result.error)
         runs: list[defer.Deferred[MailboxResult]] = []
         for plan in discovery.wanted:
             runs.append(
