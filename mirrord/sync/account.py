@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
@@ -20,7 +21,7 @@ from mirrord.progress import Progress
 from mirrord.protocol.client import ListEntry, Namespace
 from mirrord.store.state import StateDB
 from mirrord.sync.mailbox import MailboxResult, MailboxSync
-from mirrord.sync.folders import MassFolderRemoval, set_aside_gone
+from mirrord.sync.folders import MassFolderRemoval, adopt_renamed, set_aside_gone
 from mirrord.sync.names import UnmappableName, local_name, maildir_path
 
 log = logging.getLogger("mirrord.sync")
@@ -120,8 +121,9 @@ async def sync_account(
         for reason in discovery.skipped:
             log.warning("%s: not mirrored: %s", account.name, reason)
         log.info("%s: %d mailboxes to mirror", account.name, len(discovery.wanted))
+        set_aside: list[Path] = []
         try:
-            set_aside_gone(account, state, discovery.listed)
+            set_aside = set_aside_gone(account, state, discovery.listed)
         except MassFolderRemoval as e:
             log.error("%s", e)
             result.error = str(e)
@@ -132,7 +134,8 @@ async def sync_account(
         for plan in discovery.wanted:
             runs.append(
                 defer.Deferred.fromCoroutine(
-                    _sync_one(account, plan, state, pool, progress, _allowed(account, plan.local_name, allow_delete))
+                    _sync_one(account, plan, state, pool, progress, _allowed(account, plan.local_name, allow_delete),
+                              set_aside)
                 )
             )
         outcomes = await defer.DeferredList(runs, consumeErrors=True)
@@ -167,6 +170,7 @@ async def _sync_one(
     pool: WorkerPool,
     progress: Progress | None,
     allow_delete: bool,
+    set_aside: list[Path] = [],  # noqa: B006 - read only
 ) -> MailboxResult:
     """One mailbox's sync, from setting up its Maildir to the end.
 
@@ -183,4 +187,9 @@ async def _sync_one(
         log.error("%s", failed.summary())
         log.debug("%s/%s: setup failed", account.name, plan.local_name, exc_info=True)
         return failed
+    if set_aside and state.mailbox(account.name, plan.local_name) is None:
+        try:
+            await adopt_renamed(sync, set_aside)
+        except Exception as e:  # noqa: BLE001 - only a shortcut: the sync fetches what was not moved in
+            log.warning("%s/%s: could not match set-aside copies: %s", account.name, plan.local_name, e)
     return await sync.run()

@@ -16,6 +16,7 @@ and then nothing is set aside.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
@@ -24,11 +25,18 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from mirrord.config import Account
-from mirrord.store.state import StateDB
+from mirrord.flags import Flags, flags_from_info
+from mirrord.pool import Worker
+from mirrord.store.state import MessageRecord, StateDB
+from mirrord.sync.mailbox import MailboxSync
+from mirrord.sync.rematch import Identity, message_id, rematch
 from mirrord.sync.engine import removal_refusal
 from mirrord.sync.names import maildir_path
 
 log = logging.getLogger("mirrord.sync")
+
+MANIFEST = "mirrord-set-aside.json"
+"""In a set-aside folder: the server sizes of its messages, for matching a rename."""
 
 FOLDER_FLOOR = 1
 """One folder gone from a LIST is always followed: deleting a folder is everyday use."""
@@ -70,6 +78,9 @@ def set_aside_folder(account: Account, state: StateDB, name: str) -> Path:
     source = maildir_path(account.maildir, name)
     target = state.path.parent / "set-aside" / account.name / name / f"folder-{time.strftime('%Y%m%d-%H%M%S')}"
     target.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # The sizes the server gave (RFC822.SIZE) go along: a rename is matched by them.
+    sizes = {r.key: r.size for r in state.messages(account.name, name).values()}
+    (target / MANIFEST).write_text(json.dumps({"folder": name, "sizes": sizes}))
     for sub in ("cur", "new", "tmp"):
         if not (source / sub).is_dir():
             continue
@@ -91,8 +102,8 @@ def set_aside_folder(account: Account, state: StateDB, name: str) -> Path:
     return target
 
 
-def set_aside_gone(account: Account, state: StateDB, listed: Iterable[str], skip: Iterable[str] = ()) -> list[str]:
-    """Set aside every folder gone from a complete LIST (see the module docstring); returns their names.
+def set_aside_gone(account: Account, state: StateDB, listed: Iterable[str], skip: Iterable[str] = ()) -> list[Path]:
+    """Set aside every folder gone from a complete LIST (see the module docstring); returns where they went.
 
     Raises MassFolderRemoval instead when the LIST lacks too many.
     """
@@ -101,7 +112,69 @@ def set_aside_gone(account: Account, state: StateDB, listed: Iterable[str], skip
     if not gone:
         return []
     check_folders(account, gone, len([n for n in recorded if account.wants(n)]))
+    places = []
     for name in gone:
         where = set_aside_folder(account, state, name)
         log.warning("%s/%s: gone from the server; local copy set aside in %s", account.name, name, where)
-    return gone
+        places.append(where)
+    return places
+
+
+async def adopt_renamed(sync: MailboxSync, sources: list[Path]) -> int:
+    """Before a new folder's first sync, move in the set-aside copies its messages match.
+
+    A rename on the server looks like a folder gone and a new one: its
+    messages are matched by Message-ID and size (as after a UIDVALIDITY
+    change, :mod:`mirrord.sync.rematch`) against what was just set aside,
+    and moved in instead of downloaded. Recorded pending first, promoted
+    after the move and the directory fsyncs (invariant 1): a crash
+    between leaves a row :meth:`MailboxSync.recover` adopts.
+    Returns how many were moved in.
+    """
+    candidates: dict[int, tuple[Path, str, Flags]] = {}
+    mine: dict[int, Identity] = {}
+    for source in sources:
+        try:
+            sizes = json.loads((source / MANIFEST).read_text()).get("sizes", {})
+        except (OSError, ValueError):
+            continue
+        for sub in ("cur", "new"):
+            directory = source / sub
+            if not directory.is_dir():
+                continue
+            for path in directory.iterdir():
+                key, _, info = path.name.partition(":2,")
+                if sizes.get(key) is None:
+                    continue
+                with path.open("rb") as f:
+                    head = f.read(65536)
+                end = head.find(b"\n\n")
+                n = len(candidates) + 1
+                candidates[n] = (path, key, flags_from_info(info))
+                mine[n] = Identity(message_id(head if end < 0 else head[: end + 1]), sizes[key])
+    if not mine:
+        return 0
+
+    async def identities(worker: Worker) -> tuple[int, dict[int, tuple[int | None, bytes]]]:
+        status = await worker.examine(sync.entry.raw_name)
+        client = await worker.connection()
+        return status.uidvalidity, (await client.uid_fetch_identities() if status.exists else {})
+
+    uidvalidity, found = await sync.pool.run(identities, f"matching {sync.label} with set-aside copies")
+    server = {uid: Identity(message_id(header), size) for uid, (size, header) in found.items()}
+    matched = rematch(mine, server).matched
+    if not matched:
+        return 0
+    records = [
+        MessageRecord(uid, candidates[n][1], candidates[n][2], mine[n].size) for n, uid in matched.items()
+    ]
+    sync.state.set_mailbox(sync.account, sync.name, uidvalidity)
+    sync.state.add_pending(sync.account, sync.name, records)
+    for n in matched:
+        path = candidates[n][0]
+        os.rename(path, sync.maildir.path / path.parent.name / path.name)
+    sync.maildir.sync_dirs(("new", "cur"))
+    sync.state.promote_pending(sync.account, sync.name, [r.uid for r in records])
+    log.info("%s: %d messages moved in from the set-aside copy of a folder gone from the server "
+             "(renamed), not downloaded again", sync.label, len(records))
+    return len(records)

@@ -42,7 +42,8 @@ def test_a_folder_renamed_on_the_server_is_set_aside_once(imap_account: ImapAcco
     assert run.status == 0, run.stderr
     assert not (tmp_path / "Mail" / "Old").exists(), "the folder left the mirror"
     [kept] = set_aside(tmp_path, "Old")
-    assert len(local_messages(kept)) == 3, "never deleted"
+    assert local_messages(kept) == [], "moved into New, not downloaded again"
+    assert "3 messages moved in" in run.stderr and "fetched" not in run.stderr.split("test/New")[-1].split("\n")[0]
     assert run.stderr.count("test/Old: gone from the server") == 1
     assert state_rows(tmp_path, "Old") == 0
     assert_mirrors(imap_account, tmp_path / "Mail", "New")
@@ -85,3 +86,20 @@ def test_the_daemon_stops_watching_a_deleted_folder(imap_account: ImapAccount, t
         converged(imap_account, tmp_path / "Mail", "INBOX")
         assert len(set_aside(tmp_path, "Old")) == 1
         assert daemon.log.count("test/Old: gone from the server") == 1
+
+
+def test_a_folder_deleted_on_the_server_keeps_its_copies_set_aside(imap_account: ImapAccount, tmp_path: Path) -> None:
+    client = imap_account.client
+    for name in ("Gone", "Keep"):
+        client.create(name)
+        client.append(name, make_message(len(name)), ())
+        client.append(name, make_message(len(name) + 10), ())
+    config = write_config(tmp_path, imap_account)
+    assert mirrord("-c", str(config), "run", "--once").status == 0
+    client.delete("Gone")
+    run = mirrord("-c", str(config), "run", "--once")
+    assert run.status == 0, run.stderr
+    [kept] = set_aside(tmp_path, "Gone")
+    assert len(local_messages(kept)) == 2, "never deleted"
+    assert not (tmp_path / "Mail" / "Gone").exists()
+    assert_mirrors(imap_account, tmp_path / "Mail", "Keep")
