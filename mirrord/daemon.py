@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, task, threads
@@ -24,7 +25,7 @@ from mirrord.protocol.connect import open_session
 from mirrord.protocol.errors import LoginFailed
 from mirrord.store.state import StateDB
 from mirrord.sync.account import Discovery, MailboxPlan, discover
-from mirrord.sync.folders import MassFolderRemoval, check_folders, gone_folders, set_aside_folder
+from mirrord.sync.folders import MassFolderRemoval, adopt_renamed, check_folders, gone_folders, set_aside_folder
 from mirrord.sync.live import LiveMailbox, poll_every
 from mirrord.sync.mailbox import MailboxResult, MailboxSync
 from mirrord.timers import CoalescedLoop
@@ -201,15 +202,15 @@ class AccountDaemon:
         discovery = await discover(self.pool, self.account)
         for reason in discovery.skipped:
             log.warning("%s: not mirrored: %s", self.label, reason)
-        await self._folders_gone(discovery)
-        self._apply_discovery(discovery, first=True)
+        set_aside = await self._folders_gone(discovery)
+        await self._apply_discovery(discovery, first=True, set_aside=set_aside)
         # Re-list now and then: mailboxes created on the server get mirrored.
         self._rediscover = CoalescedLoop(self.clock, relist_interval(self.account), self._relist,
                                          label=f"{self.label}: re-listing mailboxes")
         self._rediscover.start(now=False)
         await defer.DeferredList([m.live.first_sync for m in self.runtime.mailboxes.values()])
 
-    def _apply_discovery(self, discovery: Discovery, first: bool = False) -> None:
+    async def _apply_discovery(self, discovery: Discovery, first: bool = False, set_aside: list[Path] = []) -> None:  # noqa: B006
         known = self.runtime.mailboxes
         fresh = [p for p in discovery.wanted if p.local_name not in known]
         if not fresh:
@@ -232,6 +233,11 @@ class AccountDaemon:
                 self.runtime.failed[plan.local_name] = error
                 continue
             self.runtime.failed.pop(plan.local_name, None)
+            if set_aside and self.state_db.mailbox(account.name, plan.local_name) is None:
+                try:
+                    await adopt_renamed(sync, set_aside)
+                except Exception as e:  # noqa: BLE001 - only a shortcut: the sync fetches the rest
+                    log.warning("%s/%s: could not match set-aside copies: %s", self.label, plan.local_name, e)
             known[plan.local_name] = MailboxRuntime(plan, live)
             ready.append(plan)
         fresh = ready
@@ -278,12 +284,12 @@ class AccountDaemon:
             return
         try:
             discovery = await discover(self.pool, self.account)
-            await self._folders_gone(discovery)
-            self._apply_discovery(discovery)
+            set_aside = await self._folders_gone(discovery)
+            await self._apply_discovery(discovery, set_aside=set_aside)
         except Exception as e:  # noqa: BLE001 - next time, then
             log.warning("%s: could not re-list mailboxes: %s", self.label, e)
 
-    async def _folders_gone(self, discovery: Discovery) -> None:
+    async def _folders_gone(self, discovery: Discovery) -> list[Path]:
         """Folders gone from this complete LIST: their watchers stop, their copies are set aside.
 
         A LIST lacking too many folders is logged and changes nothing (see
@@ -292,12 +298,13 @@ class AccountDaemon:
         recorded = [r.mailbox for r in self.state_db.mailboxes(self.account.name)]
         gone = set(gone_folders(self.account, discovery.listed, [*recorded, *self.runtime.mailboxes]))
         if not gone:
-            return
+            return []
         try:
             check_folders(self.account, sorted(gone), len({*recorded, *self.runtime.mailboxes}))
         except MassFolderRemoval as e:
             log.error("%s", e)
-            return
+            return []
+        places: list[Path] = []
         for name in sorted(gone):
             runtime = self.runtime.mailboxes.pop(name, None)
             if runtime is not None:
@@ -313,7 +320,9 @@ class AccountDaemon:
                 continue
             log.warning("%s/%s: gone from the server; watcher stopped, local copy set aside in %s",
                         self.label, name, where)
+            places.append(where)
         self.on_change()
+        return places
 
     async def _connect(self, label: str) -> MirrordIMAP4Client:
         assert self._password is not None
