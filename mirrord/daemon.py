@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, task, threads
@@ -24,6 +25,7 @@ from mirrord.protocol.connect import open_session
 from mirrord.protocol.errors import LoginFailed, describe_failure
 from mirrord.store.state import StateDB
 from mirrord.sync.account import Discovery, MailboxPlan, discover
+from mirrord.sync.folders import MassFolderRemoval, adopt_renamed, check_folders, gone_folders, set_aside_folder
 from mirrord.sync.live import LiveMailbox, poll_every
 from mirrord.sync.mailbox import MailboxResult, MailboxSync
 from mirrord.timers import CoalescedLoop
@@ -86,6 +88,8 @@ class AccountRuntime:
     state: str = "starting"
     error: str | None = None
     mailboxes: dict[str, MailboxRuntime] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    """Mailboxes that could not be set up (local name -> why), retried at each listing."""
 
 
 class AccountDaemon:
@@ -198,14 +202,15 @@ class AccountDaemon:
         discovery = await discover(self.pool, self.account)
         for reason in discovery.skipped:
             log.warning("%s: not mirrored: %s", self.label, reason)
-        self._apply_discovery(discovery, first=True)
+        set_aside = await self._folders_gone(discovery)
+        await self._apply_discovery(discovery, first=True, set_aside=set_aside)
         # Re-list now and then: mailboxes created on the server get mirrored.
         self._rediscover = CoalescedLoop(self.clock, relist_interval(self.account), self._relist,
                                          label=f"{self.label}: re-listing mailboxes")
         self._rediscover.start(now=False)
         await defer.DeferredList([m.live.first_sync for m in self.runtime.mailboxes.values()])
 
-    def _apply_discovery(self, discovery: Discovery, first: bool = False) -> None:
+    async def _apply_discovery(self, discovery: Discovery, first: bool = False, set_aside: list[Path] = []) -> None:  # noqa: B006
         known = self.runtime.mailboxes
         fresh = [p for p in discovery.wanted if p.local_name not in known]
         if not fresh:
@@ -213,11 +218,33 @@ class AccountDaemon:
         watched_now = sum(1 for m in known.values() if m.watcher is not None)
         account = self.account
         room = max(0, account.max_connections - account.workers - watched_now)
-        watched, polled = split_watched(account, fresh, room)
+        ready: list[MailboxPlan] = []
         for plan in fresh:
-            sync = MailboxSync.for_account(account, plan.entry, plan.local_name, self.state_db, self.pool)  # type: ignore[arg-type]
-            live = LiveMailbox(sync, self.clock, on_new_mail=self._new_mail, on_change=self.on_change)
+            # A local folder that cannot be made (a name too long for the file
+            # system, a file in its place) fails that mailbox alone: the others
+            # still get their watchers. It is tried again at the next listing.
+            try:
+                sync = MailboxSync.for_account(account, plan.entry, plan.local_name, self.state_db, self.pool)  # type: ignore[arg-type]
+                live = LiveMailbox(sync, self.clock, on_new_mail=self._new_mail, on_change=self.on_change)
+            except Exception as e:  # noqa: BLE001 - one mailbox's local trouble stays its own
+                error = f"cannot set up its local folder: {_describe(e)}"
+                if self.runtime.failed.get(plan.local_name) != error:
+                    log.error("%s/%s: FAILED: %s; trying again at the next listing", self.label, plan.local_name, error)
+                self.runtime.failed[plan.local_name] = error
+                continue
+            self.runtime.failed.pop(plan.local_name, None)
+            if set_aside and self.state_db.mailbox(account.name, plan.local_name) is None:
+                try:
+                    await adopt_renamed(sync, set_aside)
+                except Exception as e:  # noqa: BLE001 - only a shortcut: the sync fetches the rest
+                    log.warning("%s/%s: could not match set-aside copies: %s", self.label, plan.local_name, e)
             known[plan.local_name] = MailboxRuntime(plan, live)
+            ready.append(plan)
+        fresh = ready
+        if not fresh:
+            self.on_change()
+            return
+        watched, polled = split_watched(account, fresh, room)
         for plan in watched:
             runtime = known[plan.local_name]
             runtime.watcher = WatcherService(
@@ -256,9 +283,46 @@ class AccountDaemon:
         if self.pool is None or self._stopping:
             return
         try:
-            self._apply_discovery(await discover(self.pool, self.account))
+            discovery = await discover(self.pool, self.account)
+            set_aside = await self._folders_gone(discovery)
+            await self._apply_discovery(discovery, set_aside=set_aside)
         except Exception as e:  # noqa: BLE001 - next time, then
             log.warning("%s: could not re-list mailboxes: %s", self.label, e)
+
+    async def _folders_gone(self, discovery: Discovery) -> list[Path]:
+        """Folders gone from this complete LIST: their watchers stop, their copies are set aside.
+
+        A LIST lacking too many folders is logged and changes nothing (see
+        :mod:`mirrord.sync.folders`); one that fails never gets here.
+        """
+        recorded = [r.mailbox for r in self.state_db.mailboxes(self.account.name)]
+        gone = set(gone_folders(self.account, discovery.listed, [*recorded, *self.runtime.mailboxes]))
+        if not gone:
+            return []
+        try:
+            check_folders(self.account, sorted(gone), len({*recorded, *self.runtime.mailboxes}))
+        except MassFolderRemoval as e:
+            log.error("%s", e)
+            return []
+        places: list[Path] = []
+        for name in sorted(gone):
+            runtime = self.runtime.mailboxes.pop(name, None)
+            if runtime is not None:
+                if runtime.poller is not None and runtime.poller.running:
+                    runtime.poller.stop()
+                if runtime.watcher is not None:
+                    await runtime.watcher.stop()
+                await runtime.live.stop()
+            try:
+                where = set_aside_folder(self.account, self.state_db, name)
+            except OSError as e:
+                log.error("%s/%s: gone from the server, but cannot be set aside: %s", self.label, name, _describe(e))
+                continue
+            log.warning("%s/%s: gone from the server; watcher stopped, local copy set aside in %s",
+                        self.label, name, where)
+            places.append(where)
+        self.on_change()
+        return places
 
     async def _connect(self, label: str) -> MirrordIMAP4Client:
         assert self._password is not None
@@ -295,3 +359,11 @@ class AccountDaemon:
         await defer.DeferredList([r.live.stop() for r in self.runtime.mailboxes.values()], consumeErrors=True)
         if self.pool is not None:
             await self.pool.close()
+
+
+def _describe(error: BaseException) -> str:
+    """An error as one line for the log: an OSError with the path it concerns."""
+    if isinstance(error, OSError) and error.strerror:
+        where = f": {error.filename}" if error.filename else ""
+        return f"{error.strerror}{where}"
+    return str(error) or type(error).__name__

@@ -135,7 +135,20 @@ class Service:
         self._jumps = ClockJumpDetector(self._clock_jumped, self.reactor)
         self._jumps.start()
         self.notifier.ready(self.status_line())
-        log.info("first sync done; mirroring %d accounts", len(self.accounts))
+        self._log_started()
+
+    def _log_started(self) -> None:
+        """Say what the start achieved: an account that never connected is not being mirrored."""
+        failing = [d for d in self.accounts.values() if d.runtime.state == "error"]
+        if not failing:
+            log.info("first sync done; mirroring %d accounts", len(self.accounts))
+            return
+        log.warning(
+            "first sync done for %d of %d accounts; not connected, retrying: %s",
+            len(self.accounts) - len(failing),
+            len(self.accounts),
+            ", ".join(d.label for d in failing),  # each one's error was logged as it happened
+        )
 
     def _account(self, account: Account) -> AccountDaemon:
         old = self.hooks.pop(account.name, None)
@@ -181,10 +194,11 @@ class Service:
                     polled += 1
                 if runtime.live.last_error:
                     failing += 1
+            failing += len(daemon.runtime.failed)
         parts = [f"{len(self.accounts)} accounts", f"{watched} mailboxes watched", f"{polled} polled"]
-        errors = sum(1 for d in self.accounts.values() if d.runtime.state == "error")
-        if errors:
-            parts.append(f"{errors} accounts failing")
+        failing_accounts = [d.label for d in self.accounts.values() if d.runtime.state == "error"]
+        if failing_accounts:
+            parts.append(f"not connected, retrying: {', '.join(failing_accounts)}")
         if failing:
             parts.append(f"{failing} mailboxes with errors")
         if self.last_mail is not None:
@@ -230,6 +244,10 @@ class Service:
                         last_error=live.last_error,
                     )
                 )
+            for name, error in daemon.runtime.failed.items():
+                if name not in daemon.runtime.mailboxes:
+                    mailboxes.append(MailboxStatus(name=name, state="error", last_error=error))
+            mailboxes.sort(key=lambda m: m.name)
             accounts.append(
                 AccountStatus(
                     name=daemon.account.name,

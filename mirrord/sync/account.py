@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
@@ -20,6 +21,7 @@ from mirrord.progress import Progress
 from mirrord.protocol.client import ListEntry, Namespace
 from mirrord.store.state import StateDB
 from mirrord.sync.mailbox import MailboxResult, MailboxSync
+from mirrord.sync.folders import MassFolderRemoval, adopt_renamed, set_aside_gone
 from mirrord.sync.names import UnmappableName, local_name, maildir_path, unique_local_names, visible
 
 log = logging.getLogger("mirrord.sync")
@@ -40,6 +42,8 @@ class Discovery:
     wanted: list[MailboxPlan] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     """Server mailboxes left out, with the reason."""
+    listed: set[str] = field(default_factory=set)
+    """The local name of every selectable mailbox of the (complete) LIST, wanted or not."""
 
 
 @dataclass
@@ -75,6 +79,7 @@ def choose_mailboxes(account: Account, entries: list[ListEntry], namespace: Name
         except UnmappableName as e:
             discovery.skipped.append(f"{visible(entry.name)}: {e}")
             continue
+        discovery.listed.add(name)
         if not account.wants(name):
             continue
         if name in seen:
@@ -125,26 +130,31 @@ async def sync_account(
         for reason in discovery.skipped:
             log.warning("%s: not mirrored: %s", account.name, reason)
         log.info("%s: %d mailboxes to mirror", account.name, len(discovery.wanted))
-        syncs = [
-            MailboxSync.for_account(
-                account,
-                plan.entry,
-                plan.local_name,
-                state,
-                pool,
-                progress=progress,
-                allow_delete=_allowed(account, plan.local_name, allow_delete),
+        set_aside: list[Path] = []
+        try:
+            set_aside = set_aside_gone(account, state, discovery.listed)
+        except MassFolderRemoval as e:
+            log.error("%s", e)
+            result.error = str(e)
+        except OSError as e:
+            result.error = f"{account.name}: cannot set aside a folder gone from the server: {_describe(e)}"
+            log.error("%s", result.error)
+        runs: list[defer.Deferred[MailboxResult]] = []
+        for plan in discovery.wanted:
+            runs.append(
+                defer.Deferred.fromCoroutine(
+                    _sync_one(account, plan, state, pool, progress, _allowed(account, plan.local_name, allow_delete),
+                              set_aside)
+                )
             )
-            for plan in discovery.wanted
-        ]
-        outcomes = await defer.DeferredList(
-            [defer.Deferred.fromCoroutine(s.run()) for s in syncs], consumeErrors=True
-        )
-        for ok, value in outcomes:
+        outcomes = await defer.DeferredList(runs, consumeErrors=True)
+        for plan, (ok, value) in zip(discovery.wanted, outcomes):
             if ok:
                 result.mailboxes.append(value)
             else:
-                result.error = value.getErrorMessage()
+                failed = MailboxResult(account.name, plan.local_name, error=_describe(value.value))
+                log.error("%s", failed.summary())
+                result.mailboxes.append(failed)
     except Exception as e:  # noqa: BLE001 - reported, and the other accounts go on
         result.error = str(e) or type(e).__name__
         log.error("%s: %s", account.name, result.error)
@@ -152,3 +162,43 @@ async def sync_account(
     finally:
         await pool.close()
     return result
+
+
+def _describe(error: BaseException) -> str:
+    """An error as one line for the log: an OSError with the path it concerns."""
+    if isinstance(error, OSError) and error.strerror:
+        where = f": {error.filename}" if error.filename else ""
+        return f"{error.strerror}{where}"
+    return str(error) or type(error).__name__
+
+
+async def _sync_one(
+    account: Account,
+    plan: MailboxPlan,
+    state: StateDB,
+    pool: WorkerPool,
+    progress: Progress | None,
+    allow_delete: bool,
+    set_aside: list[Path] = [],  # noqa: B006 - read only
+) -> MailboxResult:
+    """One mailbox's sync, from setting up its Maildir to the end.
+
+    Setting up is inside: a local folder that cannot be made (a name too
+    long for the file system, a file where its directory should be) is
+    that mailbox's failure, reported with its name; the others go on.
+    """
+    try:
+        sync = MailboxSync.for_account(
+            account, plan.entry, plan.local_name, state, pool, progress=progress, allow_delete=allow_delete
+        )
+    except Exception as e:  # noqa: BLE001 - one mailbox's local trouble must not stop the account
+        failed = MailboxResult(account.name, plan.local_name, error=f"cannot set up its local folder: {_describe(e)}")
+        log.error("%s", failed.summary())
+        log.debug("%s/%s: setup failed", account.name, plan.local_name, exc_info=True)
+        return failed
+    if set_aside and state.mailbox(account.name, plan.local_name) is None:
+        try:
+            await adopt_renamed(sync, set_aside)
+        except Exception as e:  # noqa: BLE001 - only a shortcut: the sync fetches what was not moved in
+            log.warning("%s/%s: could not match set-aside copies: %s", account.name, plan.local_name, e)
+    return await sync.run()

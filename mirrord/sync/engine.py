@@ -301,6 +301,20 @@ def files_in_place(known: Mapping[int, Known], files: Mapping[str, Flags]) -> bo
     return True
 
 
+REMOVAL_FLOOR = 10
+"""Removing this many local copies at once never needs consent, whatever share of the mailbox it is.
+
+Deleting the one message of a folder, or the last few, is what people do
+every day; the guard is for a server that suddenly shows a big mailbox
+empty or shrunken. What a small removal could cost is a handful of copies,
+and those wait in the trash for ``trash_days``."""
+
+UNGUARDED_SPECIAL_USE = frozenset({"\\trash", "\\junk"})
+"""LIST attributes (RFC 6154, compared in lower case) of folders that are
+emptied wholesale as a matter of course ("Empty Trash"): removals there are
+never held back."""
+
+
 class MassRemoval(Exception):
     """A listing would remove more of a mailbox than is plausible: refuse, and say so.
 
@@ -309,28 +323,53 @@ class MassRemoval(Exception):
     deleted everything. The first costs mail, the second a confirmation.
     """
 
-    def __init__(self, would_remove: int, of: int, why: str) -> None:
-        super().__init__(f"would remove {would_remove} of {of} local copies ({why})")
+    def __init__(self, would_remove: int, of: int, why: str, what: str = "local copies") -> None:
+        super().__init__(f"would remove {would_remove} of {of} {what} ({why})")
         self.would_remove = would_remove
         self.of = of
 
 
-def check_removal(plan: SyncPlan, known: int, max_delete: float) -> None:
-    """Raise MassRemoval if ``plan`` removes a whole non-empty mailbox or more than ``max_delete`` of it.
+def removal_refusal(
+    count: int,
+    of: int,
+    max_delete: float,
+    *,
+    floor: int = REMOVAL_FLOOR,
+    attributes: frozenset[str] = frozenset(),
+    whole: str = "every message of the mailbox",
+) -> str | None:
+    """Why removing ``count`` of ``of`` things at once needs the user's consent, or None if it does not.
+
+    The one rule every removal path applies (a listing, a catch-up, a live
+    EXPUNGE/VANISHED, folders gone from LIST): nothing to remove, or at most
+    ``floor``, or a \\Trash or \\Junk folder (``attributes``), pass;
+    otherwise removing all of a non-empty set, or more than ``max_delete``
+    of it, is refused.
+    """
+    if count <= 0 or count <= floor:
+        return None
+    if {a.lower() for a in attributes} & UNGUARDED_SPECIAL_USE:
+        return None
+    if count >= of:
+        return whole
+    if count > max_delete * of:
+        return f"more than max_delete = {max_delete:.0%}"
+    return None
+
+
+def check_removal(
+    plan: SyncPlan, known: int, max_delete: float, *, attributes: frozenset[str] = frozenset()
+) -> None:
+    """Raise MassRemoval if ``plan`` removes more of the mailbox than :func:`removal_refusal` lets pass.
 
     ``known`` is how many messages we have locally; ``max_delete`` a share
-    from 0 to 1. Listings and catch-ups are checked, live events are not.
-    A VANISHED (EARLIER) in a catch-up names each UID, so it is evidence in
-    the sense of invariant 2, but it arrives in bulk after any length of
-    downtime, from the same server that might be half-restored or be the
-    wrong mailbox behind a name: a catch-up that would remove most of a
-    mailbox stops and asks, exactly as a listing would. An EXPUNGE or
-    VANISHED seen live, one change at a time, is applied.
+    from 0 to 1; ``attributes`` the mailbox's LIST attributes. Listings,
+    catch-ups and live events are all checked: a VANISHED names each UID,
+    so it is evidence in the sense of invariant 2, but a broken server can
+    send ``VANISHED 1:9999999`` as easily as it can list a mailbox empty.
+    Expunges seen live one at a time stay under the floor and are applied.
     """
     count = len(plan.remove)
-    if not count:
-        return
-    if count >= known:
-        raise MassRemoval(count, known, "every message of the mailbox")
-    if count > max_delete * known:
-        raise MassRemoval(count, known, f"more than max_delete = {max_delete:.0%}")
+    why = removal_refusal(count, known, max_delete, attributes=attributes)
+    if why is not None:
+        raise MassRemoval(count, known, why)

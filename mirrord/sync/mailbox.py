@@ -270,7 +270,7 @@ class MailboxSync(FetchPipeline):
                 local, files = self._snapshot(uidvalidity, known, trust=False)
                 plan = plan_sync(server, local)
         if not self.allow_delete:
-            check_removal(plan, count, self.max_delete)
+            check_removal(plan, count, self.max_delete, attributes=self.entry.attributes)
         if plan.forget_all:
             log.warning("%s: UIDVALIDITY changed and the old copies are gone; mirroring afresh", self.label)
             self.state.delete_mailbox(self.account, self.name)
@@ -431,7 +431,11 @@ class MailboxSync(FetchPipeline):
             {uid: KnownMessage(r.key, r.flags) for uid, r in known.items()},
             {key: f.flags for key, f in files.items()},
         )
-        self._apply_local(plan_changes(local, expunged, flags), known, result, files)
+        plan = plan_changes(local, expunged, flags)
+        if plan.remove and not self.allow_delete:
+            check_removal(plan, self.state.count(self.account, self.name), self.max_delete,
+                          attributes=self.entry.attributes)
+        self._apply_local(plan, known, result, files)
         if result.removed or result.flags_changed:
             done = []
             if result.removed:

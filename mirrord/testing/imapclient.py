@@ -242,6 +242,11 @@ class ImapClient:
         self._unselect(conn)
         self._run(f"DELETE {mailbox!r}", conn.delete, _quote(encode_mailbox(mailbox)))
 
+    def rename(self, old: str, new: str) -> None:
+        conn = self._connection()
+        self._unselect(conn)
+        self._run(f"RENAME {old!r} {new!r}", conn.rename, _quote(encode_mailbox(old)), _quote(encode_mailbox(new)))
+
     def mailboxes(self) -> list[str]:
         """Every mailbox name the server lists, decoded to UTF-8, in server order."""
         data = self._read(lambda: self._run("LIST", self._connection().list, '""', '"*"'))

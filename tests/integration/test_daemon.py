@@ -155,3 +155,20 @@ def test_a_mailbox_recreated_while_watched_is_rematched_at_the_next_renewal(
         converged(imap_account, tmp_path / "Mail", "Work", timeout=90)
         daemon.wait_for_log("re-matched to their new UIDs")
     assert old_inodes <= {m.path.stat().st_ino for m in local_messages(tmp_path / "Mail" / "Work")}
+
+
+def test_a_mailbox_whose_folder_cannot_be_made_leaves_the_others_watched(
+    imap_account: ImapAccount, tmp_path: Path
+) -> None:
+    client = imap_account.client
+    for name in ("Aaa", "Zed"):
+        client.create(name)
+    (tmp_path / "Mail").mkdir(mode=0o700)
+    (tmp_path / "Mail" / "Aaa").write_text("not a folder\n")
+    with DaemonProcess(write_config(tmp_path, imap_account)) as daemon:
+        assert "test/Aaa: FAILED" in daemon.log
+        client.append("INBOX", make_message(1), ())
+        client.append("Zed", make_message(2), ())
+        converged(imap_account, tmp_path / "Mail", "INBOX")
+        converged(imap_account, tmp_path / "Mail", "Zed")
+        assert local_messages(tmp_path / "Mail" / "INBOX"), "arrived"

@@ -287,17 +287,17 @@ def test_mass_removal_stops_the_mailbox_until_allowed_and_keeps_a_trash(
 ) -> None:
     client = imap_account.client
     client.create("Work")
-    uids = [client.append("Work", make_message(i), ()) for i in range(10)]
+    uids = [client.append("Work", make_message(i), ()) for i in range(20)]
     client.append("INBOX", make_message(100), ())
     config = write_config(tmp_path, imap_account)
     assert mirrord("-c", str(config), "run", "--once").status == 0
     before = tree_snapshot(tmp_path / "Mail" / "Work")
-    client.expunge("Work", uids[:8])
+    client.expunge("Work", uids[:16])
     client.append("INBOX", make_message(101), ())
 
     run = mirrord("-c", str(config), "run", "--once")
     assert run.status == 1
-    assert "test/Work" in run.stderr and "would remove 8 of 10 local copies" in run.stderr
+    assert "test/Work" in run.stderr and "would remove 16 of 20 local copies" in run.stderr
     assert "--allow-delete test/Work" in run.stderr
     assert tree_snapshot(tmp_path / "Mail" / "Work") == before, "nothing removed"
     assert_mirrors(imap_account, tmp_path / "Mail", "INBOX")  # the other mailbox went on
@@ -307,17 +307,49 @@ def test_mass_removal_stops_the_mailbox_until_allowed_and_keeps_a_trash(
     assert run.status == 0, run.stderr
     assert_mirrors(imap_account, tmp_path / "Mail", "Work")
     trash = tmp_path / "state" / "trash" / "test" / "Work"
-    assert len(list(trash.iterdir())) == 8, "removed copies wait in the trash"
+    assert len(list(trash.iterdir())) == 16, "removed copies wait in the trash"
 
 
 def test_a_mailbox_emptied_on_the_server_is_not_emptied_locally_without_consent(
     imap_account: ImapAccount, tmp_path: Path
 ) -> None:
     client = imap_account.client
-    uid = client.append("INBOX", make_message(1), ())
+    imap_account.fill("INBOX", [make_message(i) for i in range(20)])
     config = write_config(tmp_path, imap_account)
     assert mirrord("-c", str(config), "run", "--once").status == 0
-    client.expunge("INBOX", [uid])
+    client.expunge("INBOX", client.uids("INBOX"))
     run = mirrord("-c", str(config), "run", "--once")
     assert run.status == 1 and "every message of the mailbox" in run.stderr
-    assert len(local_messages(tmp_path / "Mail" / "INBOX")) == 1
+    assert len(local_messages(tmp_path / "Mail" / "INBOX")) == 20
+
+
+def test_a_mailbox_whose_folder_cannot_be_made_fails_alone(imap_account: ImapAccount, tmp_path: Path) -> None:
+    """A local error of one mailbox (here a file where its folder goes) is that mailbox's alone."""
+    client = imap_account.client
+    for name in ("Aaa", "Zed"):
+        client.create(name)
+        client.append(name, make_message(hash(name) % 1000), ())
+    client.append("INBOX", make_message(1), ())
+    (tmp_path / "Mail").mkdir(mode=0o700)
+    (tmp_path / "Mail" / "Aaa").write_text("not a folder\n")
+    run = mirrord("-c", str(write_config(tmp_path, imap_account)), "run", "--once")
+    assert run.status == 1, run.stderr
+    assert "test/Aaa: FAILED" in run.stderr and "Aaa" in run.stderr
+    assert_mirrors(imap_account, tmp_path / "Mail", "INBOX")
+    assert_mirrors(imap_account, tmp_path / "Mail", "Zed")
+
+
+def test_emptying_a_small_folder_on_the_server_is_mirrored(imap_account: ImapAccount, tmp_path: Path) -> None:
+    """Deleting the one message of a folder (or a few) is everyday use, not a mass removal."""
+    client = imap_account.client
+    client.create("Notes")
+    uids = [client.append("Notes", make_message(i), ()) for i in range(3)]
+    one = client.append("INBOX", make_message(10), ())
+    config = write_config(tmp_path, imap_account)
+    assert mirrord("-c", str(config), "run", "--once").status == 0
+    client.expunge("Notes", uids)
+    client.expunge("INBOX", [one])
+    run = mirrord("-c", str(config), "run", "--once")
+    assert run.status == 0, run.stderr
+    assert local_messages(tmp_path / "Mail" / "Notes") == []
+    assert local_messages(tmp_path / "Mail" / "INBOX") == []

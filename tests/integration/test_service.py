@@ -228,3 +228,22 @@ def test_wrong_password_is_said_once_and_not_hammered(imap_account: ImapAccount,
         delay = float(refusals[0].rsplit("trying again in ", 1)[1].split()[0])
         assert delay >= 300, "a refused login waits minutes, not seconds"
         assert "Not-the-password-7" not in daemon.log
+
+
+def test_an_account_that_never_connected_is_not_called_mirrored(
+    imap_account: ImapAccount, tmp_path: Path, notify: NotifySocket
+) -> None:
+    """Server down at start: READY may come, but the log and STATUS say the account is retrying."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    config = write_config(tmp_path, imap_account, host="127.0.0.1")
+    text = config.read_text().replace(f"port: {imap_account.imaps_port}", f"port: {closed_port}")
+    config.write_text(text)
+    with DaemonProcess(config, env={"NOTIFY_SOCKET": str(notify.path)}) as daemon:
+        notify.wait_for("READY=1")
+        started = next(line for line in daemon.lines if "first sync done" in line)
+        assert "mirroring 1 accounts" not in started
+        assert "not connected, retrying" in started and "test" in started, started
+        ready = next(m for _, m in notify.messages if "READY=1" in m)
+        assert "not connected, retrying: test" in ready, ready

@@ -109,14 +109,14 @@ def test_listed_maildir_refetches_missing_files_and_fixes_renamed_ones() -> None
 
 
 def test_vanished_removals_are_still_checked_against_max_delete() -> None:
-    known = {uid: fs() for uid in range(1, 11)}
-    changes = ServerChanges(UV, exists=2, vanished=frozenset(range(1, 9)))
+    known = {uid: fs() for uid in range(1, 31)}
+    changes = ServerChanges(UV, exists=6, vanished=frozenset(range(1, 25)))
     plan = plan_catchup(changes, summary(known))
-    assert plan is not None and plan.remove == tuple(range(1, 9))
+    assert plan is not None and plan.remove == tuple(range(1, 25))
     try:
-        check_removal(plan, 10, 0.5)
+        check_removal(plan, 30, 0.5)
     except Exception as e:  # noqa: BLE001
-        assert "would remove 8 of 10" in str(e)
+        assert "would remove 24 of 30" in str(e)
     else:
         raise AssertionError("a catch-up removing 80 % must stop")
 

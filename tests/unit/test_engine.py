@@ -735,22 +735,63 @@ def test_one_plan_converges_and_is_idempotent_slow(
 
 # -- the mass-removal guard ----------------------------------------------------
 
-from mirrord.sync.engine import MassRemoval, check_removal  # noqa: E402
+from mirrord.sync.engine import REMOVAL_FLOOR, MassRemoval, check_removal, removal_refusal  # noqa: E402
 
 
 def test_guard_allows_up_to_the_share() -> None:
-    check_removal(SyncPlan(remove=(1, 2)), known=4, max_delete=0.5)
+    check_removal(SyncPlan(remove=tuple(range(20))), known=40, max_delete=0.5)
     check_removal(SyncPlan(), known=0, max_delete=0.0)
 
 
 def test_guard_refuses_more_than_the_share() -> None:
-    with pytest.raises(MassRemoval, match="would remove 3 of 4 local copies"):
-        check_removal(SyncPlan(remove=(1, 2, 3)), known=4, max_delete=0.5)
+    with pytest.raises(MassRemoval, match="would remove 30 of 40 local copies"):
+        check_removal(SyncPlan(remove=tuple(range(30))), known=40, max_delete=0.5)
 
 
 def test_guard_refuses_a_whole_non_empty_mailbox_whatever_the_share() -> None:
     with pytest.raises(MassRemoval, match="every message"):
-        check_removal(SyncPlan(remove=(1,)), known=1, max_delete=1.0)
+        check_removal(SyncPlan(remove=tuple(range(11))), known=11, max_delete=1.0)
+
+
+def test_emptying_a_folder_of_a_few_messages_passes() -> None:
+    """Deleting the one message of a folder, or its last few, is everyday use (issue #11 item 5)."""
+    check_removal(SyncPlan(remove=(1,)), known=1, max_delete=0.5)
+    check_removal(SyncPlan(remove=tuple(range(REMOVAL_FLOOR))), known=REMOVAL_FLOOR, max_delete=0.0)
+
+
+@pytest.mark.parametrize("attribute", ["\\Trash", "\\Junk", "\\TRASH"])
+def test_emptying_trash_or_junk_passes_whatever_its_size(attribute: str) -> None:
+    check_removal(SyncPlan(remove=tuple(range(5000))), known=5000, max_delete=0.5,
+                  attributes=frozenset({"\\HasNoChildren", attribute}))
+
+
+def test_other_special_use_folders_are_guarded() -> None:
+    with pytest.raises(MassRemoval):
+        check_removal(SyncPlan(remove=tuple(range(500))), known=500, max_delete=0.5,
+                      attributes=frozenset({"\\Sent"}))
+
+
+@given(
+    count=st.integers(0, 10_000),
+    extra=st.integers(0, 10_000),
+    max_delete=st.floats(0, 1),
+    attributes=st.sets(st.sampled_from(["\\Trash", "\\Junk", "\\Sent", "\\Archive", "\\HasChildren"])),
+)
+def test_removal_refusal_is_the_documented_rule(
+    count: int, extra: int, max_delete: float, attributes: set[str]
+) -> None:
+    of = count + extra
+    why = removal_refusal(count, of, max_delete, attributes=frozenset(attributes))
+    exempt = count <= REMOVAL_FLOOR or bool({"\\Trash", "\\Junk"} & attributes)
+    if exempt:
+        assert why is None
+    elif count == of:
+        assert why == "every message of the mailbox"
+    else:
+        assert (why is not None) == (count > max_delete * of)
+    # Monotone: removing more of the same mailbox is never easier to allow.
+    if why is not None and count < of:
+        assert removal_refusal(count + 1, of, max_delete, attributes=frozenset(attributes)) is not None
 
 
 # -- re-matching after a UIDVALIDITY change ------------------------------------
