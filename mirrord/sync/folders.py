@@ -4,7 +4,7 @@ A folder deleted or renamed on the server would otherwise stay in the mirror
 for ever (and its watcher reconnect for ever). When a complete LIST of the
 same account no longer has a folder we mirrored, its Maildir (``cur``,
 ``new``, ``tmp``: not the folders nested under it, which are mailboxes of
-their own) moves to ``<state_dir>/set-aside/<account>/<folder>/folder-<time>/``
+their own) moves to ``<state_dir>/set-aside/<account>/<flat folder name>/folder-<time>/``
 and its state rows go, so nothing later mistakes it for the folder it was.
 
 A LIST that suddenly lacks most folders is a broken server's more than a
@@ -24,14 +24,16 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from mirrord._fs import make_private_dirs
 from mirrord.config import Account
 from mirrord.flags import Flags, flags_from_info
 from mirrord.pool import Worker
+from mirrord.store.maildir import trash_dir
 from mirrord.store.state import MessageRecord, StateDB
-from mirrord.sync.mailbox import MailboxSync
-from mirrord.sync.rematch import Identity, message_id, rematch
 from mirrord.sync.engine import removal_refusal
+from mirrord.sync.mailbox import MailboxSync
 from mirrord.sync.names import maildir_path
+from mirrord.sync.rematch import Identity, message_id, rematch
 
 log = logging.getLogger("mirrord.sync")
 
@@ -76,8 +78,10 @@ def set_aside_folder(account: Account, state: StateDB, name: str) -> Path:
     Idempotent: a crash half-way leaves the rows, and the next LIST does the rest.
     """
     source = maildir_path(account.maildir, name)
-    target = state.path.parent / "set-aside" / account.name / name / f"folder-{time.strftime('%Y%m%d-%H%M%S')}"
-    target.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # The mailbox's own flat set-aside directory (store.maildir.trash_dir): a
+    # child folder's never sits inside its parent's; private like all we make.
+    target = trash_dir(state.path.parent, "set-aside", account.name, name) / f"folder-{time.strftime('%Y%m%d-%H%M%S')}"
+    make_private_dirs(target)
     # The sizes the server gave (RFC822.SIZE) go along: a rename is matched by them.
     sizes = {r.key: r.size for r in state.messages(account.name, name).values()}
     (target / MANIFEST).write_text(json.dumps({"folder": name, "sizes": sizes}))
