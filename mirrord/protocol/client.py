@@ -335,6 +335,16 @@ def _tcp_handle(transport: Any) -> Any:
     return None
 
 
+
+def _selection_codes(untagged: Iterable[Untagged]) -> tuple[int | None, int | None, int | None]:
+    """UIDVALIDITY, UIDNEXT and HIGHESTMODSEQ from the OK codes of an EXAMINE or SELECT (None when absent)."""
+    found: dict[str, int] = {}
+    for response in untagged:
+        name = code_name(response.code)
+        if name in ("UIDVALIDITY", "UIDNEXT", "HIGHESTMODSEQ") and len(response.code or ()) >= 2:
+            found[name] = as_int(response.code[1], name)  # type: ignore[index]
+    return found.get("UIDVALIDITY"), found.get("UIDNEXT"), found.get("HIGHESTMODSEQ")
+
 class MirrordIMAP4Client(IMAP4Client):
     """One IMAP connection; see the module docstring."""
 
@@ -839,7 +849,8 @@ class MirrordIMAP4Client(IMAP4Client):
         elif condstore:
             args += b" (CONDSTORE)"
         result = await self._run(self._simple("EXAMINE", args, wants=wants, barrier=True))
-        exists, uidvalidity, uidnext, modseq = 0, None, None, None
+        exists = 0
+        uidvalidity, uidnext, modseq = _selection_codes(result.untagged)
         vanished: set[int] = set()
         changed: dict[int, Flags] = {}
         for response in result.untagged:
@@ -856,15 +867,6 @@ class MirrordIMAP4Client(IMAP4Client):
                 items = fetch_items(response)
                 if "UID" in items and "FLAGS" in items:
                     changed[as_int(items["UID"], "UID")] = message_flags(as_flags(items["FLAGS"]))
-            name = code_name(response.code)
-            if name in ("UIDVALIDITY", "UIDNEXT", "HIGHESTMODSEQ") and len(response.code or ()) >= 2:
-                value = as_int(response.code[1], name)  # type: ignore[index]
-                if name == "UIDVALIDITY":
-                    uidvalidity = value
-                elif name == "UIDNEXT":
-                    uidnext = value
-                else:
-                    modseq = value
         if uidvalidity is None:
             raise ProtocolError("EXAMINE gave no UIDVALIDITY")
         resynced = qresync is not None and uidvalidity == qresync[0] and modseq is not None
@@ -1238,19 +1240,11 @@ class MirrordIMAP4Client(IMAP4Client):
         result = await self._run(self._simple("SELECT", quote(raw_name), wants=["OK", "EXISTS", "RECENT", "FLAGS"], barrier=True))
         if code_name(result.tagged.code) == "READ-ONLY":
             raise CommandFailed("SELECT", "OK", "the server opened the mailbox read-only")
-        exists, uidvalidity, uidnext, modseq = 0, None, None, None
+        exists = 0
+        uidvalidity, uidnext, modseq = _selection_codes(result.untagged)
         for response in result.untagged:
             if response.kind == "EXISTS" and response.number is not None:
                 exists = response.number
-            name = code_name(response.code)
-            if name in ("UIDVALIDITY", "UIDNEXT", "HIGHESTMODSEQ") and len(response.code or ()) >= 2:
-                value = as_int(response.code[1], name)  # type: ignore[index]
-                if name == "UIDVALIDITY":
-                    uidvalidity = value
-                elif name == "UIDNEXT":
-                    uidnext = value
-                else:
-                    modseq = value
         if uidvalidity is None:
             raise ProtocolError("SELECT gave no UIDVALIDITY")
         return MailboxStatus(exists, uidvalidity, uidnext, modseq)

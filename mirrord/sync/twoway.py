@@ -60,10 +60,11 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from mirrord.flags import Flags, flags_from_info, maildir_info
 from mirrord.store.maildir import LocalFile
+from mirrord.sync.engine import Known
 
 DeletePolicy = Literal["expunge", "flag", "keep"]
 
@@ -77,16 +78,6 @@ SYSTEM_LETTERS = "DFRST"
 _MERGED = {f.lower() for f in flags_from_info(SYSTEM_LETTERS)}
 _RECENT = "\\recent"
 DELETED = "\\Deleted"
-
-
-class Known(Protocol):
-    """What is read of a state row (MessageRecord fits)."""
-
-    @property
-    def key(self) -> str: ...
-
-    @property
-    def flags(self) -> Flags: ...
 
 
 @dataclass(frozen=True)

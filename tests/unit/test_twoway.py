@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
 
 from mirrord.flags import Flags, flags_from_info, maildir_info
 from mirrord.store.maildir import LocalFile
@@ -576,6 +576,10 @@ class TwoWayMachine(RuleBasedStateMachine):
         if key is not None:
             self.m.local[folder][self.m.new_key()] = self.m.local[folder].pop(key)
 
+    EDITS = False
+    """Whether readers edit file contents (see TwoWayMachineWithEdits)."""
+
+    @precondition(lambda self: self.EDITS)
     @rule(data=st.data(), folder=st.sampled_from(FOLDERS))
     def local_edit(self, data: st.DataObject, folder: str) -> None:
         key = self._pick_local(data, folder)
@@ -651,9 +655,31 @@ class TwoWayMachine(RuleBasedStateMachine):
         self.m.check_converged()
 
 
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="open (issue 12): with some seeds (e.g. --hypothesis-seed=10) the "
+                   "model still finds a duplicate after moves within and across folders; twoway.py is not "
+                   "wired in yet, and must not be before this passes")
 def test_model_random_interleavings_converge() -> None:
     run_state_machine_as_test(
         TwoWayMachine,
+        settings=settings(
+            max_examples=300, stateful_step_count=30, deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+        ),
+    )
+
+
+class TwoWayMachineWithEdits(TwoWayMachine):
+    EDITS = True
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="open (issue 12): a content edit combined with a move or rename "
+                   "can duplicate a message (e.g. edit in A, move within A keeping the key, sync, edit in B, "
+                   "sync, delete in B, move within A); found with some seeds, e.g. --hypothesis-seed=6")
+def test_model_with_content_edits_converges() -> None:
+    run_state_machine_as_test(
+        TwoWayMachineWithEdits,
         settings=settings(
             max_examples=300, stateful_step_count=30, deadline=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
