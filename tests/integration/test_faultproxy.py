@@ -96,6 +96,24 @@ def echo(server: LoopbackServer) -> Handler:
     return handle
 
 
+def greets_when_asked(server: LoopbackServer) -> Handler:
+    """Like :func:`echo`, but greets only after the client's first byte.
+
+    A server that greets at once races the client's own connect(): a proxy
+    that cuts two bytes into the greeting can reset the connection before the
+    client's connect() has returned, and the client then sees the reset at
+    connect and never the two bytes. Waiting for the client takes the race out.
+    """
+
+    def handle(sock: socket.socket) -> None:
+        if not sock.recv(1):
+            server.endings.append("eof")
+            return
+        echo(server)(sock)
+
+    return handle
+
+
 def sends(*script: bytes | float) -> Callable[[LoopbackServer], Handler]:
     """A server that sends each bytes item and sleeps for each float, then reads until the end."""
 
@@ -324,20 +342,29 @@ def test_cut_after_delivers_exactly_that_many_bytes(serve: Callable[[Callable[[L
         assert eventually(lambda: server.endings == ["reset"])
 
 
-def test_cut_after_counts_from_the_start_of_later_connections_and_disarms(echo_proxy: tuple[FaultProxy, LoopbackServer]) -> None:
-    proxy, _ = echo_proxy
-    proxy.cut_after(4)
-    with connect(proxy) as cut:
-        assert recv_until_reset(cut) == b"* he"
-    with connect(proxy) as spared:  # times=1: the rule is spent
-        assert recv_exactly(spared, 9) == b"* hello\r\n"
-    proxy.cut_after(2, times=None)
-    for _ in range(2):
-        with connect(proxy) as cut:
-            assert recv_until_reset(cut) == b"* "
-    proxy.heal()
-    with connect(proxy) as spared:
-        assert recv_exactly(spared, 9) == b"* hello\r\n"
+def test_cut_after_counts_from_the_start_of_later_connections_and_disarms(
+    serve: Callable[[Callable[[LoopbackServer], Handler]], LoopbackServer],
+) -> None:
+    server = serve(greets_when_asked)
+    with FaultProxy("127.0.0.1", server.port) as proxy:
+
+        def ask(proxy: FaultProxy) -> socket.socket:
+            client = connect(proxy)
+            client.sendall(b"?")
+            return client
+
+        proxy.cut_after(4)
+        with ask(proxy) as cut:
+            assert recv_until_reset(cut) == b"* he"
+        with ask(proxy) as spared:  # times=1: the rule is spent
+            assert recv_exactly(spared, 9) == b"* hello\r\n"
+        proxy.cut_after(2, times=None)
+        for _ in range(2):
+            with ask(proxy) as cut:
+                assert recv_until_reset(cut) == b"* "
+        proxy.heal()
+        with ask(proxy) as spared:
+            assert recv_exactly(spared, 9) == b"* hello\r\n"
 
 
 def test_cut_when_finds_a_pattern_split_across_reads(serve: Callable[[Callable[[LoopbackServer], Handler]], LoopbackServer]) -> None:
