@@ -23,6 +23,8 @@ from mirrord.store.state import StateDB
 from mirrord.sync.mailbox import MailboxResult, MailboxSync
 from mirrord.sync.folders import MassFolderRemoval, adopt_renamed, set_aside_gone
 from mirrord.sync.names import UnmappableName, local_name, maildir_path, unique_local_names, visible
+from mirrord.sync.pushing import PushFolder, Pusher
+from mirrord.store.maildir import trash_for
 
 log = logging.getLogger("mirrord.sync")
 
@@ -139,8 +141,15 @@ async def sync_account(
         except OSError as e:
             result.error = f"{account.name}: cannot set aside a folder gone from the server: {_describe(e)}"
             log.error("%s", result.error)
+        refused: dict[str, str] = {}
+        if account.two_way:
+            refused = await _send_local_changes(account, discovery, state, pool, allow_delete)
         runs: list[defer.Deferred[MailboxResult]] = []
         for plan in discovery.wanted:
+            if plan.local_name in refused:
+                runs.append(defer.succeed(MailboxResult(account.name, plan.local_name, error=refused[plan.local_name],
+                                                        needs_user=True)))
+                continue
             runs.append(
                 defer.Deferred.fromCoroutine(
                     _sync_one(account, plan, state, pool, progress, _allowed(account, plan.local_name, allow_delete),
@@ -162,6 +171,42 @@ async def sync_account(
     finally:
         await pool.close()
     return result
+
+
+def push_folders(account: Account, discovery: Discovery, state: StateDB) -> dict[str, PushFolder]:
+    """The folders a two-way round looks at: every wanted mailbox."""
+    return {
+        plan.local_name: PushFolder(
+            plan.local_name, plan.entry.raw_name, maildir_path(account.maildir, plan.local_name),
+            trash_for(state.path.parent, "trash", account.name, plan.local_name, account.trash_days),
+        )
+        for plan in discovery.wanted
+    }
+
+
+async def _send_local_changes(
+    account: Account, discovery: Discovery, state: StateDB, pool: WorkerPool, allow_delete: frozenset[str]
+) -> dict[str, str]:
+    """``run --once``'s first step: local changes go up before the server's come down.
+
+    Returns the folders the round refused (a mass disappearance), with why:
+    they are not synced this run. A failed round is logged and the pulls go
+    on: they revert nothing (two-way pulls leave local changes alone), and
+    the next run sends what this one could not.
+    """
+    pusher = Pusher(account, state, pool, push_folders(account, discovery, state),
+                    allow_delete=lambda name: _allowed(account, name, allow_delete))
+    try:
+        result = await pusher.round()
+    except Exception as e:  # noqa: BLE001 - the pull still runs
+        log.error("%s: could not send local changes: %s", account.name, _describe(e))
+        log.debug("%s: two-way round failed", account.name, exc_info=True)
+        return {}
+    return {
+        name: (f"local changes not sent: {why}; nothing was deleted on the server. If you did delete them, "
+               f"allow it once: `mirrord run --once --allow-delete {account.name}/{name}`")
+        for name, why in result.refused.items()
+    }
 
 
 def _describe(error: BaseException) -> str:

@@ -1,0 +1,510 @@
+"""The two-way round: what readers did to the Maildir, sent to the server (issue #12).
+
+:mod:`mirrord.sync.twoway` decides; this module does the I/O around it, on
+one worker connection:
+
+1. Intents left by a crash are settled first (:meth:`Pusher._recover`): an
+   APPEND or MOVE is recorded in the state's outbox, fsynced, *before* the
+   server is told, and dropped in the same transaction that records its
+   row. One still there after a crash is looked for in its target above the
+   UIDNEXT it noted (by Message-ID and size): found, its row is recorded;
+   not found, the intent goes and this round plans the change again. So a
+   kill at any point neither loses a local change nor sends it twice.
+2. Each folder is scanned and compared with its rows. Only the rows whose
+   file is gone or carries other flags are looked up on the server (their
+   current flags; absent from the answer means expunged there), and only
+   when something both vanished and appeared are contents compared
+   (:func:`~mirrord.sync.twoway.identity_request`). A round with nothing
+   local to send never talks to the server.
+3. The plan is applied: local fixes, STOREs (``UNCHANGEDSINCE`` the
+   SELECT's HIGHESTMODSEQ where CONDSTORE is offered: a message changed on
+   the server meanwhile is left for the next round, merged again),
+   deletions (``\\Deleted`` and ``UID EXPUNGE`` of exactly those UIDs; only
+   marked without UIDPLUS), moves (``UID MOVE`` or COPY + ``\\Deleted`` +
+   ``UID EXPUNGE``; COPYUID ties the file to its new UID), appends
+   (APPENDUID ties it; without UIDPLUS the new UID is found by Message-ID
+   and size above the UIDNEXT noted before).
+
+The caller runs rounds one at a time per account and never while a pull of
+one of the round's folders runs: a fetch racing an APPEND could record the
+appended message a second time (the state refuses that, but the round would
+then fail).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from email.utils import format_datetime
+from datetime import datetime, timezone
+from pathlib import Path
+
+from mirrord.config import Account
+from mirrord.flags import Flags, representable
+from mirrord.pool import Worker, WorkerPool
+from mirrord.protocol.client import MirrordIMAP4Client, MailboxStatus, uid_set
+from mirrord.store.maildir import LocalFile, Maildir, Trash
+from mirrord.store.state import Intent, MessageRecord, StateDB
+from mirrord.sync.engine import same_flags
+from mirrord.sync.rematch import Identity, message_id
+from mirrord.sync.twoway import (
+    DELETED,
+    Append,
+    Folder,
+    FolderPlan,
+    Move,
+    identity_request,
+    plan_round,
+    settle_move,
+)
+
+log = logging.getLogger("mirrord.sync")
+
+HEAD_BYTES = 65536
+"""How much of a new file is read for its Message-ID."""
+
+
+@dataclass(frozen=True)
+class PushFolder:
+    """One mirrored folder, as the round needs it."""
+
+    name: str
+    """Local name (``/`` hierarchy)."""
+    raw_name: bytes
+    path: Path
+    trash: Trash | None = None
+
+
+@dataclass
+class PushResult:
+    """What one round did, for the log, ``status`` and the exit code."""
+
+    account: str
+    stored: int = 0
+    deleted: int = 0
+    appended: int = 0
+    moved: int = 0
+    renamed: int = 0
+    refetch: set[str] = field(default_factory=set)
+    """Folders whose pull must look again (files to fetch back)."""
+    refused: dict[str, str] = field(default_factory=dict)
+    """Folder -> why nothing of it was sent (it waits for the user)."""
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.stored or self.deleted or self.appended or self.moved or self.renamed)
+
+
+def file_identity(path: Path) -> Identity | None:
+    """Message-ID and size as the server counts it (CRLF line ends) of a local file."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    head = data[:HEAD_BYTES]
+    end = head.find(b"\n\n")
+    mid = message_id(head if end < 0 else head[: end + 1])
+    if mid is None:
+        return None
+    return Identity(mid, len(data) + data.count(b"\n") - data.count(b"\r\n"))
+
+
+def _internal_date(path: Path) -> str | None:
+    """The file's mtime as an IMAP date-time: a moved-in message keeps its date."""
+    try:
+        when = datetime.fromtimestamp(os.stat(path).st_mtime, timezone.utc)
+    except OSError:
+        return None
+    day = format_datetime(when)  # "Sat, 05 Dec 2026 17:00:00 +0000"
+    _, d, mon, year, clock, zone = day.split()
+    return f"{int(d):2d}-{mon}-{year} {clock} {zone}"
+
+
+class _Lookup:
+    """What the round learned about one folder's server side."""
+
+    def __init__(self) -> None:
+        self.status: MailboxStatus | None = None
+        self.flags: dict[int, Flags] = {}
+        self.asked: set[int] = set()
+
+
+class Pusher:
+    """Sends one account's local changes; see the module docstring."""
+
+    def __init__(
+        self,
+        account: Account,
+        state: StateDB,
+        pool: WorkerPool,
+        folders: Mapping[str, PushFolder],
+        *,
+        allow_delete: Callable[[str], bool] = lambda name: False,
+    ) -> None:
+        self.account = account
+        self.state = state
+        self.pool = pool
+        self.folders = dict(folders)
+        self.allow_delete = allow_delete
+        self._said_no_uidplus = False
+
+    async def round(self, names: Iterable[str] | None = None) -> PushResult:
+        """One round over ``names`` (default: every folder). Raises on connection trouble."""
+        wanted = sorted(set(names) if names is not None else set(self.folders))
+        wanted = [n for n in wanted if n in self.folders and self.state.mailbox(self.account.name, n) is not None]
+        result = PushResult(self.account.name)
+        if not self.state.intents(self.account.name) and not any(self._has_local_changes(n) for n in wanted):
+            return result
+
+        async def job(worker: Worker) -> PushResult:
+            fresh = PushResult(self.account.name)
+            await self._round(worker, wanted, fresh)
+            return fresh
+
+        result = await self.pool.run(job, f"sending local changes of {self.account.name}")
+        self._log(result)
+        return result
+
+    # -- looking ------------------------------------------------------------------
+
+    def _scan(self, name: str) -> tuple[dict[int, MessageRecord], dict[str, LocalFile] | None]:
+        folder = self.folders[name]
+        rows = self.state.messages(self.account.name, name)
+        if not ((folder.path / "cur").is_dir() and (folder.path / "new").is_dir()):
+            return rows, None
+        files = Maildir(folder.path).scan()
+        for record in self.state.pending(self.account.name, name).values():
+            files.pop(record.key, None)  # a delivery in flight, not a reader's file
+        return rows, files
+
+    def _has_local_changes(self, name: str) -> bool:
+        rows, files = self._scan(name)
+        if files is None:
+            return bool(rows)
+        if len(files) != len(rows):
+            return True
+        for row in rows.values():
+            lf = files.get(row.key)
+            if lf is None or not same_flags(lf.flags, representable(row.flags)):
+                return True
+        return False
+
+    async def _select(self, worker: Worker, name: str) -> MailboxStatus:
+        client = await worker.connection()
+        worker.selected = None  # SELECTed, not EXAMINEd: the next reader EXAMINEs afresh
+        worker.status = None
+        return await client.select(self.folders[name].raw_name)
+
+    # -- the round ----------------------------------------------------------------
+
+    async def _round(self, worker: Worker, names: list[str], result: PushResult) -> None:
+        client = await worker.connection()
+        await self._recover(worker, result)
+        uidplus = "UIDPLUS" in client.capabilities
+        policy = self.account.local_delete
+        if policy == "expunge" and not uidplus:
+            if not self._said_no_uidplus:
+                log.warning("%s: the server has no UIDPLUS: messages deleted locally are marked \\Deleted "
+                            "there, and go when another client expunges", self.account.name)
+                self._said_no_uidplus = True
+            policy = "flag"
+        scans = {name: self._scan(name) for name in names}
+        lookups: dict[str, _Lookup] = {}
+        for name, (rows, files) in scans.items():
+            if files is None:
+                continue
+            ask = sorted(
+                uid for uid, row in rows.items()
+                if row.key not in files or not same_flags(files[row.key].flags, representable(row.flags))
+            )
+            if not ask and len(files) == len(rows):
+                continue
+            look = lookups[name] = _Lookup()
+            look.status = await self._select(worker, name)
+            if ask:
+                look.asked = set(ask)
+                listing = await client.uid_fetch_listing(uid_set(ask))
+                look.flags = {uid: e.flags for uid, e in listing.items()}
+        folders = {
+            name: Folder(
+                rows=rows,
+                files=files,
+                server=lookups[name].flags if name in lookups else {},
+                complete=False,
+                expunged=frozenset(lookups[name].asked - set(lookups[name].flags)) if name in lookups else frozenset(),
+                allow_delete=self.allow_delete(name),
+            )
+            for name, (rows, files) in scans.items()
+            if files is not None or rows
+        }
+        new, gone, _unknown = identity_request(folders)
+        new_identity = {}
+        for name, key in new:
+            lf = folders[name].files[key]  # type: ignore[index]
+            new_identity[(name, key)] = file_identity(self.folders[name].path / lf.subdir / lf.filename)
+        gone_identity: dict[tuple[str, int], Identity | None] = {}
+        by_folder: dict[str, list[int]] = {}
+        for name, uid in gone:
+            if uid in folders[name].server:
+                by_folder.setdefault(name, []).append(uid)
+        for name, uids in sorted(by_folder.items()):
+            await self._select(worker, name)
+            found = await client.uid_fetch_identities(uid_set(uids))
+            for uid, (size, header) in found.items():
+                mid = message_id(header)
+                gone_identity[(name, uid)] = Identity(mid, size) if mid else None
+        plan = plan_round(
+            folders,
+            policy=policy,
+            max_delete=self.account.max_delete,
+            new_identity=new_identity,
+            gone_identity=gone_identity,
+        )
+        for name, fplan in sorted(plan.folders.items()):
+            if fplan.refused:
+                result.refused[name] = fplan.refused
+                continue
+            await self._apply_folder(worker, name, fplan, scans[name], lookups.get(name), result, uidplus)
+        await self._apply_moves(worker, plan.moves, result)
+        for name, fplan in sorted(plan.folders.items()):
+            for append in fplan.append:
+                await self._append(worker, name, append, result)
+
+    async def _apply_folder(
+        self, worker: Worker, name: str, plan: FolderPlan,
+        scan: tuple[dict[int, MessageRecord], dict[str, LocalFile] | None],
+        look: _Lookup | None, result: PushResult, uidplus: bool,
+    ) -> None:
+        account = self.account.name
+        rows, files = scan
+        files = files or {}
+        folder = self.folders[name]
+        maildir = Maildir(folder.path)
+        label = f"{account}/{name}"
+        for conflict in plan.conflicts:
+            log.info("%s: UID %d: %s", label, conflict.uid, conflict.what)
+        if plan.remove_local or plan.remove_files:
+            keys = [rows[uid].key for uid in plan.remove_local] + list(plan.remove_files)
+            maildir.remove_many(keys, {k: files[k] for k in keys if k in files}, folder.trash)
+            self.state.remove_messages(account, name, plan.remove_local)
+        if plan.forget:
+            self.state.remove_messages(account, name, plan.forget)
+        for adopt in plan.adopt:
+            maildir.set_flags(adopt.key, adopt.flags, files.get(adopt.key), sync=False)
+            self.state.add_messages(account, name, [MessageRecord(adopt.uid, adopt.key, adopt.base, None)])
+        for rekey in plan.rekey:
+            self.state.rekey(account, name, rekey.uid, rekey.new_key, rows[rekey.uid].flags)
+            result.renamed += 1
+        client = await worker.connection()
+        modified: set[int] = set()
+        if plan.store or plan.delete:
+            status = await self._select(worker, name)
+            since = look.status.highestmodseq if look is not None and look.status is not None else status.highestmodseq
+            for store in plan.store:
+                refused = await client.uid_store([store.uid], store.add, store.remove, unchanged_since=since)
+                if refused:
+                    log.info("%s: UID %d changed on the server meanwhile; merging again next round", label, store.uid)
+                modified |= refused
+                if not refused:
+                    result.stored += 1
+        touched: set[str] = set()
+        for change in plan.local_flags:
+            if change.uid in modified:
+                continue
+            try:
+                after = maildir.set_flags(change.key, change.flags, files.get(change.key), sync=False)
+            except FileNotFoundError:
+                continue
+            touched.add(after.subdir)
+        maildir.sync_dirs(touched or ())
+        base = {uid: flags for uid, flags in plan.base.items() if uid not in modified and uid in rows}
+        if base:
+            self.state.set_flags(account, name, base)
+        if plan.delete:
+            await client.uid_store(plan.delete, add=[DELETED])
+            if plan.expunge and uidplus:
+                await client.uid_expunge(plan.delete)
+                self.state.remove_messages(account, name, plan.delete)
+            else:
+                self.state.set_flags(
+                    account, name, {uid: frozenset(rows[uid].flags) | {DELETED} for uid in plan.delete if uid in rows}
+                )
+            result.deleted += len(plan.delete)
+        if plan.refetch:
+            # Deleted locally, kept on the server (``keep``, or changed there):
+            # the pull fetches them again as the new messages they now are.
+            self.state.remove_messages(account, name, plan.refetch)
+            result.refetch.add(name)
+
+    async def _apply_moves(self, worker: Worker, moves: Iterable[Move], result: PushResult) -> None:
+        client = await worker.connection()
+        account = self.account.name
+        for move in moves:
+            target = self.folders[move.target]
+            path = self._file_path(move.target, move.key)
+            ident = file_identity(path) if path is not None else None
+            status = await self._select(worker, move.target)
+            intent_id = self.state.add_intent(Intent(
+                0, account, move.target, move.key, "move", move.source, move.uid, status.uidvalidity,
+                status.uidnext, ident.message_id if ident else None, ident.size if ident else None, move.base,
+            ))
+            await self._select(worker, move.source)
+            copyuid = await client.uid_move([move.uid], target.raw_name)
+            outcome = settle_move(move, copyuid)
+            if outcome.new_uid is not None:
+                self._record_moved(move, outcome.new_uid, ident, intent_id, client)
+                if move.add or move.remove:
+                    await self._select(worker, move.target)
+                    await client.uid_store([outcome.new_uid], move.add, move.remove)
+                if path is not None:
+                    try:
+                        Maildir(target.path).set_flags(move.key, move.local_flags)
+                    except FileNotFoundError:
+                        pass
+                result.moved += 1
+            elif outcome.unknown:
+                found = await self._find(worker, move.target, status, ident)
+                if found is not None:
+                    self._record_moved(move, found, ident, intent_id, client)
+                    result.moved += 1
+                else:
+                    self._give_up(move.target, move.key, intent_id, result)
+            elif outcome.append is not None:
+                self.state.drop_intent(intent_id)
+                self.state.remove_messages(account, move.source, [move.uid])
+                await self._append(worker, move.target, outcome.append, result)
+            else:
+                # The server moved nothing (the source went meanwhile): the file
+                # stays, unrecorded, and the next round decides what it is.
+                self.state.drop_intent(intent_id)
+                self.state.remove_messages(account, move.source, [move.uid])
+
+    def _record_moved(
+        self, move: Move, new_uid: int, ident: Identity | None, intent_id: int, client: MirrordIMAP4Client
+    ) -> None:
+        account = self.account.name
+        record = MessageRecord(new_uid, move.key, move.base, ident.size if ident else None)
+        self.state.move_row(account, move.source, move.uid, move.target, record, intent_id)
+        if "MOVE" not in client.capabilities and "UIDPLUS" not in client.capabilities:
+            # COPY left the original marked \Deleted: a tombstone row keeps
+            # the pull from fetching it back until a client expunges it.
+            self.state.add_messages(account, move.source, [MessageRecord(move.uid, f"moved-{move.key}",
+                                                                        frozenset({DELETED}), None)])
+
+    async def _append(self, worker: Worker, name: str, append: Append, result: PushResult) -> None:
+        client = await worker.connection()
+        account = self.account.name
+        path = self._file_path(name, append.key)
+        if path is None:
+            return  # gone meanwhile: the next round sees nothing to send
+        ident = file_identity(path)
+        status = await self._select(worker, name)
+        intent_id = self.state.add_intent(Intent(
+            0, account, name, append.key, "append", None, None, status.uidvalidity, status.uidnext,
+            ident.message_id if ident else None, ident.size if ident else None, append.flags,
+        ))
+        try:
+            body = path.read_bytes()
+        except FileNotFoundError:
+            self.state.drop_intent(intent_id)
+            return
+        tied = await client.append(self.folders[name].raw_name, body, sorted(append.flags), _internal_date(path))
+        size = len(body) + body.count(b"\n") - body.count(b"\r\n")
+        if tied is not None and tied[0] == status.uidvalidity:
+            uid: int | None = tied[1]
+        else:
+            uid = await self._find(worker, name, status, ident)
+        if uid is None:
+            self._give_up(name, append.key, intent_id, result)
+        else:
+            self.state.move_row(account, name, None, name, MessageRecord(uid, append.key, append.flags, size), intent_id)
+            if append.replaces is not None:
+                log.info("%s/%s: a message whose content changed locally was uploaded as a new one",
+                         account, name)
+        result.appended += 1
+
+    async def _find(
+        self, worker: Worker, name: str, before: MailboxStatus, ident: Identity | None
+    ) -> int | None:
+        """The UID a message we just put in ``name`` got, when the server did not say (no UIDPLUS)."""
+        if ident is None or before.uidnext is None:
+            return None
+        client = await worker.connection()
+        status = await self._select(worker, name)
+        if status.uidvalidity != before.uidvalidity or status.exists == 0:
+            return None
+        found = await client.uid_fetch_identities(b"%d:*" % before.uidnext)
+        known = self.state.uids(self.account.name, name)
+        for uid in sorted(found):
+            size, header = found[uid]
+            if uid >= before.uidnext and uid not in known and Identity(message_id(header), size) == ident:
+                return uid
+        return None
+
+    def _give_up(self, name: str, key: str, intent_id: int, result: PushResult) -> None:
+        """The server has the message but did not say under which UID: our copy
+        goes to the trash and the pull fetches the server's, so it is not there twice."""
+        folder = self.folders[name]
+        Maildir(folder.path).remove_many([key], None, folder.trash)
+        self.state.drop_intent(intent_id)
+        result.refetch.add(name)
+        log.info("%s/%s: the server did not say which UID a sent message got; its copy is fetched back "
+                 "(the local file is in the trash)", self.account.name, name)
+
+    def _file_path(self, name: str, key: str) -> Path | None:
+        maildir = Maildir(self.folders[name].path)
+        found = maildir.locate(key, frozenset())
+        return maildir.path / found.subdir / found.filename if found is not None else None
+
+    # -- crash recovery -----------------------------------------------------------------
+
+    async def _recover(self, worker: Worker, result: PushResult) -> None:
+        """Settle intents a crash left: find each message or forget the intent."""
+        client = await worker.connection()
+        account = self.account.name
+        for intent in self.state.intents(account):
+            if intent.mailbox not in self.folders or intent.uidnext is None:
+                self.state.drop_intent(intent.id)
+                continue
+            status = await self._select(worker, intent.mailbox)
+            uid = None
+            if status.uidvalidity == intent.uidvalidity and intent.message_id is not None:
+                uid = await self._find(
+                    worker, intent.mailbox, MailboxStatus(0, intent.uidvalidity, intent.uidnext, None),
+                    Identity(intent.message_id, intent.size),
+                )
+            if uid is None:
+                self.state.drop_intent(intent.id)
+                continue
+            record = MessageRecord(uid, intent.key, intent.flags, intent.size)
+            self.state.move_row(account, intent.source or intent.mailbox, intent.source_uid, intent.mailbox,
+                                record, intent.id)
+            log.info("%s/%s: an interrupted %s had reached the server (UID %d); recorded, not sent again",
+                     account, intent.mailbox, intent.kind, uid)
+            if intent.kind == "move" and intent.source and intent.source_uid is not None:
+                # COPY may have happened without its \Deleted and EXPUNGE.
+                await self._select(worker, intent.source)
+                still = await client.uid_fetch_listing(uid_set([intent.source_uid]))
+                if intent.source_uid in still:
+                    await client.uid_store([intent.source_uid], add=[DELETED])
+                    if "UIDPLUS" in client.capabilities:
+                        await client.uid_expunge([intent.source_uid])
+            result.moved += intent.kind == "move"
+            result.appended += intent.kind == "append"
+
+    def _log(self, result: PushResult) -> None:
+        done = []
+        for count, what in ((result.stored, "flag changes"), (result.deleted, "deletions"),
+                            (result.moved, "moves"), (result.appended, "new messages"),
+                            (result.renamed, "renames")):
+            if count:
+                done.append(f"{count} {what}")
+        if done:
+            log.info("%s: sent local changes to the server: %s", self.account.name, ", ".join(done))
+        for name, why in sorted(result.refused.items()):
+            log.error("%s/%s: local changes NOT sent: %s; nothing was deleted on the server. If this is "
+                      "what you did, allow it once: `mirrord run --once --allow-delete %s/%s`",
+                      self.account.name, name, why, self.account.name, name)
+

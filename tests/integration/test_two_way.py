@@ -1,0 +1,178 @@
+"""Two-way sync against the private Dovecot: a reader's changes reach the server (issue #12).
+
+Readers are imitated the way they change files: plain renames and unlinks
+(neomutt, aerc), Python's ``mailbox.Maildir`` (what many scripts and some
+readers use), and a save into another folder. Each case runs with every
+extension Dovecot offers and with UIDPLUS, MOVE, CONDSTORE and QRESYNC
+hidden, where mirrord must fall back (COPY + \\Deleted, no UID EXPUNGE,
+finding the new UID by Message-ID and size).
+"""
+
+from __future__ import annotations
+
+import mailbox
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from mirrord.testing import ImapAccount, PrivateDovecot, make_message
+from tests.integration._mirrord import assert_mirrors, local_messages, mirrord, write_config
+
+HIDDEN = ("UIDPLUS", "MOVE", "CONDSTORE", "QRESYNC")
+
+
+@pytest.fixture(params=["all-extensions", "without-uidplus-move-condstore"])
+def account(request: pytest.FixtureRequest, dovecot_factory: Callable[..., PrivateDovecot]) -> ImapAccount:
+    server = dovecot_factory(hide_capabilities=HIDDEN) if request.param != "all-extensions" else dovecot_factory()
+    return server.new_account("twoway")
+
+
+def run_once(config: Path, *extra: str) -> str:
+    run = mirrord("-v", "-c", str(config), "run", "--once", *extra)
+    with open(config.parent / "runs.log", "a") as log:
+        log.write(run.stderr)
+    assert run.status == 0, run.stderr[-3000:]
+    return run.stderr
+
+
+def setup(account: ImapAccount, tmp_path: Path, extra: str = "") -> Path:
+    client = account.client
+    client.create("Archive")
+    for i in range(8):
+        client.append("INBOX", make_message(i, size=1500), ("\\Seen",) if i % 2 else ())
+    for i in range(8, 11):
+        client.append("Archive", make_message(i, size=1500), ("\\Seen",))
+    config = write_config(tmp_path, account, extra=extra)
+    run_once(config)
+    return config
+
+
+def file_of(root: Path, mailbox: str, message_id: str) -> Path:
+    for m in local_messages(root / mailbox):
+        if f"Message-ID: {message_id}".encode() in m.path.read_bytes():
+            return m.path
+    raise AssertionError(f"{message_id} not in {mailbox}")
+
+
+def server_ids(account: ImapAccount, mailbox: str) -> dict[str, frozenset[str]]:
+    """Message-ID -> flags (\\Recent left out) of what the server has."""
+    out = {}
+    for flags, body in account.client.messages(mailbox).values():
+        mid = next(line for line in body.split(b"\r\n") if line.lower().startswith(b"message-id:"))
+        out[mid.split(b":", 1)[1].strip().decode()] = frozenset(flags) - {"\\Recent"}
+    return out
+
+
+def mid(i: int) -> str:
+    return next(
+        line for line in make_message(i, size=1500).split(b"\n") if line.lower().startswith(b"message-id:")
+    ).split(b":", 1)[1].strip().decode()
+
+
+def test_flags_deletions_moves_and_new_files_reach_the_server(account: ImapAccount, tmp_path: Path) -> None:
+    config = setup(account, tmp_path)
+    root = tmp_path / "Mail"
+    # A flag change as neomutt does it: a rename that changes the letters.
+    path = file_of(root, "INBOX", mid(0))
+    key = path.name.split(":2,")[0]
+    os.rename(path, root / "INBOX" / "cur" / f"{key}:2,FS")
+    # Unread again: S taken off a read message.
+    path = file_of(root, "INBOX", mid(1))
+    os.rename(path, path.with_name(path.name.split(":2,")[0] + ":2,"))
+    # A deletion.
+    file_of(root, "INBOX", mid(2)).unlink()
+    # A move to another folder, the way a reader does it: one rename.
+    path = file_of(root, "INBOX", mid(3))
+    os.rename(path, root / "Archive" / path.parent.name / path.name)
+    # A rename within the folder (mu gives moved files new names).
+    path = file_of(root, "INBOX", mid(4))
+    os.rename(path, root / "INBOX" / "cur" / ("renamed-by-mu:2," + path.name.partition(":2,")[2]))
+    # A saved copy, through Python's mailbox module.
+    box = mailbox.Maildir(root / "Archive", create=False)
+    saved = make_message(50, size=1200)
+    box.add(mailbox.MaildirMessage(saved))
+
+    run_once(config)
+
+    inbox, archive = server_ids(account, "INBOX"), server_ids(account, "Archive")
+    assert inbox[mid(0)] == {"\\Flagged", "\\Seen"}
+    assert inbox[mid(1)] == frozenset()
+    # Without UIDPLUS no UID EXPUNGE: deleted and moved-away originals stay, marked \Deleted.
+    deleted_kept = any("\\Deleted" in f for f in account.client.flags("INBOX").values())
+    assert mid(2) not in inbox or (deleted_kept and "\\Deleted" in inbox[mid(2)])
+    assert mid(3) not in inbox or (deleted_kept and "\\Deleted" in inbox[mid(3)])
+    assert mid(3) in archive and mid(4) in inbox
+    assert mid(50) in archive
+    # Nothing was downloaded back or uploaded twice: each side has each message once.
+    assert len(account.client.uids("Archive")) == 5
+    for name in ("INBOX", "Archive"):
+        local = [m.path.read_bytes() for m in local_messages(root / name)]
+        assert len(local) == len(set(local)), f"{name}: a message twice"
+    # A second run changes nothing and reverts nothing.
+    before = sorted(p.path.name for p in local_messages(root / "INBOX"))
+    run_once(config)
+    assert sorted(p.path.name for p in local_messages(root / "INBOX")) == before
+    if not deleted_kept:
+        assert_mirrors(account, root, "INBOX")
+    assert_mirrors(account, root, "Archive")
+
+
+def test_a_server_change_and_a_local_change_to_one_message_both_survive(
+    account: ImapAccount, tmp_path: Path
+) -> None:
+    config = setup(account, tmp_path)
+    root = tmp_path / "Mail"
+    path = file_of(root, "INBOX", mid(0))  # unread
+    os.rename(path, root / "INBOX" / "cur" / (path.name.split(":2,")[0] + ":2,S"))  # read locally
+    uid = account.client.uids("INBOX")[0]
+    account.client.add_flags("INBOX", uid, ["\\Flagged"])  # flagged on the server meanwhile
+    run_once(config)
+    assert server_ids(account, "INBOX")[mid(0)] == {"\\Seen", "\\Flagged"}
+    assert file_of(root, "INBOX", mid(0)).name.endswith(":2,FS")
+
+
+def test_pull_mode_reverts_local_changes(account: ImapAccount, tmp_path: Path) -> None:
+    config = setup(account, tmp_path, extra="    sync: pull\n")
+    root = tmp_path / "Mail"
+    file_of(root, "INBOX", mid(2)).unlink()
+    path = file_of(root, "INBOX", mid(0))
+    os.rename(path, root / "INBOX" / "cur" / (path.name.split(":2,")[0] + ":2,S"))
+    run_once(config)
+    assert mid(2) in server_ids(account, "INBOX")
+    assert server_ids(account, "INBOX")[mid(0)] == frozenset()
+    assert_mirrors(account, root, "INBOX")
+
+
+@pytest.mark.parametrize("policy", ["flag", "keep"])
+def test_local_delete_policies(account: ImapAccount, tmp_path: Path, policy: str) -> None:
+    config = setup(account, tmp_path, extra=f"    local_delete: {policy}\n")
+    root = tmp_path / "Mail"
+    file_of(root, "INBOX", mid(2)).unlink()
+    run_once(config)
+    run_once(config)
+    ids = server_ids(account, "INBOX")
+    assert mid(2) in ids
+    if policy == "flag":
+        assert "\\Deleted" in ids[mid(2)]
+        assert not any(b"Message-ID: " + mid(2).encode() in m.path.read_bytes()
+                       for m in local_messages(root / "INBOX"))
+    else:
+        assert "\\Deleted" not in ids[mid(2)]
+        assert_mirrors(account, root, "INBOX")
+
+
+def test_a_folder_that_lost_most_files_sends_nothing_until_allowed(account: ImapAccount, tmp_path: Path) -> None:
+    config = setup(account, tmp_path)
+    root = tmp_path / "Mail"
+    for m in local_messages(root / "INBOX")[:7]:
+        m.path.unlink()
+    run = mirrord("-c", str(config), "run", "--once")
+    assert run.status != 0
+    assert "--allow-delete test/INBOX" in run.stderr
+    assert len(account.client.uids("INBOX")) == 8
+    assert not any("\\Deleted" in f for f in account.client.flags("INBOX").values())
+    run_once(config, "--allow-delete", "test/INBOX")
+    kept = [f for f in server_ids(account, "INBOX").values() if "\\Deleted" not in f]
+    assert len(kept) == 1
