@@ -24,7 +24,10 @@ from mirrord.protocol.client import MirrordIMAP4Client
 from mirrord.protocol.connect import open_session
 from mirrord.protocol.errors import LoginFailed, describe_failure
 from mirrord.store.state import StateDB
-from mirrord.sync.account import Discovery, MailboxPlan, discover
+from mirrord.localwatch import default_notifier
+from mirrord.sync.account import Discovery, MailboxPlan, discover, push_folders
+from mirrord.sync.livepush import LocalPush
+from mirrord.sync.pushing import Pusher
 from mirrord.sync.folders import MassFolderRemoval, adopt_renamed, check_folders, gone_folders, set_aside_folder
 from mirrord.sync.live import LiveMailbox, poll_every
 from mirrord.sync.mailbox import MailboxResult, MailboxSync
@@ -119,6 +122,8 @@ class AccountDaemon:
         self._starting: defer.Deferred[None] | None = None
         self._sleep: defer.Deferred[None] | None = None
         self._rediscover: CoalescedLoop | None = None
+        self.local_push: LocalPush | None = None
+        """Two-way accounts: the reader's changes, sent as they happen."""
         self.start_finished: defer.Deferred[None] = defer.Deferred()
         """Fires when start() does: the first catch-up is done (or the account gave up for now)."""
 
@@ -200,6 +205,14 @@ class AccountDaemon:
             self._password = await threads.deferToThread(self.account.password.resolve)
         self.pool = WorkerPool(self.reactor, self.account, self._password, self.account.workers)
         discovery = await discover(self.pool, self.account)
+        if self.account.two_way and self.local_push is None:
+            pusher = Pusher(self.account, self.state_db, self.pool, {})
+            self.local_push = LocalPush(
+                pusher, self.clock, lambda: {n: m.live for n, m in self.runtime.mailboxes.items()},
+                default_notifier(), on_change=self.on_change,
+            )
+        elif self.local_push is not None:
+            self.local_push.pusher.pool = self.pool
         for reason in discovery.skipped:
             log.warning("%s: not mirrored: %s", self.label, reason)
         set_aside = await self._folders_gone(discovery)
@@ -240,6 +253,9 @@ class AccountDaemon:
                     log.warning("%s/%s: could not match set-aside copies: %s", self.label, plan.local_name, e)
             known[plan.local_name] = MailboxRuntime(plan, live)
             ready.append(plan)
+            if self.local_push is not None:
+                self.local_push.pusher.folders.update(push_folders(account, [plan], self.state_db))
+                self.local_push.watch(plan.local_name)
         fresh = ready
         if not fresh:
             self.on_change()
@@ -356,6 +372,8 @@ class AccountDaemon:
             [defer.Deferred.fromCoroutine(r.watcher.stop()) for r in self.runtime.mailboxes.values() if r.watcher],
             consumeErrors=True,
         )
+        if self.local_push is not None:
+            await self.local_push.stop()
         await defer.DeferredList([r.live.stop() for r in self.runtime.mailboxes.values()], consumeErrors=True)
         if self.pool is not None:
             await self.pool.close()

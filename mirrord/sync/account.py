@@ -9,6 +9,7 @@ attempt would be refused too.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,14 +174,14 @@ async def sync_account(
     return result
 
 
-def push_folders(account: Account, discovery: Discovery, state: StateDB) -> dict[str, PushFolder]:
-    """The folders a two-way round looks at: every wanted mailbox."""
+def push_folders(account: Account, plans: Iterable[MailboxPlan], state: StateDB) -> dict[str, PushFolder]:
+    """The folders a two-way round looks at: the wanted mailboxes."""
     return {
         plan.local_name: PushFolder(
             plan.local_name, plan.entry.raw_name, maildir_path(account.maildir, plan.local_name),
             trash_for(state.path.parent, "trash", account.name, plan.local_name, account.trash_days),
         )
-        for plan in discovery.wanted
+        for plan in plans
     }
 
 
@@ -194,7 +195,7 @@ async def _send_local_changes(
     on: they revert nothing (two-way pulls leave local changes alone), and
     the next run sends what this one could not.
     """
-    pusher = Pusher(account, state, pool, push_folders(account, discovery, state),
+    pusher = Pusher(account, state, pool, push_folders(account, discovery.wanted, state),
                     allow_delete=lambda name: _allowed(account, name, allow_delete))
     try:
         result = await pusher.round()

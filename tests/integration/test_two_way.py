@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import mailbox
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from mirrord.testing import ImapAccount, PrivateDovecot, make_message
-from tests.integration._mirrord import assert_mirrors, local_messages, mirrord, write_config
+from tests.integration._mirrord import DaemonProcess, assert_mirrors, local_messages, mirrord, wait_until, write_config
 
 HIDDEN = ("UIDPLUS", "MOVE", "CONDSTORE", "QRESYNC")
 
@@ -176,3 +177,31 @@ def test_a_folder_that_lost_most_files_sends_nothing_until_allowed(account: Imap
     run_once(config, "--allow-delete", "test/INBOX")
     kept = [f for f in server_ids(account, "INBOX").values() if "\\Deleted" not in f]
     assert len(kept) == 1
+
+
+def test_the_daemon_sends_a_readers_changes_within_a_second(account: ImapAccount, tmp_path: Path) -> None:
+    """Renames, an unlink, a move and a saved copy while ``mirrord run`` runs: each reaches the server."""
+    config = setup(account, tmp_path)
+    root = tmp_path / "Mail"
+    with DaemonProcess(config) as daemon:
+        path = file_of(root, "INBOX", mid(0))
+        started = time.monotonic()
+        os.rename(path, root / "INBOX" / "cur" / (path.name.partition(":2,")[0] + ":2,FS"))
+        wait_until(lambda: server_ids(account, "INBOX")[mid(0)] == {"\\Flagged", "\\Seen"}, 10, "the flag change")
+        flag_latency = time.monotonic() - started
+        file_of(root, "INBOX", mid(2)).unlink()
+        wait_until(lambda: mid(2) not in server_ids(account, "INBOX")
+                   or "\\Deleted" in server_ids(account, "INBOX")[mid(2)], 10, "the deletion")
+        path = file_of(root, "INBOX", mid(3))
+        os.rename(path, root / "Archive" / path.parent.name / path.name)
+        wait_until(lambda: mid(3) in server_ids(account, "Archive"), 10, "the move")
+        box = mailbox.Maildir(root / "Archive", create=False)
+        box.add(mailbox.MaildirMessage(make_message(60, size=900)))
+        wait_until(lambda: mid(60) in server_ids(account, "Archive"), 10, "the saved copy")
+        # Settled: nothing comes back twice, nothing is reverted.
+        time.sleep(1.5)
+        archive = [m.path.read_bytes() for m in local_messages(root / "Archive")]
+        assert len(archive) == len(set(archive)) == 5
+        assert file_of(root, "INBOX", mid(0)).name.endswith(":2,FS")
+        assert "sent local changes to the server" in daemon.log
+    assert flag_latency < 3.0, flag_latency
