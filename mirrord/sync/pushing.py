@@ -41,6 +41,7 @@ from email.utils import format_datetime
 from datetime import datetime, timezone
 from pathlib import Path
 
+from mirrord._crashpoints import crash_point
 from mirrord.config import Account
 from mirrord.flags import Flags, representable
 from mirrord.pool import Worker, WorkerPool
@@ -307,6 +308,7 @@ class Pusher:
                 if refused:
                     log.info("%s: UID %d changed on the server meanwhile; merging again next round", label, store.uid)
                 modified |= refused
+                crash_point("after-store")
                 if not refused:
                     result.stored += 1
         touched: set[str] = set()
@@ -326,6 +328,7 @@ class Pusher:
             await client.uid_store(plan.delete, add=[DELETED])
             if plan.expunge and uidplus:
                 await client.uid_expunge(plan.delete)
+                crash_point("after-expunge")
                 self.state.remove_messages(account, name, plan.delete)
             else:
                 self.state.set_flags(
@@ -346,12 +349,14 @@ class Pusher:
             path = self._file_path(move.target, move.key)
             ident = file_identity(path) if path is not None else None
             status = await self._select(worker, move.target)
+            crash_point("before-move")
             intent_id = self.state.add_intent(Intent(
                 0, account, move.target, move.key, "move", move.source, move.uid, status.uidvalidity,
                 status.uidnext, ident.message_id if ident else None, ident.size if ident else None, move.base,
             ))
             await self._select(worker, move.source)
             copyuid = await client.uid_move([move.uid], target.raw_name)
+            crash_point("after-move")
             outcome = settle_move(move, copyuid)
             if outcome.new_uid is not None:
                 self._record_moved(move, outcome.new_uid, ident, intent_id, client)
@@ -388,10 +393,12 @@ class Pusher:
         record = MessageRecord(new_uid, move.key, move.base, ident.size if ident else None)
         self.state.move_row(account, move.source, move.uid, move.target, record, intent_id)
         if "MOVE" not in client.capabilities and "UIDPLUS" not in client.capabilities:
-            # COPY left the original marked \Deleted: a tombstone row keeps
-            # the pull from fetching it back until a client expunges it.
-            self.state.add_messages(account, move.source, [MessageRecord(move.uid, f"moved-{move.key}",
-                                                                        frozenset({DELETED}), None)])
+            self._tombstone(move.source, move.uid, move.key)
+
+    def _tombstone(self, source: str, uid: int, key: str) -> None:
+        """COPY left the original marked \\Deleted (no UID EXPUNGE without UIDPLUS):
+        a row without a file keeps the pull from fetching it back until a client expunges it."""
+        self.state.add_messages(self.account.name, source, [MessageRecord(uid, f"moved-{key}", frozenset({DELETED}), None)])
 
     async def _append(self, worker: Worker, name: str, append: Append, result: PushResult) -> None:
         client = await worker.connection()
@@ -411,6 +418,7 @@ class Pusher:
             self.state.drop_intent(intent_id)
             return
         tied = await client.append(self.folders[name].raw_name, body, sorted(append.flags), _internal_date(path))
+        crash_point("after-append")
         size = len(body) + body.count(b"\n") - body.count(b"\r\n")
         if tied is not None and tied[0] == status.uidvalidity:
             uid: int | None = tied[1]
@@ -491,6 +499,8 @@ class Pusher:
                     await client.uid_store([intent.source_uid], add=[DELETED])
                     if "UIDPLUS" in client.capabilities:
                         await client.uid_expunge([intent.source_uid])
+                    else:
+                        self._tombstone(intent.source, intent.source_uid, intent.key)
             result.moved += intent.kind == "move"
             result.appended += intent.kind == "append"
 

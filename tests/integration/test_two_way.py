@@ -205,3 +205,36 @@ def test_the_daemon_sends_a_readers_changes_within_a_second(account: ImapAccount
         assert file_of(root, "INBOX", mid(0)).name.endswith(":2,FS")
         assert "sent local changes to the server" in daemon.log
     assert flag_latency < 3.0, flag_latency
+
+
+@pytest.mark.parametrize("point", ["after-store", "after-expunge", "before-move", "after-move", "after-append"])
+def test_a_kill_at_any_step_neither_loses_nor_repeats_a_local_change(
+    account: ImapAccount, tmp_path: Path, point: str
+) -> None:
+    """SIGKILL at each step of sending (see mirrord/_crashpoints.py), then a normal run."""
+    config = setup(account, tmp_path)
+    root = tmp_path / "Mail"
+    path = file_of(root, "INBOX", mid(0))
+    os.rename(path, root / "INBOX" / "cur" / (path.name.partition(":2,")[0] + ":2,FS"))
+    file_of(root, "INBOX", mid(2)).unlink()
+    path = file_of(root, "INBOX", mid(3))
+    os.rename(path, root / "Archive" / path.parent.name / path.name)
+    mailbox.Maildir(root / "Archive", create=False).add(mailbox.MaildirMessage(make_message(70, size=1000)))
+
+    killed = mirrord("-c", str(config), "run", "--once", env={"MIRRORD_TEST_CRASH_AT": point})
+    # Without UIDPLUS nothing is expunged, and that point is never reached.
+    assert killed.status in ((-9, 0) if point == "after-expunge" else (-9,)), (point, killed.stderr[-2000:])
+    run_once(config)
+    run_once(config)
+
+    inbox, archive = server_ids(account, "INBOX"), server_ids(account, "Archive")
+    live_inbox = {m for m, f in inbox.items() if "\\Deleted" not in f}
+    assert inbox[mid(0)] == {"\\Flagged", "\\Seen"}
+    assert mid(2) not in live_inbox and mid(3) not in live_inbox
+    assert mid(3) in archive and mid(70) in archive
+    assert len(account.client.uids("Archive")) == len(archive) == 5, "a message sent twice"
+    for name in ("INBOX", "Archive"):
+        local = [m.path.read_bytes() for m in local_messages(root / name)]
+        assert len(local) == len(set(local)), f"{name}: a message twice"
+    assert_mirrors(account, root, "Archive")
+    assert len(local_messages(root / "INBOX")) == len(live_inbox)
