@@ -25,7 +25,7 @@ from mirrord.protocol.connect import open_session
 from mirrord.protocol.errors import LoginFailed, describe_failure
 from mirrord.store.state import StateDB
 from mirrord.localwatch import default_notifier
-from mirrord.sync.account import Discovery, MailboxPlan, discover, push_folders
+from mirrord.sync.account import Discovery, MailboxPlan, add_local_folders, discover, push_folders
 from mirrord.sync.livepush import LocalPush
 from mirrord.sync.pushing import Pusher
 from mirrord.sync.folders import MassFolderRemoval, adopt_renamed, check_folders, gone_folders, set_aside_folder
@@ -216,6 +216,8 @@ class AccountDaemon:
         for reason in discovery.skipped:
             log.warning("%s: not mirrored: %s", self.label, reason)
         set_aside = await self._folders_gone(discovery)
+        if self.account.two_way:
+            await add_local_folders(self.pool, self.account, self.state_db, discovery)
         await self._apply_discovery(discovery, first=True, set_aside=set_aside)
         # Re-list now and then: mailboxes created on the server get mirrored.
         self._rediscover = CoalescedLoop(self.clock, relist_interval(self.account), self._relist,
@@ -301,6 +303,8 @@ class AccountDaemon:
         try:
             discovery = await discover(self.pool, self.account)
             set_aside = await self._folders_gone(discovery)
+            if self.account.two_way:
+                await add_local_folders(self.pool, self.account, self.state_db, discovery)
             await self._apply_discovery(discovery, set_aside=set_aside)
         except Exception as e:  # noqa: BLE001 - next time, then
             log.warning("%s: could not re-list mailboxes: %s", self.label, e)

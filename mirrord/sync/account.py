@@ -24,6 +24,7 @@ from mirrord.store.state import StateDB
 from mirrord.sync.mailbox import MailboxResult, MailboxSync
 from mirrord.sync.folders import MassFolderRemoval, adopt_renamed, set_aside_gone
 from mirrord.sync.names import UnmappableName, local_name, maildir_path, unique_local_names, visible
+from mirrord.sync.newfolders import create_on_server, folders_to_create
 from mirrord.sync.pushing import PushFolder, Pusher
 from mirrord.store.maildir import trash_for
 
@@ -144,6 +145,7 @@ async def sync_account(
             log.error("%s", result.error)
         refused: dict[str, str] = {}
         if account.two_way:
+            await add_local_folders(pool, account, state, discovery)
             refused = await _send_local_changes(account, discovery, state, pool, allow_delete)
         runs: list[defer.Deferred[MailboxResult]] = []
         for plan in discovery.wanted:
@@ -172,6 +174,26 @@ async def sync_account(
     finally:
         await pool.close()
     return result
+
+
+async def add_local_folders(pool: WorkerPool, account: Account, state: StateDB, discovery: Discovery) -> None:
+    """Two-way: folders a reader made locally are created on the server and join ``discovery``.
+
+    A failure is logged and changes nothing: the folder is tried again next time.
+    """
+    try:
+        names = folders_to_create(account, state, discovery.listed)
+        if not names:
+            return
+        made = await create_on_server(pool, account, state, names, discovery.namespace.delimiter,
+                                      discovery.namespace.prefix)
+    except Exception as e:  # noqa: BLE001 - the rest of the sync goes on
+        log.error("%s: could not create local folders on the server: %s", account.name, _describe(e))
+        return
+    for entry in made:
+        name = local_name(entry.name, entry.delimiter, discovery.namespace.prefix)
+        discovery.listed.add(name)
+        discovery.wanted.append(MailboxPlan(entry, name))
 
 
 def push_folders(account: Account, plans: Iterable[MailboxPlan], state: StateDB) -> dict[str, PushFolder]:

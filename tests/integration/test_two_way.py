@@ -238,3 +238,32 @@ def test_a_kill_at_any_step_neither_loses_nor_repeats_a_local_change(
         assert len(local) == len(set(local)), f"{name}: a message twice"
     assert_mirrors(account, root, "Archive")
     assert len(local_messages(root / "INBOX")) == len(live_inbox)
+
+
+def test_a_folder_made_locally_is_created_on_the_server_with_its_mail(account: ImapAccount, tmp_path: Path) -> None:
+    """neomutt's save to a new folder: the Maildir appears, then the message; both reach the server."""
+    config = setup(account, tmp_path)
+    root = tmp_path / "Mail"
+    (root / "Projects").mkdir()
+    box = mailbox.Maildir(root / "Projects" / "2026", create=True)
+    box.add(mailbox.MaildirMessage(make_message(80, size=900)))
+    run_once(config)
+    names = account.client.mailboxes()
+    created = [n for n in names if n.replace(".", "/") == "Projects/2026"]
+    assert created, names
+    assert mid(80) in server_ids(account, created[0])
+    run_once(config)
+    assert len(account.client.uids(created[0])) == 1, "uploaded once"
+    assert len(local_messages(root / "Projects" / "2026")) == 1, "not fetched back next to itself"
+
+
+def test_a_maildir_that_predates_mirrord_is_not_uploaded(account: ImapAccount, tmp_path: Path) -> None:
+    """The first sync never creates folders: another tool's Maildir must not be copied to the server."""
+    root = tmp_path / "Mail"
+    root.mkdir()
+    mailbox.Maildir(root / "OldTool.Sent", create=True).add(mailbox.MaildirMessage(make_message(90, size=900)))
+    account.client.append("INBOX", make_message(91, size=900), ())
+    config = write_config(tmp_path, account)
+    run_once(config)
+    run_once(config)
+    assert not any("OldTool" in n for n in account.client.mailboxes())
