@@ -24,7 +24,7 @@ from mirrord.protocol.client import MirrordIMAP4Client
 from mirrord.protocol.connect import open_session
 from mirrord.protocol.errors import LoginFailed, describe_failure
 from mirrord.store.state import StateDB
-from mirrord.localwatch import default_notifier
+from mirrord.localwatch import NewFolderWatcher, default_notifier
 from mirrord.sync.account import Discovery, MailboxPlan, add_local_folders, discover, push_folders
 from mirrord.sync.livepush import LocalPush
 from mirrord.sync.pushing import Pusher
@@ -123,6 +123,9 @@ class AccountDaemon:
         self._sleep: defer.Deferred[None] | None = None
         self._rediscover: CoalescedLoop | None = None
         self.local_push: LocalPush | None = None
+        self.new_folders: NewFolderWatcher | None = None
+        self._relisting = False
+        self._relist_again = False
         """Two-way accounts: the reader's changes, sent as they happen."""
         self.start_finished: defer.Deferred[None] = defer.Deferred()
         """Fires when start() does: the first catch-up is done (or the account gave up for now)."""
@@ -211,6 +214,10 @@ class AccountDaemon:
                 pusher, self.clock, lambda: {n: m.live for n, m in self.runtime.mailboxes.items()},
                 default_notifier(), on_change=self.on_change,
             )
+            # A folder a reader makes is created on the server at the next
+            # listing, which a new directory under the root brings forward.
+            self.new_folders = NewFolderWatcher(self.clock, self._new_local_folder, default_notifier())
+            self.new_folders.watch_tree(self.account.maildir)
         elif self.local_push is not None:
             self.local_push.pusher.pool = self.pool
         for reason in discovery.skipped:
@@ -300,6 +307,20 @@ class AccountDaemon:
     async def _relist(self) -> None:
         if self.pool is None or self._stopping:
             return
+        if self._relisting:
+            self._relist_again = True  # one listing at a time; this one asks for another after
+            return
+        self._relisting = True
+        try:
+            await self._relist_once()
+            while self._relist_again and not self._stopping:
+                self._relist_again = False
+                await self._relist_once()
+        finally:
+            self._relisting = False
+
+    async def _relist_once(self) -> None:
+        assert self.pool is not None
         try:
             discovery = await discover(self.pool, self.account)
             set_aside = await self._folders_gone(discovery)
@@ -358,6 +379,10 @@ class AccountDaemon:
             else:
                 runtime.live.poll()
 
+    def _new_local_folder(self) -> None:
+        if self._rediscover is not None and self._rediscover.running and not self._stopping:
+            defer.Deferred.fromCoroutine(self._relist())
+
     def _new_mail(self, result: MailboxResult) -> None:
         if self.on_new_mail is not None:
             self.on_new_mail(self.account, result)
@@ -376,6 +401,8 @@ class AccountDaemon:
             [defer.Deferred.fromCoroutine(r.watcher.stop()) for r in self.runtime.mailboxes.values() if r.watcher],
             consumeErrors=True,
         )
+        if self.new_folders is not None:
+            self.new_folders.stop()
         if self.local_push is not None:
             await self.local_push.stop()
         await defer.DeferredList([r.live.stop() for r in self.runtime.mailboxes.values()], consumeErrors=True)

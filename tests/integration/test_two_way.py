@@ -267,3 +267,16 @@ def test_a_maildir_that_predates_mirrord_is_not_uploaded(account: ImapAccount, t
     run_once(config)
     run_once(config)
     assert not any("OldTool" in n for n in account.client.mailboxes())
+
+
+def test_the_daemon_creates_a_folder_made_locally_within_seconds(account: ImapAccount, tmp_path: Path) -> None:
+    config = setup(account, tmp_path)
+    root = tmp_path / "Mail"
+    with DaemonProcess(config):
+        box = mailbox.Maildir(root / "Lists", create=True)
+        box.add(mailbox.MaildirMessage(make_message(85, size=900)))
+        wait_until(lambda: "Lists" in account.client.mailboxes(), 10, "the folder on the server")
+        wait_until(lambda: mid(85) in server_ids(account, "Lists"), 10, "its message on the server")
+        time.sleep(1.0)
+        assert len(local_messages(root / "Lists")) == 1, "not fetched back next to itself"
+        assert len(account.client.uids("Lists")) == 1
