@@ -10,6 +10,7 @@ finding the new UID by Message-ID and size).
 
 from __future__ import annotations
 
+import json
 import mailbox
 import os
 import time
@@ -280,3 +281,24 @@ def test_the_daemon_creates_a_folder_made_locally_within_seconds(account: ImapAc
         time.sleep(1.0)
         assert len(local_messages(root / "Lists")) == 1, "not fetched back next to itself"
         assert len(account.client.uids("Lists")) == 1
+
+
+def test_the_daemon_holds_a_mass_disappearance_and_status_says_so(account: ImapAccount, tmp_path: Path) -> None:
+    config = setup(account, tmp_path)
+    root = tmp_path / "Mail"
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    env = {"XDG_RUNTIME_DIR": str(runtime)}
+
+    def inbox_row() -> dict[str, object]:
+        data = json.loads(mirrord("-c", str(config), "status", "--json", env=env).stdout)
+        (row,) = [r for r in data["mailboxes"] if r["mailbox"] == "INBOX"]
+        return row
+
+    with DaemonProcess(config, env=env) as daemon:
+        for m in local_messages(root / "INBOX")[:7]:
+            m.path.unlink()
+        wait_until(lambda: "local changes not sent" in str(inbox_row().get("last_error")), 10, "status to say so")
+        assert "--allow-delete test/INBOX" in daemon.log
+    assert not any("\\Deleted" in f for f in account.client.flags("INBOX").values())
+    assert len(account.client.uids("INBOX")) == 8
