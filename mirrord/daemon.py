@@ -19,18 +19,30 @@ from twisted.internet import defer, task, threads
 from twisted.internet.interfaces import IReactorTime
 
 from mirrord.config import Account, PasswordError
+from mirrord.localwatch import NewFolderWatcher, default_notifier
 from mirrord.pool import WorkerPool
 from mirrord.protocol.client import MirrordIMAP4Client
 from mirrord.protocol.connect import open_session
 from mirrord.protocol.errors import LoginFailed, describe_failure
 from mirrord.store.state import StateDB
-from mirrord.localwatch import NewFolderWatcher, default_notifier
-from mirrord.sync.account import Discovery, MailboxPlan, add_local_folders, discover, push_folders
-from mirrord.sync.livepush import LocalPush
-from mirrord.sync.pushing import Pusher
-from mirrord.sync.folders import MassFolderRemoval, adopt_renamed, check_folders, gone_folders, set_aside_folder
+from mirrord.sync.account import (
+    Discovery,
+    MailboxPlan,
+    add_local_folders,
+    discover,
+    push_folders,
+)
+from mirrord.sync.folders import (
+    MassFolderRemoval,
+    adopt_renamed,
+    check_folders,
+    gone_folders,
+    set_aside_folder,
+)
 from mirrord.sync.live import LiveMailbox, poll_every
+from mirrord.sync.livepush import LocalPush
 from mirrord.sync.mailbox import MailboxResult, MailboxSync
+from mirrord.sync.pushing import Pusher
 from mirrord.timers import CoalescedLoop
 from mirrord.watcher import Backoff, WatcherService
 

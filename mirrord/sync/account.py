@@ -20,13 +20,19 @@ from mirrord.config import Account
 from mirrord.pool import Worker, WorkerPool
 from mirrord.progress import Progress
 from mirrord.protocol.client import ListEntry, Namespace
-from mirrord.store.state import StateDB
-from mirrord.sync.mailbox import MailboxResult, MailboxSync
-from mirrord.sync.folders import MassFolderRemoval, adopt_renamed, set_aside_gone
-from mirrord.sync.names import UnmappableName, local_name, maildir_path, unique_local_names, visible
-from mirrord.sync.newfolders import create_on_server, folders_to_create
-from mirrord.sync.pushing import PushFolder, Pusher
 from mirrord.store.maildir import trash_for
+from mirrord.store.state import StateDB
+from mirrord.sync.folders import MassFolderRemoval, adopt_renamed, set_aside_gone
+from mirrord.sync.mailbox import MailboxResult, MailboxSync
+from mirrord.sync.names import (
+    UnmappableName,
+    local_name,
+    maildir_path,
+    unique_local_names,
+    visible,
+)
+from mirrord.sync.newfolders import create_on_server, folders_to_create
+from mirrord.sync.pushing import Pusher, PushFolder
 
 log = logging.getLogger("mirrord.sync")
 
@@ -167,7 +173,7 @@ async def sync_account(
                 failed = MailboxResult(account.name, plan.local_name, error=_describe(value.value))
                 log.error("%s", failed.summary())
                 result.mailboxes.append(failed)
-    except Exception as e:  # noqa: BLE001 - reported, and the other accounts go on
+    except Exception as e:
         result.error = str(e) or type(e).__name__
         log.error("%s: %s", account.name, result.error)
         log.debug("%s: account sync failed", account.name, exc_info=True)
@@ -221,7 +227,7 @@ async def _send_local_changes(
                     allow_delete=lambda name: _allowed(account, name, allow_delete))
     try:
         result = await pusher.round()
-    except Exception as e:  # noqa: BLE001 - the pull still runs
+    except Exception as e:
         log.error("%s: could not send local changes: %s", account.name, _describe(e))
         log.debug("%s: two-way round failed", account.name, exc_info=True)
         return {}
@@ -259,7 +265,7 @@ async def _sync_one(
         sync = MailboxSync.for_account(
             account, plan.entry, plan.local_name, state, pool, progress=progress, allow_delete=allow_delete
         )
-    except Exception as e:  # noqa: BLE001 - one mailbox's local trouble must not stop the account
+    except Exception as e:
         failed = MailboxResult(account.name, plan.local_name, error=f"cannot set up its local folder: {_describe(e)}")
         log.error("%s", failed.summary())
         log.debug("%s/%s: setup failed", account.name, plan.local_name, exc_info=True)

@@ -37,15 +37,15 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from email.utils import format_datetime
-from datetime import datetime, timezone
 from pathlib import Path
 
 from mirrord._crashpoints import crash_point
 from mirrord.config import Account
 from mirrord.flags import Flags, representable
 from mirrord.pool import Worker, WorkerPool
-from mirrord.protocol.client import MirrordIMAP4Client, MailboxStatus, uid_set
+from mirrord.protocol.client import MailboxStatus, MirrordIMAP4Client, uid_set
 from mirrord.store.maildir import LocalFile, Maildir, Trash
 from mirrord.store.state import Intent, MessageRecord, StateDB
 from mirrord.sync.engine import same_flags
@@ -115,12 +115,33 @@ def file_identity(path: Path) -> Identity | None:
 def _internal_date(path: Path) -> str | None:
     """The file's mtime as an IMAP date-time: a moved-in message keeps its date."""
     try:
-        when = datetime.fromtimestamp(os.stat(path).st_mtime, timezone.utc)
+        when = datetime.fromtimestamp(os.stat(path).st_mtime, UTC)
     except OSError:
         return None
     day = format_datetime(when)  # "Sat, 05 Dec 2026 17:00:00 +0000"
     _, d, mon, year, clock, zone = day.split()
     return f"{int(d):2d}-{mon}-{year} {clock} {zone}"
+
+
+def _is_tombstone(row: MessageRecord, files: Mapping[str, LocalFile]) -> bool:
+    """Deleted on purpose (``local_delete: flag``, or a COPY's original without UIDPLUS):
+    no file, ``\\Deleted`` in the row; nothing to send until the server expunges it."""
+    return row.key not in files and any(f.lower() == "\\deleted" for f in row.flags)
+
+
+def _to_ask(rows: Mapping[int, MessageRecord], files: Mapping[str, LocalFile]) -> list[int]:
+    """Rows whose file is gone or carries other letters: their server flags are needed."""
+    return sorted(
+        uid for uid, row in rows.items()
+        if not _is_tombstone(row, files)
+        and (row.key not in files or not same_flags(files[row.key].flags, representable(row.flags)))
+    )
+
+
+def _has_fresh(rows: Mapping[int, MessageRecord], files: Mapping[str, LocalFile]) -> bool:
+    """A file no row names (a new message, or one renamed or moved in)."""
+    keys = {row.key for row in rows.values()}
+    return any(key not in keys for key in files)
 
 
 class _Lookup:
@@ -184,13 +205,7 @@ class Pusher:
         rows, files = self._scan(name)
         if files is None:
             return bool(rows)
-        if len(files) != len(rows):
-            return True
-        for row in rows.values():
-            lf = files.get(row.key)
-            if lf is None or not same_flags(lf.flags, representable(row.flags)):
-                return True
-        return False
+        return bool(_to_ask(rows, files)) or _has_fresh(rows, files)
 
     async def _select(self, worker: Worker, name: str) -> MailboxStatus:
         client = await worker.connection()
@@ -216,11 +231,8 @@ class Pusher:
         for name, (rows, files) in scans.items():
             if files is None:
                 continue
-            ask = sorted(
-                uid for uid, row in rows.items()
-                if row.key not in files or not same_flags(files[row.key].flags, representable(row.flags))
-            )
-            if not ask and len(files) == len(rows):
+            ask = _to_ask(rows, files)
+            if not ask and not _has_fresh(rows, files):
                 continue
             look = lookups[name] = _Lookup()
             look.status = await self._select(worker, name)

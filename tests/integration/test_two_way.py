@@ -20,7 +20,14 @@ from pathlib import Path
 import pytest
 
 from mirrord.testing import ImapAccount, PrivateDovecot, make_message
-from tests.integration._mirrord import DaemonProcess, assert_mirrors, local_messages, mirrord, wait_until, write_config
+from tests.integration._mirrord import (
+    DaemonProcess,
+    assert_mirrors,
+    local_messages,
+    mirrord,
+    wait_until,
+    write_config,
+)
 
 HIDDEN = ("UIDPLUS", "MOVE", "CONDSTORE", "QRESYNC")
 
