@@ -144,6 +144,13 @@ def _has_fresh(rows: Mapping[int, MessageRecord], files: Mapping[str, LocalFile]
     return any(key not in keys for key in files)
 
 
+def _by_folder(pairs: Iterable[tuple[str, int]]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for name, uid in pairs:
+        out.setdefault(name, []).append(uid)
+    return {name: sorted(uids) for name, uids in out.items()}
+
+
 class _Lookup:
     """What the round learned about one folder's server side."""
 
@@ -240,6 +247,13 @@ class Pusher:
                 look.asked = set(ask)
                 listing = await client.uid_fetch_listing(uid_set(ask))
                 look.flags = {uid: e.flags for uid, e in listing.items()}
+            if _has_fresh(rows, files) and look.status.exists:
+                # Mail new on the server may be a new file's own message (another
+                # client moved it here too; our APPEND whose UID we never learnt):
+                # the plan adopts it rather than upload it a second time.
+                highest = max(rows, default=0)
+                newer = await client.uid_fetch_listing(b"%d:*" % (highest + 1))
+                look.flags.update({uid: e.flags for uid, e in newer.items() if uid > highest})
         folders = {
             name: Folder(
                 rows=rows,
@@ -252,7 +266,7 @@ class Pusher:
             for name, (rows, files) in scans.items()
             if files is not None or rows
         }
-        new, gone, _unknown = identity_request(folders)
+        new, gone, unknown = identity_request(folders)
         new_identity = {}
         for name, key in new:
             lf = folders[name].files[key]  # type: ignore[index]
@@ -268,12 +282,20 @@ class Pusher:
             for uid, (size, header) in found.items():
                 mid = message_id(header)
                 gone_identity[(name, uid)] = Identity(mid, size) if mid else None
+        server_identity: dict[tuple[str, int], Identity | None] = {}
+        for name, uids in sorted(_by_folder(unknown).items()):
+            await self._select(worker, name)
+            found = await client.uid_fetch_identities(uid_set(uids))
+            for uid, (size, header) in found.items():
+                mid = message_id(header)
+                server_identity[(name, uid)] = Identity(mid, size) if mid else None
         plan = plan_round(
             folders,
             policy=policy,
             max_delete=self.account.max_delete,
             new_identity=new_identity,
             gone_identity=gone_identity,
+            server_identity=server_identity,
         )
         for name, fplan in sorted(plan.folders.items()):
             if fplan.refused:
