@@ -63,6 +63,9 @@ from mirrord.sync.twoway import (
 
 log = logging.getLogger("mirrord.sync")
 
+REPLANS = 3
+"""Rounds planned at most in one go when one turns out otherwise than planned (see ``PushResult.again``)."""
+
 HEAD_BYTES = 65536
 """How much of a new file is read for its Message-ID."""
 
@@ -92,6 +95,18 @@ class PushResult:
     """Folders whose pull must look again (files to fetch back)."""
     refused: dict[str, str] = field(default_factory=dict)
     """Folder -> why nothing of it was sent (it waits for the user)."""
+    again: bool = False
+    """Something turned out otherwise than planned (a move's source was gone):
+    plan once more before anything is fetched."""
+
+    def add(self, other: PushResult) -> None:
+        self.stored += other.stored
+        self.deleted += other.deleted
+        self.appended += other.appended
+        self.moved += other.moved
+        self.renamed += other.renamed
+        self.refetch |= other.refetch
+        self.refused = other.refused
 
     @property
     def changed(self) -> bool:
@@ -178,6 +193,8 @@ class Pusher:
         self.folders = dict(folders)
         self.allow_delete = allow_delete
         self._said_no_uidplus = False
+        self._current: tuple[MirrordIMAP4Client, str, MailboxStatus] | None = None
+        """What this round has SELECTed, on which connection."""
 
     async def round(self, names: Iterable[str] | None = None) -> PushResult:
         """One round over ``names`` (default: every folder). Raises on connection trouble."""
@@ -188,9 +205,15 @@ class Pusher:
             return result
 
         async def job(worker: Worker) -> PushResult:
-            fresh = PushResult(self.account.name)
-            await self._round(worker, wanted, fresh)
-            return fresh
+            self._current = None
+            total = PushResult(self.account.name)
+            for _ in range(REPLANS):
+                part = PushResult(self.account.name)
+                await self._round(worker, wanted, part)
+                total.add(part)
+                if not part.again:
+                    break
+            return total
 
         result = await self.pool.run(job, f"sending local changes of {self.account.name}")
         self._log(result)
@@ -214,11 +237,18 @@ class Pusher:
             return bool(rows)
         return bool(_to_ask(rows, files)) or _has_fresh(rows, files)
 
-    async def _select(self, worker: Worker, name: str) -> MailboxStatus:
+    async def _select(self, worker: Worker, name: str, *, fresh: bool = False) -> MailboxStatus:
+        """SELECT ``name`` unless this round has it selected on this connection already."""
         client = await worker.connection()
         worker.selected = None  # SELECTed, not EXAMINEd: the next reader EXAMINEs afresh
         worker.status = None
-        return await client.select(self.folders[name].raw_name)
+        current = self._current
+        if not fresh and current is not None and current[0] is client and current[1] == name:
+            return current[2]
+        self._current = None
+        status = await client.select(self.folders[name].raw_name)
+        self._current = (client, name, status)
+        return status
 
     # -- the round ----------------------------------------------------------------
 
@@ -337,14 +367,19 @@ class Pusher:
         if plan.store or plan.delete:
             status = await self._select(worker, name)
             since = look.status.highestmodseq if look is not None and look.status is not None else status.highestmodseq
+            # One UID STORE for every message that gets the same change: a
+            # reader marking a thread read costs one round trip, not one each.
+            groups: dict[tuple[Flags, Flags], list[int]] = {}
             for store in plan.store:
-                refused = await client.uid_store([store.uid], store.add, store.remove, unchanged_since=since)
+                groups.setdefault((frozenset(store.add), frozenset(store.remove)), []).append(store.uid)
+            for (add, remove), uids in sorted(groups.items(), key=lambda g: g[1]):
+                refused = await client.uid_store(uids, sorted(add), sorted(remove), unchanged_since=since)
                 if refused:
-                    log.info("%s: UID %d changed on the server meanwhile; merging again next round", label, store.uid)
+                    log.info("%s: %d messages changed on the server meanwhile (UID %s); merged again next round",
+                             label, len(refused), ",".join(map(str, sorted(refused))))
                 modified |= refused
                 crash_point("after-store")
-                if not refused:
-                    result.stored += 1
+                result.stored += len(set(uids) - refused)
         touched: set[str] = set()
         for change in plan.local_flags:
             if change.uid in modified:
@@ -376,49 +411,71 @@ class Pusher:
             result.refetch.add(name)
 
     async def _apply_moves(self, worker: Worker, moves: Iterable[Move], result: PushResult) -> None:
+        """The reader's moves, one ``UID MOVE`` per (source, target): a thread moved costs one command."""
         client = await worker.connection()
         account = self.account.name
+        groups: dict[tuple[str, str], list[Move]] = {}
         for move in moves:
-            target = self.folders[move.target]
-            path = self._file_path(move.target, move.key)
-            ident = file_identity(path) if path is not None else None
-            status = await self._select(worker, move.target)
+            groups.setdefault((move.source, move.target), []).append(move)
+        for (source, target_name), group in sorted(groups.items()):
+            target = self.folders[target_name]
+            status = await self._select(worker, target_name, fresh=True)
             crash_point("before-move")
-            intent_id = self.state.add_intent(Intent(
-                0, account, move.target, move.key, "move", move.source, move.uid, status.uidvalidity,
-                status.uidnext, ident.message_id if ident else None, ident.size if ident else None, move.base,
-            ))
-            await self._select(worker, move.source)
-            copyuid = await client.uid_move([move.uid], target.raw_name)
+            paths: dict[str, Path | None] = {}
+            idents: dict[str, Identity | None] = {}
+            intents: dict[str, int] = {}
+            with self.state.transaction():  # one fsync for the group's intents
+                for move in group:
+                    path = paths[move.key] = self._file_path(target_name, move.key)
+                    ident = idents[move.key] = file_identity(path) if path is not None else None
+                    intents[move.key] = self.state.add_intent(Intent(
+                        0, account, target_name, move.key, "move", source, move.uid, status.uidvalidity,
+                        status.uidnext, ident.message_id if ident else None, ident.size if ident else None,
+                        move.base,
+                    ))
+            await self._select(worker, source)
+            copyuid = await client.uid_move([m.uid for m in group], target.raw_name)
+            self._current = None  # the source changed under the selection
             crash_point("after-move")
-            outcome = settle_move(move, copyuid)
-            if outcome.new_uid is not None:
-                self._record_moved(move, outcome.new_uid, ident, intent_id, client)
-                if move.add or move.remove:
-                    await self._select(worker, move.target)
-                    await client.uid_store([outcome.new_uid], move.add, move.remove)
-                if path is not None:
+            stores: list[tuple[int, Move]] = []
+            for move in group:
+                outcome = settle_move(move, copyuid)
+                ident, intent_id = idents[move.key], intents[move.key]
+                if outcome.new_uid is not None:
+                    self._record_moved(move, outcome.new_uid, ident, intent_id, client)
+                    stores.append((outcome.new_uid, move))
+                    result.moved += 1
+                elif outcome.unknown:
+                    found = await self._find(worker, target_name, status, ident)
+                    if found is not None:
+                        self._record_moved(move, found, ident, intent_id, client)
+                        stores.append((found, move))
+                        result.moved += 1
+                    else:
+                        self._give_up(target_name, move.key, intent_id, result)
+                elif outcome.append is not None:
+                    self.state.drop_intent(intent_id)
+                    self.state.remove_messages(account, source, [move.uid])
+                    await self._append(worker, target_name, outcome.append, result)
+                else:
+                    # The server moved nothing (the source went meanwhile): the
+                    # file stays, unrecorded, and another round decides what it is.
+                    self.state.drop_intent(intent_id)
+                    self.state.remove_messages(account, source, [move.uid])
+                    result.again = True
+            if any(m.add or m.remove for _, m in stores):
+                await self._select(worker, target_name)
+                for uid, move in stores:
+                    if move.add or move.remove:
+                        await client.uid_store([uid], move.add, move.remove)
+            target_dir = Maildir(target.path)
+            for _, move in stores:
+                if paths[move.key] is not None:
                     try:
-                        Maildir(target.path).set_flags(move.key, move.local_flags)
+                        target_dir.set_flags(move.key, move.local_flags, sync=False)
                     except FileNotFoundError:
                         pass
-                result.moved += 1
-            elif outcome.unknown:
-                found = await self._find(worker, move.target, status, ident)
-                if found is not None:
-                    self._record_moved(move, found, ident, intent_id, client)
-                    result.moved += 1
-                else:
-                    self._give_up(move.target, move.key, intent_id, result)
-            elif outcome.append is not None:
-                self.state.drop_intent(intent_id)
-                self.state.remove_messages(account, move.source, [move.uid])
-                await self._append(worker, move.target, outcome.append, result)
-            else:
-                # The server moved nothing (the source went meanwhile): the file
-                # stays, unrecorded, and the next round decides what it is.
-                self.state.drop_intent(intent_id)
-                self.state.remove_messages(account, move.source, [move.uid])
+            target_dir.sync_dirs()
 
     def _record_moved(
         self, move: Move, new_uid: int, ident: Identity | None, intent_id: int, client: MirrordIMAP4Client
@@ -441,7 +498,7 @@ class Pusher:
         if path is None:
             return  # gone meanwhile: the next round sees nothing to send
         ident = file_identity(path)
-        status = await self._select(worker, name)
+        status = await self._select(worker, name, fresh=True)
         intent_id = self.state.add_intent(Intent(
             0, account, name, append.key, "append", None, None, status.uidvalidity, status.uidnext,
             ident.message_id if ident else None, ident.size if ident else None, append.flags,
@@ -474,7 +531,7 @@ class Pusher:
         if ident is None or before.uidnext is None:
             return None
         client = await worker.connection()
-        status = await self._select(worker, name)
+        status = await self._select(worker, name, fresh=True)
         if status.uidvalidity != before.uidvalidity or status.exists == 0:
             return None
         found = await client.uid_fetch_identities(b"%d:*" % before.uidnext)
