@@ -152,7 +152,9 @@ async def sync_account(
         refused: dict[str, str] = {}
         if account.two_way:
             await add_local_folders(pool, account, state, discovery)
-            refused = await _send_local_changes(account, discovery, state, pool, allow_delete)
+            refused, failed = await _send_local_changes(account, discovery, state, pool, allow_delete)
+        if failed:
+            result.error = f"the server refused {failed} local changes (see above); they are tried again next run"
         runs: list[defer.Deferred[MailboxResult]] = []
         for plan in discovery.wanted:
             if plan.local_name in refused:
@@ -215,11 +217,12 @@ def push_folders(account: Account, plans: Iterable[MailboxPlan], state: StateDB)
 
 async def _send_local_changes(
     account: Account, discovery: Discovery, state: StateDB, pool: WorkerPool, allow_delete: frozenset[str]
-) -> dict[str, str]:
+) -> tuple[dict[str, str], int]:
     """``run --once``'s first step: local changes go up before the server's come down.
 
-    Returns the folders the round refused (a mass disappearance), with why:
-    they are not synced this run. A failed round is logged and the pulls go
+    Returns the folders the round refused (a mass disappearance), with why
+    (they are not synced this run), and how many changes the server refused.
+    A failed round is logged and the pulls go
     on: they revert nothing (two-way pulls leave local changes alone), and
     the next run sends what this one could not.
     """
@@ -230,12 +233,12 @@ async def _send_local_changes(
     except Exception as e:
         log.error("%s: could not send local changes: %s", account.name, _describe(e))
         log.debug("%s: two-way round failed", account.name, exc_info=True)
-        return {}
+        return {}, 1
     return {
         name: (f"local changes not sent: {why}; nothing was deleted on the server. If you did delete them, "
                f"allow it once: `mirrord run --once --allow-delete {account.name}/{name}`")
         for name, why in result.refused.items()
-    }
+    }, result.failed
 
 
 def _describe(error: BaseException) -> str:

@@ -46,6 +46,7 @@ from mirrord.config import Account
 from mirrord.flags import Flags, representable
 from mirrord.pool import Worker, WorkerPool
 from mirrord.protocol.client import MailboxStatus, MirrordIMAP4Client, uid_set
+from mirrord.protocol.errors import CommandFailed
 from mirrord.store.maildir import LocalFile, Maildir, Trash
 from mirrord.store.state import Intent, MessageRecord, StateDB
 from mirrord.sync.engine import same_flags
@@ -95,6 +96,8 @@ class PushResult:
     """Folders whose pull must look again (files to fetch back)."""
     refused: dict[str, str] = field(default_factory=dict)
     """Folder -> why nothing of it was sent (it waits for the user)."""
+    failed: int = 0
+    """Changes the server refused (NO/BAD): logged, left for the next round."""
     again: bool = False
     """Something turned out otherwise than planned (a move's source was gone):
     plan once more before anything is fetched."""
@@ -105,6 +108,7 @@ class PushResult:
         self.appended += other.appended
         self.moved += other.moved
         self.renamed += other.renamed
+        self.failed += other.failed
         self.refetch |= other.refetch
         self.refused = other.refused
 
@@ -434,7 +438,17 @@ class Pusher:
                         move.base,
                     ))
             await self._select(worker, source)
-            copyuid = await client.uid_move([m.uid for m in group], target.raw_name)
+            try:
+                copyuid = await client.uid_move([m.uid for m in group], target.raw_name)
+            except CommandFailed as e:
+                with self.state.transaction():
+                    for intent_id in intents.values():
+                        self.state.drop_intent(intent_id)
+                self._current = None
+                log.error("%s: the server refused to move %d messages from %s to %s: %s; tried again next round",
+                          account, len(group), source, target_name, e)
+                result.failed += len(group)
+                continue
             self._current = None  # the source changed under the selection
             crash_point("after-move")
             stores: list[tuple[int, Move]] = []
@@ -508,7 +522,16 @@ class Pusher:
         except FileNotFoundError:
             self.state.drop_intent(intent_id)
             return
-        tied = await client.append(self.folders[name].raw_name, body, sorted(append.flags), _internal_date(path))
+        try:
+            tied = await client.append(self.folders[name].raw_name, body, sorted(append.flags), _internal_date(path))
+        except CommandFailed as e:
+            # Refused (too big, over quota...): this file stays local and the
+            # others go on; the next round tries it again.
+            self.state.drop_intent(intent_id)
+            self._current = None
+            log.error("%s/%s: the server refused a new message (%s): %s", account, name, path.name, e)
+            result.failed += 1
+            return
         crash_point("after-append")
         size = len(body) + body.count(b"\n") - body.count(b"\r\n")
         if tied is not None and tied[0] == status.uidvalidity:

@@ -309,3 +309,29 @@ def test_the_daemon_holds_a_mass_disappearance_and_status_says_so(account: ImapA
         assert "--allow-delete test/INBOX" in daemon.log
     assert not any("\\Deleted" in f for f in account.client.flags("INBOX").values())
     assert len(account.client.uids("INBOX")) == 8
+
+
+QUOTA = """
+mail_plugins = $mail_plugins quota
+plugin {
+  quota = maildir:User quota
+  quota_rule = *:storage=60K
+}
+"""
+
+
+def test_an_upload_the_server_refuses_stays_local_and_the_rest_goes_on(
+    dovecot_factory: Callable[..., PrivateDovecot], tmp_path: Path
+) -> None:
+    account = dovecot_factory(extra_config=QUOTA).new_account("quota")
+    config = setup(account, tmp_path)  # 11 messages of 1.5 kB: well under the quota
+    root = tmp_path / "Mail"
+    big = mailbox.Maildir(root / "Archive", create=False).add(mailbox.MaildirMessage(make_message(95, size=200_000)))
+    path = file_of(root, "INBOX", mid(0))
+    os.rename(path, root / "INBOX" / "cur" / (path.name.partition(":2,")[0] + ":2,FS"))
+    run = mirrord("-c", str(config), "run", "--once")
+    assert run.status == 1, run.stderr
+    assert "Quota exceeded" in run.stderr and "refused a new message" in run.stderr, run.stderr
+    assert server_ids(account, "INBOX")[mid(0)] == {"\\Flagged", "\\Seen"}, "the rest went on"
+    assert mid(95) not in server_ids(account, "Archive")
+    assert any(big in m.path.name for m in local_messages(root / "Archive")), "the file stays"
