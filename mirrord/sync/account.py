@@ -153,8 +153,8 @@ async def sync_account(
         if account.two_way:
             await add_local_folders(pool, account, state, discovery)
             refused, failed = await _send_local_changes(account, discovery, state, pool, allow_delete)
-        if failed:
-            result.error = f"the server refused {failed} local changes (see above); they are tried again next run"
+            if failed:
+                result.error = f"{failed} local changes were not sent (see above); they are tried again next run"
         runs: list[defer.Deferred[MailboxResult]] = []
         for plan in discovery.wanted:
             if plan.local_name in refused:
