@@ -98,6 +98,13 @@ def test_flags_deletions_moves_and_new_files_reach_the_server(account: ImapAccou
     # A rename within the folder (mu gives moved files new names).
     path = file_of(root, "INBOX", mid(4))
     os.rename(path, root / "INBOX" / "cur" / ("renamed-by-mu:2," + path.name.partition(":2,")[2]))
+    # A flag set through Python's mailbox module (it rewrites the file under its key).
+    inbox_box = mailbox.Maildir(root / "INBOX", create=False)
+    for key, message in inbox_box.iteritems():
+        if message["Message-ID"] == mid(5):
+            message.add_flag("F")
+            message.set_subdir("cur")
+            inbox_box[key] = message
     # A saved copy, through Python's mailbox module.
     box = mailbox.Maildir(root / "Archive", create=False)
     saved = make_message(50, size=1200)
@@ -108,6 +115,7 @@ def test_flags_deletions_moves_and_new_files_reach_the_server(account: ImapAccou
     inbox, archive = server_ids(account, "INBOX"), server_ids(account, "Archive")
     assert inbox[mid(0)] == {"\\Flagged", "\\Seen"}
     assert inbox[mid(1)] == frozenset()
+    assert inbox[mid(5)] == {"\\Flagged", "\\Seen"}
     # Without UIDPLUS no UID EXPUNGE: deleted and moved-away originals stay, marked \Deleted.
     deleted_kept = any("\\Deleted" in f for f in account.client.flags("INBOX").values())
     assert mid(2) not in inbox or (deleted_kept and "\\Deleted" in inbox[mid(2)])
