@@ -34,6 +34,7 @@ from types import TracebackType
 
 from mirrord._fs import make_private_dirs
 from mirrord.flags import Flags, flags_from_info, is_seen, maildir_info
+from mirrord.headers import message_id
 from mirrord.sync.names import NAME_MAX, flat_name, visible
 
 log = logging.getLogger("mirrord.store")
@@ -189,6 +190,10 @@ def _make_dir(path: Path) -> None:
     _fsync_dir(path.parent)
 
 
+HEAD_LIMIT = 65536
+"""How much of a message's start is kept to find its Message-ID in."""
+
+
 class TmpMessage:
     """A message being written into ``tmp/``; hand it to :meth:`Maildir.deliver` or abort it.
 
@@ -208,6 +213,8 @@ class TmpMessage:
         self._pending_len = 0
         self._held_cr = False
         self._state = "open"  # open -> written -> closed -> delivered; or -> failed/aborted
+        self._head: bytearray | None = bytearray()
+        """The header block, kept until its end is seen (or HEAD_LIMIT): see :attr:`message_id`."""
         self._fd_lock = threading.Lock()
         _unfinished.add(self)
 
@@ -250,6 +257,11 @@ class TmpMessage:
         out = _CRLF_SUB(b"\n", data)
         if not out:
             return
+        if self._head is not None:
+            self._head += out
+            if b"\n\n" in self._head or len(self._head) >= HEAD_LIMIT:
+                self._message_id = message_id(bytes(self._head[:HEAD_LIMIT]))
+                self._head = None
         self._pending.append(out)
         self._pending_len += len(out)
         self.size += len(out)
@@ -259,6 +271,15 @@ class TmpMessage:
             except BaseException:
                 self.abort()
                 raise
+
+    _message_id: str | None = None
+
+    @property
+    def message_id(self) -> str | None:
+        """The message's Message-ID, read from its header as it streamed by (None: it has none)."""
+        if self._head is not None:  # a message that is all header, or not complete yet
+            return message_id(bytes(self._head[:HEAD_LIMIT]))
+        return self._message_id
 
     def abort(self) -> None:
         """Close and unlink; safe to call more than once, after a failed delivery, and

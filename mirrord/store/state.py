@@ -89,6 +89,9 @@ class MessageRecord(NamedTuple):
     flags: Flags
     """All of the server's flags, keywords included; file names carry only some."""
     size: int | None
+    """RFC822.SIZE: the server's size (CRLF line ends), not the file's."""
+    message_id: str | None = None
+    """From the header, when it was read at fetch (rows of older versions have none)."""
 
 
 def _v1(conn: sqlite3.Connection) -> None:
@@ -180,6 +183,12 @@ def _v4(conn: sqlite3.Connection) -> None:
 
 
 def _v5(conn: sqlite3.Connection) -> None:
+    # The Message-ID of each message, read from its header as it is fetched:
+    # with the size, the identity that tells a reader's move or rename of a
+    # file from a deletion and a new message, even when the server no longer
+    # has the original (another client moved it meanwhile).
+    conn.execute("ALTER TABLE message ADD COLUMN message_id TEXT")
+    conn.execute("ALTER TABLE pending ADD COLUMN message_id TEXT")
     # Two-way intents (issue #12): an APPEND or a MOVE is recorded here,
     # fsynced, before the server is told, and deleted once its row is. A
     # crash in between leaves the intent, and the next round looks for the
@@ -453,7 +462,7 @@ class StateDB:
         self, account: str, mailbox: str, uids: Iterable[int] | None = None
     ) -> dict[int, MessageRecord]:
         """Rows of a mailbox; only those of ``uids`` when given (cheap for a few events)."""
-        query = "SELECT uid, key, flags, size FROM message WHERE account = ? AND mailbox = ?"
+        query = "SELECT uid, key, flags, size, message_id FROM message WHERE account = ? AND mailbox = ?"
         if uids is None:
             rows = list(self._db.execute(query, (account, mailbox)))
         else:
@@ -464,7 +473,7 @@ class StateDB:
                 marks = ",".join("?" * len(chunk))
                 rows.extend(self._db.execute(f"{query} AND uid IN ({marks})", (account, mailbox, *chunk)))
         parse = _parse_flags
-        return {uid: MessageRecord(uid, key, parse(flags), size) for uid, key, flags, size in rows}
+        return {uid: MessageRecord(uid, key, parse(flags), size, mid) for uid, key, flags, size, mid in rows}
 
     def uids(self, account: str, mailbox: str) -> set[int]:
         """The UIDs we have, without their rows: cheap next to :meth:`messages`."""
@@ -505,19 +514,20 @@ class StateDB:
         :class:`SecondFile` and records nothing.
         """
 
-        def rows() -> Iterator[tuple[str, str, int, str, str, int | None]]:
+        def rows() -> Iterator[tuple[str, str, int, str, str, int | None, str | None]]:
             for r in records:
                 if not r.key:
                     raise ValueError(f"empty key for uid {r.uid}")
                 flags = _canonical_flags(r.flags)
-                yield (account, mailbox, _check_uid(r.uid), r.key, flags, r.size)
+                yield (account, mailbox, _check_uid(r.uid), r.key, flags, r.size, r.message_id)
 
         with _refusing_second_files(), self.transaction():
             self._db.executemany(
-                "INSERT INTO message (account, mailbox, uid, key, flags, size)"
-                " VALUES (?, ?, ?, ?, ?, ?)"
+                "INSERT INTO message (account, mailbox, uid, key, flags, size, message_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (account, mailbox, uid) DO UPDATE SET"
-                " flags = excluded.flags, size = excluded.size",
+                " flags = excluded.flags, size = excluded.size,"
+                " message_id = coalesce(excluded.message_id, message_id)",
                 rows(),
             )
 
@@ -558,14 +568,14 @@ class StateDB:
         the caller discards them. The others are recorded in one transaction.
         """
         rows = [
-            (account, mailbox, _check_uid(r.uid), r.key, _canonical_flags(r.flags), r.size)
+            (account, mailbox, _check_uid(r.uid), r.key, _canonical_flags(r.flags), r.size, r.message_id)
             for r in records
         ]
         with _refusing_second_files(), self.transaction():
             taken = self._taken(account, mailbox, [row[2] for row in rows])
             self._db.executemany(
-                "INSERT INTO pending (account, mailbox, uid, key, flags, size)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO pending (account, mailbox, uid, key, flags, size, message_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [row for row in rows if row[2] not in taken],
             )
         return taken
@@ -588,10 +598,10 @@ class StateDB:
 
     def pending(self, account: str, mailbox: str) -> dict[int, MessageRecord]:
         rows = self._db.execute(
-            "SELECT uid, key, flags, size FROM pending WHERE account = ? AND mailbox = ?",
+            "SELECT uid, key, flags, size, message_id FROM pending WHERE account = ? AND mailbox = ?",
             (account, mailbox),
         )
-        return {uid: MessageRecord(uid, key, _parse_flags(flags), size) for uid, key, flags, size in rows}
+        return {uid: MessageRecord(uid, key, _parse_flags(flags), size, mid) for uid, key, flags, size, mid in rows}
 
     def promote_pending(self, account: str, mailbox: str, uids: Iterable[int]) -> None:
         """The files are in place: make their rows real, in one transaction.
@@ -606,11 +616,11 @@ class StateDB:
         params = [(account, mailbox, _check_uid(uid)) for uid in uids]
         with _refusing_second_files(), self._synchronous("NORMAL" if self._depth == 0 else None), self.transaction():
             self._db.executemany(
-                "INSERT INTO message (account, mailbox, uid, key, flags, size)"
-                " SELECT account, mailbox, uid, key, flags, size FROM pending"
+                "INSERT INTO message (account, mailbox, uid, key, flags, size, message_id)"
+                " SELECT account, mailbox, uid, key, flags, size, message_id FROM pending"
                 " WHERE account = ? AND mailbox = ? AND uid = ?"
                 " ON CONFLICT (account, mailbox, uid) DO UPDATE SET"
-                " flags = excluded.flags, size = excluded.size",
+                " flags = excluded.flags, size = excluded.size, message_id = excluded.message_id",
                 params,
             )
             self._db.executemany(
@@ -659,15 +669,17 @@ class StateDB:
         """A reader renamed a file (mu): the row names the new key, in one transaction."""
         with self.transaction():
             row = self._db.execute(
-                "SELECT size FROM message WHERE account = ? AND mailbox = ? AND uid = ?", (account, mailbox, uid)
+                "SELECT size, message_id FROM message WHERE account = ? AND mailbox = ? AND uid = ?",
+                (account, mailbox, uid),
             ).fetchone()
             if row is None:
                 return
             self._db.execute("DELETE FROM message WHERE account = ? AND mailbox = ? AND uid = ?",
                              (account, mailbox, uid))
             self._db.execute(
-                "INSERT INTO message (account, mailbox, uid, key, flags, size) VALUES (?, ?, ?, ?, ?, ?)",
-                (account, mailbox, _check_uid(uid), key, _canonical_flags(flags), row[0]),
+                "INSERT INTO message (account, mailbox, uid, key, flags, size, message_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (account, mailbox, _check_uid(uid), key, _canonical_flags(flags), row[0], row[1]),
             )
 
     def move_row(
@@ -681,9 +693,12 @@ class StateDB:
                 self._db.execute("DELETE FROM message WHERE account = ? AND mailbox = ? AND uid = ?",
                                  (account, source, source_uid))
             self._db.execute(
-                "INSERT INTO message (account, mailbox, uid, key, flags, size) VALUES (?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (account, mailbox, uid) DO UPDATE SET flags = excluded.flags, size = excluded.size",
-                (account, target, _check_uid(record.uid), record.key, _canonical_flags(record.flags), record.size),
+                "INSERT INTO message (account, mailbox, uid, key, flags, size, message_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (account, mailbox, uid) DO UPDATE SET flags = excluded.flags, size = excluded.size,"
+                " message_id = excluded.message_id",
+                (account, target, _check_uid(record.uid), record.key, _canonical_flags(record.flags), record.size,
+                 record.message_id),
             )
             if intent_id is not None:
                 self._db.execute("DELETE FROM outbox WHERE id = ?", (intent_id,))

@@ -301,7 +301,7 @@ class FetchPipeline:
         """
         if not messages:
             return
-        records = [MessageRecord(m.uid, m.body.key, m.flags, m.size) for m in messages]
+        records = [MessageRecord(m.uid, m.body.key, m.flags, m.size, m.body.message_id) for m in messages]
         refused = self.state.add_pending(self.account, self.name, records)
         if refused:
             # The state has a file for these already (a retry or a race

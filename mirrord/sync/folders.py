@@ -170,7 +170,8 @@ async def adopt_renamed(sync: MailboxSync, sources: list[Path]) -> int:
     if not matched:
         return 0
     records = [
-        MessageRecord(uid, candidates[n][1], candidates[n][2], mine[n].size) for n, uid in matched.items()
+        MessageRecord(uid, candidates[n][1], candidates[n][2], mine[n].size, mine[n].message_id)
+        for n, uid in matched.items()
     ]
     sync.state.set_mailbox(sync.account, sync.name, uidvalidity)
     sync.state.add_pending(sync.account, sync.name, records)

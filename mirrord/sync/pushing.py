@@ -305,10 +305,15 @@ class Pusher:
         for name, key in new:
             lf = folders[name].files[key]  # type: ignore[index]
             new_identity[(name, key)] = file_identity(self.folders[name].path / lf.subdir / lf.filename)
+        # A vanished row's identity: recorded at fetch (Message-ID and size),
+        # else (rows from before v5) asked of the server while it still has it.
         gone_identity: dict[tuple[str, int], Identity | None] = {}
         by_folder: dict[str, list[int]] = {}
         for name, uid in gone:
-            if uid in folders[name].server:
+            row = folders[name].rows[uid]
+            if row.message_id is not None and row.size is not None:  # type: ignore[attr-defined]
+                gone_identity[(name, uid)] = Identity(row.message_id, row.size)  # type: ignore[attr-defined]
+            elif uid in folders[name].server:
                 by_folder.setdefault(name, []).append(uid)
         for name, uids in sorted(by_folder.items()):
             await self._select(worker, name)
@@ -495,7 +500,8 @@ class Pusher:
         self, move: Move, new_uid: int, ident: Identity | None, intent_id: int, client: MirrordIMAP4Client
     ) -> None:
         account = self.account.name
-        record = MessageRecord(new_uid, move.key, move.base, ident.size if ident else None)
+        record = MessageRecord(new_uid, move.key, move.base, ident.size if ident else None,
+                               ident.message_id if ident else None)
         self.state.move_row(account, move.source, move.uid, move.target, record, intent_id)
         if "MOVE" not in client.capabilities and "UIDPLUS" not in client.capabilities:
             self._tombstone(move.source, move.uid, move.key)
@@ -541,7 +547,8 @@ class Pusher:
         if uid is None:
             self._give_up(name, append.key, intent_id, result)
         else:
-            self.state.move_row(account, name, None, name, MessageRecord(uid, append.key, append.flags, size), intent_id)
+            record = MessageRecord(uid, append.key, append.flags, size, ident.message_id if ident else None)
+            self.state.move_row(account, name, None, name, record, intent_id)
             if append.replaces is not None:
                 log.info("%s/%s: a message whose content changed locally was uploaded as a new one",
                          account, name)
@@ -600,7 +607,7 @@ class Pusher:
             if uid is None:
                 self.state.drop_intent(intent.id)
                 continue
-            record = MessageRecord(uid, intent.key, intent.flags, intent.size)
+            record = MessageRecord(uid, intent.key, intent.flags, intent.size, intent.message_id)
             self.state.move_row(account, intent.source or intent.mailbox, intent.source_uid, intent.mailbox,
                                 record, intent.id)
             log.info("%s/%s: an interrupted %s had reached the server (UID %d); recorded, not sent again",

@@ -15,6 +15,8 @@ from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from mirrord.headers import message_id
+
 
 @dataclass(frozen=True)
 class Identity:
@@ -32,24 +34,6 @@ class Rematch:
     """Old UIDs no server message matched: set aside, never silently dropped."""
     unmatched_server: list[int]
     """New UIDs no local copy matched: to fetch."""
-
-
-def message_id(headers: bytes) -> str | None:
-    """The Message-ID in a message's header block (CRLF or LF), unfolded; None if absent."""
-    lines = headers.replace(b"\r\n", b"\n").split(b"\n")
-    for i, line in enumerate(lines):
-        if not line:
-            break
-        if line[:11].lower() == b"message-id:":
-            value = line[11:]
-            for more in lines[i + 1 :]:
-                if more[:1] in (b" ", b"\t"):
-                    value += more
-                else:
-                    break
-            text = value.decode("utf-8", "replace").strip()
-            return " ".join(text.split()) or None
-    return None
 
 
 def rematch(local: Mapping[int, Identity], server: Mapping[int, Identity]) -> Rematch:

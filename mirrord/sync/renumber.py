@@ -66,7 +66,7 @@ async def renumber(
             account,
             mailbox,
             [
-                MessageRecord(new, known[old].key, known[old].flags, known[old].size)
+                MessageRecord(new, known[old].key, known[old].flags, known[old].size, known[old].message_id)
                 for old, new in result.matched.items()
             ],
         )

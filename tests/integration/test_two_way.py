@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import mailbox
 import os
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -55,6 +56,9 @@ def setup(account: ImapAccount, tmp_path: Path, extra: str = "") -> Path:
         client.append("Archive", make_message(i, size=1500), ("\\Seen",))
     config = write_config(tmp_path, account, extra=extra)
     run_once(config)
+    with sqlite3.connect(tmp_path / "state" / "state.sqlite3") as db:
+        ids = {mid for (mid,) in db.execute("SELECT message_id FROM message")}
+    assert ids == {mid(i) for i in range(11)}, "each Message-ID recorded as its message was fetched"
     return config
 
 

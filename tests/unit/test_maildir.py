@@ -678,3 +678,27 @@ def test_a_tail_left_for_sync_is_written_there(tmp_path: Path, monkeypatch: pyte
     with pytest.raises(ValueError):
         md.deliver(bad, frozenset())
     assert os.listdir(md.path / "tmp") == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(cuts=st.lists(st.integers(1, 120), max_size=8))
+def test_the_message_id_is_read_as_the_body_streams_by(tmp_path_factory: pytest.TempPathFactory, cuts: list[int]) -> None:
+    """Whatever the chunks (a header, a CRLF split between two), the Message-ID is the header's."""
+    md = Maildir(tmp_path_factory.mktemp("md") / "box")
+    raw = (b"From: a@example.org\r\nMessage-ID:\r\n <folded@example.org>\r\nSubject: x\r\n\r\n"
+           b"Message-ID: <in-the-body@example.org>\r\n" + b"body\r\n" * 40)
+    tmp = md.open_tmp()
+    pos = 0
+    for cut in sorted(set(cuts)):
+        tmp.write(raw[pos:cut])
+        pos = max(pos, cut)
+    tmp.write(raw[pos:])
+    assert tmp.message_id == "<folded@example.org>"
+    tmp.abort()
+
+
+def test_a_message_without_a_message_id_has_none(tmp_path: Path) -> None:
+    tmp = Maildir(tmp_path / "box").open_tmp()
+    tmp.write(b"From: a@example.org\r\n\r\nMessage-ID: <body@x>\r\n")
+    assert tmp.message_id is None
+    tmp.abort()

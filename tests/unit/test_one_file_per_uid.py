@@ -58,7 +58,7 @@ def test_recovery_drops_a_pending_second_copy_of_a_recorded_uid(sync: MailboxSyn
         keys.append(md.deliver(tmp, Flags()))
     sync.state.add_messages(A, INBOX, [MessageRecord(1, keys[0], Flags(), 20)])
     sync.state._db.execute("DROP TRIGGER IF EXISTS pending_one_file")  # as an older schema allowed
-    sync.state._db.execute("INSERT INTO pending VALUES ('acct', 'INBOX', 1, ?, '', 20)", (keys[1],))
+    sync.state._db.execute("INSERT INTO pending (account, mailbox, uid, key, flags, size) VALUES ('acct', 'INBOX', 1, ?, '', 20)", (keys[1],))
     sync.recover()
     assert sync.state.pending(A, INBOX) == {}
     assert sync.state.messages(A, INBOX)[1].key == keys[0]

@@ -140,8 +140,8 @@ def test_a_second_file_for_a_recorded_uid_is_refused(db: StateDB) -> None:
     assert db.messages(A, INBOX) == {1: rec(1, {"\\Seen"}), 2: rec(2)}  # nothing of the call kept
     # Whatever the SQL: a replace, an upsert, an update of the key.
     for sql in (
-        "INSERT OR REPLACE INTO message VALUES ('work', 'INBOX', 1, 'other', '', 1)",
-        "INSERT OR REPLACE INTO pending VALUES ('work', 'INBOX', 1, 'other', '', 1)",
+        "INSERT OR REPLACE INTO message (account, mailbox, uid, key, flags, size) VALUES ('work', 'INBOX', 1, 'other', '', 1)",
+        "INSERT OR REPLACE INTO pending (account, mailbox, uid, key, flags, size) VALUES ('work', 'INBOX', 1, 'other', '', 1)",
         "UPDATE message SET key = 'other' WHERE uid = 1",
     ):
         with pytest.raises(sqlite3.IntegrityError):
@@ -161,7 +161,7 @@ def test_add_pending_refuses_uids_recorded_or_pending(db: StateDB) -> None:
     assert {u: r.key for u, r in db.messages(A, INBOX).items()} == {1: "key1", 2: "key2", 3: "again3"}
     # A pending row for a recorded UID (left by an older version) cannot be promoted over it.
     db._db.execute("DROP TRIGGER IF EXISTS pending_one_file")
-    db._db.execute("INSERT INTO pending VALUES ('work', 'INBOX', 1, 'stale', '', 1)")
+    db._db.execute("INSERT INTO pending (account, mailbox, uid, key, flags, size) VALUES ('work', 'INBOX', 1, 'stale', '', 1)")
     with pytest.raises(SecondFile):
         db.promote_pending(A, INBOX, [1])
     assert db.messages(A, INBOX)[1].key == "key1"
