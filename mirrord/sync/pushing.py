@@ -269,6 +269,25 @@ class Pusher:
             policy = "flag"
         scans = {name: self._scan(name) for name in names}
         lookups: dict[str, _Lookup] = {}
+        newer_known: set[str] = set()
+
+        async def newer(name: str) -> None:
+            """Mail new on the server may be a new file's own message (another client
+            moved it there; our APPEND whose UID we never learnt): offered to the
+            plan, which adopts it rather than upload it a second time."""
+            rows, _ = scans[name]
+            look = lookups.get(name)
+            if look is None:
+                look = lookups[name] = _Lookup()
+                look.status = await self._select(worker, name)
+            newer_known.add(name)
+            if look.status is None or not look.status.exists:
+                return
+            await self._select(worker, name)
+            highest = max(rows, default=0)
+            listing = await client.uid_fetch_listing(b"%d:*" % (highest + 1))
+            look.flags.update({uid: e.flags for uid, e in listing.items() if uid > highest})
+
         for name, (rows, files) in scans.items():
             if files is None:
                 continue
@@ -281,26 +300,33 @@ class Pusher:
                 look.asked = set(ask)
                 listing = await client.uid_fetch_listing(uid_set(ask))
                 look.flags = {uid: e.flags for uid, e in listing.items()}
-            if _has_fresh(rows, files) and look.status.exists:
-                # Mail new on the server may be a new file's own message (another
-                # client moved it here too; our APPEND whose UID we never learnt):
-                # the plan adopts it rather than upload it a second time.
-                highest = max(rows, default=0)
-                newer = await client.uid_fetch_listing(b"%d:*" % (highest + 1))
-                look.flags.update({uid: e.flags for uid, e in newer.items() if uid > highest})
-        folders = {
-            name: Folder(
-                rows=rows,
-                files=files,
-                server=lookups[name].flags if name in lookups else {},
-                complete=False,
-                expunged=frozenset(lookups[name].asked - set(lookups[name].flags)) if name in lookups else frozenset(),
-                allow_delete=self.allow_delete(name),
-            )
-            for name, (rows, files) in scans.items()
-            if files is not None or rows
-        }
+            if _has_fresh(rows, files):
+                await newer(name)
+
+        def folders_now() -> dict[str, Folder]:
+            return {
+                name: Folder(
+                    rows=rows,
+                    files=files,
+                    server=lookups[name].flags if name in lookups else {},
+                    complete=False,
+                    expunged=frozenset(lookups[name].asked - set(lookups[name].flags)) if name in lookups else frozenset(),
+                    allow_delete=self.allow_delete(name),
+                )
+                for name, (rows, files) in scans.items()
+                if files is not None or rows
+            }
+
+        folders = folders_now()
         new, gone, unknown = identity_request(folders)
+        if new and gone and len(newer_known) < len(folders):
+            # Something vanished and something appeared: the message may have
+            # been moved on the server too, to any folder of the round.
+            for name in sorted(folders):
+                if name not in newer_known and folders[name].files is not None:
+                    await newer(name)
+            folders = folders_now()
+            new, gone, unknown = identity_request(folders)
         new_identity = {}
         for name, key in new:
             lf = folders[name].files[key]  # type: ignore[index]
