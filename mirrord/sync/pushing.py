@@ -197,6 +197,7 @@ class Pusher:
         self.folders = dict(folders)
         self.allow_delete = allow_delete
         self._said_no_uidplus = False
+        self._said_refused: dict[str, str] = {}
         self._current: tuple[MirrordIMAP4Client, str, MailboxStatus] | None = None
         """What this round has SELECTed, on which connection."""
 
@@ -660,7 +661,13 @@ class Pusher:
                 done.append(f"{count} {what}")
         if done:
             log.info("%s: sent local changes to the server: %s", self.account.name, ", ".join(done))
+        for name in list(self._said_refused):
+            if name not in result.refused:
+                del self._said_refused[name]
         for name, why in sorted(result.refused.items()):
+            if self._said_refused.get(name) == why:
+                continue  # said already (the daemon looks again at every change)
+            self._said_refused[name] = why
             log.error("%s/%s: local changes NOT sent: %s; nothing was deleted on the server. If this is "
                       "what you did, allow it once: `mirrord run --once --allow-delete %s/%s`",
                       self.account.name, name, why, self.account.name, name)
