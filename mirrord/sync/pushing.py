@@ -221,7 +221,7 @@ class Pusher:
             return total
 
         result = await self.pool.run(job, f"sending local changes of {self.account.name}")
-        self._log(result)
+        self._log(result, wanted)
         return result
 
     # -- looking ------------------------------------------------------------------
@@ -652,7 +652,7 @@ class Pusher:
             result.moved += intent.kind == "move"
             result.appended += intent.kind == "append"
 
-    def _log(self, result: PushResult) -> None:
+    def _log(self, result: PushResult, rounded: Iterable[str]) -> None:
         done = []
         for count, what in ((result.stored, "flag changes"), (result.deleted, "deletions"),
                             (result.moved, "moves"), (result.appended, "new messages"),
@@ -661,9 +661,9 @@ class Pusher:
                 done.append(f"{count} {what}")
         if done:
             log.info("%s: sent local changes to the server: %s", self.account.name, ", ".join(done))
-        for name in list(self._said_refused):
+        for name in rounded:
             if name not in result.refused:
-                del self._said_refused[name]
+                self._said_refused.pop(name, None)
         for name, why in sorted(result.refused.items()):
             if self._said_refused.get(name) == why:
                 continue  # said already (the daemon looks again at every change)
