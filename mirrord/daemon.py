@@ -188,8 +188,9 @@ class AccountDaemon:
     def _log_failure(self, refusals: int, delay: float) -> None:
         error = self.runtime.error
         if refusals == 1 and error and "refused the login" in error:
-            log.error("%s: %s. Check the password (`mirrord check` tests it); trying again in %.0f s, "
-                      "then less and less often", self.label, error.rstrip("."), delay)
+            what = "password" if self.account.auth == "password" else "token command's account"
+            log.error("%s: %s. Check the %s (`mirrord check` tests it); trying again in %.0f s, "
+                      "then less and less often", self.label, error.rstrip("."), what, delay)
         elif refusals > 1 and error and "refused the login" in error:
             log.info("%s: login still refused; next try in %.0f s", self.label, delay)
         else:
@@ -197,7 +198,7 @@ class AccountDaemon:
 
     async def _bring_up(self) -> None:
         if self._password is None:
-            self._password = await threads.deferToThread(self.account.password.resolve)
+            self._password = await threads.deferToThread(self.account.password.resolve_once)
         self.pool = WorkerPool(self.reactor, self.account, self._password, self.account.workers)
         discovery = await discover(self.pool, self.account)
         for reason in discovery.skipped:
