@@ -36,13 +36,13 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 __all__ = [
+    "OAUTH_AUTH_MODES",
     "Account",
+    "AuthMode",
     "Config",
     "ConfigError",
     "PasswordError",
     "PasswordSource",
-    "AuthMode",
-    "OAUTH_AUTH_MODES",
     "TLSMode",
     "default_config_path",
     "default_state_dir",

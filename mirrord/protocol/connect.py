@@ -282,11 +282,11 @@ def _said(refusal: OAuthRefused) -> str:
 
 
 async def _run_token_command(account: ServerSettings) -> str:
-    source = getattr(account, "password")
+    source = account.password  # type: ignore[attr-defined]  # see ServerSettings
     try:
         # A token command may open a browser or wait on a lock: keep it off the reactor.
         token: str = await threads.deferToThread(source.resolve)
-    except Exception as e:  # PasswordError: its message names the account and the command, no secret
+    except Exception as e:  # noqa: BLE001 - PasswordError: its message names the account and the command, no secret
         raise TokenUnavailable(f"no OAuth2 token: {e}") from None
     return token
 

@@ -17,11 +17,16 @@ import pytest
 from twisted.internet import defer, task
 from twisted.internet.testing import StringTransport
 
-from mirrord.config import ConfigError, PasswordError, PasswordSource, load_config
+from mirrord.config import ConfigError, PasswordSource, load_config
 from mirrord.protocol import sasl
 from mirrord.protocol.client import MirrordIMAP4Client
 from mirrord.protocol.connect import log_in
-from mirrord.protocol.errors import LoginFailed, MissingCapability, OAuthRefused, TokenUnavailable
+from mirrord.protocol.errors import (
+    LoginFailed,
+    MissingCapability,
+    OAuthRefused,
+    TokenUnavailable,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "ya29.secret-token-Zq8"
@@ -182,7 +187,7 @@ def test_a_refused_token_is_replaced_once_on_the_same_connection(caplog: pytest.
 
 
 def test_a_second_refusal_is_a_failed_login_with_the_servers_error() -> None:
-    client, transport = connected()
+    client, _ = connected()
     d = defer.Deferred.fromCoroutine(log_in(client, Settings(), "", "h:993", Tokens(["a", "b"]).fetcher()))
     refuse(client, b"M1")
     refuse(client, b"M2")
