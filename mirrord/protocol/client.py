@@ -1444,6 +1444,8 @@ class IdleSession:
         self.finished: defer.Deferred[CommandResult] = defer.Deferred()
         self.refused: Failure | None = None
         self.done_sent = False
+        self.text = ""
+        """The text of the server's ``+``: Courier says there whether its IDLE pushes (see the watcher)."""
 
     @property
     def active(self) -> bool:
@@ -1454,6 +1456,7 @@ class IdleSession:
     def _continued(self, text: str) -> None:
         if self.idling.called:
             return
+        self.text = text
         assert self._command is not None
         self._command.quiet = True
         self._client._arm_deadline()
