@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import imaplib
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,16 +26,17 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def courier(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateCourier]:
+def courier() -> Iterator[PrivateCourier]:
     why = PrivateCourier.available()
     if why:
         pytest.skip(why)
-    import tempfile
-
     root = Path(tempfile.mkdtemp(prefix="mirrord-courier-"))  # nobody must reach the Maildir
     os.chmod(root, 0o755)
-    with PrivateCourier(root) as server:
-        yield server
+    try:
+        with PrivateCourier(root) as server:
+            yield server
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _append(server: PrivateCourier, subject: str) -> None:
@@ -62,7 +65,7 @@ def test_mail_arrives_within_the_bound_and_status_says_why(courier: PrivateCouri
         for i in range(3):
             _append(courier, f"m{i}")
             started = time.monotonic()
-            wait_until(lambda: len(os.listdir(inbox / "new")) + len(os.listdir(inbox / "cur")) == i + 2,
+            wait_until(lambda n=i + 2: len(os.listdir(inbox / "new")) + len(os.listdir(inbox / "cur")) == n,
                        timeout=NO_PUSH_RENEW + 5, what=f"message {i} in the Maildir")
             assert time.monotonic() - started < NO_PUSH_RENEW + 3
             time.sleep(1.3 * i)

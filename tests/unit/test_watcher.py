@@ -709,7 +709,7 @@ def test_the_full_renewal_still_comes_on_time_between_short_reentries() -> None:
     from mirrord.watcher import NO_PUSH_RENEW
 
     server = Server()
-    watcher, _ = server.start(idle_renew=60.0)
+    server.start(idle_renew=60.0)
     examines = 0
     for _ in range(40):
         tag = idle_tag(server)
