@@ -165,7 +165,7 @@ def run_once(config: Config, allow_delete: frozenset[str] = frozenset()) -> int:
         for account in config.accounts:
             try:
                 # A password command may wait on a pinentry prompt: keep it off the reactor.
-                passwords[account.name] = await threads.deferToThread(account.password.resolve)
+                passwords[account.name] = await threads.deferToThread(account.password.resolve_once)
             except PasswordError as e:
                 log.error("%s", e)
                 ok = False
@@ -210,13 +210,14 @@ def check(config: Config, out: TextIO | None = None) -> int:
         print(f"account {account.name}: {account.username} at {account.host}:{account.port} ({account.tls})",
               file=out)
         try:
-            password = await threads.deferToThread(account.password.resolve)
+            password = await threads.deferToThread(account.password.resolve_once)
             client = await open_session(reactor, account, password, label=f"{account.name} check")
         except Exception as e:  # noqa: BLE001 - reported per account
             print(f"  FAILED: {e}", file=out)
             outcome["ok"] = False
             return
         try:
+            print(f"  logged in with {client.auth_mechanism}", file=out)
             print(f"  capabilities: {' '.join(sorted(client.capabilities))}", file=out)
             namespace = await client.namespace()
             entries = await client.list_mailboxes("", "*")

@@ -11,7 +11,8 @@ Nothing here writes to disk or connects anywhere; ``load_config`` only reads
 the config file (and checks that ``ca_file`` can be read). Passwords are not
 read at load time: ``PasswordSource.resolve`` does that when a connection
 needs one, so a locked password store does not stop ``mirrord check`` from
-validating the file.
+validating the file. An OAuth2 account's ``token_command`` is not run then
+either, nor once for the daemon's lifetime: each new connection runs it.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 __all__ = [
+    "OAUTH_AUTH_MODES",
     "Account",
+    "AuthMode",
     "Config",
     "ConfigError",
     "PasswordError",
@@ -62,6 +65,11 @@ DEFAULT_SYNC: SyncMode = "two-way"
 LocalDelete = Literal["expunge", "flag", "keep"]
 LOCAL_DELETE_MODES: tuple[str, ...] = get_args(LocalDelete)
 DEFAULT_LOCAL_DELETE: LocalDelete = "expunge"
+AuthMode = Literal["password", "oauth2", "oauthbearer", "xoauth2"]
+AUTH_MODES: tuple[str, ...] = get_args(AuthMode)
+OAUTH_AUTH_MODES: tuple[str, ...] = ("oauth2", "oauthbearer", "xoauth2")
+"""``oauth2``: OAUTHBEARER where the server offers it, else XOAUTH2; the other
+two insist on the mechanism they name. All take the token from ``token_command``."""
 
 DEFAULT_PORTS: dict[str, int] = {"implicit": 993, "starttls": 143, "none": 143}
 DEFAULT_WORKERS = 4
@@ -89,6 +97,8 @@ ACCOUNT_KEYS = (
     "tls",
     "ca_file",
     "username",
+    "auth",
+    "token_command",
     "password_command",
     "password_file",
     "password",
@@ -183,6 +193,9 @@ class PasswordSource:
     """Where an account's password comes from; exactly one of the three is set.
 
     ``account`` is here only so that a failure can say whose password it was.
+    ``token``: the command is an OAuth2 account's ``token_command``, whose
+    output is good for an hour or so; it is run for each new connection
+    (see :meth:`resolve_once`), and messages name it as such.
     The repr is written by hand so that an inline secret never shows up in a
     log line or a traceback that prints an ``Account``.
     """
@@ -191,6 +204,7 @@ class PasswordSource:
     command: tuple[str, ...] | None = None
     file: Path | None = None
     inline: str | None = None
+    token: bool = False
 
     def __post_init__(self) -> None:
         given = [v for v in (self.command, self.file, self.inline) if v is not None]
@@ -200,12 +214,14 @@ class PasswordSource:
             not self.command or not all(isinstance(a, str) and a for a in self.command)
         ):
             raise ValueError("a password command must be a non-empty tuple of non-empty strings")
+        if self.token and self.command is None:
+            raise ValueError("an OAuth2 token comes from a command")
 
     @property
     def kind(self) -> str:
         """The config key this source came from; used in messages so users can find it."""
         if self.command is not None:
-            return "password_command"
+            return "token_command" if self.token else "password_command"
         if self.file is not None:
             return "password_file"
         return "password"
@@ -221,7 +237,7 @@ class PasswordSource:
 
     def __str__(self) -> str:
         if self.command is not None:
-            return f"password_command: {shlex.join(self.command)}"
+            return f"{self.kind}: {shlex.join(self.command)}"
         if self.file is not None:
             return f"password_file: {self.file}"
         return "<inline password>"
@@ -239,6 +255,18 @@ class PasswordSource:
             return self._from_file(self.file)
         assert self.inline is not None
         return self.inline
+
+    def resolve_once(self, timeout: float = PASSWORD_COMMAND_TIMEOUT) -> str:
+        """What a caller may fetch once and hold for the account's lifetime.
+
+        The password; but for a token source an empty string, without running
+        anything: a token expires within the hour, so the session opener runs
+        the command itself for every connection (and once more when the server
+        refuses the token), and no token outlives the login it was fetched for.
+        """
+        if self.token:
+            return ""
+        return self.resolve(timeout)
 
     def _fail(self, reason: str) -> NoReturn:
         raise PasswordError(self.account, self.kind, reason)
@@ -291,7 +319,7 @@ class PasswordSource:
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
-            self._fail("the password is not valid UTF-8")
+            self._fail(f"the {'token' if self.token else 'password'} is not valid UTF-8")
         line = text.partition("\n")[0]
         if line.endswith("\r"):
             line = line[:-1]
@@ -325,6 +353,7 @@ class Account:
     ca_file: Path | None
     username: str
     password: PasswordSource
+    """The password, or for an OAuth2 account (``auth``) its token command."""
     maildir: Path
     mailboxes: tuple[str, ...] = DEFAULT_MAILBOXES
     exclude: tuple[str, ...] = ()
@@ -350,6 +379,8 @@ class Account:
     @property
     def two_way(self) -> bool:
         return self.sync == "two-way"
+    auth: AuthMode = "password"
+    """How to log in: ``password`` (AUTHENTICATE PLAIN, else LOGIN) or an OAuth2 mode."""
 
     def wants(self, local_name: str) -> bool:
         """Whether the mailbox with this local name (``/`` hierarchy) is mirrored.
@@ -816,7 +847,18 @@ class _Parser:
                     entry.line,
                     _join(entry.key, key),
                 )
-        password = self.password(name, entry, found, values)
+        auth = cast(AuthMode, values.get("auth", "password"))
+        if auth in OAUTH_AUTH_MODES:
+            password = self.token_source(name, entry, found, values, auth)
+        else:
+            if "token_command" in found:
+                self.fail(
+                    "a token command is for OAuth2 sign-in: add 'auth: oauth2' to this account"
+                    " (or use password_command for a password)",
+                    found["token_command"].line,
+                    found["token_command"].key,
+                )
+            password = self.password(name, entry, found, values)
 
         host = cast(str, values["host"])
         tls = cast(TLSMode, values.get("tls", "implicit"))
@@ -853,6 +895,7 @@ class _Parser:
             compress=cast(CompressMode, values.get("compress", DEFAULT_COMPRESS)),
             sync=cast(SyncMode, values.get("sync", DEFAULT_SYNC)),
             local_delete=cast(LocalDelete, values.get("local_delete", DEFAULT_LOCAL_DELETE)),
+            auth=auth,
         )
         if account.workers >= account.max_connections:
             self.fail(
@@ -874,7 +917,9 @@ class _Parser:
             return self.ca_file(entry)
         if key == "username":
             return self.text(entry)
-        if key == "password_command":
+        if key == "auth":
+            return self.choice(entry, AUTH_MODES)
+        if key in ("password_command", "token_command"):
             return self.argv(entry)
         if key == "password_file":
             return self.path_value(entry)
@@ -1000,6 +1045,27 @@ class _Parser:
                 entry.key,
             )
         return PasswordSource(name, inline=cast(str, value))
+
+    def token_source(
+        self, name: str, account: _Entry, found: dict[str, _Entry], values: dict[str, object], auth: str
+    ) -> PasswordSource:
+        """An OAuth2 account's token command; a password next to it would never be used."""
+        for key in PASSWORD_KEYS:
+            if key in found:
+                self.fail(
+                    f"auth: {auth} signs in with a token from token_command, so {key} would never"
+                    " be used; remove it (or set auth: password)",
+                    found[key].line,
+                    found[key].key,
+                )
+        if "token_command" not in found:
+            self.fail(
+                f"auth: {auth} needs a token_command that prints an access token,"
+                " such as [pizauth, show, work] or [oama, access, me@example.com]",
+                found["auth"].line,
+                found["auth"].key,
+            )
+        return PasswordSource(name, command=cast("tuple[str, ...]", values["token_command"]), token=True)
 
     def _check_private(self, path: Path, entry: _Entry) -> None:
         """Warn about a password file others can read; its absence is resolve()'s business."""

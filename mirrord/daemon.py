@@ -208,8 +208,9 @@ class AccountDaemon:
     def _log_failure(self, refusals: int, delay: float) -> None:
         error = self.runtime.error
         if refusals == 1 and error and "refused the login" in error:
-            log.error("%s: %s. Check the password (`mirrord check` tests it); trying again in %.0f s, "
-                      "then less and less often", self.label, error.rstrip("."), delay)
+            what = "password" if self.account.auth == "password" else "token command's account"
+            log.error("%s: %s. Check the %s (`mirrord check` tests it); trying again in %.0f s, "
+                      "then less and less often", self.label, error.rstrip("."), what, delay)
         elif refusals > 1 and error and "refused the login" in error:
             log.info("%s: login still refused; next try in %.0f s", self.label, delay)
         else:
@@ -217,7 +218,7 @@ class AccountDaemon:
 
     async def _bring_up(self) -> None:
         if self._password is None:
-            self._password = await threads.deferToThread(self.account.password.resolve)
+            self._password = await threads.deferToThread(self.account.password.resolve_once)
         self.pool = WorkerPool(self.reactor, self.account, self._password, self.account.workers)
         discovery = await discover(self.pool, self.account)
         if self.account.two_way and self.local_push is None:

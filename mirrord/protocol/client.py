@@ -51,8 +51,9 @@ from mirrord.protocol._parser import (
     code_name,
     fetch_items,
 )
+from mirrord.protocol import sasl
 from mirrord.protocol.compress import DeflateStream
-from mirrord.protocol.errors import CommandFailed, MissingCapability, quote_server_text
+from mirrord.protocol.errors import CommandFailed, MissingCapability, OAuthRefused, quote_server_text
 from mirrord.protocol.mutf7 import decode_mailbox_name
 
 log = logging.getLogger("mirrord.protocol")
@@ -360,6 +361,8 @@ class MirrordIMAP4Client(IMAP4Client):
             clock = default_reactor  # type: ignore[assignment]
         self._clock: IReactorTime = clock  # type: ignore[assignment]
         self.capabilities: frozenset[str] = frozenset()
+        self.auth_mechanism: str | None = None
+        """How this session logged in (``PLAIN``, ``LOGIN``, ``OAUTHBEARER``, ``XOAUTH2``), for `mirrord check`."""
         self.enabled: frozenset[str] = frozenset()
         """Extensions the server confirmed with ``* ENABLED`` (CONDSTORE, QRESYNC)."""
         self.greeting: defer.Deferred[None] = defer.Deferred()
@@ -765,6 +768,41 @@ class MirrordIMAP4Client(IMAP4Client):
             command = _Command("LOGIN", parts, "LOGIN <redacted>")
         result = await self._run(command)
         self.state = "auth"
+        self.auth_mechanism = "PLAIN" if command.name == "AUTHENTICATE" else "LOGIN"
+        if code_name(result.tagged.code) != "CAPABILITY":
+            await self.capability()
+
+    async def authenticate_oauth(
+        self, mechanism: sasl.OAuthMechanism, username: str, token: str, host: str, port: int
+    ) -> None:
+        """AUTHENTICATE with an OAuth2 bearer token (OAUTHBEARER or XOAUTH2).
+
+        The token goes in the command line where the server offers SASL-IR
+        (RFC 4959), saving a round trip, else after the server's first
+        continuation. A server refusing the token first sends an error
+        challenge (RFC 7628 3.2.2, base64 JSON), which is answered as the
+        mechanism wants so that the server ends with its tagged NO; that NO
+        is raised as :class:`OAuthRefused` carrying the decoded error. The
+        trace shows neither the token nor the user name, nor their base64.
+        """
+        response = base64.b64encode(sasl.initial_response(mechanism, username, token, host, port))
+        trace = f"AUTHENTICATE {mechanism} <redacted>"
+        head = b"AUTHENTICATE " + mechanism.encode("ascii")
+        parts = [head + b" " + response] if "SASL-IR" in self.capabilities else [head, response]
+        errors: list[str] = []
+
+        def on_challenge(text: str) -> None:
+            errors.append(sasl.describe_error(text))
+            # The answer is base64 like every SASL response: ^A is "AQ==", XOAUTH2's empty one an empty line.
+            self._send(base64.b64encode(sasl.failure_reply(mechanism)), None)
+
+        command = _Command("AUTHENTICATE", parts, trace, on_continuation=on_challenge)
+        try:
+            result = await self._run(command)
+        except CommandFailed as e:
+            raise OAuthRefused(e.command, e.status, e.text, errors[-1] if errors else None) from None
+        self.state = "auth"
+        self.auth_mechanism = mechanism
         if code_name(result.tagged.code) != "CAPABILITY":
             await self.capability()
 
@@ -1406,6 +1444,8 @@ class IdleSession:
         self.finished: defer.Deferred[CommandResult] = defer.Deferred()
         self.refused: Failure | None = None
         self.done_sent = False
+        self.text = ""
+        """The text of the server's ``+``: Courier says there whether its IDLE pushes (see the watcher)."""
 
     @property
     def active(self) -> bool:
@@ -1416,6 +1456,7 @@ class IdleSession:
     def _continued(self, text: str) -> None:
         if self.idling.called:
             return
+        self.text = text
         assert self._command is not None
         self._command.quiet = True
         self._client._arm_deadline()

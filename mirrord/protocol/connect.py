@@ -9,27 +9,32 @@ that does not match the host or is not trusted ends the attempt with a
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import logging
 from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal, Protocol
 
 from OpenSSL import SSL
-from twisted.internet import defer, ssl
+from twisted.internet import defer, ssl, threads
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, ConnectionLost, DNSLookupError, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
+from mirrord.protocol import sasl
 from mirrord.protocol.client import MirrordIMAP4Client
 from mirrord.protocol.errors import (
     CommandFailed,
     ConnectFailed,
     LoginFailed,
     MissingCapability,
+    OAuthRefused,
     TLSFailed,
+    TokenUnavailable,
 )
 
 log = logging.getLogger("mirrord.protocol")
@@ -47,6 +52,13 @@ class ServerSettings(Protocol):
     ca_file: Path | None
     username: str
     compress: Literal["auto", "yes", "no"]
+    # Also read, with defaults, so that simple stand-ins need not have them:
+    # ``auth`` ("password" or an OAuth2 mode) and ``password`` (an object whose
+    # ``resolve()`` runs the token command of an OAuth2 account).
+
+
+TokenFetcher = Callable[[], Awaitable[str]]
+"""Runs an OAuth2 account's token command and returns its token (or raises)."""
 
 
 _PEM_CERTIFICATE = re.compile(
@@ -164,12 +176,7 @@ async def open_session(
                     f"{where} does not offer STARTTLS; refusing to log in without TLS"
                 )
             await client.starttls(options)
-        try:
-            await client.login(account.username, password)
-        except CommandFailed as e:
-            raise LoginFailed(
-                f"{where} refused the login of {account.username!r}: {e.text or e.status}"
-            ) from None
+        await log_in(client, account, password, where)
         compress = bulk and wants_compression(account, _peer_address(client))
         if compress and "COMPRESS=DEFLATE" not in client.capabilities:
             log.debug("%s: %s does not offer COMPRESS=DEFLATE", label, where)
@@ -199,8 +206,89 @@ async def open_session(
         if reason is not None:
             raise TLSFailed(f"TLS with {where} failed: {reason}") from None
         raise ConnectFailed(f"{where}: session setup failed: {e}") from None
-    log.debug("%s: logged in to %s; capabilities: %s", label, where, " ".join(sorted(client.capabilities)))
+    log.debug(
+        "%s: logged in to %s with %s; capabilities: %s",
+        label, where, client.auth_mechanism, " ".join(sorted(client.capabilities)),
+    )
     return client
+
+
+def uses_oauth(account: ServerSettings) -> bool:
+    return getattr(account, "auth", "password") != "password"
+
+
+async def log_in(
+    client: MirrordIMAP4Client,
+    account: ServerSettings,
+    password: str,
+    where: str,
+    fetch_token: TokenFetcher | None = None,
+) -> None:
+    """Log in with the password, or with a fresh OAuth2 token (``password`` unused then).
+
+    An OAuth2 account runs its token command now, for this connection: a
+    token lives about an hour, so one fetched for an earlier connection may
+    be stale, and none is kept (on disk or here) once the login is done.
+    When the server refuses the token, the command is run once more and the
+    login tried again on the same connection before the refusal counts: the
+    token may have expired between the command and the login, and the
+    command's next run refreshes it. An unchanged token is not offered again
+    (it would only add a failed login at the server). A failing command is a
+    :class:`TokenUnavailable`, retried as rarely as a refused login.
+    """
+    if not uses_oauth(account):
+        try:
+            await client.login(account.username, password)
+        except CommandFailed as e:
+            raise LoginFailed(
+                f"{where} refused the login of {account.username!r}: {e.text or e.status}"
+            ) from None
+        return
+    if fetch_token is None:
+        fetch_token = functools.partial(_run_token_command, account)
+    try:
+        mechanism = sasl.choose_mechanism(client.capabilities, getattr(account, "auth", "oauth2"))
+    except sasl.NoOAuthMechanism as e:
+        raise MissingCapability(f"{where} cannot take an OAuth2 token: {e}") from None
+    token = await fetch_token()
+    try:
+        await client.authenticate_oauth(mechanism, account.username, token, account.host, account.port)
+        return
+    except OAuthRefused as e:
+        first = e
+    log.info(
+        "%s: %s refused the OAuth2 token of %r (%s%s); running the token command again for a fresh one",
+        client.label, where, account.username, mechanism, _said(first),
+    )
+    fresh = await fetch_token()
+    if fresh == token:
+        raise LoginFailed(
+            f"{where} refused the login of {account.username!r} with {mechanism}: "
+            f"{first.text or first.status}{_said(first)}; the token command gave the same token again"
+        )
+    del token
+    try:
+        await client.authenticate_oauth(mechanism, account.username, fresh, account.host, account.port)
+    except OAuthRefused as e:
+        raise LoginFailed(
+            f"{where} refused the login of {account.username!r} with {mechanism}, also with a fresh "
+            f"token: {e.text or e.status}{_said(e)}"
+        ) from None
+
+
+def _said(refusal: OAuthRefused) -> str:
+    """The server's decoded error challenge, as a clause for a log line."""
+    return f"; server said {refusal.error}" if refusal.error else ""
+
+
+async def _run_token_command(account: ServerSettings) -> str:
+    source = account.password  # type: ignore[attr-defined]  # see ServerSettings
+    try:
+        # A token command may open a browser or wait on a lock: keep it off the reactor.
+        token: str = await threads.deferToThread(source.resolve)
+    except Exception as e:  # noqa: BLE001 - PasswordError: its message names the account and the command, no secret
+        raise TokenUnavailable(f"no OAuth2 token: {e}") from None
+    return token
 
 
 async def enable_resync(client: MirrordIMAP4Client) -> None:

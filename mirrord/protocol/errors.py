@@ -16,8 +16,10 @@ __all__ = [
     "ConnectFailed",
     "LoginFailed",
     "MissingCapability",
+    "OAuthRefused",
     "ProtocolError",
     "TLSFailed",
+    "TokenUnavailable",
     "describe_failure",
     "quote_server_text",
 ]
@@ -93,6 +95,14 @@ class CommandFailed(Exception):
         self.text = text
 
 
+class OAuthRefused(CommandFailed):
+    """The server refused an OAuth2 token; ``error`` is its decoded error challenge, if it sent one."""
+
+    def __init__(self, command: str, status: str, text: str, error: str | None) -> None:
+        super().__init__(command, status, text)
+        self.error = error
+
+
 class ConnectFailed(Exception):
     """No IMAP session could be set up (refused, unreachable, timed out, closed early)."""
 
@@ -106,6 +116,15 @@ class TLSFailed(ConnectFailed):
 
 class LoginFailed(ConnectFailed):
     """The server refused our credentials."""
+
+
+class TokenUnavailable(LoginFailed):
+    """The account's token command failed, so there was no OAuth2 token to log in with.
+
+    A :class:`LoginFailed`, so that it is retried as rarely as a refused
+    login: a command that fails (no network to the provider, a refresh token
+    revoked) is not fixed by running it every few seconds either.
+    """
 
 
 class MissingCapability(ConnectFailed):

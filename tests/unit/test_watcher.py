@@ -668,3 +668,83 @@ def test_idle_flag_events_carry_no_recent() -> None:
     idle_tag(server)
     server.say(b"+ idling", b"* 1 FETCH (FLAGS (\\Recent \\Seen))")
     assert server.events.log[-1] == ("flags", {10: frozenset({"\\Seen"})})
+
+
+# -- servers whose IDLE does not push (stock Courier) -------------------------
+
+
+def test_courier_plain_idle_is_reentered_every_few_seconds_and_said_once(caplog: pytest.LogCaptureFixture) -> None:
+    from mirrord.watcher import NO_PUSH_RENEW
+
+    server = Server()
+    server.client.label = "courier/INBOX"
+    watcher, _ = server.start()
+    watcher.label = "courier/INBOX"
+    tag = idle_tag(server)
+    server.say(b"+ entering idle mode")
+    assert watcher.pushes is False
+    server.clock.advance(NO_PUSH_RENEW - 0.1)
+    assert server.sent() == []
+    server.clock.advance(0.1)
+    assert server.sent() == [b"DONE"], "a bare re-entry: Courier looks at the mailbox at DONE and IDLE"
+    # Courier reports what it held back at DONE: the new mail is announced now, not a minute later.
+    server.say(b"* 4 EXISTS", tag + b" OK IDLE completed")
+    assert ("new",) in server.events.log
+    learn = server.sent()
+    assert learn[0].endswith(b"FETCH 4:* (UID FLAGS)"), learn
+    server.say(b"* 4 FETCH (UID 9 FLAGS ())", server.tag(learn[0]) + b" OK")
+    tag = idle_tag(server)  # no EXAMINE: a short re-entry is not a renewal
+    server.say(b"+ entering idle mode")
+    server.clock.advance(NO_PUSH_RENEW)
+    assert server.sent() == [b"DONE"]
+    server.say(tag + b" OK IDLE completed")
+    idle_tag(server)
+    server.say(b"+ entering idle mode")
+    warnings = [r for r in caplog.records if "does not push" in r.getMessage() and r.levelname == "WARNING"]
+    assert len(warnings) == 1, "said once, not at every re-entry"
+    assert "every 5 s" in warnings[0].getMessage()
+
+
+def test_the_full_renewal_still_comes_on_time_between_short_reentries() -> None:
+    from mirrord.watcher import NO_PUSH_RENEW
+
+    server = Server()
+    server.start(idle_renew=60.0)
+    examines = 0
+    for _ in range(40):
+        tag = idle_tag(server)
+        server.say(b"+ entering idle mode")
+        server.clock.advance(NO_PUSH_RENEW)
+        assert server.sent() == [b"DONE"]
+        server.say(tag + b" OK IDLE completed")
+        if server.transport.value().endswith(b'EXAMINE "INBOX"\r\n'):
+            examines += 1
+            renew_examine(server)
+    # 200 s of re-entries every 5 s: the mailbox is looked at afresh every 60 s (coalesced: a little sooner).
+    assert examines in (3, 4), examines
+
+
+@pytest.mark.parametrize("continuation", [b"+ idling", b"+ entering ENHANCED idle mode", b"+ OK"])
+def test_a_server_that_pushes_is_left_alone(continuation: bytes) -> None:
+    server = Server()
+    watcher, _ = server.start()
+    idle_tag(server)
+    server.say(continuation)
+    assert watcher.pushes is True
+    server.clock.advance(RENEW - 1)
+    assert server.sent() == []
+
+
+def test_status_says_when_idle_is_reentered_because_the_server_does_not_push() -> None:
+    server = Server()
+    service = WatcherService(
+        connect=lambda label: defer.succeed(server.client),  # type: ignore[arg-type,return-value]
+        raw_name=b"INBOX", listener=server.events, clock=server.clock, label="st/INBOX",
+        idle_renew=RENEW, poll_interval=POLL,
+    )
+    service.start()
+    server.sent()
+    server.say(b"* 0 EXISTS", b"* OK [UIDVALIDITY 42] ok", b"M1 OK [READ-ONLY] done")
+    idle_tag(server)
+    server.say(b"+ entering idle mode")
+    assert service.display_state == "idling, re-entered every 5 s (server does not push)"
