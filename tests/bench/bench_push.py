@@ -41,8 +41,9 @@ work) plus up to one poll interval and one poll's round trip. The poller
 needs no IDLE and so has no 500 ms floor. mirrord's own INFO log is kept,
 stamped with the monotonic clock, and the row "round logged" gives, per
 change, t0 to the end of the first round whose "sent local changes" line
-came after t0 (with K=1: that change's round), and the kinds those lines add up to
-(a move sent as a deletion plus an upload shows there, and is flagged).
+came after t0 and names that kind ("moves" or "new messages" for a move);
+the kinds those lines add up to are printed too (a move sent as a deletion
+plus an upload shows there, and is flagged).
 
 Prints the exact command line, then per folder size a table of median, p90,
 p99 and max (ms) per kind of change and for all of them, PASS/FAIL against
@@ -91,6 +92,8 @@ _FETCH = re.compile(rb"^\* \d+ FETCH \((.*)\)$")
 _UID = re.compile(rb"UID (\d+)")
 _FLAGS = re.compile(rb"FLAGS \(([^)]*)\)")
 _LITERAL = re.compile(rb"\{(\d+)\}$")
+_ROUND_WORDS = {"flags": ("flag changes",), "deletion": ("deletions",), "move": ("moves", "new messages")}
+"""Which words of a "sent local changes" line mean a round sent a change of that kind."""
 _SENT = re.compile(r"^(\d+\.\d+) INFO +\S+: sent local changes to the server: (.*)$", re.MULTILINE)
 
 
@@ -391,13 +394,14 @@ class Outcome:
                 if c.seen is not None and c.t0 is not None and kind in (None, c.kind)]
 
     def round_latencies(self, kind: str | None = None) -> list[float]:
-        """t0 -> the end of the first round logged after t0."""
-        ends = sorted(t for t, _ in self.rounds)
+        """t0 -> the end of the first round logged after t0 that sent a change of that kind."""
+        rounds = sorted(self.rounds)
         out = []
         for c in self.changes:
             if c.t0 is None or kind not in (None, c.kind):
                 continue
-            after = next((t for t in ends if t > c.t0), None)
+            words = _ROUND_WORDS[c.kind]
+            after = next((t for t, what in rounds if t > c.t0 and any(w in what for w in words)), None)
             if after is not None:
                 out.append((after - c.t0) * 1000)
         return out
