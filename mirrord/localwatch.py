@@ -106,8 +106,12 @@ class LocalChangeWatcher:
         self._dirs: dict[bytes, str] = {}
         """Watched directory (as bytes, the way inotify names it) -> mailbox."""
         self._by_mailbox: dict[str, list[FilePath[Any]]] = {}
-        self._timers: dict[str, IDelayedCall] = {}
-        self._first: dict[str, float] = {}
+        self._timer: IDelayedCall | None = None
+        """One timer for the account, not one per mailbox: a move's two halves
+        (gone from one folder, new in another) are told in one go, and become
+        one round that sees a move rather than a deletion and an upload."""
+        self._first: float | None = None
+        self._pending: set[str] = set()
         self._ours: dict[tuple[str, str], float] = {}
         """(mailbox, file name) -> until when an event for it is ours to ignore."""
 
@@ -140,10 +144,11 @@ class LocalChangeWatcher:
                     self.notifier.ignore(fp)
                 except KeyError:
                     pass  # the kernel dropped the watch already (directory gone)
-        timer = self._timers.pop(mailbox, None)
-        if timer is not None and timer.active():
-            timer.cancel()
-        self._first.pop(mailbox, None)
+        self._pending.discard(mailbox)
+        if not self._pending and self._timer is not None and self._timer.active():
+            self._timer.cancel()
+            self._timer = None
+            self._first = None
         self._ours = {k: v for k, v in self._ours.items() if k[0] != mailbox}
 
     def stop(self) -> None:
@@ -192,22 +197,24 @@ class LocalChangeWatcher:
 
     def _schedule(self, mailbox: str) -> None:
         now = self.clock.seconds()
-        first = self._first.setdefault(mailbox, now)
-        when = min(now + self.debounce, first + self.max_wait)
-        timer = self._timers.get(mailbox)
-        if timer is not None and timer.active():
-            timer.reset(max(0.0, when - now))
+        self._pending.add(mailbox)
+        if self._first is None:
+            self._first = now
+        when = min(now + self.debounce, self._first + self.max_wait)
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(max(0.0, when - now))
             return
-        self._timers[mailbox] = self.clock.callLater(max(0.0, when - now), self._fire, mailbox)
+        self._timer = self.clock.callLater(max(0.0, when - now), self._fire)
 
-    def _fire(self, mailbox: str) -> None:
-        self._timers.pop(mailbox, None)
-        self._first.pop(mailbox, None)
+    def _fire(self) -> None:
+        self._timer = None
+        self._first = None
         now = self.clock.seconds()
         self._ours = {k: v for k, v in self._ours.items() if v >= now}
-        if mailbox in self._by_mailbox:
-            self.changed(mailbox)
-
+        pending, self._pending = self._pending, set()
+        for mailbox in sorted(pending):
+            if mailbox in self._by_mailbox:
+                self.changed(mailbox)
 
 NEW_FOLDER_DELAY = 1.0
 """Seconds after a directory appears before the tree is looked at: a reader

@@ -92,6 +92,11 @@ class LocalPush:
         if self._retry is not None and self._retry.active():
             return
         self._busy = True
+        # On the next turn, not now: every folder the watcher names in this
+        # turn joins the round (a move's two halves must be seen together).
+        self.clock.callLater(0, self._start)
+
+    def _start(self) -> None:
         defer.Deferred.fromCoroutine(self._work())
 
     async def _work(self) -> None:

@@ -49,9 +49,20 @@ def make(tmp_path: Path, names: tuple[str, ...] = ("A", "B")) -> tuple[LocalPush
     return push, pusher, lives, clock
 
 
-def test_changes_during_a_round_are_gathered_into_the_next_one(tmp_path: Path) -> None:
-    push, pusher, _, _ = make(tmp_path, ("A", "B", "C"))
+def test_folders_named_in_one_turn_make_one_round(tmp_path: Path) -> None:
+    """A move: gone from A, new in B, told in one turn: one round sees both halves."""
+    push, pusher, _, clock = make(tmp_path)
     push.changed("A")
+    push.changed("B")
+    assert pusher.calls == []
+    clock.advance(0)
+    assert pusher.calls == [["A", "B"]]
+
+
+def test_changes_during_a_round_are_gathered_into_the_next_one(tmp_path: Path) -> None:
+    push, pusher, _, clock = make(tmp_path, ("A", "B", "C"))
+    push.changed("A")
+    clock.advance(0)
     assert pusher.calls == [["A"]]
     push.changed("C")
     push.changed("B")
@@ -64,10 +75,11 @@ def test_changes_during_a_round_are_gathered_into_the_next_one(tmp_path: Path) -
 
 
 def test_a_round_waits_for_an_operation_on_its_folders(tmp_path: Path) -> None:
-    push, pusher, lives, _ = make(tmp_path)
+    push, pusher, lives, clock = make(tmp_path)
     fetch = lives["B"].lock.acquire()  # a fetch of B in progress
     assert fetch.called
     push.changed("A")
+    clock.advance(0)
     push.changed("B")
     assert pusher.calls == [["A"]]
     pusher.pending[0].callback(PushResult("acct"))
@@ -83,6 +95,7 @@ def test_a_round_waits_for_an_operation_on_its_folders(tmp_path: Path) -> None:
 def test_a_failed_round_is_retried_with_backoff_and_keeps_its_folders(tmp_path: Path) -> None:
     push, pusher, lives, clock = make(tmp_path)
     push.changed("A")
+    clock.advance(0)
     pusher.pending[0].errback(ConnectionError("cut"))
     assert push.last_error == "cut"
     assert not lives["A"].lock.locked
@@ -95,19 +108,22 @@ def test_a_failed_round_is_retried_with_backoff_and_keeps_its_folders(tmp_path: 
 
 
 def test_refused_folders_are_remembered_until_a_round_sends_them(tmp_path: Path) -> None:
-    push, pusher, lives, _ = make(tmp_path)
+    push, pusher, lives, clock = make(tmp_path)
     push.changed("A")
+    clock.advance(0)
     pusher.pending[0].callback(PushResult("acct", refused={"A": "7 of its 8 messages vanished"}, refetch={"A"}))
     assert push.refused == {"A": "7 of its 8 messages vanished"}
     assert lives["A"].resyncs, "what the round gave back to the server is fetched again"
     push.changed("A")
+    clock.advance(0)
     pusher.pending[1].callback(PushResult("acct"))
     assert push.refused == {}
 
 
 def test_stop_waits_for_the_round_in_hand(tmp_path: Path) -> None:
-    push, pusher, _, _ = make(tmp_path)
+    push, pusher, _, clock = make(tmp_path)
     push.changed("A")
+    clock.advance(0)
     stopped = push.stop()
     assert not stopped.called
     push.changed("B")

@@ -191,3 +191,17 @@ def test_new_folders_are_noticed_under_the_root_and_in_folders_made_later(tmp_pa
     assert len(seen) == 1
     watcher.stop()
     assert notifier.closed
+
+
+def test_a_move_across_folders_is_told_for_both_in_one_turn(setup: Any, tmp_path: Path) -> None:
+    """Gone from INBOX, new in Archive a moment later: both are named when the one timer fires."""
+    clock, notifier, watcher, seen, inbox = setup
+    archive = _maildir(tmp_path, "Archive")
+    watcher.watch("Archive", archive)
+    notifier.fire(inbox / "cur", "m1:2,S", IN_MOVED_FROM)
+    clock.advance(0.05)
+    notifier.fire(archive / "cur", "m1:2,S", IN_MOVED_TO)
+    clock.advance(0.19)
+    assert seen == []
+    clock.advance(0.02)
+    assert sorted(seen) == ["Archive", "INBOX"]
