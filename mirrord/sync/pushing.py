@@ -148,6 +148,17 @@ def _is_tombstone(row: MessageRecord, files: Mapping[str, LocalFile]) -> bool:
     return row.key not in files and any(f.lower() == "\\deleted" for f in row.flags)
 
 
+_Scan = tuple[dict[int, MessageRecord], dict[str, LocalFile] | None]
+"""A folder's rows and its Maildir listing (None: ``cur/`` or ``new/`` is missing)."""
+
+
+def _local_changes(rows: Mapping[int, MessageRecord], files: Mapping[str, LocalFile] | None) -> bool:
+    """Whether the reader changed anything in this folder since its rows were written."""
+    if files is None:
+        return bool(rows)
+    return bool(_to_ask(rows, files)) or _has_fresh(rows, files)
+
+
 def _to_ask(rows: Mapping[int, MessageRecord], files: Mapping[str, LocalFile]) -> list[int]:
     """Rows whose file is gone or carries other letters: their server flags are needed."""
     return sorted(
@@ -206,15 +217,20 @@ class Pusher:
         wanted = sorted(set(names) if names is not None else set(self.folders))
         wanted = [n for n in wanted if n in self.folders and self.state.mailbox(self.account.name, n) is not None]
         result = PushResult(self.account.name)
-        if not self.state.intents(self.account.name) and not any(self._has_local_changes(n) for n in wanted):
+        first: dict[str, _Scan] | None = {name: self._scan(name) for name in wanted}
+        if not self.state.intents(self.account.name) and not any(_local_changes(*scan) for scan in first.values()):
             return result
 
         async def job(worker: Worker) -> PushResult:
+            nonlocal first
             self._current = None
             total = PushResult(self.account.name)
             for _ in range(REPLANS):
                 part = PushResult(self.account.name)
-                await self._round(worker, wanted, part)
+                # The look that found work is the first plan's; a retry or a
+                # second plan looks again (the disk, or the state, moved on).
+                scans, first = first or {name: self._scan(name) for name in wanted}, None
+                await self._round(worker, scans, part)
                 total.add(part)
                 if not part.again:
                     break
@@ -226,7 +242,7 @@ class Pusher:
 
     # -- looking ------------------------------------------------------------------
 
-    def _scan(self, name: str) -> tuple[dict[int, MessageRecord], dict[str, LocalFile] | None]:
+    def _scan(self, name: str) -> _Scan:
         folder = self.folders[name]
         rows = self.state.messages(self.account.name, name)
         if not ((folder.path / "cur").is_dir() and (folder.path / "new").is_dir()):
@@ -235,12 +251,6 @@ class Pusher:
         for record in self.state.pending(self.account.name, name).values():
             files.pop(record.key, None)  # a delivery in flight, not a reader's file
         return rows, files
-
-    def _has_local_changes(self, name: str) -> bool:
-        rows, files = self._scan(name)
-        if files is None:
-            return bool(rows)
-        return bool(_to_ask(rows, files)) or _has_fresh(rows, files)
 
     async def _select(self, worker: Worker, name: str, *, fresh: bool = False) -> MailboxStatus:
         """SELECT ``name`` unless this round has it selected on this connection already."""
@@ -257,9 +267,10 @@ class Pusher:
 
     # -- the round ----------------------------------------------------------------
 
-    async def _round(self, worker: Worker, names: list[str], result: PushResult) -> None:
+    async def _round(self, worker: Worker, scans: dict[str, _Scan], result: PushResult) -> None:
         client = await worker.connection()
-        await self._recover(worker, result)
+        if await self._recover(worker, result):
+            scans = {name: self._scan(name) for name in scans}  # the rows moved on
         uidplus = "UIDPLUS" in client.capabilities
         policy = self.account.local_delete
         if policy == "expunge" and not uidplus:
@@ -268,7 +279,6 @@ class Pusher:
                             "there, and go when another client expunges", self.account.name)
                 self._said_no_uidplus = True
             policy = "flag"
-        scans = {name: self._scan(name) for name in names}
         lookups: dict[str, _Lookup] = {}
         newer_known: set[str] = set()
 
@@ -375,7 +385,7 @@ class Pusher:
 
     async def _apply_folder(
         self, worker: Worker, name: str, plan: FolderPlan,
-        scan: tuple[dict[int, MessageRecord], dict[str, LocalFile] | None],
+        scan: _Scan,
         look: _Lookup | None, result: PushResult, uidplus: bool,
     ) -> None:
         account = self.account.name
@@ -616,11 +626,12 @@ class Pusher:
 
     # -- crash recovery -----------------------------------------------------------------
 
-    async def _recover(self, worker: Worker, result: PushResult) -> None:
-        """Settle intents a crash left: find each message or forget the intent."""
+    async def _recover(self, worker: Worker, result: PushResult) -> bool:
+        """Settle intents a crash left: find each message or forget the intent. True if there were any."""
         client = await worker.connection()
         account = self.account.name
-        for intent in self.state.intents(account):
+        intents = self.state.intents(account)
+        for intent in intents:
             if intent.mailbox not in self.folders or intent.uidnext is None:
                 self.state.drop_intent(intent.id)
                 continue
@@ -651,6 +662,7 @@ class Pusher:
                         self._tombstone(intent.source, intent.source_uid, intent.key)
             result.moved += intent.kind == "move"
             result.appended += intent.kind == "append"
+        return bool(intents)
 
     def _log(self, result: PushResult, rounded: Iterable[str]) -> None:
         done = []
