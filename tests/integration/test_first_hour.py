@@ -1,0 +1,61 @@
+"""Issue 16, "the first hour": what a newcomer meets between install and a running service.
+
+Each test drives the public command line, as a user would, against the
+private Dovecot where a server is involved.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from mirrord.testing import ImapAccount
+from tests.integration._mirrord import mirrord, write_config
+
+
+def _config_with_port(tmp_path: Path, account: ImapAccount, *, tls: str, port: int) -> Path:
+    config = write_config(tmp_path, account, tls=tls)
+    text = re.sub(r"(?m)^    port: \d+$", f"    port: {port}", config.read_text())
+    config.write_text(text)
+    return config
+
+
+# -- 5: a TLS/plaintext mismatch says so, in seconds -----------------------------------
+
+
+@pytest.mark.parametrize(
+    "command", [["check"], pytest.param(["run", "--once"], marks=pytest.mark.slow)], ids=["check", "run-once"]
+)
+def test_starttls_against_the_tls_port_says_try_implicit_within_seconds(
+    imap_account: ImapAccount, tmp_path: Path, command: list[str]
+) -> None:
+    config = _config_with_port(tmp_path, imap_account, tls="starttls", port=imap_account.imaps_port)
+    started = time.monotonic()
+    run = mirrord("-c", str(config), *command, timeout=60)
+    took = time.monotonic() - started
+    assert run.status == 1
+    output = run.stdout + run.stderr
+    assert f"no IMAP greeting from localhost:{imap_account.imaps_port} within 10 s" in output, output
+    assert "try `tls: implicit`" in output
+    assert "Traceback" not in output
+    # One greeting deadline, not three two-minute command deadlines (was 121 s and 363 s).
+    assert took < 20, f"took {took:.1f} s"
+
+
+@pytest.mark.parametrize("command", [["check"], ["run", "--once"]], ids=["check", "run-once"])
+def test_implicit_tls_against_the_plain_port_says_try_starttls(
+    imap_account: ImapAccount, tmp_path: Path, command: list[str]
+) -> None:
+    config = _config_with_port(tmp_path, imap_account, tls="implicit", port=imap_account.port)
+    started = time.monotonic()
+    run = mirrord("-c", str(config), *command, timeout=60)
+    took = time.monotonic() - started
+    assert run.status == 1
+    output = run.stdout + run.stderr
+    assert "answered in plaintext, not TLS" in output, output
+    assert "try `tls: starttls`" in output
+    assert "Traceback" not in output
+    assert took < 10, f"took {took:.1f} s"
