@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("check", parents=[common], help="validate the config, connect, log in, list; write nothing")
     status = sub.add_parser("status", parents=[common], help="what is mirrored, per mailbox")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_parser("init", parents=[common], help="write a commented config to start from (never overwrites)")
     demo = sub.add_parser("demo", parents=[common], help="mirror a private, throwaway Dovecot to see it work")
     demo.add_argument("--dir", type=Path, default=None, help="keep the demo's files here (default: a temp dir)")
     demo.add_argument("--live", type=int, default=5, metavar="N",
@@ -72,10 +73,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_demo(args.dir, verbose=verbose, live=args.live)
     config_path: Path = getattr(args, "config", None) or default_config_path()
+    if args.command == "init":
+        from mirrord.firstrun import InitError, init_config
+
+        try:
+            print(init_config(config_path), end="")
+        except InitError as e:
+            print(f"mirrord: {e}", file=sys.stderr)
+            return EXIT_FAILURE
+        return EXIT_OK
     try:
         config = load_config(config_path)
     except ConfigError as e:
         print(f"mirrord: {e}", file=sys.stderr)
+        if e.message.endswith("no such file"):
+            from mirrord.firstrun import config_option
+
+            print(f"mirrord: no config yet? `mirrord {config_option(config_path)}init` writes a commented "
+                  "one to start from", file=sys.stderr)
         return EXIT_USAGE
     for warning in config.warnings:
         log.warning("%s", warning)

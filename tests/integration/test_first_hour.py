@@ -59,3 +59,44 @@ def test_implicit_tls_against_the_plain_port_says_try_starttls(
     assert "try `tls: starttls`" in output
     assert "Traceback" not in output
     assert took < 10, f"took {took:.1f} s"
+
+
+# -- 3: no config yet -------------------------------------------------------------------
+
+
+def test_no_config_points_at_init_which_writes_a_commented_one_that_check_reads(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config")}
+    missing = mirrord("check", env=env)
+    assert missing.status == 2
+    assert "no such file" in missing.stderr
+    assert "`mirrord init` writes a commented one" in missing.stderr, missing.stderr
+
+    made = mirrord("init", env=env)
+    assert made.status == 0, made.stderr
+    config = home / ".config" / "mirrord" / "config.yaml"
+    assert f"wrote {config}" in made.stdout
+    assert "mirrord check" in made.stdout and "-c" not in made.stdout
+    assert (config.stat().st_mode & 0o777) == 0o600
+    assert (config.parent.stat().st_mode & 0o777) == 0o700
+    assert config.read_text() == (Path(__file__).parents[2] / "config.example.yaml").read_text()
+
+    # Never overwritten.
+    config.write_text(config.read_text().replace("imap.example.org", "imap.mine.example"))
+    again = mirrord("init", env=env)
+    assert again.status == 1 and "already exists" in again.stderr
+    assert "imap.mine.example" in config.read_text()
+
+
+def test_init_with_c_names_that_file_in_its_advice(tmp_path: Path) -> None:
+    target = tmp_path / "work.yaml"
+    missing = mirrord("-c", str(target), "run", "--once")
+    assert f"`mirrord -c {target} init`" in missing.stderr
+    made = mirrord("-c", str(target), "init")
+    assert made.status == 0
+    assert f"mirrord -c {target} check" in made.stdout
+    # The example is valid as written: only the password command and the server are placeholders.
+    from mirrord.config import load_config
+
+    assert [a.name for a in load_config(target).accounts] == ["personal"]
