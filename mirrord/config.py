@@ -25,7 +25,7 @@ import shlex
 import signal
 import stat
 import subprocess
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NoReturn, cast, get_args
@@ -109,6 +109,26 @@ _TAG_MERGE = "tag:yaml.org,2002:merge"
 _SCALAR_TAGS = frozenset({_TAG_NULL, _TAG_BOOL, _TAG_INT, _TAG_FLOAT, _TAG_STR})
 
 
+_HOME_VARIABLE = re.compile(r"\$(?:HOME\b|\{HOME\})")
+
+
+def expand_home(argument: str) -> str:
+    """``~``, ``~user`` at the start and ``$HOME``/``${HOME}`` anywhere, as a shell would.
+
+    Commands run without a shell, so ``[cat, ~/.mailpass]`` used to hand
+    ``cat`` a file literally named ``~/.mailpass``. A person who writes that
+    means their home, so it is expanded when the config is read; no other
+    variable is (``$`` may be part of an argument, and the service's
+    environment is not the shell's).
+    """
+    if argument.startswith("~"):
+        argument = os.path.expanduser(argument)
+    if "$" in argument:
+        home = os.path.expanduser("~")
+        argument = _HOME_VARIABLE.sub(lambda _: home, argument)
+    return argument
+
+
 def default_config_path() -> Path:
     return Path(platformdirs.user_config_dir(_APP, appauthor=False)) / "config.yaml"
 
@@ -144,6 +164,20 @@ class ConfigError(Exception):
         if self.key:
             return f"{where}: {self.key}: {self.message}"
         return f"{where}: {self.message}"
+
+
+def _missing_files(arguments: Sequence[str]) -> str:
+    """Which of a failed command's arguments name a file that is not there, said as a clause.
+
+    The commonest reason ``[cat, ~/.mailpass]`` or ``[gpg, -d, FILE]`` fails
+    is a wrong path; the command's own complaint went to its stderr, which
+    under systemd is a different line of the journal. Only absolute paths
+    are looked at, so ``pass show mail/personal`` names no file.
+    """
+    missing = [a for a in arguments if a.startswith("/") and not os.path.lexists(a)]
+    if not missing:
+        return ""
+    return f"; no such file: {', '.join(missing)}"
 
 
 class PasswordError(Exception):
@@ -261,7 +295,7 @@ class PasswordSource:
                 name = f"signal {-done.returncode}"
             self._fail(f"{program!r} was killed by {name}")
         if done.returncode != 0:
-            self._fail(f"{program!r} exited with status {done.returncode}")
+            self._fail(f"{program!r} exited with status {done.returncode}{_missing_files(argv[1:])}")
         return self._first_line(done.stdout, f"{program!r} printed nothing on its first line")
 
     def _from_file(self, path: Path) -> str:
@@ -938,7 +972,7 @@ class _Parser:
             )
         if any("\0" in a for a in argv):
             self.fail("an argument cannot contain a NUL character", entry.line, entry.key)
-        return argv
+        return tuple(expand_home(a) for a in argv)
 
     def password(
         self, name: str, account: _Entry, found: dict[str, _Entry], values: dict[str, object]

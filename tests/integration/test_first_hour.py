@@ -100,3 +100,35 @@ def test_init_with_c_names_that_file_in_its_advice(tmp_path: Path) -> None:
     from mirrord.config import load_config
 
     assert [a.name for a in load_config(target).accounts] == ["personal"]
+
+
+# -- 7: ~ and $HOME in command arguments ------------------------------------------------
+
+
+def _password_command_config(tmp_path: Path, account: ImapAccount, command: str) -> Path:
+    config = write_config(tmp_path, account)
+    text = re.sub(r"(?m)^    password_file: .*$", f"    password_command: {command}", config.read_text())
+    config.write_text(text)
+    return config
+
+
+@pytest.mark.parametrize("spelling", ["~/.mailpass", "$HOME/.mailpass", "${HOME}/.mailpass"])
+def test_home_is_expanded_in_password_command(
+    imap_account: ImapAccount, tmp_path: Path, spelling: str
+) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".mailpass").write_text(imap_account.password + "\n")
+    config = _password_command_config(tmp_path, imap_account, f"[cat, '{spelling}']")
+    run = mirrord("-c", str(config), "check", env={"HOME": str(home)})
+    assert run.status == 0, run.stdout + run.stderr
+    assert "capabilities:" in run.stdout
+
+
+def test_a_password_command_that_fails_names_the_missing_file(imap_account: ImapAccount, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    config = _password_command_config(tmp_path, imap_account, "[cat, ~/.mailpass]")
+    run = mirrord("-c", str(config), "run", "--once", env={"HOME": str(home)})
+    assert run.status == 1
+    assert f"'cat' exited with status 1; no such file: {home}/.mailpass" in run.stderr, run.stderr
