@@ -19,6 +19,7 @@ from twisted.internet import defer, task, threads
 from mirrord import __version__
 from mirrord.config import Account, Config, ConfigError, PasswordError, default_config_path, load_config
 from mirrord.logs import setup_logging
+from mirrord.oserrors import explain
 from mirrord.progress import Progress, TerminalProgress
 
 log = logging.getLogger("mirrord")
@@ -116,7 +117,12 @@ def run(config: Config, *, once: bool, allow_delete: frozenset[str] = frozenset(
     outcome = {"status": EXIT_OK}
 
     async def main(reactor: Any) -> None:
-        service = Service(reactor, config)
+        try:
+            service = Service(reactor, config)
+        except OSError as e:
+            log.error("%s", explain(e, "cannot open the state database"))
+            outcome["status"] = EXIT_FAILURE
+            return
         try:
             service.enable_status_file()
         except Exception as e:  # noqa: BLE001 - status is a convenience, mirroring is not
@@ -131,8 +137,8 @@ def run(config: Config, *, once: bool, allow_delete: frozenset[str] = frozenset(
 
         try:
             await service.start()
-        except LockHeld as e:
-            log.error("%s", e)
+        except (LockHeld, OSError) as e:
+            log.error("%s", explain(e, "cannot take the account locks") if isinstance(e, OSError) else e)
             outcome["status"] = EXIT_FAILURE
             service.state.close()
             return
@@ -161,7 +167,16 @@ def run_once(config: Config, allow_delete: frozenset[str] = frozenset()) -> int:
     except LockHeld as e:
         log.error("%s", e)
         return EXIT_FAILURE
-    state = StateDB(config.state_dir / STATE_DB_NAME)
+    except OSError as e:
+        log.error("%s", explain(e, "cannot take the account locks"))
+        return EXIT_FAILURE
+    try:
+        state = StateDB(config.state_dir / STATE_DB_NAME)
+    except OSError as e:
+        for lock in locks.values():
+            lock.release()
+        log.error("%s", explain(e, "cannot open the state database"))
+        return EXIT_FAILURE
     outcome = {"ok": True}
     progress = Progress()
     terminal: TerminalProgress | None = None
@@ -247,9 +262,22 @@ def check(config: Config, out: TextIO | None = None) -> int:
         finally:
             await client.logout()
 
+    def check_writable(what: str, folder: Path) -> None:
+        from mirrord.oserrors import probe_writable
+
+        problem = probe_writable(folder)
+        if problem is None:
+            print(f"  {what} {folder}: can create and rename files there", file=out)
+        else:
+            print(f"  FAILED: {what} {folder}: {problem}", file=out)
+            outcome["ok"] = False
+
     async def main(reactor: Any) -> None:
+        print("state", file=out)
+        check_writable("state_dir", config.state_dir)
         for account in config.accounts:
             await check_account(reactor, account)
+            check_writable("maildir", account.maildir)
 
     try:
         task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)))

@@ -16,6 +16,7 @@ from typing import Any
 from twisted.internet import defer
 
 from mirrord.config import Account
+from mirrord.oserrors import explain
 from mirrord.pool import Worker, WorkerPool
 from mirrord.progress import Progress
 from mirrord.protocol.client import ListEntry, Namespace
@@ -167,8 +168,7 @@ async def sync_account(
 def _describe(error: BaseException) -> str:
     """An error as one line for the log: an OSError with the path it concerns."""
     if isinstance(error, OSError) and error.strerror:
-        where = f": {error.filename}" if error.filename else ""
-        return f"{error.strerror}{where}"
+        return explain(error)
     return str(error) or type(error).__name__
 
 

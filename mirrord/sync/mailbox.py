@@ -32,6 +32,7 @@ from mirrord.progress import Progress
 from mirrord.protocol.client import FetchedMessage, ListEntry, MirrordIMAP4Client
 from mirrord.protocol.errors import LoginFailed
 from mirrord.config import Account
+from mirrord.oserrors import explain
 from mirrord.store.maildir import LocalFile, Maildir, Trash, trash_for
 from mirrord.store.state import MailboxRecord, MessageRecord, StateDB
 from mirrord.sync.names import maildir_path
@@ -181,10 +182,9 @@ class MailboxSync(FetchPipeline):
             result.error = str(e)
             result.retry_after = LOGIN_RETRY_AFTER
         except OSError as e:
-            where = f": {e.filename}" if e.filename else ""
             result.error = (
-                f"cannot write the mirror ({e.strerror or e}{where}); what is on disk is recorded "
-                "and nothing else; it will be fetched once writing works again"
+                f"{explain(e, 'cannot write the mirror')}. What is on disk is recorded "
+                "and nothing else; the rest is fetched once writing works again"
             )
         except Exception as e:  # noqa: BLE001 - one mailbox's failure must not stop the others
             result.error = str(e) or type(e).__name__

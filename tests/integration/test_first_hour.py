@@ -6,13 +6,17 @@ private Dovecot where a server is involved.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from mirrord.testing import ImapAccount
+from mirrord.testing import ImapAccount, make_message
 from tests.integration._mirrord import mirrord, write_config
 
 
@@ -132,3 +136,58 @@ def test_a_password_command_that_fails_names_the_missing_file(imap_account: Imap
     run = mirrord("-c", str(config), "run", "--once", env={"HOME": str(home)})
     assert run.status == 1
     assert f"'cat' exited with status 1; no such file: {home}/.mailpass" in run.stderr, run.stderr
+
+
+# -- 6: a folder mirrord cannot write is found by check, and said as a sentence ----------
+
+
+@pytest.fixture
+def read_only_folder() -> Iterator[Path]:
+    """A read-only file system: what root (as CI runs) cannot write either, unlike a chmod."""
+    where = Path(tempfile.mkdtemp(prefix="mirrord-ro-"))
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(where)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot mount a read-only tmpfs: {mounted.stderr.strip()}")
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=False)
+        os.rmdir(where)
+
+
+@pytest.mark.parametrize("which", ["maildir", "state_dir"])
+def test_check_finds_a_folder_it_cannot_write_and_run_says_which_and_what_to_do(
+    imap_account: ImapAccount, tmp_path: Path, read_only_folder: Path, which: str
+) -> None:
+    imap_account.client.append("INBOX", make_message(1), ())
+    config = write_config(tmp_path, imap_account)
+    target = read_only_folder / "mirror"
+    if which == "maildir":
+        config.write_text(config.read_text().replace(f"maildir: {tmp_path / 'Mail'}", f"maildir: {target}"))
+    else:
+        config.write_text(config.read_text().replace(f"state_dir: {tmp_path / 'state'}", f"state_dir: {target}"))
+
+    check = mirrord("-c", str(config), "check")
+    assert check.status == 1, check.stdout
+    assert (f"FAILED: {which} {target}: cannot create a file in {read_only_folder}: "
+            f"{read_only_folder}/.mirrord-check-") in check.stdout, check.stdout
+    assert "read-only file system: remount it read-write or choose another folder" in check.stdout
+
+    run = mirrord("-c", str(config), "run", "--once")
+    assert run.status == 1
+    assert "[Errno" not in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert str(read_only_folder) in run.stderr
+    assert "remount it read-write or choose another folder" in run.stderr, run.stderr
+
+
+def test_check_still_writes_nothing_where_it_can_write(imap_account: ImapAccount, tmp_path: Path) -> None:
+    (tmp_path / "Mail").mkdir()
+    config = write_config(tmp_path, imap_account)
+    check = mirrord("-c", str(config), "check")
+    assert check.status == 0, check.stdout
+    assert f"maildir {tmp_path / 'Mail'}: can create and rename files there" in check.stdout
+    assert list((tmp_path / "Mail").iterdir()) == []
+    assert not (tmp_path / "state").exists()
