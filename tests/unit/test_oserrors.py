@@ -17,7 +17,7 @@ def test_permission_denied_names_the_path_and_the_fix() -> None:
 
 
 def test_a_rename_names_both_paths() -> None:
-    error = OSError(errno.EXDEV, os.strerror(errno.EXDEV), "/a/tmp/x", "/b/new/x")
+    error = OSError(errno.EXDEV, os.strerror(errno.EXDEV), "/a/tmp/x", None, "/b/new/x")
     assert explain(error) == f"/a/tmp/x -> /b/new/x: {os.strerror(errno.EXDEV)}"
 
 
