@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -159,6 +160,7 @@ def run(config: Config, *, once: bool, allow_delete: frozenset[str] = frozenset(
 def run_once(config: Config, allow_delete: frozenset[str] = frozenset()) -> int:
     """One complete sync of every mailbox of every account, then exit."""
     from mirrord.service import STATE_DB_NAME, LockHeld, lock_accounts
+    from mirrord.status import RunOutcome, write_last_run
     from mirrord.store.state import StateDB
     from mirrord.sync.account import sync_account
 
@@ -179,6 +181,7 @@ def run_once(config: Config, allow_delete: frozenset[str] = frozenset()) -> int:
         return EXIT_FAILURE
     outcome = {"ok": True}
     progress = Progress()
+    outcomes: list[RunOutcome] = []
     terminal: TerminalProgress | None = None
     if sys.stderr.isatty():
         terminal = TerminalProgress(progress, sys.stderr)
@@ -199,6 +202,7 @@ def run_once(config: Config, allow_delete: frozenset[str] = frozenset()) -> int:
             except PasswordError as e:
                 log.error("%s", e)
                 ok = False
+                outcomes.append(RunOutcome(account.name, None, time.time(), str(e)))
         results = await defer.gatherResults(
             [
                 defer.Deferred.fromCoroutine(
@@ -209,6 +213,10 @@ def run_once(config: Config, allow_delete: frozenset[str] = frozenset()) -> int:
             ]
         )
         outcome["ok"] = ok and all(r.ok for r in results)
+        finished = time.time()
+        for result in results:
+            outcomes.append(RunOutcome(result.account, None, finished, result.error))
+            outcomes.extend(RunOutcome(m.account, m.mailbox, finished, m.error) for m in result.mailboxes)
 
     try:
         task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)))
@@ -219,6 +227,11 @@ def run_once(config: Config, allow_delete: frozenset[str] = frozenset()) -> int:
         if terminal is not None:
             terminal.clear()
         state.close()
+        if outcomes:
+            try:
+                write_last_run(config.state_dir, outcomes)
+            except OSError as e:
+                log.warning("%s", explain(e, "cannot record this run's outcome for `mirrord status`"))
         for lock in locks.values():
             lock.release()
     return EXIT_OK if outcome["ok"] else EXIT_FAILURE

@@ -191,3 +191,45 @@ def test_check_still_writes_nothing_where_it_can_write(imap_account: ImapAccount
     assert f"maildir {tmp_path / 'Mail'}: can create and rename files there" in check.stdout
     assert list((tmp_path / "Mail").iterdir()) == []
     assert not (tmp_path / "state").exists()
+
+
+# -- 8: status without a daemon shows how the last run ended ----------------------------
+
+
+def test_status_shows_the_last_runs_failure_first_until_a_sync_succeeds(
+    imap_account: ImapAccount, tmp_path: Path
+) -> None:
+    client = imap_account.client
+    client.create("Work")
+    uids = [client.append("Work", make_message(i), ()) for i in range(20)]
+    client.append("INBOX", make_message(100), ())
+    config = write_config(tmp_path, imap_account)
+    assert mirrord("-c", str(config), "run", "--once").status == 0
+    client.expunge("Work", uids[:16])
+    assert mirrord("-c", str(config), "run", "--once").status == 1  # the removal guard stops Work
+
+    out = mirrord("-c", str(config), "status").stdout
+    assert "the last run left 1 failure" in out, out
+    table = [line.split() for line in out.splitlines() if line.startswith("  ") and not line.startswith("  mailbox")]
+    assert table[0][:2] == ["Work", "20"] and "FAILED:" in table[0], out
+    assert table[1][0] == "INBOX" and table[1][-1] == "ok"
+    assert "--allow-delete test/Work" in out, "the whole error, with its way out, is shown"
+
+    import json
+
+    doc = json.loads(mirrord("-c", str(config), "status", "--json").stdout)
+    work = next(m for m in doc["mailboxes"] if m["mailbox"] == "Work")
+    assert "would remove 16 of 20" in work["last_error"]
+    assert doc["mailboxes"][0]["mailbox"] == "Work"
+
+    assert mirrord("-c", str(config), "run", "--once", "--allow-delete", "test/Work").status == 0
+    out = mirrord("-c", str(config), "status").stdout
+    assert "FAILED" not in out and "showing what the last sync left" in out
+
+
+def test_status_shows_an_account_that_failed_before_any_mailbox(imap_account: ImapAccount, tmp_path: Path) -> None:
+    config = write_config(tmp_path, imap_account, password="not-it")
+    assert mirrord("-c", str(config), "run", "--once").status == 1
+    out = mirrord("-c", str(config), "status").stdout
+    assert "the last run left 1 failure" in out, out
+    assert "last run FAILED" in out and "refused the login" in out
