@@ -29,6 +29,7 @@ from mirrord.sync.folders import MassFolderRemoval, adopt_renamed, check_folders
 from mirrord.sync.live import LiveMailbox, poll_every
 from mirrord.sync.mailbox import MailboxResult, MailboxSync
 from mirrord.timers import CoalescedLoop
+from mirrord.units import plural
 from mirrord.watcher import Backoff, WatcherService
 
 log = logging.getLogger("mirrord.daemon")
@@ -263,9 +264,9 @@ class AccountDaemon:
             runtime.poller = poll_every(self.clock, account.poll_interval, runtime.live)
         self.on_change()
         log.info(
-            "%s: %d mailboxes %s: %d watched with IDLE, %d polled every %g s",
+            "%s: %s %s: %d watched with IDLE, %d polled every %g s",
             self.label,
-            len(fresh),
+            plural(len(fresh), "mailbox", "mailboxes"),
             "to mirror" if first else "new on the server",
             len(watched),
             len(polled),

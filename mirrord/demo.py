@@ -22,6 +22,7 @@ from pathlib import Path
 
 from mirrord._fs import make_private_dirs
 from mirrord.testing import DovecotMissing, PrivateDovecot, make_message, populate, sample_mailboxes
+from mirrord.units import plural
 
 
 def _subject(path: Path) -> str:
@@ -135,7 +136,7 @@ def run_demo(directory: Path | None = None, *, verbose: bool = False, live: int 
         for mailbox in samples:
             folder = mail / mailbox
             files = sorted((folder / "new").iterdir()) + sorted((folder / "cur").iterdir())
-            print(f"  {folder}/  {len(files)} messages "
+            print(f"  {folder}/  {plural(len(files), 'message')} "
                   f"({len(list((folder / 'new').iterdir()))} in new/, {len(list((folder / 'cur').iterdir()))} in cur/)")
             for path in files[:3]:
                 print(f"      {path.parent.name}/{path.name[:28]}...  {_subject(path)[:50]}")

@@ -42,6 +42,7 @@ from mirrord.watcher import ClockJumpDetector
 from mirrord.status import STATE_DB_NAME, AccountStatus, ChangePublisher, DaemonStatus, MailboxStatus, StatusFile
 from mirrord.store.state import StateDB
 from mirrord.sync.mailbox import MailboxResult
+from mirrord.units import plural
 
 log = logging.getLogger("mirrord")
 
@@ -124,7 +125,7 @@ class Service:
         if watchdog is not None:
             self._loops.append(watchdog)
         extend = self._every(START_EXTEND_EVERY, self._extend_start)
-        self.notifier.status(f"first sync of {len(self.config.accounts)} accounts")
+        self.notifier.status(f"first sync of {plural(len(self.config.accounts), 'account')}")
         for account in self.config.accounts:
             self.accounts[account.name] = self._account(account)
         self._publish()
@@ -141,7 +142,7 @@ class Service:
         """Say what the start achieved: an account that never connected is not being mirrored."""
         failing = [d for d in self.accounts.values() if d.runtime.state == "error"]
         if not failing:
-            log.info("first sync done; mirroring %d accounts", len(self.accounts))
+            log.info("first sync done; mirroring %s", plural(len(self.accounts), "account"))
             return
         log.warning(
             "first sync done for %d of %d accounts; not connected, retrying: %s",
@@ -195,12 +196,13 @@ class Service:
                 if runtime.live.last_error:
                     failing += 1
             failing += len(daemon.runtime.failed)
-        parts = [f"{len(self.accounts)} accounts", f"{watched} mailboxes watched", f"{polled} polled"]
+        parts = [plural(len(self.accounts), "account"), f"{plural(watched, 'mailbox', 'mailboxes')} watched",
+                 f"{polled} polled"]
         failing_accounts = [d.label for d in self.accounts.values() if d.runtime.state == "error"]
         if failing_accounts:
             parts.append(f"not connected, retrying: {', '.join(failing_accounts)}")
         if failing:
-            parts.append(f"{failing} mailboxes with errors")
+            parts.append(f"{plural(failing, 'mailbox', 'mailboxes')} with errors")
         if self.last_mail is not None:
             parts.append("last mail " + time.strftime("%H:%M", time.localtime(self.last_mail)))
         return ", ".join(parts)
@@ -321,8 +323,8 @@ class Service:
             starting.append(self.accounts[account.name].start())
         self._publish()
         await defer.DeferredList(starting, consumeErrors=True)
-        log.info("config reloaded: %d accounts (%d restarted or added, %d removed)",
-                 len(self.accounts), len(coming), len([n for n in going if n not in fresh]))
+        log.info("config reloaded: %s (%d restarted or added, %d removed)",
+                 plural(len(self.accounts), "account"), len(coming), len([n for n in going if n not in fresh]))
         self._publisher.flush()
         self.notifier.ready(self.status_line())
 

@@ -32,6 +32,7 @@ import platformdirs
 
 from mirrord._fs import make_private_dirs
 from mirrord.sync.names import visible
+from mirrord.units import plural
 from mirrord.config import Config, default_state_dir
 
 log = logging.getLogger("mirrord.status")
@@ -645,11 +646,6 @@ def _query_state(path: Path, *, immutable: bool) -> dict[tuple[str, str], _Local
 
 
 # -- rendering ------------------------------------------------------------------
-
-
-def plural(count: int, noun: str, nouns: str | None = None) -> str:
-    """``1 account``, ``2 accounts``: a count and its noun, agreeing."""
-    return f"{count} {noun if count == 1 else (nouns or noun + 's')}"
 
 
 def format_duration(seconds: float) -> str:

@@ -33,6 +33,7 @@ from mirrord.protocol.client import FetchedMessage, ListEntry, MirrordIMAP4Clien
 from mirrord.protocol.errors import LoginFailed
 from mirrord.config import Account
 from mirrord.oserrors import explain
+from mirrord.units import plural, size
 from mirrord.store.maildir import LocalFile, Maildir, Trash, trash_for
 from mirrord.store.state import MailboxRecord, MessageRecord, StateDB
 from mirrord.sync.names import maildir_path
@@ -91,13 +92,13 @@ class MailboxResult:
             return f"{self.account}/{self.mailbox}: FAILED: {self.error}"
         done = []
         if self.fetched:
-            done.append(f"{self.fetched} fetched ({_size(self.fetched_bytes)})")
+            done.append(f"{self.fetched} fetched ({size(self.fetched_bytes)})")
         if self.removed:
             done.append(f"{self.removed} removed")
         if self.flags_changed:
-            done.append(f"{self.flags_changed} flag changes")
+            done.append(plural(self.flags_changed, "flag change"))
         what = ", ".join(done) if done else "up to date"
-        return f"{self.account}/{self.mailbox}: {what}; {self.messages} messages"
+        return f"{self.account}/{self.mailbox}: {what}; {plural(self.messages, 'message')}"
 
 
 class MailboxSync(FetchPipeline):
@@ -414,7 +415,7 @@ class MailboxSync(FetchPipeline):
         await self.pool.run(job, f"fetching new mail of {self.label}")
         if result.fetched:
             result.messages = self.state.count(self.account, self.name)
-            log.info("%s: %d new (%s)", self.label, result.fetched, _size(result.fetched_bytes))
+            log.info("%s: %d new (%s)", self.label, result.fetched, size(result.fetched_bytes))
         return result
 
     def apply_changes(self, expunged: Sequence[int], flags: dict[int, Flags]) -> MailboxResult:
@@ -441,7 +442,7 @@ class MailboxSync(FetchPipeline):
             if result.removed:
                 done.append(f"{result.removed} removed (expunged on the server)")
             if result.flags_changed:
-                done.append(f"{result.flags_changed} flag changes")
+                done.append(plural(result.flags_changed, "flag change"))
             log.info("%s: %s", self.label, ", ".join(done))
         return result
 
@@ -486,10 +487,4 @@ class MailboxSync(FetchPipeline):
             result.flags_changed = len(changes)
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return f"{n} B"
 

@@ -233,3 +233,22 @@ def test_status_shows_an_account_that_failed_before_any_mailbox(imap_account: Im
     out = mirrord("-c", str(config), "status").stdout
     assert "the last run left 1 failure" in out, out
     assert "last run FAILED" in out and "refused the login" in out
+
+
+# -- 9: plurals agree, and one unit of size ---------------------------------------------
+
+
+def test_one_of_each_is_singular_and_sizes_are_decimal(imap_account: ImapAccount, tmp_path: Path) -> None:
+    message = make_message(1, size=2500)
+    uid = imap_account.client.append("INBOX", message, ())
+    config = write_config(tmp_path, imap_account)
+    first = mirrord("-c", str(config), "run", "--once")
+    assert first.status == 0
+    assert "test: 1 mailbox to mirror" in first.stderr, first.stderr
+    fetched = len(message)
+    assert f"INBOX: 1 fetched ({fetched / 1000:.1f} kB); 1 message" in first.stderr, first.stderr
+
+    imap_account.client.add_flags("INBOX", uid, ["\\Flagged"])
+    second = mirrord("-c", str(config), "run", "--once")
+    assert "INBOX: 1 flag change; 1 message" in second.stderr, second.stderr
+    assert "1 flag changes" not in second.stderr and "1 messages" not in second.stderr
