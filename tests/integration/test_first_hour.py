@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from mirrord.testing import ImapAccount, make_message
-from tests.integration._mirrord import mirrord, write_config
+from tests.integration._mirrord import DaemonProcess, mirrord, write_config
 
 
 def _config_with_port(tmp_path: Path, account: ImapAccount, *, tls: str, port: int) -> Path:
@@ -252,3 +252,21 @@ def test_one_of_each_is_singular_and_sizes_are_decimal(imap_account: ImapAccount
     second = mirrord("-c", str(config), "run", "--once")
     assert "INBOX: 1 flag change; 1 message" in second.stderr, second.stderr
     assert "1 flag changes" not in second.stderr and "1 messages" not in second.stderr
+
+
+# -- 10: the hook's output is prefixed with the account ---------------------------------
+
+
+def test_the_hooks_output_is_logged_with_the_account(imap_account: ImapAccount, tmp_path: Path) -> None:
+    script = tmp_path / "hook.sh"
+    script.write_text('#!/bin/sh\necho "indexed $MIRRORD_NEW"\necho "a warning" >&2\nprintf "no newline"\n')
+    script.chmod(0o755)
+    config = write_config(tmp_path, imap_account, extra=f"    on_new_mail: [{script}]\n")
+    with DaemonProcess(config) as daemon:
+        imap_account.client.append("INBOX", make_message(1), ())
+        daemon.wait_for_log("no newline", 30)
+        daemon.wait_for_log("a warning", 5)
+    ours = [line for line in daemon.lines if "indexed 1" in line or "a warning" in line or "no newline" in line]
+    assert len(ours) == 3, daemon.log
+    assert all(f"test: on_new_mail {script}: " in line for line in ours), ours
+    assert any("WARNING" in line and "a warning" in line for line in ours)
