@@ -60,6 +60,7 @@ class AccountLock:
         self._fd: int | None = None
 
     def acquire(self) -> bool:
+        """Take the lock and write our PID into it, so a second mirrord can say who holds it."""
         make_private_dirs(self.path.parent)  # the state dir too, if missing: 0700
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -67,8 +68,21 @@ class AccountLock:
         except BlockingIOError:
             os.close(fd)
             return False
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass  # the lock is what matters; the PID only helps the message
         self._fd = fd
         return True
+
+    def holder(self) -> int | None:
+        """The PID written by whoever holds the lock, if it can be read."""
+        try:
+            text = self.path.read_text(encoding="ascii", errors="replace").strip()
+        except OSError:
+            return None
+        return int(text) if text.isdigit() else None
 
     def release(self) -> None:
         if self._fd is not None:
@@ -77,8 +91,13 @@ class AccountLock:
 
 
 class LockHeld(Exception):
-    def __init__(self, account: str, path: Path) -> None:
-        super().__init__(f"{account}: another mirrord is already mirroring this account (lock: {path})")
+    def __init__(self, account: str, path: Path, pid: int | None = None) -> None:
+        who = f"another mirrord (PID {pid})" if pid is not None else "another mirrord"
+        super().__init__(
+            f"{account}: {who} is already mirroring this account (lock: {path}); stop it first "
+            "(`systemctl --user stop mirrord` if it runs as the service)"
+        )
+        self.pid = pid
 
 
 def lock_accounts(config: Config, accounts: list[Account]) -> dict[str, AccountLock]:
@@ -89,7 +108,7 @@ def lock_accounts(config: Config, accounts: list[Account]) -> dict[str, AccountL
         if not lock.acquire():
             for held in locks.values():
                 held.release()
-            raise LockHeld(account.name, lock.path)
+            raise LockHeld(account.name, lock.path, lock.holder())
         locks[account.name] = lock
     return locks
 

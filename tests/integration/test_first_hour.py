@@ -270,3 +270,19 @@ def test_the_hooks_output_is_logged_with_the_account(imap_account: ImapAccount, 
     assert len(ours) == 3, daemon.log
     assert all(f"test: on_new_mail {script}: " in line for line in ours), ours
     assert any("WARNING" in line and "a warning" in line for line in ours)
+
+
+# -- 11: a held lock names its holder ---------------------------------------------------
+
+
+def test_a_second_mirrord_names_the_pid_that_holds_the_lock(imap_account: ImapAccount, tmp_path: Path) -> None:
+    config = write_config(tmp_path, imap_account)
+    with DaemonProcess(config) as daemon:
+        assert daemon.process is not None
+        second = mirrord("-c", str(config), "run", "--once")
+        other_daemon = mirrord("-c", str(config), "run", timeout=60)
+    for run in (second, other_daemon):
+        assert run.status == 1
+        assert f"test: another mirrord (PID {daemon.process.pid}) is already mirroring this account" in run.stderr, \
+            run.stderr
+        assert "stop it first" in run.stderr
