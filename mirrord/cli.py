@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,29 +38,98 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"mirrord: error: {message}\n")
 
 
+def _home_relative(path: Path) -> str:
+    """``~/.config/...`` rather than ``/home/me/.config/...``: what help text shows."""
+    try:
+        return "~/" + str(path.relative_to(Path.home()))
+    except ValueError:
+        return str(path)
+
+
+_FIRST_HOUR = """\
+the first hour:
+  mirrord demo                   see it work on a private, throwaway server
+  mirrord init                   write a commented config to edit
+  mirrord check                  test it: log in, list what would be mirrored
+  mirrord run --once             the first copy, with progress
+  mirrord install-service        run it as a systemd user service
+  mirrord status                 what is mirrored, and how the last run ended
+
+Each command has its own --help. Exit status: 0 all worked, 2 bad config or
+usage (nothing was done), 1 anything else (the log says what).
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    # Accepted before and after the subcommand; SUPPRESS keeps a value given
-    # before it from being overwritten by the subparser's default.
-    common.add_argument("-c", "--config", type=Path, default=argparse.SUPPRESS, help="config file")
-    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                        help="protocol trace (credentials redacted)")
+    """The command line; every subcommand says what it does and shows an example.
+
+    ``-c`` and ``-v`` are accepted before and after the subcommand, as
+    people type them either way. ``demo`` takes no ``-c``: it writes its
+    own config.
+    """
+    config_default = _home_relative(default_config_path())
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="protocol trace (credentials redacted)")
+    common = argparse.ArgumentParser(add_help=False, parents=[verbose])
+    # SUPPRESS keeps a value given before the subcommand from being
+    # overwritten by the subparser's default.
+    common.add_argument("-c", "--config", type=Path, default=argparse.SUPPRESS, metavar="FILE",
+                        help=f"config file (default: {config_default})")
+    raw = argparse.RawDescriptionHelpFormatter
 
     parser = _Parser(prog="mirrord", description="Keep a local Maildir an exact copy of IMAP mailboxes.",
-                     parents=[common])
+                     parents=[common], epilog=_FIRST_HOUR, formatter_class=raw)
     parser.add_argument("--version", action="version", version=f"mirrord {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND",
+                                title="commands")
 
-    run = sub.add_parser("run", parents=[common], help="mirror continuously (or once, with --once)")
+    def command(name: str, parents: list[argparse.ArgumentParser], summary: str, description: str,
+                examples: str) -> argparse.ArgumentParser:
+        description = textwrap.fill(description, 78)
+        return sub.add_parser(name, parents=parents, help=summary, description=description,
+                              epilog="examples:\n" + examples, formatter_class=raw)
+
+    run = command(
+        "run", [common], "mirror and keep watching, or sync once with --once",
+        "Without --once: the daemon. It catches up every mailbox, then keeps them current with IDLE "
+        "(or polling) until stopped; SIGHUP re-reads the config. With --once: one complete sync, then exit.",
+        "  mirrord run --once                       sync every mailbox once\n"
+        "  mirrord run                              keep mirroring (as the systemd service does)\n"
+        "  mirrord run --once --allow-delete personal/INBOX\n"
+        "                                           let this sync remove what the server removed\n",
+    )
     run.add_argument("--once", action="store_true", help="one complete sync of every mailbox, then exit")
     run.add_argument("--allow-delete", action="append", default=[], metavar="MAILBOX",
                      help="with --once: let this sync remove more of MAILBOX (ACCOUNT/MAILBOX) than "
                           "max_delete allows; may be given more than once")
-    sub.add_parser("check", parents=[common], help="validate the config, connect, log in, list; write nothing")
-    status = sub.add_parser("status", parents=[common], help="what is mirrored, per mailbox")
+    command(
+        "check", [common], "test the config: log in, list, write nothing",
+        "Validates the config, connects and logs in to every account, prints the server's capabilities "
+        "and the mailboxes that would be mirrored, and makes sure each maildir and the state dir can be "
+        "written (it leaves nothing behind).",
+        "  mirrord check\n  mirrord -c ~/.config/mirrord/work.yaml check\n",
+    )
+    status = command(
+        "status", [common], "what is mirrored, and how the last run ended",
+        "Messages, last change and what the daemon is doing, per mailbox; with no daemon running, how "
+        "the last `run --once` ended, failures first. Reads only.",
+        "  mirrord status\n  mirrord status --json | jq '.mailboxes[] | select(.last_error)'\n",
+    )
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    sub.add_parser("init", parents=[common], help="write a commented config to start from (never overwrites)")
-    demo = sub.add_parser("demo", parents=[common], help="mirror a private, throwaway Dovecot to see it work")
+    command(
+        "init", [common], "write a commented config to start from",
+        f"Writes the commented example config to {config_default} (or the file -c names), 0600, and "
+        "says which keys to edit. An existing file is left alone.",
+        "  mirrord init\n  mirrord -c ~/.config/mirrord/work.yaml init\n",
+    )
+    demo = command(
+        "demo", [verbose], "see it work: mirror a private, throwaway Dovecot",
+        "Starts a private Dovecot on 127.0.0.1 with sample mail, mirrors it once, then runs the daemon "
+        "while a few messages arrive and shows their latency. Nothing leaves the machine; it writes its "
+        "own config, so -c does not apply.",
+        "  mirrord demo\n  mirrord demo --dir /tmp/mirrord-demo --live 0\n",
+    )
     demo.add_argument("--dir", type=Path, default=None, help="keep the demo's files here (default: a temp dir)")
     demo.add_argument("--live", type=int, default=5, metavar="N",
                       help="messages to send while the daemon watches (default 5; 0 to skip)")
@@ -72,6 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(verbose)
     if args.command == "demo":
         from mirrord.demo import run_demo
+
+        if getattr(args, "config", None) is not None:
+            print("mirrord: error: demo writes its own config; -c does not apply to it", file=sys.stderr)
+            return EXIT_USAGE
 
         return run_demo(args.dir, verbose=verbose, live=args.live)
     config_path: Path = getattr(args, "config", None) or default_config_path()

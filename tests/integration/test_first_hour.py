@@ -286,3 +286,36 @@ def test_a_second_mirrord_names_the_pid_that_holds_the_lock(imap_account: ImapAc
         assert f"test: another mirrord (PID {daemon.process.pid}) is already mirroring this account" in run.stderr, \
             run.stderr
         assert "stop it first" in run.stderr
+
+
+# -- 12: the command line explains itself -----------------------------------------------
+
+
+def _subcommands() -> list[str]:
+    import argparse
+
+    from mirrord.cli import build_parser
+
+    (action,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return list(action.choices)
+
+
+def test_help_says_what_each_command_does_with_an_example_and_where_the_config_is() -> None:
+    top = mirrord("--help")
+    assert top.status == 0
+    assert "config file (default: ~/.config/mirrord/config.yaml)" in top.stdout
+    for name in _subcommands():
+        line = next((line for line in top.stdout.splitlines() if line.split()[:1] == [name]), None)
+        assert line is not None and len(line.split()) > 3, f"{name}: no line saying what it does\n{top.stdout}"
+        own = mirrord(name, "--help")
+        assert own.status == 0
+        examples = own.stdout.split("examples:\n", 1)[1]
+        assert examples.startswith(f"  mirrord {name}") or f"\n  mirrord {name}" in examples, own.stdout
+        assert "(default: ~/.config/mirrord/config.yaml)" in own.stdout or name == "demo"
+
+
+def test_demo_takes_no_config() -> None:
+    assert "-c FILE" not in mirrord("demo", "--help").stdout
+    for argv in (["-c", "x.yaml", "demo"], ["demo", "-c", "x.yaml"]):
+        run = mirrord(*argv)
+        assert run.status == 2 and "-c" in run.stderr, run.stderr
