@@ -95,11 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
         "Without --once: the daemon. It catches up every mailbox, then keeps them current with IDLE "
         "(or polling) until stopped; SIGHUP re-reads the config. With --once: one complete sync, then exit.",
         "  mirrord run --once                       sync every mailbox once\n"
+        "  mirrord run --once personal/INBOX        sync one mailbox, leave the others alone\n"
+        "  mirrord run --once work 'personal/Lists/*'\n"
+        "                                           one whole account, some mailboxes of another\n"
         "  mirrord run                              keep mirroring (as the systemd service does)\n"
         "  mirrord run --once --allow-delete personal/INBOX\n"
         "                                           let this sync remove what the server removed\n",
     )
     run.add_argument("--once", action="store_true", help="one complete sync of every mailbox, then exit")
+    run.add_argument("targets", nargs="*", metavar="ACCOUNT[/MAILBOX]",
+                     help="with --once: sync only these accounts, or these mailboxes of an account "
+                          "(a name or a pattern such as personal/Archive/*), like mbsync's channel:box")
     run.add_argument("--allow-delete", action="append", default=[], metavar="MAILBOX",
                      help="with --once: let this sync remove more of MAILBOX (ACCOUNT/MAILBOX) than "
                           "max_delete allows; may be given more than once")
@@ -177,7 +183,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.allow_delete and not args.once:
         print("mirrord: error: --allow-delete goes with --once (stop the daemon first)", file=sys.stderr)
         return EXIT_USAGE
+    if args.targets and not args.once:
+        print("mirrord: error: ACCOUNT/MAILBOX goes with --once (the daemon mirrors every mailbox)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    if args.targets:
+        try:
+            config = narrow(config, args.targets)
+        except ValueError as e:
+            print(f"mirrord: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
     return run(config, once=args.once, allow_delete=frozenset(args.allow_delete))
+
+
+def narrow(config: Config, targets: Sequence[str]) -> Config:
+    """The config limited to ``targets`` (``ACCOUNT`` or ``ACCOUNT/MAILBOX``), in config order.
+
+    Raises ValueError naming an account the config does not have.
+    """
+    import dataclasses
+    import difflib
+
+    from mirrord.config import NarrowedAccount
+
+    names = [a.name for a in config.accounts]
+    whole: set[str] = set()
+    some: dict[str, list[str]] = {}
+    for target in targets:
+        account, _, mailbox = target.partition("/")
+        if account not in names:
+            close = difflib.get_close_matches(account, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f" (accounts: {', '.join(names)})"
+            raise ValueError(f"no account {account!r} in {config.path}{hint}")
+        if mailbox:
+            some.setdefault(account, []).append(mailbox)
+        else:
+            whole.add(account)
+    accounts = tuple(
+        a if a.name in whole else NarrowedAccount.of(a, some[a.name])
+        for a in config.accounts
+        if a.name in whole or a.name in some
+    )
+    return dataclasses.replace(config, accounts=accounts)
 
 
 # -- run ------------------------------------------------------------------------
@@ -287,6 +334,9 @@ def run_once(config: Config, allow_delete: frozenset[str] = frozenset()) -> int:
             ]
         )
         outcome["ok"] = ok and all(r.ok for r in results)
+        for result in results:
+            if not _found_every_named_mailbox(config, result):
+                outcome["ok"] = False
         finished = time.time()
         for result in results:
             outcomes.append(RunOutcome(result.account, None, finished, result.error))
@@ -309,6 +359,27 @@ def run_once(config: Config, allow_delete: frozenset[str] = frozenset()) -> int:
         for lock in locks.values():
             lock.release()
     return EXIT_OK if outcome["ok"] else EXIT_FAILURE
+
+
+def _found_every_named_mailbox(config: Config, result: Any) -> bool:
+    """False (and said) if ``run --once ACCOUNT/MAILBOX`` named a mailbox that no synced one matches."""
+    import fnmatch
+
+    from mirrord.config import NarrowedAccount
+
+    account = next((a for a in config.accounts if a.name == result.account), None)
+    if not isinstance(account, NarrowedAccount) or result.error:
+        return True
+    synced = [m.mailbox for m in result.mailboxes]
+    found = True
+    for pattern in account.only:
+        if not any(fnmatch.fnmatchcase(name.upper() if name.upper() == "INBOX" else name,
+                                       pattern.upper() if pattern.upper() == "INBOX" else pattern)
+                   for name in synced):
+            log.error("%s/%s: no such mailbox among those the config mirrors (`mirrord check` lists them)",
+                      account.name, pattern)
+            found = False
+    return found
 
 
 # -- check ----------------------------------------------------------------------

@@ -26,7 +26,7 @@ import signal
 import stat
 import subprocess
 from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal, NoReturn, cast, get_args
 
@@ -383,6 +383,28 @@ class Account:
             return True
         name = _fold_inbox(local_name)
         return any(fnmatch.fnmatchcase(name, _fold_inbox(p)) for p in self.watch)
+
+
+@dataclass(frozen=True)
+class NarrowedAccount(Account):
+    """An account limited to some of its mailboxes, for ``run --once ACCOUNT/MAILBOX``.
+
+    ``only`` are patterns like ``mailboxes``; a mailbox is wanted if the
+    config mirrors it *and* one of them matches, so naming a mailbox never
+    brings in one the config leaves out, and folders not named are neither
+    synced nor set aside.
+    """
+
+    only: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, account: Account, only: Sequence[str]) -> NarrowedAccount:
+        values = {f.name: getattr(account, f.name) for f in fields(Account)}
+        return cls(**values, only=tuple(only))
+
+    def wants(self, local_name: str) -> bool:
+        name = _fold_inbox(local_name)
+        return super().wants(local_name) and any(fnmatch.fnmatchcase(name, _fold_inbox(p)) for p in self.only)
 
 
 @dataclass(frozen=True)

@@ -319,3 +319,43 @@ def test_demo_takes_no_config() -> None:
     for argv in (["-c", "x.yaml", "demo"], ["demo", "-c", "x.yaml"]):
         run = mirrord(*argv)
         assert run.status == 2 and "-c" in run.stderr, run.stderr
+
+
+# -- 13: sync one mailbox ---------------------------------------------------------------
+
+
+def test_run_once_syncs_only_the_named_mailboxes(imap_account: ImapAccount, tmp_path: Path) -> None:
+    client = imap_account.client
+    for folder in ("Work", "Lists/dev", "Lists/ops"):
+        client.create(folder)
+        client.append(folder, make_message(len(folder)), ())
+    client.append("INBOX", make_message(99), ())
+    config = write_config(tmp_path, imap_account)
+    mail = tmp_path / "Mail"
+
+    run = mirrord("-c", str(config), "run", "--once", "test/Work")
+    assert run.status == 0, run.stderr
+    assert sorted(p.name for p in mail.iterdir()) == ["Work"], "nothing but Work was touched"
+
+    run = mirrord("-c", str(config), "run", "--once", "test/Lists/*")
+    assert run.status == 0, run.stderr
+    assert sorted(p.name for p in (mail / "Lists").iterdir()) == ["dev", "ops"]
+    assert not (mail / "INBOX").exists()
+
+    run = mirrord("-c", str(config), "run", "--once", "test")
+    assert run.status == 0 and (mail / "INBOX").exists()
+
+
+def test_run_once_with_a_name_that_matches_nothing_says_so(imap_account: ImapAccount, tmp_path: Path) -> None:
+    config = write_config(tmp_path, imap_account, extra="    exclude: [Junk]\n")
+    imap_account.client.create("Junk")
+    nothing = mirrord("-c", str(config), "run", "--once", "test/Nope")
+    assert nothing.status == 1
+    assert "test/Nope: no such mailbox among those the config mirrors" in nothing.stderr, nothing.stderr
+    excluded = mirrord("-c", str(config), "run", "--once", "test/Junk")
+    assert excluded.status == 1 and not (tmp_path / "Mail" / "Junk").exists(), "naming it does not override exclude"
+
+    typo = mirrord("-c", str(config), "run", "--once", "tset/INBOX")
+    assert typo.status == 2 and "no account 'tset'" in typo.stderr and "did you mean 'test'?" in typo.stderr
+    daemon = mirrord("-c", str(config), "run", "test/INBOX")
+    assert daemon.status == 2 and "goes with --once" in daemon.stderr
