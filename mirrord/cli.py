@@ -129,6 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
         "says which keys to edit. An existing file is left alone.",
         "  mirrord init\n  mirrord -c ~/.config/mirrord/work.yaml init\n",
     )
+    install = command(
+        "install-service", [common], "install the systemd user service for this mirrord",
+        "Writes mirrord.service and mirrord@.service into ~/.config/systemd/user/ with ExecStart= "
+        "naming this mirrord by its absolute path (a virtualenv, pipx or pip --user install alike), "
+        "and -c FILE if given. Running it again rewrites them; a unit it did not write is left alone "
+        "unless --force. Then enable it with systemctl --user.",
+        "  mirrord install-service && systemctl --user enable --now mirrord\n"
+        "  mirrord -c ~/.config/mirrord/work.yaml install-service\n",
+    )
+    install.add_argument("--force", action="store_true", help="replace units this command did not write")
     demo = command(
         "demo", [verbose], "see it work: mirror a private, throwaway Dovecot",
         "Starts a private Dovecot on 127.0.0.1 with sample mail, mirrors it once, then runs the daemon "
@@ -155,6 +165,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_demo(args.dir, verbose=verbose, live=args.live)
     config_path: Path = getattr(args, "config", None) or default_config_path()
+    if args.command == "install-service":
+        from mirrord.firstrun import InitError, install_service
+
+        try:
+            print(install_service(getattr(args, "config", None), force=args.force), end="")
+        except InitError as e:
+            print(f"mirrord: {e}", file=sys.stderr)
+            return EXIT_FAILURE
+        return EXIT_OK
     if args.command == "init":
         from mirrord.firstrun import InitError, init_config
 

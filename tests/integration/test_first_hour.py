@@ -359,3 +359,74 @@ def test_run_once_with_a_name_that_matches_nothing_says_so(imap_account: ImapAcc
     assert typo.status == 2 and "no account 'tset'" in typo.stderr and "did you mean 'test'?" in typo.stderr
     daemon = mirrord("-c", str(config), "run", "test/INBOX")
     assert daemon.status == 2 and "goes with --once" in daemon.stderr
+
+
+# -- 1 and 2: install-service writes units that systemd accepts as installed ------------
+
+
+def _user_env(home: Path) -> dict[str, str]:
+    """A user's login environment: own HOME, a private XDG_RUNTIME_DIR, no XDG_CONFIG_HOME."""
+    runtime = home.parent / "run"
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XDG_", "SYSTEMD_"))}
+    env.update(HOME=str(home), XDG_RUNTIME_DIR=str(runtime), SYSTEMD_LOG_LEVEL="info", SYSTEMD_LOG_COLOR="0")
+    return env
+
+
+def _verify(units: list[Path], env: dict[str, str]) -> str:
+    import shutil
+
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        if os.environ.get("CI"):
+            pytest.fail("systemd-analyze not found (apt-get install systemd); CI is set")
+        pytest.skip("systemd-analyze not found")
+    result = subprocess.run([analyze, "--user", "--man=no", "verify", *map(str, units)], capture_output=True,
+                            text=True, env=env, stdin=subprocess.DEVNULL, timeout=60)
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode == 0 and output == "", f"systemd-analyze verify said:\n{output}"
+    return output
+
+
+def test_install_service_writes_units_that_verify_as_installed(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    env = _user_env(home)
+    assert mirrord("init", env=env).status == 0
+    run = mirrord("install-service", env=env)
+    assert run.status == 0, run.stderr
+    units = home / ".config" / "systemd" / "user"
+    service, template = units / "mirrord.service", units / "mirrord@.service"
+    (start,) = [line for line in service.read_text().splitlines() if line.startswith("ExecStart=")]
+    argv = start.removeprefix("ExecStart=").split()
+    assert Path(argv[0]).is_absolute() and os.access(argv[0], os.X_OK), start
+    assert argv[-1] == "run"
+    assert "systemctl --user enable --now mirrord" in run.stdout
+    assert "does not exist yet" not in run.stdout
+    (units / "mirrord@work.service").symlink_to("mirrord@.service")
+    _verify([service, template, units / "mirrord@work.service"], env)
+
+    # The command it names runs this mirrord.
+    version = subprocess.run([*argv[:-1], "--version"], capture_output=True, text=True, env=env, timeout=60)
+    assert version.stdout.startswith("mirrord "), version
+
+    # Again: rewritten; over a unit of the user's own: refused without --force.
+    assert mirrord("install-service", env=env).status == 0
+    service.write_text("[Service]\nExecStart=/bin/true\n")
+    refused = mirrord("install-service", env=env)
+    assert refused.status == 1 and "not written by `mirrord install-service`" in refused.stderr
+    assert service.read_text() == "[Service]\nExecStart=/bin/true\n"
+    assert mirrord("install-service", "--force", env=env).status == 0
+
+
+def test_install_service_with_c_runs_that_config(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    env = _user_env(home)
+    config = tmp_path / "my mail" / "work%1.yaml"  # a space and a %: both must survive systemd's parsing
+    run = mirrord("-c", str(config), "install-service", env=env)
+    assert run.status == 0, run.stderr
+    assert f"`mirrord -c '{config}' init`" in run.stdout, run.stdout
+    service = home / ".config" / "systemd" / "user" / "mirrord.service"
+    assert f' -c "{str(config).replace("%", "%%")}" run' in service.read_text()
+    _verify([service], env)
