@@ -430,3 +430,77 @@ def test_install_service_with_c_runs_that_config(tmp_path: Path) -> None:
     service = home / ".config" / "systemd" / "user" / "mirrord.service"
     assert f' -c "{str(config).replace("%", "%%")}" run' in service.read_text()
     _verify([service], env)
+
+
+# -- the README's install section, line by line -----------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def readme_install_lines() -> list[str]:
+    """The commands of the README's "Install for everyday use" block, comments dropped."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Install for everyday use", 1)[1]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.split("#", 1)[0].strip()]
+
+
+def test_the_readme_install_section_is_the_one_this_test_runs() -> None:
+    """Kept in the default run: the README cannot drift from what the slow test below runs."""
+    assert readme_install_lines() == [
+        "pipx install .",
+        "pipx ensurepath",
+        "mirrord init",
+        "mirrord check",
+        "mirrord run --once",
+        "mirrord install-service",
+        "systemctl --user enable --now mirrord",
+    ]
+
+
+@pytest.mark.slow
+def test_the_readme_install_section_works_line_by_line(imap_account: ImapAccount, tmp_path: Path) -> None:
+    """On a fresh HOME, as a user types it; about 25 s (pipx builds a virtualenv).
+
+    Each line runs in a login shell (``bash -lc``), so ``mirrord`` is found
+    the way the user's next shell finds it, through what ``pipx ensurepath``
+    wrote. Two lines need what a test cannot have and are stood in for:
+    "edit what it says" after ``init`` writes a config for the private
+    Dovecot, and the ``systemctl`` line (no user manager runs here) becomes
+    ``systemd-analyze --user verify`` of the unit as installed.
+    """
+    import shutil
+
+    if shutil.which("pipx") is None:
+        if os.environ.get("CI"):
+            pytest.fail("pipx is not installed (apt-get install pipx); CI is set")
+        pytest.skip("pipx is not installed")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = _user_env(home)
+    env = {k: v for k, v in env.items() if not k.startswith(("PIPX_", "VIRTUAL_ENV", "PYTHON"))}
+    env["PATH"] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+    def sh(line: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(["bash", "-lc", line], cwd=REPO, env=env, capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, timeout=timeout)
+        assert done.returncode == 0, f"$ {line}\n{done.stdout}{done.stderr}"
+        return done
+
+    for line in readme_install_lines():
+        if line.startswith("systemctl"):
+            _verify([home / ".config" / "systemd" / "user" / "mirrord.service"], env)
+            continue
+        done = sh(line)
+        if line == "mirrord init":
+            # The user's edit: this account, on the private Dovecot.
+            config = home / ".config" / "mirrord" / "config.yaml"
+            written = write_config(tmp_path, imap_account)
+            config.write_text(written.read_text())
+        if line == "mirrord check":
+            assert "INBOX" in done.stdout
+
+    assert sh("command -v mirrord").stdout.strip() == str(home / ".local" / "bin" / "mirrord")
+    service = (home / ".config" / "systemd" / "user" / "mirrord.service").read_text()
+    assert f"ExecStart={home}/.local/bin/mirrord run" in service
+    assert (tmp_path / "Mail" / "INBOX" / "cur").is_dir()
