@@ -70,6 +70,7 @@ def init_config(path: Path) -> str:
         "Then:\n"
         f"  mirrord {c}check       connects, logs in and lists what would be mirrored\n"
         f"  mirrord {c}run --once  makes the first copy, with progress\n"
+        f"  mirrord {c}install-service  runs it as a systemd user service\n"
     )
 
 
