@@ -55,6 +55,14 @@ DEFAULT_COMPRESS: CompressMode = "auto"
 over the Internet (not loopback or a private network, where the link outruns the
 server's compressor); see mirrord.protocol.connect.wants_compression for the figures."""
 
+SyncMode = Literal["two-way", "pull"]
+SYNC_MODES: tuple[str, ...] = get_args(SyncMode)
+DEFAULT_SYNC: SyncMode = "two-way"
+"""What a reader does to the Maildir reaches the server; ``pull`` keeps a read-only backup."""
+LocalDelete = Literal["expunge", "flag", "keep"]
+LOCAL_DELETE_MODES: tuple[str, ...] = get_args(LocalDelete)
+DEFAULT_LOCAL_DELETE: LocalDelete = "expunge"
+
 DEFAULT_PORTS: dict[str, int] = {"implicit": 993, "starttls": 143, "none": 143}
 DEFAULT_WORKERS = 4
 MAX_WORKERS = 32
@@ -96,6 +104,8 @@ ACCOUNT_KEYS = (
     "max_delete",
     "trash_days",
     "compress",
+    "sync",
+    "local_delete",
 )
 REQUIRED_ACCOUNT_KEYS = ("host", "username", "maildir")
 PASSWORD_KEYS = ("password_command", "password_file", "password")
@@ -365,6 +375,15 @@ class Account:
     trash_days: float = DEFAULT_TRASH_DAYS
     compress: CompressMode = DEFAULT_COMPRESS
     """COMPRESS=DEFLATE for the connections that fetch: auto (over the Internet only), yes, no."""
+    sync: SyncMode = DEFAULT_SYNC
+    """``two-way``: local changes go to the server (issue #12); ``pull``: the server's word only."""
+    local_delete: LocalDelete = DEFAULT_LOCAL_DELETE
+    """What a file deleted locally does on the server: ``expunge`` (``\\Deleted`` and
+    ``UID EXPUNGE`` of that UID), ``flag`` (``\\Deleted`` only) or ``keep`` (fetched again)."""
+
+    @property
+    def two_way(self) -> bool:
+        return self.sync == "two-way"
 
     def wants(self, local_name: str) -> bool:
         """Whether the mailbox with this local name (``/`` hierarchy) is mirrored.
@@ -888,6 +907,8 @@ class _Parser:
             max_delete=cast(float, values.get("max_delete", DEFAULT_MAX_DELETE)),
             trash_days=cast(float, values.get("trash_days", DEFAULT_TRASH_DAYS)),
             compress=cast(CompressMode, values.get("compress", DEFAULT_COMPRESS)),
+            sync=cast(SyncMode, values.get("sync", DEFAULT_SYNC)),
+            local_delete=cast(LocalDelete, values.get("local_delete", DEFAULT_LOCAL_DELETE)),
         )
         if account.workers >= account.max_connections:
             self.fail(
@@ -944,6 +965,10 @@ class _Parser:
             return self.number(entry, 0, 3650)
         if key == "compress":
             return self.compress_mode(entry)
+        if key == "sync":
+            return self.choice(entry, SYNC_MODES)
+        if key == "local_delete":
+            return self.choice(entry, LOCAL_DELETE_MODES)
         raise AssertionError(key)  # pragma: no cover - entries() allows only ACCOUNT_KEYS
 
     def compress_mode(self, entry: _Entry) -> str:

@@ -19,15 +19,30 @@ from twisted.internet import defer, task, threads
 from twisted.internet.interfaces import IReactorTime
 
 from mirrord.config import Account, PasswordError
+from mirrord.localwatch import NewFolderWatcher, default_notifier
 from mirrord.pool import WorkerPool
 from mirrord.protocol.client import MirrordIMAP4Client
 from mirrord.protocol.connect import open_session
 from mirrord.protocol.errors import LoginFailed, describe_failure
 from mirrord.store.state import StateDB
-from mirrord.sync.account import Discovery, MailboxPlan, discover
-from mirrord.sync.folders import MassFolderRemoval, adopt_renamed, check_folders, gone_folders, set_aside_folder
+from mirrord.sync.account import (
+    Discovery,
+    MailboxPlan,
+    add_local_folders,
+    discover,
+    push_folders,
+)
+from mirrord.sync.folders import (
+    MassFolderRemoval,
+    adopt_renamed,
+    check_folders,
+    gone_folders,
+    set_aside_folder,
+)
 from mirrord.sync.live import LiveMailbox, poll_every
+from mirrord.sync.livepush import LocalPush
 from mirrord.sync.mailbox import MailboxResult, MailboxSync
+from mirrord.sync.pushing import Pusher
 from mirrord.timers import CoalescedLoop
 from mirrord.units import plural
 from mirrord.watcher import Backoff, WatcherService
@@ -120,6 +135,11 @@ class AccountDaemon:
         self._starting: defer.Deferred[None] | None = None
         self._sleep: defer.Deferred[None] | None = None
         self._rediscover: CoalescedLoop | None = None
+        self.local_push: LocalPush | None = None
+        self.new_folders: NewFolderWatcher | None = None
+        self._relisting = False
+        self._relist_again = False
+        """Two-way accounts: the reader's changes, sent as they happen."""
         self.start_finished: defer.Deferred[None] = defer.Deferred()
         """Fires when start() does: the first catch-up is done (or the account gave up for now)."""
 
@@ -201,9 +221,23 @@ class AccountDaemon:
             self._password = await threads.deferToThread(self.account.password.resolve)
         self.pool = WorkerPool(self.reactor, self.account, self._password, self.account.workers)
         discovery = await discover(self.pool, self.account)
+        if self.account.two_way and self.local_push is None:
+            pusher = Pusher(self.account, self.state_db, self.pool, {})
+            self.local_push = LocalPush(
+                pusher, self.clock, lambda: {n: m.live for n, m in self.runtime.mailboxes.items()},
+                default_notifier(), on_change=self.on_change,
+            )
+            # A folder a reader makes is created on the server at the next
+            # listing, which a new directory under the root brings forward.
+            self.new_folders = NewFolderWatcher(self.clock, self._new_local_folder, default_notifier())
+            self.new_folders.watch_tree(self.account.maildir)
+        elif self.local_push is not None:
+            self.local_push.pusher.pool = self.pool
         for reason in discovery.skipped:
             log.warning("%s: not mirrored: %s", self.label, reason)
         set_aside = await self._folders_gone(discovery)
+        if self.account.two_way:
+            await add_local_folders(self.pool, self.account, self.state_db, discovery)
         await self._apply_discovery(discovery, first=True, set_aside=set_aside)
         # Re-list now and then: mailboxes created on the server get mirrored.
         self._rediscover = CoalescedLoop(self.clock, relist_interval(self.account), self._relist,
@@ -241,6 +275,9 @@ class AccountDaemon:
                     log.warning("%s/%s: could not match set-aside copies: %s", self.label, plan.local_name, e)
             known[plan.local_name] = MailboxRuntime(plan, live)
             ready.append(plan)
+            if self.local_push is not None:
+                self.local_push.pusher.folders.update(push_folders(account, [plan], self.state_db))
+                self.local_push.watch(plan.local_name)
         fresh = ready
         if not fresh:
             self.on_change()
@@ -283,9 +320,25 @@ class AccountDaemon:
     async def _relist(self) -> None:
         if self.pool is None or self._stopping:
             return
+        if self._relisting:
+            self._relist_again = True  # one listing at a time; this one asks for another after
+            return
+        self._relisting = True
+        try:
+            await self._relist_once()
+            while self._relist_again and not self._stopping:
+                self._relist_again = False
+                await self._relist_once()
+        finally:
+            self._relisting = False
+
+    async def _relist_once(self) -> None:
+        assert self.pool is not None
         try:
             discovery = await discover(self.pool, self.account)
             set_aside = await self._folders_gone(discovery)
+            if self.account.two_way:
+                await add_local_folders(self.pool, self.account, self.state_db, discovery)
             await self._apply_discovery(discovery, set_aside=set_aside)
         except Exception as e:  # noqa: BLE001 - next time, then
             log.warning("%s: could not re-list mailboxes: %s", self.label, e)
@@ -339,6 +392,10 @@ class AccountDaemon:
             else:
                 runtime.live.poll()
 
+    def _new_local_folder(self) -> None:
+        if self._rediscover is not None and self._rediscover.running and not self._stopping:
+            defer.Deferred.fromCoroutine(self._relist())
+
     def _new_mail(self, result: MailboxResult) -> None:
         if self.on_new_mail is not None:
             self.on_new_mail(self.account, result)
@@ -357,6 +414,10 @@ class AccountDaemon:
             [defer.Deferred.fromCoroutine(r.watcher.stop()) for r in self.runtime.mailboxes.values() if r.watcher],
             consumeErrors=True,
         )
+        if self.new_folders is not None:
+            self.new_folders.stop()
+        if self.local_push is not None:
+            await self.local_push.stop()
         await defer.DeferredList([r.live.stop() for r in self.runtime.mailboxes.values()], consumeErrors=True)
         if self.pool is not None:
             await self.pool.close()

@@ -207,3 +207,73 @@ class LocalChangeWatcher:
         self._ours = {k: v for k, v in self._ours.items() if v >= now}
         if mailbox in self._by_mailbox:
             self.changed(mailbox)
+
+
+NEW_FOLDER_DELAY = 1.0
+"""Seconds after a directory appears before the tree is looked at: a reader
+makes ``Projects/new/{cur,new,tmp}`` in several steps."""
+
+_DIR_MASK = IN_CREATE | IN_MOVED_TO
+
+
+class NewFolderWatcher:
+    """Tells ``appeared()`` when a directory is made under the mirror root (two-way: a new folder).
+
+    One watch on the root and on each directory below it that is not a
+    Maildir's own ``cur``/``new``/``tmp`` (so message files, which come and
+    go all the time, cause no events here); a directory made later gets its
+    watch when it appears. The look itself (which folders are new, whether
+    to create them) is :mod:`mirrord.sync.newfolders`'s.
+    """
+
+    def __init__(
+        self, clock: IReactorTime, appeared: Callable[[], None], notifier: Notifier | None,
+        *, delay: float = NEW_FOLDER_DELAY,
+    ) -> None:
+        self.clock = clock
+        self.appeared = appeared
+        self.notifier = notifier
+        self.delay = delay
+        self._watched: set[bytes] = set()
+        self._timer: IDelayedCall | None = None
+
+    def watch_tree(self, root: Path) -> None:
+        if self.notifier is None:
+            return
+        self._watch_dir(FilePath(str(root)).asBytesMode())
+
+    def _watch_dir(self, fp: FilePath[Any]) -> None:
+        if self.notifier is None or fp.path in self._watched or not fp.isdir():
+            return
+        try:
+            self.notifier.watch(fp, mask=_DIR_MASK, callbacks=[self._event])
+        except Exception as e:  # noqa: BLE001 - e.g. the per-user watch limit
+            log.warning("cannot watch %s for new folders (%s); they are noticed at the next listing",
+                        fp.path.decode(errors="replace"), e)
+            return
+        self._watched.add(fp.path)
+        try:
+            children = fp.children()
+        except OSError:
+            return
+        for child in children:
+            if child.basename() not in (b"cur", b"new", b"tmp") and not child.basename().startswith(b"."):
+                self._watch_dir(child)
+
+    def _event(self, _watch: Any, path: FilePath[Any], mask: int) -> None:
+        if not mask & IN_ISDIR and not mask & IN_Q_OVERFLOW:
+            return
+        path = path.asBytesMode()
+        if path.basename() not in (b"cur", b"new", b"tmp"):
+            self._watch_dir(path)
+        if self._timer is None or not self._timer.active():
+            self._timer = self.clock.callLater(self.delay, self.appeared)
+        else:
+            self._timer.reset(self.delay)
+
+    def stop(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if self.notifier is not None:
+            self.notifier.loseConnection()
+            self.notifier = None

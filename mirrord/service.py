@@ -256,13 +256,20 @@ class Service:
             for name, runtime in sorted(daemon.runtime.mailboxes.items()):
                 live = runtime.live
                 state, since = runtime.display()
+                error = live.last_error
+                held = daemon.local_push.refused.get(name) if daemon.local_push is not None else None
+                if held is not None:
+                    # Two-way: the folder's local changes wait for the user (--allow-delete).
+                    state, since = "error", None
+                    error = (f"local changes not sent: {held}; allow with "
+                             f"`mirrord run --once --allow-delete {daemon.account.name}/{name}`")
                 mailboxes.append(
                     MailboxStatus(
                         name=name,
                         state=state,
                         since=since,
                         last_change=live.last_change,
-                        last_error=live.last_error,
+                        last_error=error,
                     )
                 )
             for name, error in daemon.runtime.failed.items():

@@ -24,6 +24,16 @@ def _under_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
+# Property tests explore new examples on every developer run (that is how they
+# find bugs), but CI replays a fixed set: a landing must not depend on the luck
+# of the draw. Anything a developer run finds becomes an explicit test.
+from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+_hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+if _under_ci():
+    _hypothesis_settings.load_profile("ci")
+
+
 def _require_dovecot() -> None:
     """Skip when Dovecot is missing on a developer's machine; fail under CI.
 

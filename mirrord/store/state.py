@@ -27,7 +27,7 @@ from mirrord.flags import Flags
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _MAX_UID = 2**32 - 1
 _MAX_MODSEQ = 2**63 - 1
@@ -53,6 +53,30 @@ class MailboxRecord:
     maildir_stamp: tuple[int, int] | None = None
     """Modification times (ns) of the Maildir's new/ and cur/ when the last sync
     found every recorded file in place with its flags; None: unknown."""
+
+
+@dataclass(frozen=True)
+class Intent:
+    """An APPEND or MOVE the server may have done: see ``_v5``."""
+
+    id: int
+    account: str
+    mailbox: str
+    """The target mailbox (local name): where the message lands."""
+    key: str
+    """The local file's key in the target's Maildir."""
+    kind: str
+    """``append`` or ``move``."""
+    source: str | None
+    source_uid: int | None
+    uidvalidity: int | None
+    """The target's UIDVALIDITY when ``uidnext`` was read."""
+    uidnext: int | None
+    """The target's UIDNEXT before the command: the message, if it landed, is at or above it."""
+    message_id: str | None
+    size: int | None
+    """RFC822.SIZE as the server counts it (CRLF line ends)."""
+    flags: Flags
 
 
 class MessageRecord(NamedTuple):
@@ -155,9 +179,35 @@ def _v4(conn: sqlite3.Connection) -> None:
         )
 
 
+def _v5(conn: sqlite3.Connection) -> None:
+    # Two-way intents (issue #12): an APPEND or a MOVE is recorded here,
+    # fsynced, before the server is told, and deleted once its row is. A
+    # crash in between leaves the intent, and the next round looks for the
+    # message in the target above ``uidnext`` (by Message-ID and size)
+    # before doing anything again: never a second upload of one file.
+    conn.execute(
+        """
+        CREATE TABLE outbox (
+            id          INTEGER PRIMARY KEY,
+            account     TEXT NOT NULL,
+            mailbox     TEXT NOT NULL,
+            key         TEXT NOT NULL,
+            kind        TEXT NOT NULL,
+            source      TEXT,
+            source_uid  INTEGER,
+            uidvalidity INTEGER,
+            uidnext     INTEGER,
+            message_id  TEXT,
+            size        INTEGER,
+            flags       TEXT NOT NULL
+        )
+        """
+    )
+
+
 # _MIGRATIONS[n] takes a DB at version n-1 to version n. Later schema changes
 # append a step here; never edit a released one.
-_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1, 2: _v2, 3: _v3, 4: _v4}
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1, 2: _v2, 3: _v3, 4: _v4, 5: _v5}
 
 
 @contextmanager
@@ -391,6 +441,9 @@ class StateDB:
                 "DELETE FROM pending WHERE account = ? AND mailbox = ?", (account, mailbox)
             )
             self._db.execute(
+                "DELETE FROM outbox WHERE account = ? AND mailbox = ?", (account, mailbox)
+            )
+            self._db.execute(
                 "DELETE FROM mailbox WHERE account = ? AND mailbox = ?", (account, mailbox)
             )
 
@@ -576,3 +629,61 @@ class StateDB:
             "SELECT COUNT(*) FROM message WHERE account = ? AND mailbox = ?",
             (account, mailbox),
         ).fetchone()[0]
+
+    # -- two-way intents ----------------------------------------------------
+
+    def add_intent(self, intent: Intent) -> int:
+        """Record an intent durably (fsynced) before the server is told; returns its id."""
+        with self.transaction():
+            cursor = self._db.execute(
+                "INSERT INTO outbox (account, mailbox, key, kind, source, source_uid, uidvalidity, uidnext,"
+                " message_id, size, flags) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (intent.account, intent.mailbox, intent.key, intent.kind, intent.source, intent.source_uid,
+                 intent.uidvalidity, intent.uidnext, intent.message_id, intent.size, _canonical_flags(intent.flags)),
+            )
+        return int(cursor.lastrowid or 0)
+
+    def intents(self, account: str) -> list[Intent]:
+        rows = self._db.execute(
+            "SELECT id, account, mailbox, key, kind, source, source_uid, uidvalidity, uidnext, message_id, size,"
+            " flags FROM outbox WHERE account = ? ORDER BY id",
+            (account,),
+        ).fetchall()
+        return [Intent(*row[:11], _parse_flags(row[11])) for row in rows]
+
+    def drop_intent(self, intent_id: int) -> None:
+        with self.transaction():
+            self._db.execute("DELETE FROM outbox WHERE id = ?", (intent_id,))
+
+    def rekey(self, account: str, mailbox: str, uid: int, key: str, flags: Flags) -> None:
+        """A reader renamed a file (mu): the row names the new key, in one transaction."""
+        with self.transaction():
+            row = self._db.execute(
+                "SELECT size FROM message WHERE account = ? AND mailbox = ? AND uid = ?", (account, mailbox, uid)
+            ).fetchone()
+            if row is None:
+                return
+            self._db.execute("DELETE FROM message WHERE account = ? AND mailbox = ? AND uid = ?",
+                             (account, mailbox, uid))
+            self._db.execute(
+                "INSERT INTO message (account, mailbox, uid, key, flags, size) VALUES (?, ?, ?, ?, ?, ?)",
+                (account, mailbox, _check_uid(uid), key, _canonical_flags(flags), row[0]),
+            )
+
+    def move_row(
+        self, account: str, source: str, source_uid: int | None, target: str, record: MessageRecord,
+        intent_id: int | None = None,
+    ) -> None:
+        """A message moved (or appended) on the server: one transaction drops the
+        source row and the intent and records the target's."""
+        with _refusing_second_files(), self.transaction():
+            if source_uid is not None:
+                self._db.execute("DELETE FROM message WHERE account = ? AND mailbox = ? AND uid = ?",
+                                 (account, source, source_uid))
+            self._db.execute(
+                "INSERT INTO message (account, mailbox, uid, key, flags, size) VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (account, mailbox, uid) DO UPDATE SET flags = excluded.flags, size = excluded.size",
+                (account, target, _check_uid(record.uid), record.key, _canonical_flags(record.flags), record.size),
+            )
+            if intent_id is not None:
+                self._db.execute("DELETE FROM outbox WHERE id = ?", (intent_id,))

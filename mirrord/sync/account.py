@@ -9,6 +9,7 @@ attempt would be refused too.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,19 @@ from mirrord.units import plural
 from mirrord.pool import Worker, WorkerPool
 from mirrord.progress import Progress
 from mirrord.protocol.client import ListEntry, Namespace
+from mirrord.store.maildir import trash_for
 from mirrord.store.state import StateDB
-from mirrord.sync.mailbox import MailboxResult, MailboxSync
 from mirrord.sync.folders import MassFolderRemoval, adopt_renamed, set_aside_gone
-from mirrord.sync.names import UnmappableName, local_name, maildir_path, unique_local_names, visible
+from mirrord.sync.mailbox import MailboxResult, MailboxSync
+from mirrord.sync.names import (
+    UnmappableName,
+    local_name,
+    maildir_path,
+    unique_local_names,
+    visible,
+)
+from mirrord.sync.newfolders import create_on_server, folders_to_create
+from mirrord.sync.pushing import Pusher, PushFolder
 
 log = logging.getLogger("mirrord.sync")
 
@@ -141,8 +151,18 @@ async def sync_account(
         except OSError as e:
             result.error = f"{account.name}: cannot set aside a folder gone from the server: {_describe(e)}"
             log.error("%s", result.error)
+        refused: dict[str, str] = {}
+        if account.two_way:
+            await add_local_folders(pool, account, state, discovery)
+            refused, failed = await _send_local_changes(account, discovery, state, pool, allow_delete)
+            if failed:
+                result.error = f"{failed} local changes were not sent (see above); they are tried again next run"
         runs: list[defer.Deferred[MailboxResult]] = []
         for plan in discovery.wanted:
+            if plan.local_name in refused:
+                runs.append(defer.succeed(MailboxResult(account.name, plan.local_name, error=refused[plan.local_name],
+                                                        needs_user=True)))
+                continue
             runs.append(
                 defer.Deferred.fromCoroutine(
                     _sync_one(account, plan, state, pool, progress, _allowed(account, plan.local_name, allow_delete),
@@ -157,13 +177,70 @@ async def sync_account(
                 failed = MailboxResult(account.name, plan.local_name, error=_describe(value.value))
                 log.error("%s", failed.summary())
                 result.mailboxes.append(failed)
-    except Exception as e:  # noqa: BLE001 - reported, and the other accounts go on
+    except Exception as e:
         result.error = str(e) or type(e).__name__
         log.error("%s: %s", account.name, result.error)
         log.debug("%s: account sync failed", account.name, exc_info=True)
     finally:
         await pool.close()
     return result
+
+
+async def add_local_folders(pool: WorkerPool, account: Account, state: StateDB, discovery: Discovery) -> None:
+    """Two-way: folders a reader made locally are created on the server and join ``discovery``.
+
+    A failure is logged and changes nothing: the folder is tried again next time.
+    """
+    try:
+        names = folders_to_create(account, state, discovery.listed)
+        if not names:
+            return
+        made = await create_on_server(pool, account, state, names, discovery.namespace.delimiter,
+                                      discovery.namespace.prefix)
+    except Exception as e:  # noqa: BLE001 - the rest of the sync goes on
+        log.error("%s: could not create local folders on the server: %s", account.name, _describe(e))
+        return
+    for entry in made:
+        name = local_name(entry.name, entry.delimiter, discovery.namespace.prefix)
+        discovery.listed.add(name)
+        discovery.wanted.append(MailboxPlan(entry, name))
+
+
+def push_folders(account: Account, plans: Iterable[MailboxPlan], state: StateDB) -> dict[str, PushFolder]:
+    """The folders a two-way round looks at: the wanted mailboxes."""
+    return {
+        plan.local_name: PushFolder(
+            plan.local_name, plan.entry.raw_name, maildir_path(account.maildir, plan.local_name),
+            trash_for(state.path.parent, "trash", account.name, plan.local_name, account.trash_days),
+        )
+        for plan in plans
+    }
+
+
+async def _send_local_changes(
+    account: Account, discovery: Discovery, state: StateDB, pool: WorkerPool, allow_delete: frozenset[str]
+) -> tuple[dict[str, str], int]:
+    """``run --once``'s first step: local changes go up before the server's come down.
+
+    Returns the folders the round refused (a mass disappearance), with why
+    (they are not synced this run), and how many changes the server refused.
+    A failed round is logged and the pulls go
+    on: they revert nothing (two-way pulls leave local changes alone), and
+    the next run sends what this one could not.
+    """
+    pusher = Pusher(account, state, pool, push_folders(account, discovery.wanted, state),
+                    allow_delete=lambda name: _allowed(account, name, allow_delete))
+    try:
+        result = await pusher.round()
+    except Exception as e:
+        log.error("%s: could not send local changes: %s", account.name, _describe(e))
+        log.debug("%s: two-way round failed", account.name, exc_info=True)
+        return {}, 1
+    return {
+        name: (f"local changes not sent: {why}; nothing was deleted on the server. If you did delete them, "
+               f"allow it once: `mirrord run --once --allow-delete {account.name}/{name}`")
+        for name, why in result.refused.items()
+    }, result.failed
 
 
 def _describe(error: BaseException) -> str:
@@ -192,7 +269,7 @@ async def _sync_one(
         sync = MailboxSync.for_account(
             account, plan.entry, plan.local_name, state, pool, progress=progress, allow_delete=allow_delete
         )
-    except Exception as e:  # noqa: BLE001 - one mailbox's local trouble must not stop the account
+    except Exception as e:
         failed = MailboxResult(account.name, plan.local_name, error=f"cannot set up its local folder: {_describe(e)}")
         log.error("%s", failed.summary())
         log.debug("%s/%s: setup failed", account.name, plan.local_name, exc_info=True)

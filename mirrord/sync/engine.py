@@ -105,8 +105,12 @@ class UidValidityChanged(Exception):
         self.new = new
 
 
-def plan_sync(server: ServerListing, local: LocalSnapshot) -> SyncPlan:
+def plan_sync(server: ServerListing, local: LocalSnapshot, *, two_way: bool = False) -> SyncPlan:
     """Decide how to bring ``local`` to equal ``server``.
+
+    ``two_way``: a row whose file is gone is not fetched again here: it is a
+    reader's deletion, which the two-way round (:mod:`mirrord.sync.pushing`)
+    decides (and which asks for the fetch itself under ``local_delete: keep``).
 
     Raises UidValidityChanged when the listing belongs to another UIDVALIDITY
     than the state rows and any of their files is still there.
@@ -139,8 +143,10 @@ def plan_sync(server: ServerListing, local: LocalSnapshot) -> SyncPlan:
         file_flags = local.file_flags(row)
         if file_flags is None:
             # The row outlived its file (a reader or the user deleted it); the
-            # server still has the message, so the mirror must have it too.
-            fetch.append(uid)
+            # server still has the message, so the mirror must have it too,
+            # unless the deletion is to reach the server (two-way).
+            if not two_way:
+                fetch.append(uid)
             continue
         if not same_flags(server_flags, row.flags) or not same_flags(
             file_flags, representable(server_flags)
@@ -233,7 +239,7 @@ class LocalSummary:
     """The highest UID among them (0: none)."""
 
 
-def plan_catchup(server: ServerChanges, local: LocalSummary) -> SyncPlan | None:
+def plan_catchup(server: ServerChanges, local: LocalSummary, *, two_way: bool = False) -> SyncPlan | None:
     """Decide a catch-up from the server's changes instead of a complete listing.
 
     Returns the plan :func:`plan_sync` would give for the complete listing,
@@ -266,24 +272,26 @@ def plan_catchup(server: ServerChanges, local: LocalSummary) -> SyncPlan | None:
         row = snap.known.get(uid)
         if row is None:
             return None  # a message we should have and do not: only a listing can say more
-        _reconcile(uid, frozenset(server_flags), row, snap, fetch, set_flags)
+        _reconcile(uid, frozenset(server_flags), row, snap, fetch, set_flags, two_way)
     if snap.files is not None:
         # The Maildir was listed: files deleted or renamed by hand are found
         # here, their server flags being the recorded ones (unchanged since).
         for uid, row in snap.known.items():
             if uid in gone_set or uid in server.changed:
                 continue
-            _reconcile(uid, row.flags, row, snap, fetch, set_flags)
+            _reconcile(uid, row.flags, row, snap, fetch, set_flags, two_way)
     return SyncPlan(fetch=tuple(sorted(fetch)), remove=tuple(gone), set_flags=set_flags)
 
 
 def _reconcile(
-    uid: int, server_flags: Flags, row: Known, local: LocalSnapshot, fetch: set[int], set_flags: dict[int, Flags]
+    uid: int, server_flags: Flags, row: Known, local: LocalSnapshot, fetch: set[int], set_flags: dict[int, Flags],
+    two_way: bool = False,
 ) -> None:
     """plan_sync's rule for one kept message: re-fetch a missing file, fix differing flags."""
     file_flags = local.file_flags(row)
     if file_flags is None:
-        fetch.add(uid)
+        if not two_way:
+            fetch.add(uid)
     elif not same_flags(server_flags, row.flags) or not same_flags(file_flags, representable(server_flags)):
         set_flags[uid] = server_flags
 

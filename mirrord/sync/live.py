@@ -72,6 +72,9 @@ class LiveMailbox:
         self._backoff = Backoff(first=RETRY_DELAY * 2, cap=RETRY_CAP)
         self._stopped = False
         self._idle_waiters: list[defer.Deferred[None]] = []
+        self.lock = defer.DeferredLock()
+        """Held for each operation, and by a two-way round over this mailbox
+        (:mod:`mirrord.sync.livepush`): the two never overlap."""
         self.first_sync: defer.Deferred[None] = defer.Deferred()
         """Fires after the first full sync, or the first failure to get one going."""
 
@@ -167,7 +170,11 @@ class LiveMailbox:
     async def _work(self) -> None:
         try:
             while self._pending() and not self._stopped:
-                await self._one()
+                await self.lock.acquire()
+                try:
+                    await self._one()
+                finally:
+                    self.lock.release()
                 self.on_change()
         except Exception as e:  # noqa: BLE001 - one mailbox's trouble stays its own
             self._first_done()

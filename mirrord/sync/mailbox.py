@@ -63,6 +63,7 @@ from mirrord.sync.listing import ServerView, look
 from mirrord.sync.listing import listing_after_examine as _listing_after_examine  # noqa: F401 - old name
 from mirrord.sync.renumber import renumber
 from mirrord.sync.stamp import maildir_stamp, settled_stamp
+from mirrord.sync.twoway import merge_flags, server_only_part
 
 log = logging.getLogger("mirrord.sync")
 
@@ -118,7 +119,11 @@ class MailboxSync(FetchPipeline):
         allow_delete: bool = False,
         trash: Trash | None = None,
         set_aside: Trash | None = None,
+        two_way: bool = False,
     ) -> None:
+        self.two_way = two_way
+        """Local changes are the two-way round's to send (:mod:`mirrord.sync.pushing`):
+        the pull neither reverts a file's flags nor fetches back a deleted file."""
         self.progress = progress
         self.set_aside = set_aside
         """Where copies go that a renumbering left unmatched: kept until the user looks."""
@@ -162,6 +167,7 @@ class MailboxSync(FetchPipeline):
             allow_delete=allow_delete,
             trash=trash_for(state.path.parent, "trash", account.name, local_name, account.trash_days),
             set_aside=trash_for(state.path.parent, "set-aside", account.name, local_name, float("inf")),
+            two_way=getattr(account, "two_way", False),
         )
 
     async def run(self) -> MailboxResult:
@@ -259,7 +265,7 @@ class MailboxSync(FetchPipeline):
             local, files = self._snapshot(record.uidvalidity if record else None, known, trust_files)
             server = ServerListing(uidvalidity, {uid: e.flags for uid, e in view.listing.items()})
             try:
-                plan = plan_sync(server, local)
+                plan = plan_sync(server, local, two_way=self.two_way)
             except UidValidityChanged as e:
                 await renumber(
                     e, known, pool=self.pool, raw_name=self.entry.raw_name, maildir=self.maildir, state=self.state,
@@ -269,7 +275,7 @@ class MailboxSync(FetchPipeline):
                 known = self.state.messages(self.account, self.name)
                 count = len(known)
                 local, files = self._snapshot(uidvalidity, known, trust=False)
-                plan = plan_sync(server, local)
+                plan = plan_sync(server, local, two_way=self.two_way)
         if not self.allow_delete:
             check_removal(plan, count, self.max_delete, attributes=self.entry.attributes)
         if plan.forget_all:
@@ -337,7 +343,7 @@ class MailboxSync(FetchPipeline):
         else:
             known = self.state.messages(self.account, self.name)
             local, files = self._snapshot(record.uidvalidity, known, trust=trust_files)
-        plan = plan_catchup(changes, LocalSummary(local, count, highest))
+        plan = plan_catchup(changes, LocalSummary(local, count, highest), two_way=self.two_way)
         return plan, known, files
 
     def _snapshot(
@@ -471,8 +477,14 @@ class MailboxSync(FetchPipeline):
             for uid, flags in plan.set_flags.items():
                 key = known[uid].key
                 before = files.get(key)
+                file_flags = flags
+                if self.two_way and before is not None:
+                    # A reader's change not sent yet stays on the file; the row
+                    # takes the server's flags, so the next round sends it.
+                    merged = merge_flags(known[uid].flags, before.flags, flags)
+                    file_flags = merged.flags | server_only_part(flags)
                 try:
-                    after = self.maildir.set_flags(key, flags, before, sync=False)
+                    after = self.maildir.set_flags(key, file_flags, before, sync=False)
                 except FileNotFoundError:
                     continue  # vanished since the scan: the next sync re-fetches it
                 if before is None:

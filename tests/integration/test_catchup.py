@@ -126,7 +126,8 @@ def test_qresync_catchup_refetches_a_file_deleted_by_hand_and_restores_flags(
     imap_account: ImapAccount, tmp_path: Path
 ) -> None:
     fill(imap_account)
-    config = write_config(tmp_path, imap_account)
+    # A read-only backup: what a reader does locally is the server's to undo.
+    config = write_config(tmp_path, imap_account, extra="    sync: pull\n")
     sync(config)
     files = local_messages(tmp_path / "Mail" / "INBOX")
     files[0].path.unlink()

@@ -162,3 +162,32 @@ def test_the_real_inotify_sees_a_readers_rename_and_unlink(tmp_path: Path) -> No
         assert seen == ["INBOX", "INBOX"]
     finally:
         watcher.stop()
+
+
+def test_new_folders_are_noticed_under_the_root_and_in_folders_made_later(tmp_path: Path) -> None:
+    from mirrord.localwatch import IN_CREATE, IN_ISDIR, NewFolderWatcher
+
+    root = tmp_path / "Mail"
+    (root / "INBOX" / "cur").mkdir(parents=True)
+    notifier = FakeNotifier()
+    clock = task.Clock()
+    seen: list[float] = []
+    watcher = NewFolderWatcher(clock, lambda: seen.append(clock.seconds()), notifier, delay=1.0)
+    watcher.watch_tree(root)
+    assert os.fsencode(root) in notifier.watched and os.fsencode(root / "INBOX") in notifier.watched
+    assert os.fsencode(root / "INBOX" / "cur") not in notifier.watched, "message files cause no events here"
+    notifier.fire(root, "INBOX:2,S", IN_CREATE)  # a file, not a folder
+    clock.advance(5)
+    assert seen == []
+    (root / "Projects").mkdir()
+    notifier.fire(root, "Projects", IN_CREATE | IN_ISDIR)
+    assert os.fsencode(root / "Projects") in notifier.watched, "watched as soon as it appears"
+    clock.advance(0.5)
+    (root / "Projects" / "2026").mkdir()
+    notifier.fire(root / "Projects", "2026", IN_CREATE | IN_ISDIR)
+    clock.advance(0.9)
+    assert seen == [], "a burst of mkdirs is one look"
+    clock.advance(0.2)
+    assert len(seen) == 1
+    watcher.stop()
+    assert notifier.closed
