@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import textwrap
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -19,6 +21,7 @@ from twisted.internet import defer, task, threads
 from mirrord import __version__
 from mirrord.config import Account, Config, ConfigError, PasswordError, default_config_path, load_config
 from mirrord.logs import setup_logging
+from mirrord.oserrors import explain
 from mirrord.progress import Progress, TerminalProgress
 
 log = logging.getLogger("mirrord")
@@ -35,28 +38,114 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"mirrord: error: {message}\n")
 
 
+def _home_relative(path: Path) -> str:
+    """``~/.config/...`` rather than ``/home/me/.config/...``: what help text shows."""
+    try:
+        return "~/" + str(path.relative_to(Path.home()))
+    except ValueError:
+        return str(path)
+
+
+_FIRST_HOUR = """\
+the first hour:
+  mirrord demo                   see it work on a private, throwaway server
+  mirrord init                   write a commented config to edit
+  mirrord check                  test it: log in, list what would be mirrored
+  mirrord run --once             the first copy, with progress
+  mirrord install-service        run it as a systemd user service
+  mirrord status                 what is mirrored, and how the last run ended
+
+Each command has its own --help. Exit status: 0 all worked, 2 bad config or
+usage (nothing was done), 1 anything else (the log says what).
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    # Accepted before and after the subcommand; SUPPRESS keeps a value given
-    # before it from being overwritten by the subparser's default.
-    common.add_argument("-c", "--config", type=Path, default=argparse.SUPPRESS, help="config file")
-    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                        help="protocol trace (credentials redacted)")
+    """The command line; every subcommand says what it does and shows an example.
+
+    ``-c`` and ``-v`` are accepted before and after the subcommand, as
+    people type them either way. ``demo`` takes no ``-c``: it writes its
+    own config.
+    """
+    config_default = _home_relative(default_config_path())
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="protocol trace (credentials redacted)")
+    common = argparse.ArgumentParser(add_help=False, parents=[verbose])
+    # SUPPRESS keeps a value given before the subcommand from being
+    # overwritten by the subparser's default.
+    common.add_argument("-c", "--config", type=Path, default=argparse.SUPPRESS, metavar="FILE",
+                        help=f"config file (default: {config_default})")
+    raw = argparse.RawDescriptionHelpFormatter
 
     parser = _Parser(prog="mirrord", description="Keep a local Maildir an exact copy of IMAP mailboxes.",
-                     parents=[common])
+                     parents=[common], epilog=_FIRST_HOUR, formatter_class=raw)
     parser.add_argument("--version", action="version", version=f"mirrord {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND",
+                                title="commands")
 
-    run = sub.add_parser("run", parents=[common], help="mirror continuously (or once, with --once)")
+    def command(name: str, parents: list[argparse.ArgumentParser], summary: str, description: str,
+                examples: str) -> argparse.ArgumentParser:
+        description = textwrap.fill(description, 78)
+        return sub.add_parser(name, parents=parents, help=summary, description=description,
+                              epilog="examples:\n" + examples, formatter_class=raw)
+
+    run = command(
+        "run", [common], "mirror and keep watching, or sync once with --once",
+        "Without --once: the daemon. It catches up every mailbox, then keeps them current with IDLE "
+        "(or polling) until stopped; SIGHUP re-reads the config. With --once: one complete sync, then exit.",
+        "  mirrord run --once                       sync every mailbox once\n"
+        "  mirrord run --once personal/INBOX        sync one mailbox, leave the others alone\n"
+        "  mirrord run --once work 'personal/Lists/*'\n"
+        "                                           one whole account, some mailboxes of another\n"
+        "  mirrord run                              keep mirroring (as the systemd service does)\n"
+        "  mirrord run --once --allow-delete personal/INBOX\n"
+        "                                           let this sync remove what the server removed\n",
+    )
     run.add_argument("--once", action="store_true", help="one complete sync of every mailbox, then exit")
+    run.add_argument("targets", nargs="*", metavar="ACCOUNT[/MAILBOX]",
+                     help="with --once: sync only these accounts, or these mailboxes of an account "
+                          "(a name or a pattern such as personal/Archive/*), like mbsync's channel:box")
     run.add_argument("--allow-delete", action="append", default=[], metavar="MAILBOX",
                      help="with --once: let this sync remove more of MAILBOX (ACCOUNT/MAILBOX) than "
                           "max_delete allows; may be given more than once")
-    sub.add_parser("check", parents=[common], help="validate the config, connect, log in, list; write nothing")
-    status = sub.add_parser("status", parents=[common], help="what is mirrored, per mailbox")
+    command(
+        "check", [common], "test the config: log in, list, write nothing",
+        "Validates the config, connects and logs in to every account, prints the server's capabilities "
+        "and the mailboxes that would be mirrored, and makes sure each maildir and the state dir can be "
+        "written (it leaves nothing behind).",
+        "  mirrord check\n  mirrord -c ~/.config/mirrord/work.yaml check\n",
+    )
+    status = command(
+        "status", [common], "what is mirrored, and how the last run ended",
+        "Messages, last change and what the daemon is doing, per mailbox; with no daemon running, how "
+        "the last `run --once` ended, failures first. Reads only.",
+        "  mirrord status\n  mirrord status --json | jq '.mailboxes[] | select(.last_error)'\n",
+    )
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    demo = sub.add_parser("demo", parents=[common], help="mirror a private, throwaway Dovecot to see it work")
+    command(
+        "init", [common], "write a commented config to start from",
+        f"Writes the commented example config to {config_default} (or the file -c names), 0600, and "
+        "says which keys to edit. An existing file is left alone.",
+        "  mirrord init\n  mirrord -c ~/.config/mirrord/work.yaml init\n",
+    )
+    install = command(
+        "install-service", [common], "install the systemd user service for this mirrord",
+        "Writes mirrord.service and mirrord@.service into ~/.config/systemd/user/ with ExecStart= "
+        "naming this mirrord by its absolute path (a virtualenv, pipx or pip --user install alike), "
+        "and -c FILE if given. Running it again rewrites them; a unit it did not write is left alone "
+        "unless --force. Then enable it with systemctl --user.",
+        "  mirrord install-service && systemctl --user enable --now mirrord\n"
+        "  mirrord -c ~/.config/mirrord/work.yaml install-service\n",
+    )
+    install.add_argument("--force", action="store_true", help="replace units this command did not write")
+    demo = command(
+        "demo", [verbose], "see it work: mirror a private, throwaway Dovecot",
+        "Starts a private Dovecot on 127.0.0.1 with sample mail, mirrors it once, then runs the daemon "
+        "while a few messages arrive and shows their latency. Nothing leaves the machine; it writes its "
+        "own config, so -c does not apply.",
+        "  mirrord demo\n  mirrord demo --dir /tmp/mirrord-demo --live 0\n",
+    )
     demo.add_argument("--dir", type=Path, default=None, help="keep the demo's files here (default: a temp dir)")
     demo.add_argument("--live", type=int, default=5, metavar="N",
                       help="messages to send while the daemon watches (default 5; 0 to skip)")
@@ -70,12 +159,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from mirrord.demo import run_demo
 
+        if getattr(args, "config", None) is not None:
+            print("mirrord: error: demo writes its own config; -c does not apply to it", file=sys.stderr)
+            return EXIT_USAGE
+
         return run_demo(args.dir, verbose=verbose, live=args.live)
     config_path: Path = getattr(args, "config", None) or default_config_path()
+    if args.command == "install-service":
+        from mirrord.firstrun import InitError, install_service
+
+        try:
+            print(install_service(getattr(args, "config", None), force=args.force), end="")
+        except InitError as e:
+            print(f"mirrord: {e}", file=sys.stderr)
+            return EXIT_FAILURE
+        return EXIT_OK
+    if args.command == "init":
+        from mirrord.firstrun import InitError, init_config
+
+        try:
+            print(init_config(config_path), end="")
+        except InitError as e:
+            print(f"mirrord: {e}", file=sys.stderr)
+            return EXIT_FAILURE
+        return EXIT_OK
     try:
         config = load_config(config_path)
     except ConfigError as e:
         print(f"mirrord: {e}", file=sys.stderr)
+        if e.message.endswith("no such file"):
+            from mirrord.firstrun import config_option
+
+            print(f"mirrord: no config yet? `mirrord {config_option(config_path)}init` writes a commented "
+                  "one to start from", file=sys.stderr)
         return EXIT_USAGE
     for warning in config.warnings:
         log.warning("%s", warning)
@@ -86,7 +202,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.allow_delete and not args.once:
         print("mirrord: error: --allow-delete goes with --once (stop the daemon first)", file=sys.stderr)
         return EXIT_USAGE
+    if args.targets and not args.once:
+        print("mirrord: error: ACCOUNT/MAILBOX goes with --once (the daemon mirrors every mailbox)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    if args.targets:
+        try:
+            config = narrow(config, args.targets)
+        except ValueError as e:
+            print(f"mirrord: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
     return run(config, once=args.once, allow_delete=frozenset(args.allow_delete))
+
+
+def narrow(config: Config, targets: Sequence[str]) -> Config:
+    """The config limited to ``targets`` (``ACCOUNT`` or ``ACCOUNT/MAILBOX``), in config order.
+
+    Raises ValueError naming an account the config does not have.
+    """
+    import dataclasses
+    import difflib
+
+    from mirrord.config import NarrowedAccount
+
+    names = [a.name for a in config.accounts]
+    whole: set[str] = set()
+    some: dict[str, list[str]] = {}
+    for target in targets:
+        account, _, mailbox = target.partition("/")
+        if account not in names:
+            close = difflib.get_close_matches(account, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f" (accounts: {', '.join(names)})"
+            raise ValueError(f"no account {account!r} in {config.path}{hint}")
+        if mailbox:
+            some.setdefault(account, []).append(mailbox)
+        else:
+            whole.add(account)
+    accounts = tuple(
+        a if a.name in whole else NarrowedAccount.of(a, some[a.name])
+        for a in config.accounts
+        if a.name in whole or a.name in some
+    )
+    return dataclasses.replace(config, accounts=accounts)
 
 
 # -- run ------------------------------------------------------------------------
@@ -101,7 +258,12 @@ def run(config: Config, *, once: bool, allow_delete: frozenset[str] = frozenset(
     outcome = {"status": EXIT_OK}
 
     async def main(reactor: Any) -> None:
-        service = Service(reactor, config)
+        try:
+            service = Service(reactor, config)
+        except OSError as e:
+            log.error("%s", explain(e, "cannot open the state database"))
+            outcome["status"] = EXIT_FAILURE
+            return
         try:
             service.enable_status_file()
         except Exception as e:  # noqa: BLE001 - status is a convenience, mirroring is not
@@ -116,8 +278,8 @@ def run(config: Config, *, once: bool, allow_delete: frozenset[str] = frozenset(
 
         try:
             await service.start()
-        except LockHeld as e:
-            log.error("%s", e)
+        except (LockHeld, OSError) as e:
+            log.error("%s", explain(e, "cannot take the account locks") if isinstance(e, OSError) else e)
             outcome["status"] = EXIT_FAILURE
             service.state.close()
             return
@@ -138,6 +300,7 @@ def run(config: Config, *, once: bool, allow_delete: frozenset[str] = frozenset(
 def run_once(config: Config, allow_delete: frozenset[str] = frozenset()) -> int:
     """One complete sync of every mailbox of every account, then exit."""
     from mirrord.service import STATE_DB_NAME, LockHeld, lock_accounts
+    from mirrord.status import RunOutcome, write_last_run
     from mirrord.store.state import StateDB
     from mirrord.sync.account import sync_account
 
@@ -146,9 +309,19 @@ def run_once(config: Config, allow_delete: frozenset[str] = frozenset()) -> int:
     except LockHeld as e:
         log.error("%s", e)
         return EXIT_FAILURE
-    state = StateDB(config.state_dir / STATE_DB_NAME)
+    except OSError as e:
+        log.error("%s", explain(e, "cannot take the account locks"))
+        return EXIT_FAILURE
+    try:
+        state = StateDB(config.state_dir / STATE_DB_NAME)
+    except OSError as e:
+        for lock in locks.values():
+            lock.release()
+        log.error("%s", explain(e, "cannot open the state database"))
+        return EXIT_FAILURE
     outcome = {"ok": True}
     progress = Progress()
+    outcomes: list[RunOutcome] = []
     terminal: TerminalProgress | None = None
     if sys.stderr.isatty():
         terminal = TerminalProgress(progress, sys.stderr)
@@ -169,6 +342,7 @@ def run_once(config: Config, allow_delete: frozenset[str] = frozenset()) -> int:
             except PasswordError as e:
                 log.error("%s", e)
                 ok = False
+                outcomes.append(RunOutcome(account.name, None, time.time(), str(e)))
         results = await defer.gatherResults(
             [
                 defer.Deferred.fromCoroutine(
@@ -179,6 +353,13 @@ def run_once(config: Config, allow_delete: frozenset[str] = frozenset()) -> int:
             ]
         )
         outcome["ok"] = ok and all(r.ok for r in results)
+        for result in results:
+            if not _found_every_named_mailbox(config, result):
+                outcome["ok"] = False
+        finished = time.time()
+        for result in results:
+            outcomes.append(RunOutcome(result.account, None, finished, result.error))
+            outcomes.extend(RunOutcome(m.account, m.mailbox, finished, m.error) for m in result.mailboxes)
 
     try:
         task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)))
@@ -189,9 +370,35 @@ def run_once(config: Config, allow_delete: frozenset[str] = frozenset()) -> int:
         if terminal is not None:
             terminal.clear()
         state.close()
+        if outcomes:
+            try:
+                write_last_run(config.state_dir, outcomes)
+            except OSError as e:
+                log.warning("%s", explain(e, "cannot record this run's outcome for `mirrord status`"))
         for lock in locks.values():
             lock.release()
     return EXIT_OK if outcome["ok"] else EXIT_FAILURE
+
+
+def _found_every_named_mailbox(config: Config, result: Any) -> bool:
+    """False (and said) if ``run --once ACCOUNT/MAILBOX`` named a mailbox that no synced one matches."""
+    import fnmatch
+
+    from mirrord.config import NarrowedAccount
+
+    account = next((a for a in config.accounts if a.name == result.account), None)
+    if not isinstance(account, NarrowedAccount) or result.error:
+        return True
+    synced = [m.mailbox for m in result.mailboxes]
+    found = True
+    for pattern in account.only:
+        if not any(fnmatch.fnmatchcase(name.upper() if name.upper() == "INBOX" else name,
+                                       pattern.upper() if pattern.upper() == "INBOX" else pattern)
+                   for name in synced):
+            log.error("%s/%s: no such mailbox among those the config mirrors (`mirrord check` lists them)",
+                      account.name, pattern)
+            found = False
+    return found
 
 
 # -- check ----------------------------------------------------------------------
@@ -233,9 +440,22 @@ def check(config: Config, out: TextIO | None = None) -> int:
         finally:
             await client.logout()
 
+    def check_writable(what: str, folder: Path) -> None:
+        from mirrord.oserrors import probe_writable
+
+        problem = probe_writable(folder)
+        if problem is None:
+            print(f"  {what} {folder}: can create and rename files there", file=out)
+        else:
+            print(f"  FAILED: {what} {folder}: {problem}", file=out)
+            outcome["ok"] = False
+
     async def main(reactor: Any) -> None:
+        print("state", file=out)
+        check_writable("state_dir", config.state_dir)
         for account in config.accounts:
             await check_account(reactor, account)
+            check_writable("maildir", account.maildir)
 
     try:
         task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)))

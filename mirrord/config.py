@@ -26,8 +26,8 @@ import shlex
 import signal
 import stat
 import subprocess
-from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal, NoReturn, cast, get_args
 
@@ -129,6 +129,26 @@ _TAG_MERGE = "tag:yaml.org,2002:merge"
 _SCALAR_TAGS = frozenset({_TAG_NULL, _TAG_BOOL, _TAG_INT, _TAG_FLOAT, _TAG_STR})
 
 
+_HOME_VARIABLE = re.compile(r"\$(?:HOME\b|\{HOME\})")
+
+
+def expand_home(argument: str) -> str:
+    """``~``, ``~user`` at the start and ``$HOME``/``${HOME}`` anywhere, as a shell would.
+
+    Commands run without a shell, so ``[cat, ~/.mailpass]`` used to hand
+    ``cat`` a file literally named ``~/.mailpass``. A person who writes that
+    means their home, so it is expanded when the config is read; no other
+    variable is (``$`` may be part of an argument, and the service's
+    environment is not the shell's).
+    """
+    if argument.startswith("~"):
+        argument = os.path.expanduser(argument)
+    if "$" in argument:
+        home = os.path.expanduser("~")
+        argument = _HOME_VARIABLE.sub(lambda _: home, argument)
+    return argument
+
+
 def default_config_path() -> Path:
     return Path(platformdirs.user_config_dir(_APP, appauthor=False)) / "config.yaml"
 
@@ -164,6 +184,20 @@ class ConfigError(Exception):
         if self.key:
             return f"{where}: {self.key}: {self.message}"
         return f"{where}: {self.message}"
+
+
+def _missing_files(arguments: Sequence[str]) -> str:
+    """Which of a failed command's arguments name a file that is not there, said as a clause.
+
+    The commonest reason ``[cat, ~/.mailpass]`` or ``[gpg, -d, FILE]`` fails
+    is a wrong path; the command's own complaint went to its stderr, which
+    under systemd is a different line of the journal. Only absolute paths
+    are looked at, so ``pass show mail/personal`` names no file.
+    """
+    missing = [a for a in arguments if a.startswith("/") and not os.path.lexists(a)]
+    if not missing:
+        return ""
+    return f"; no such file: {', '.join(missing)}"
 
 
 class PasswordError(Exception):
@@ -299,7 +333,7 @@ class PasswordSource:
                 name = f"signal {-done.returncode}"
             self._fail(f"{program!r} was killed by {name}")
         if done.returncode != 0:
-            self._fail(f"{program!r} exited with status {done.returncode}")
+            self._fail(f"{program!r} exited with status {done.returncode}{_missing_files(argv[1:])}")
         return self._first_line(done.stdout, f"{program!r} printed nothing on its first line")
 
     def _from_file(self, path: Path) -> str:
@@ -399,6 +433,28 @@ class Account:
             return True
         name = _fold_inbox(local_name)
         return any(fnmatch.fnmatchcase(name, _fold_inbox(p)) for p in self.watch)
+
+
+@dataclass(frozen=True)
+class NarrowedAccount(Account):
+    """An account limited to some of its mailboxes, for ``run --once ACCOUNT/MAILBOX``.
+
+    ``only`` are patterns like ``mailboxes``; a mailbox is wanted if the
+    config mirrors it *and* one of them matches, so naming a mailbox never
+    brings in one the config leaves out, and folders not named are neither
+    synced nor set aside.
+    """
+
+    only: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, account: Account, only: Sequence[str]) -> NarrowedAccount:
+        values = {f.name: getattr(account, f.name) for f in fields(Account)}
+        return cls(**values, only=tuple(only))
+
+    def wants(self, local_name: str) -> bool:
+        name = _fold_inbox(local_name)
+        return super().wants(local_name) and any(fnmatch.fnmatchcase(name, _fold_inbox(p)) for p in self.only)
 
 
 @dataclass(frozen=True)
@@ -1008,7 +1064,7 @@ class _Parser:
             )
         if any("\0" in a for a in argv):
             self.fail("an argument cannot contain a NUL character", entry.line, entry.key)
-        return argv
+        return tuple(expand_home(a) for a in argv)
 
     def password(
         self, name: str, account: _Entry, found: dict[str, _Entry], values: dict[str, object]

@@ -44,6 +44,7 @@ from mirrord.sync.livepush import LocalPush
 from mirrord.sync.mailbox import MailboxResult, MailboxSync
 from mirrord.sync.pushing import Pusher
 from mirrord.timers import CoalescedLoop
+from mirrord.units import plural
 from mirrord.watcher import Backoff, WatcherService
 
 log = logging.getLogger("mirrord.daemon")
@@ -301,9 +302,9 @@ class AccountDaemon:
             runtime.poller = poll_every(self.clock, account.poll_interval, runtime.live)
         self.on_change()
         log.info(
-            "%s: %d mailboxes %s: %d watched with IDLE, %d polled every %g s",
+            "%s: %s %s: %d watched with IDLE, %d polled every %g s",
             self.label,
-            len(fresh),
+            plural(len(fresh), "mailbox", "mailboxes"),
             "to mirror" if first else "new on the server",
             len(watched),
             len(polled),

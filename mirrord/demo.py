@@ -22,6 +22,7 @@ from pathlib import Path
 
 from mirrord._fs import make_private_dirs
 from mirrord.testing import DovecotMissing, PrivateDovecot, make_message, populate, sample_mailboxes
+from mirrord.units import plural
 
 
 def _subject(path: Path) -> str:
@@ -135,14 +136,30 @@ def run_demo(directory: Path | None = None, *, verbose: bool = False, live: int 
         for mailbox in samples:
             folder = mail / mailbox
             files = sorted((folder / "new").iterdir()) + sorted((folder / "cur").iterdir())
-            print(f"  {folder}/  {len(files)} messages "
+            print(f"  {folder}/  {plural(len(files), 'message')} "
                   f"({len(list((folder / 'new').iterdir()))} in new/, {len(list((folder / 'cur').iterdir()))} in cur/)")
             for path in files[:3]:
                 print(f"      {path.parent.name}/{path.name[:28]}...  {_subject(path)[:50]}")
         status = _live(server, root, config, live, verbose)
-        print(f"\nOpen it with your reader, e.g.  neomutt -f {mail / 'INBOX'}")
-        print(f"Keep it mirrored:  mirrord -c {config} run   (the daemon; Ctrl-C stops it)")
-        return status
     finally:
         server.stop()
         print("Stopped the private Dovecot.")
+    if status == 0:
+        _parting_advice(root, config)
+    return status
+
+
+def _parting_advice(root: Path, config: Path) -> None:
+    """The demo's last words: only commands that work now that its server is gone.
+
+    It used to suggest ``mirrord -c CONFIG run``, which needs the private
+    Dovecot the demo had just stopped, and so failed with "Connection
+    refused". The mirror stays on disk; a real account starts with ``init``.
+    """
+    print(f"\nThe mirror stays in {root / 'Mail'}; the demo's server is gone. Try:")
+    print(f"  neomutt -f {root / 'Mail' / 'INBOX'}")
+    print(f"  mirrord -c {config} status")
+    print("To mirror your own mail:")
+    print("  mirrord init          writes a commented config and says what to edit")
+    print("  mirrord check         tests it: connects, logs in, lists what would be mirrored")
+    print("  mirrord run --once    the first copy; then `mirrord install-service`, or `mirrord run`")

@@ -12,6 +12,9 @@ is an argv list run without a shell, with what happened in its environment:
 Bursts are coalesced: at most one run per ``MIN_INTERVAL`` per account, and
 never two at once; mail that lands meanwhile is reported by the next run.
 
+What the command prints (stdout and stderr) goes to the log a line at a
+time, prefixed with the account and the command.
+
 Mailbox names come from the server: control characters in them are spelled
 ``\\xNN``. The command runs in a process group of its own and is killed
 (the whole group: a shell and what it started) after ``TIMEOUT`` seconds,
@@ -59,14 +62,56 @@ def hook_environment(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+OUTPUT_LINE_MAX = 4096
+"""Characters of one line of a hook's output kept for the log; the rest is cut."""
+
+
 class _HookProcess(protocol.ProcessProtocol):
+    """Logs the command's output line by line, prefixed with the account, and reports its end.
+
+    The output used to go straight to the daemon's stderr, so the journal
+    showed a bare "No new mail." with no account or cause. The end is
+    reported when the process exits, not when its pipes close: something it
+    started in the background may keep them open for long.
+    """
+
     def __init__(self, hook: NewMailHook) -> None:
         self.hook = hook
+        self._partial = {1: b"", 2: b""}
+        self._reported = False
 
-    def processEnded(self, reason: Any) -> None:  # noqa: N802 - Twisted's name
+    def childDataReceived(self, fd: int, data: bytes) -> None:  # noqa: N802 - Twisted's name
+        lines = (self._partial.get(fd, b"") + data).split(b"\n")
+        self._partial[fd] = lines.pop()[: OUTPUT_LINE_MAX * 4]
+        for line in lines:
+            self._log(fd, line)
+
+    def _log(self, fd: int, line: bytes) -> None:
+        text = visible(line.rstrip(b"\r").decode("utf-8", "replace"))[:OUTPUT_LINE_MAX]
+        if text.strip():
+            level = logging.INFO if fd == 1 else logging.WARNING
+            log.log(level, "%s: on_new_mail %s: %s", self.hook.account, self.hook.argv[0], text)
+
+    def _flush(self) -> None:
+        for fd, rest in self._partial.items():
+            if rest:
+                self._log(fd, rest)
+        self._partial = {1: b"", 2: b""}
+
+    def _report(self, reason: Any) -> None:
+        if self._reported:
+            return
+        self._reported = True
         code = getattr(reason.value, "exitCode", None)
         signal = getattr(reason.value, "signal", None)
         self.hook._ended(code, signal)
+
+    def processExited(self, reason: Any) -> None:  # noqa: N802 - Twisted's name
+        self._report(reason)
+
+    def processEnded(self, reason: Any) -> None:  # noqa: N802 - Twisted's name
+        self._flush()
+        self._report(reason)
 
 
 class NewMailHook:
@@ -129,7 +174,7 @@ class NewMailHook:
         launcher = [sys.executable, "-I", "-S", "-c", _LAUNCH, executable, *self.argv]
         try:
             self._process = self.reactor.spawnProcess(
-                _HookProcess(self), sys.executable, launcher, env=env, childFDs={0: "w", 1: 2, 2: 2}
+                _HookProcess(self), sys.executable, launcher, env=env, childFDs={0: "w", 1: "r", 2: "r"}
             )
         except OSError as e:
             self._running = False

@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 
 from mirrord.protocol.client import MailboxStatus, MirrordIMAP4Client
 from mirrord.protocol.connect import ServerSettings, open_session
-from mirrord.protocol.errors import ConnectFailed, LoginFailed, ProtocolError, describe_failure
+from mirrord.protocol.errors import ConnectFailed, LoginFailed, ProtocolError, TLSFailed, describe_failure
 
 log = logging.getLogger("mirrord.pool")
 
@@ -256,7 +256,7 @@ class WorkerPool:
             worker = await self._acquire(prefer if attempt == 1 else None)
             try:
                 return await job(worker)
-            except LoginFailed:
+            except (LoginFailed, TLSFailed):
                 raise
             except _CONNECTION_ERRORS as e:
                 worker.client = None

@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
+from mirrord.units import megabytes
+
 
 class Progress:
     """Counts what the syncs planned and what they did; pure bookkeeping."""
@@ -80,8 +82,7 @@ class TerminalProgress:
         handler.addFilter(_ClearFirst())
 
 
-def _mb(n: float) -> str:
-    return f"{n / 1e6:.1f}"
+_mb = megabytes
 
 
 def _duration(seconds: float) -> str:

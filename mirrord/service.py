@@ -42,6 +42,7 @@ from mirrord.watcher import ClockJumpDetector
 from mirrord.status import STATE_DB_NAME, AccountStatus, ChangePublisher, DaemonStatus, MailboxStatus, StatusFile
 from mirrord.store.state import StateDB
 from mirrord.sync.mailbox import MailboxResult
+from mirrord.units import plural
 
 log = logging.getLogger("mirrord")
 
@@ -59,6 +60,7 @@ class AccountLock:
         self._fd: int | None = None
 
     def acquire(self) -> bool:
+        """Take the lock and write our PID into it, so a second mirrord can say who holds it."""
         make_private_dirs(self.path.parent)  # the state dir too, if missing: 0700
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -66,8 +68,21 @@ class AccountLock:
         except BlockingIOError:
             os.close(fd)
             return False
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass  # the lock is what matters; the PID only helps the message
         self._fd = fd
         return True
+
+    def holder(self) -> int | None:
+        """The PID written by whoever holds the lock, if it can be read."""
+        try:
+            text = self.path.read_text(encoding="ascii", errors="replace").strip()
+        except OSError:
+            return None
+        return int(text) if text.isdigit() else None
 
     def release(self) -> None:
         if self._fd is not None:
@@ -76,8 +91,13 @@ class AccountLock:
 
 
 class LockHeld(Exception):
-    def __init__(self, account: str, path: Path) -> None:
-        super().__init__(f"{account}: another mirrord is already mirroring this account (lock: {path})")
+    def __init__(self, account: str, path: Path, pid: int | None = None) -> None:
+        who = f"another mirrord (PID {pid})" if pid is not None else "another mirrord"
+        super().__init__(
+            f"{account}: {who} is already mirroring this account (lock: {path}); stop it first "
+            "(`systemctl --user stop mirrord` if it runs as the service)"
+        )
+        self.pid = pid
 
 
 def lock_accounts(config: Config, accounts: list[Account]) -> dict[str, AccountLock]:
@@ -88,7 +108,7 @@ def lock_accounts(config: Config, accounts: list[Account]) -> dict[str, AccountL
         if not lock.acquire():
             for held in locks.values():
                 held.release()
-            raise LockHeld(account.name, lock.path)
+            raise LockHeld(account.name, lock.path, lock.holder())
         locks[account.name] = lock
     return locks
 
@@ -124,7 +144,7 @@ class Service:
         if watchdog is not None:
             self._loops.append(watchdog)
         extend = self._every(START_EXTEND_EVERY, self._extend_start)
-        self.notifier.status(f"first sync of {len(self.config.accounts)} accounts")
+        self.notifier.status(f"first sync of {plural(len(self.config.accounts), 'account')}")
         for account in self.config.accounts:
             self.accounts[account.name] = self._account(account)
         self._publish()
@@ -141,7 +161,7 @@ class Service:
         """Say what the start achieved: an account that never connected is not being mirrored."""
         failing = [d for d in self.accounts.values() if d.runtime.state == "error"]
         if not failing:
-            log.info("first sync done; mirroring %d accounts", len(self.accounts))
+            log.info("first sync done; mirroring %s", plural(len(self.accounts), "account"))
             return
         log.warning(
             "first sync done for %d of %d accounts; not connected, retrying: %s",
@@ -195,12 +215,13 @@ class Service:
                 if runtime.live.last_error:
                     failing += 1
             failing += len(daemon.runtime.failed)
-        parts = [f"{len(self.accounts)} accounts", f"{watched} mailboxes watched", f"{polled} polled"]
+        parts = [plural(len(self.accounts), "account"), f"{plural(watched, 'mailbox', 'mailboxes')} watched",
+                 f"{polled} polled"]
         failing_accounts = [d.label for d in self.accounts.values() if d.runtime.state == "error"]
         if failing_accounts:
             parts.append(f"not connected, retrying: {', '.join(failing_accounts)}")
         if failing:
-            parts.append(f"{failing} mailboxes with errors")
+            parts.append(f"{plural(failing, 'mailbox', 'mailboxes')} with errors")
         if self.last_mail is not None:
             parts.append("last mail " + time.strftime("%H:%M", time.localtime(self.last_mail)))
         return ", ".join(parts)
@@ -328,8 +349,8 @@ class Service:
             starting.append(self.accounts[account.name].start())
         self._publish()
         await defer.DeferredList(starting, consumeErrors=True)
-        log.info("config reloaded: %d accounts (%d restarted or added, %d removed)",
-                 len(self.accounts), len(coming), len([n for n in going if n not in fresh]))
+        log.info("config reloaded: %s (%d restarted or added, %d removed)",
+                 plural(len(self.accounts), "account"), len(coming), len([n for n in going if n not in fresh]))
         self._publisher.flush()
         self.notifier.ready(self.status_line())
 

@@ -32,6 +32,7 @@ import platformdirs
 
 from mirrord._fs import make_private_dirs
 from mirrord.sync.names import visible
+from mirrord.units import plural
 from mirrord.config import Config, default_state_dir
 
 log = logging.getLogger("mirrord.status")
@@ -520,6 +521,67 @@ class StatusFile:
         return status if writer_alive(status) else None
 
 
+# -- the last run's outcome ------------------------------------------------------
+#
+# The state DB records what is mirrored, not what failed: after a `run --once`
+# that stopped a mailbox (the removal guard, a full disk), `status` without a
+# daemon showed it as fresh with no error. `run --once` therefore leaves its
+# outcome per mailbox in a small JSON file next to the state DB, merged with
+# the previous one so that a run of one mailbox does not forget the others.
+
+LAST_RUN_NAME = "last-run.json"
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How the last ``run --once`` ended for one mailbox (``mailbox`` None: the whole account)."""
+
+    account: str
+    mailbox: str | None
+    finished: float
+    error: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"account": self.account, "mailbox": self.mailbox, "finished": self.finished, "error": self.error}
+
+    @classmethod
+    def from_json(cls, data: Any) -> RunOutcome | None:
+        if not isinstance(data, Mapping) or not isinstance(data.get("account"), str):
+            return None
+        finished = _opt_float(data.get("finished"))
+        mailbox = data.get("mailbox")
+        if finished is None or not (mailbox is None or isinstance(mailbox, str)):
+            return None
+        return cls(data["account"], mailbox, finished, _opt_str(data.get("error")))
+
+
+def read_last_run(state_dir: Path) -> dict[tuple[str, str | None], RunOutcome]:
+    """The outcomes the last runs left, by (account, mailbox); {} if none or unreadable."""
+    try:
+        with open(Path(state_dir) / LAST_RUN_NAME, "rb") as f:
+            data = json.loads(f.read(1 << 22))
+    except (OSError, ValueError):
+        return {}
+    outcomes = [RunOutcome.from_json(item) for item in data.get("outcomes", [])] if isinstance(data, dict) else []
+    return {(o.account, o.mailbox): o for o in outcomes if o is not None}
+
+
+def write_last_run(state_dir: Path, outcomes: Iterable[RunOutcome]) -> None:
+    """Merge ``outcomes`` into the record; an account's own error is replaced by this run's word.
+
+    Atomic (temp file and rename) and 0600; raises OSError, which the
+    caller logs: mirroring has happened, only this note is missing.
+    """
+    merged = read_last_run(state_dir)
+    fresh = list(outcomes)
+    for account in {o.account for o in fresh}:
+        merged.pop((account, None), None)
+    for outcome in fresh:
+        merged[(outcome.account, outcome.mailbox)] = outcome
+    data = json.dumps({"outcomes": [o.to_json() for o in merged.values()]}, indent=1).encode()
+    StatusFile(Path(state_dir) / LAST_RUN_NAME)._write(data)
+
+
 # -- the state DB, read-only ----------------------------------------------------
 
 
@@ -650,17 +712,33 @@ class _Row:
 
 
 def _rows(
-    account_names: Iterable[str], local: Mapping[tuple[str, str], _Local], daemon: DaemonStatus | None
+    account_names: Iterable[str],
+    local: Mapping[tuple[str, str], _Local],
+    daemon: DaemonStatus | None,
+    last_run: Mapping[tuple[str, str | None], RunOutcome] | None = None,
 ) -> dict[str, list[_Row]]:
+    """One row per mailbox, failures first, then INBOX, then by name.
+
+    Without a daemon, a mailbox's error is its last run's, unless a sync
+    completed after that run ended (the daemon's, since).
+    """
     rows: dict[str, list[_Row]] = {}
+    last_run = last_run or {}
     for account in account_names:
         live = daemon.account(account) if daemon else None
         live_boxes = {m.name: m for m in live.mailboxes} if live else {}
-        names = {m for a, m in local if a == account} | set(live_boxes)
+        ran = {m for a, m in last_run if a == account and m is not None} if daemon is None else set()
+        names = {m for a, m in local if a == account} | set(live_boxes) | ran
         rows[account] = []
         for name in sorted(names, key=_mailbox_order):
             here = local.get((account, name))
             box = live_boxes.get(name)
+            error = box.last_error if box else None
+            outcome = last_run.get((account, name))
+            if daemon is None and outcome is not None and outcome.error:
+                synced_since = here is not None and here.last_sync is not None and here.last_sync > outcome.finished
+                if not synced_since:
+                    error = outcome.error
             rows[account].append(
                 _Row(
                     account=account,
@@ -670,9 +748,10 @@ def _rows(
                     last_change=box.last_change if box else None,
                     state=box.state if box else None,
                     since=box.since if box else None,
-                    last_error=box.last_error if box else None,
+                    last_error=error,
                 )
             )
+        rows[account].sort(key=lambda r: r.last_error is None)  # stable: failures first, order kept
     return rows
 
 
@@ -719,7 +798,11 @@ def render_status(config: Config, *, as_json: bool, out: TextIO, now: float | No
     accounts = [a.name for a in config.accounts]
     if daemon is not None:
         accounts += [a.name for a in daemon.accounts if a.name not in accounts]
-    rows = _rows(accounts, local, daemon)
+    last_run = read_last_run(config.state_dir) if daemon is None else {}
+    rows = _rows(accounts, local, daemon, last_run)
+    failed_accounts = {
+        a: o for (a, m), o in last_run.items() if m is None and o.error and a in accounts
+    }
     status = EXIT_FAILURE if state_error else EXIT_OK
 
     if as_json:
@@ -727,6 +810,8 @@ def render_status(config: Config, *, as_json: bool, out: TextIO, now: float | No
             "daemon": daemon.to_json() if daemon else None,
             "mailboxes": [r.to_json() for account in accounts for r in rows[account]],
         }
+        if failed_accounts:
+            doc["account_errors"] = {a: o.error for a, o in failed_accounts.items()}
         if state_error:
             doc["error"] = state_error
         json.dump(doc, out, indent=2)
@@ -736,11 +821,16 @@ def render_status(config: Config, *, as_json: bool, out: TextIO, now: float | No
     if state_error:
         print(f"mirrord: {state_error}", file=out)
     if daemon is None:
-        if not any(rows.values()):
+        if not any(rows.values()) and not failed_accounts:
             if not state_error:
                 print("mirrord is not running; nothing mirrored yet: run `mirrord run --once`", file=out)
             return status
-        print("mirrord is not running; showing what the last sync left", file=out)
+        failures = sum(1 for account in accounts for r in rows[account] if r.last_error) + len(failed_accounts)
+        if failures:
+            print(f"mirrord is not running; the last run left {plural(failures, 'failure')} (listed first)",
+                  file=out)
+        else:
+            print("mirrord is not running; showing what the last sync left", file=out)
     else:
         print(f"mirrord is running (pid {daemon.pid}, up {format_duration(now - daemon.started)})", file=out)
 
@@ -752,16 +842,35 @@ def render_status(config: Config, *, as_json: bool, out: TextIO, now: float | No
         elif live is not None and live.state != "running":
             title += f" ({live.state}" + (f": {_one_line(live.error)}" if live.error else "") + ")"
         print(f"\n{visible(title)}", file=out)
+        if account in failed_accounts:
+            outcome = failed_accounts[account]
+            print(f"  last run FAILED ({format_ago(outcome.finished, now)}): {outcome.error}", file=out)
         if not rows[account]:
             print("  nothing mirrored yet", file=out)
             continue
         if daemon is None:
-            _table(
-                ["mailbox", "messages", "last sync"],
-                [[r.mailbox, str(r.messages), format_ago(r.last_sync, now)] for r in rows[account]],
-                {1},
-                out,
-            )
+            if any(a == account for a, _ in last_run):
+                _table(
+                    ["mailbox", "messages", "last sync", "last run"],
+                    [
+                        [r.mailbox, str(r.messages), format_ago(r.last_sync, now),
+                         f"FAILED: {_one_line(r.last_error)}" if r.last_error
+                         else ("ok" if (account, r.mailbox) in last_run else "-")]
+                        for r in rows[account]
+                    ],
+                    {1},
+                    out,
+                )
+            else:
+                _table(
+                    ["mailbox", "messages", "last sync"],
+                    [[r.mailbox, str(r.messages), format_ago(r.last_sync, now)] for r in rows[account]],
+                    {1},
+                    out,
+                )
+            for r in rows[account]:
+                if r.last_error and len(" ".join(r.last_error.split())) > ERROR_WIDTH:
+                    print(f"  {visible(r.mailbox)}: {visible(r.last_error)}", file=out)
             continue
         # Until the daemon has seen a change, the last sync is the latest
         # moment the mirror is known to have matched the server.

@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import re
 import logging
-from pathlib import Path
+import re
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from OpenSSL import SSL
 from twisted.internet import defer, ssl, threads
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.error import ConnectError, ConnectionLost, DNSLookupError, TimeoutError
+from twisted.internet.error import (
+    ConnectError,
+    ConnectionLost,
+    DNSLookupError,
+    TimeoutError,
+)
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
@@ -40,6 +45,17 @@ from mirrord.protocol.errors import (
 log = logging.getLogger("mirrord.protocol")
 
 CONNECT_TIMEOUT = 30.0
+
+GREETING_TIMEOUT = 10.0
+"""Seconds from connecting to the server's greeting (for ``implicit``: the TLS
+handshake and the greeting). A server greets at once; one that says nothing
+for this long is most often a TLS port spoken to in plaintext (``starttls``
+or ``none`` on 993), where both sides wait for the other for ever. Waiting
+the two-minute command deadline for that, three times, cost a newcomer six
+minutes and a misleading "closed the connection" (issue 16)."""
+
+TLS_PORTS = frozenset({993})
+PLAIN_PORTS = frozenset({143})
 
 
 class ServerSettings(Protocol):
@@ -94,6 +110,11 @@ def _tls_reason(failure: Failure) -> str | None:
         text = str(error)
         if "certificate verify failed" in text:
             return "the server's certificate is not trusted (set ca_file to the CA that signed it)"
+        if "wrong version number" in text or "record layer failure" in text or "packet length too long" in text:
+            # What OpenSSL says when the other side answers a ClientHello
+            # with plaintext: an IMAP greeting, "* OK ...".
+            return ("the server answered in plaintext, not TLS: this port may expect plain IMAP "
+                    "and STARTTLS (usually 143); try `tls: starttls`, or port 993 with `tls: implicit`")
         return f"TLS handshake failed: {text}"
     name = type(error).__name__
     if name in ("VerificationError", "CertificateError"):
@@ -167,7 +188,7 @@ async def open_session(
         raise ConnectFailed(f"cannot connect to {where}: {e}") from None
 
     try:
-        await client.greeting
+        await _greeting(client, clock or reactor, account, where)
         if account.tls == "starttls":
             if "STARTTLS" not in client.capabilities:
                 await client.capability()
@@ -291,6 +312,40 @@ async def _run_token_command(account: ServerSettings) -> str:
     return token
 
 
+async def _greeting(client: MirrordIMAP4Client, clock: IReactorTime, account: ServerSettings, where: str) -> None:
+    """Wait for the server's greeting, at most :data:`GREETING_TIMEOUT` seconds.
+
+    A silent server is dropped with a message that says what most likely
+    went wrong and which setting to try, rather than the command deadline's
+    generic "no response" two minutes later.
+    """
+    timed_out = False
+
+    def give_up() -> None:
+        nonlocal timed_out
+        timed_out = True
+        _abort(client)
+
+    timer = clock.callLater(GREETING_TIMEOUT, give_up)
+    try:
+        await client.greeting
+    except Exception:
+        if not timed_out:
+            raise
+    finally:
+        if timer.active():
+            timer.cancel()
+    if not timed_out:
+        return
+    said = f"no IMAP greeting from {where} within {GREETING_TIMEOUT:g} s"
+    if account.tls != "implicit":
+        likely = " (it is the usual IMAPS port)" if account.port in TLS_PORTS else ""
+        raise TLSFailed(f"{said}: this port may expect TLS from the start{likely}; try `tls: implicit`")
+    if account.port in PLAIN_PORTS:
+        raise TLSFailed(f"{said}: this port may expect plain IMAP and STARTTLS; try `tls: starttls`")
+    raise ConnectFailed(f"{said}: is it an IMAP server?")
+
+
 async def enable_resync(client: MirrordIMAP4Client) -> None:
     """Turn on QRESYNC (or CONDSTORE alone) where offered, for cheap catch-ups.
 
@@ -326,4 +381,4 @@ def _abort(client: MirrordIMAP4Client) -> None:
         client.transport.abortConnection()
 
 
-__all__ = ["ServerSettings", "open_session", "tls_options", "defer"]
+__all__ = ["ServerSettings", "defer", "open_session", "tls_options"]

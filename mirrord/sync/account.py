@@ -17,6 +17,8 @@ from typing import Any
 from twisted.internet import defer
 
 from mirrord.config import Account
+from mirrord.oserrors import explain
+from mirrord.units import plural
 from mirrord.pool import Worker, WorkerPool
 from mirrord.progress import Progress
 from mirrord.protocol.client import ListEntry, Namespace
@@ -139,7 +141,7 @@ async def sync_account(
         discovery = await discover(pool, account)
         for reason in discovery.skipped:
             log.warning("%s: not mirrored: %s", account.name, reason)
-        log.info("%s: %d mailboxes to mirror", account.name, len(discovery.wanted))
+        log.info("%s: %s to mirror", account.name, plural(len(discovery.wanted), "mailbox", "mailboxes"))
         set_aside: list[Path] = []
         try:
             set_aside = set_aside_gone(account, state, discovery.listed)
@@ -244,8 +246,7 @@ async def _send_local_changes(
 def _describe(error: BaseException) -> str:
     """An error as one line for the log: an OSError with the path it concerns."""
     if isinstance(error, OSError) and error.strerror:
-        where = f": {error.filename}" if error.filename else ""
-        return f"{error.strerror}{where}"
+        return explain(error)
     return str(error) or type(error).__name__
 
 

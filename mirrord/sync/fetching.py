@@ -28,6 +28,7 @@ from mirrord.protocol.client import FetchedMessage, ListEntry, ListingEntry, Mir
 from mirrord.store.maildir import Maildir, TmpMessage
 from mirrord.store.state import MessageRecord, StateDB
 from mirrord.sync.engine import SyncPlan, UidValidityChanged
+from mirrord.units import plural
 
 if TYPE_CHECKING:
     from mirrord.sync.mailbox import MailboxResult
@@ -151,7 +152,7 @@ class FetchPipeline:
                 await self._fetch_batch(worker, todo, uidvalidity, result, ahead=False)
 
         try:
-            await self.pool.run(job, f"fetching {len(uids)} messages of {self.label}", prefer=prefer)
+            await self.pool.run(job, f"fetching {plural(len(uids), 'message')} of {self.label}", prefer=prefer)
         finally:
             await self._release_reserve()
 
@@ -179,7 +180,7 @@ class FetchPipeline:
                 if todo:
                     await self._fetch_batch(worker, todo, uidvalidity, result, recorded)
 
-            await self.pool.run(job, f"fetching {len(uids)} messages of {self.label}")
+            await self.pool.run(job, f"fetching {plural(len(uids), 'message')} of {self.label}")
 
         try:
             outcomes = await defer.DeferredList(

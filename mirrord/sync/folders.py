@@ -34,6 +34,7 @@ from mirrord.sync.engine import removal_refusal
 from mirrord.sync.mailbox import MailboxSync
 from mirrord.sync.names import maildir_path
 from mirrord.sync.rematch import Identity, message_id, rematch
+from mirrord.units import plural
 
 log = logging.getLogger("mirrord.sync")
 
@@ -180,6 +181,6 @@ async def adopt_renamed(sync: MailboxSync, sources: list[Path]) -> int:
         os.rename(path, sync.maildir.path / path.parent.name / path.name)
     sync.maildir.sync_dirs(("new", "cur"))
     sync.state.promote_pending(sync.account, sync.name, [r.uid for r in records])
-    log.info("%s: %d messages moved in from the set-aside copy of a folder gone from the server "
-             "(renamed), not downloaded again", sync.label, len(records))
+    log.info("%s: %s moved in from the set-aside copy of a folder gone from the server "
+             "(renamed), not downloaded again", sync.label, plural(len(records), "message"))
     return len(records)

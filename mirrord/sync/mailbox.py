@@ -32,6 +32,8 @@ from mirrord.progress import Progress
 from mirrord.protocol.client import FetchedMessage, ListEntry, MirrordIMAP4Client
 from mirrord.protocol.errors import LoginFailed
 from mirrord.config import Account
+from mirrord.oserrors import explain
+from mirrord.units import plural, size
 from mirrord.store.maildir import LocalFile, Maildir, Trash, trash_for
 from mirrord.store.state import MailboxRecord, MessageRecord, StateDB
 from mirrord.sync.names import maildir_path
@@ -91,13 +93,13 @@ class MailboxResult:
             return f"{self.account}/{self.mailbox}: FAILED: {self.error}"
         done = []
         if self.fetched:
-            done.append(f"{self.fetched} fetched ({_size(self.fetched_bytes)})")
+            done.append(f"{self.fetched} fetched ({size(self.fetched_bytes)})")
         if self.removed:
             done.append(f"{self.removed} removed")
         if self.flags_changed:
-            done.append(f"{self.flags_changed} flag changes")
+            done.append(plural(self.flags_changed, "flag change"))
         what = ", ".join(done) if done else "up to date"
-        return f"{self.account}/{self.mailbox}: {what}; {self.messages} messages"
+        return f"{self.account}/{self.mailbox}: {what}; {plural(self.messages, 'message')}"
 
 
 class MailboxSync(FetchPipeline):
@@ -187,10 +189,9 @@ class MailboxSync(FetchPipeline):
             result.error = str(e)
             result.retry_after = LOGIN_RETRY_AFTER
         except OSError as e:
-            where = f": {e.filename}" if e.filename else ""
             result.error = (
-                f"cannot write the mirror ({e.strerror or e}{where}); what is on disk is recorded "
-                "and nothing else; it will be fetched once writing works again"
+                f"{explain(e, 'cannot write the mirror')}. What is on disk is recorded "
+                "and nothing else; the rest is fetched once writing works again"
             )
         except Exception as e:  # noqa: BLE001 - one mailbox's failure must not stop the others
             result.error = str(e) or type(e).__name__
@@ -420,7 +421,7 @@ class MailboxSync(FetchPipeline):
         await self.pool.run(job, f"fetching new mail of {self.label}")
         if result.fetched:
             result.messages = self.state.count(self.account, self.name)
-            log.info("%s: %d new (%s)", self.label, result.fetched, _size(result.fetched_bytes))
+            log.info("%s: %d new (%s)", self.label, result.fetched, size(result.fetched_bytes))
         return result
 
     def apply_changes(self, expunged: Sequence[int], flags: dict[int, Flags]) -> MailboxResult:
@@ -447,7 +448,7 @@ class MailboxSync(FetchPipeline):
             if result.removed:
                 done.append(f"{result.removed} removed (expunged on the server)")
             if result.flags_changed:
-                done.append(f"{result.flags_changed} flag changes")
+                done.append(plural(result.flags_changed, "flag change"))
             log.info("%s: %s", self.label, ", ".join(done))
         return result
 
@@ -498,10 +499,4 @@ class MailboxSync(FetchPipeline):
             result.flags_changed = len(changes)
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return f"{n} B"
 

@@ -137,7 +137,7 @@ def test_qresync_catchup_refetches_a_file_deleted_by_hand_and_restores_flags(
 
     stderr, sent = sync(config)
     assert not any(c.startswith(FULL_LISTING) for c in sent), sent
-    assert "INBOX: 1 fetched" in stderr and "1 flag changes" in stderr
+    assert "INBOX: 1 fetched" in stderr and "1 flag change" in stderr
     mirrored(imap_account, tmp_path)
 
 

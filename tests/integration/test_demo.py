@@ -20,3 +20,15 @@ def test_demo_mirrors_then_shows_live_mail_and_stops_cleanly() -> None:
         assert len(local_messages(root / "Mail" / "INBOX")) == 22
         assert len(local_messages(root / "Mail" / "Entwürfe")) == 4
         assert "Traceback" not in run.stderr
+
+        # Its last words work after it has stopped its server (issue 16 item 4).
+        advice = run.stdout.split("Stopped the private Dovecot.", 1)[1]
+        assert f"  mirrord -c {root / 'config.yaml'} status\n" in advice, advice
+        assert f"-c {root / 'config.yaml'} run" not in advice, "no command that needs the stopped server"
+        status = mirrord("-c", str(root / "config.yaml"), "status")
+        assert status.status == 0 and "INBOX" in status.stdout, status.stdout + status.stderr
+        home = root / "home"
+        home.mkdir()
+        env = {"HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config")}
+        init = mirrord("init", env=env)
+        assert init.status == 0 and (home / ".config" / "mirrord" / "config.yaml").exists()

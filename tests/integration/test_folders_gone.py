@@ -85,7 +85,7 @@ def test_the_daemon_stops_watching_a_deleted_folder(imap_account: ImapAccount, t
         client.append("INBOX", make_message(2), ())
         converged(imap_account, tmp_path / "Mail", "INBOX")
         assert len(set_aside(tmp_path, "Old")) == 1
-        assert "1 messages moved in" in daemon.log, "matched, not downloaded again"
+        assert "1 message moved in" in daemon.log, "matched, not downloaded again"
         assert daemon.log.count("test/Old: gone from the server") == 1
 
 

@@ -86,7 +86,7 @@ def test_ready_after_first_catch_up_watchdog_pings_and_stopping_on_sigterm(
         # READY means the first catch-up is done: everything is already on disk.
         assert len(local_messages(tmp_path / "Mail" / "INBOX")) == 400
         status = [m for _, m in notify.messages if "STATUS=" in m]
-        assert any("1 accounts, 1 mailboxes watched, 0 polled" in m for m in status), status
+        assert any("1 account, 1 mailbox watched, 0 polled" in m for m in status), status
         pings = notify.count("WATCHDOG=1")
         time.sleep(1.6)
         assert notify.count("WATCHDOG=1") >= pings + 2, "pings every WATCHDOG_USEC/2"

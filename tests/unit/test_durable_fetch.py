@@ -176,7 +176,7 @@ def test_a_failed_fsync_is_the_mailbox_error_users_see(sync: MailboxSync, monkey
     monkeypatch.setattr(maildir_mod.os, "fsync", eio)
     d = defer.Deferred.fromCoroutine(sync.run())
     result = d.result
-    assert result.error is not None and result.error.startswith("cannot write the mirror (Input/output error")
+    assert result.error is not None and result.error.startswith("cannot write the mirror: Input/output error")
     assert sync.maildir.scan() == {} and tmp_files(sync) == []
 
 
