@@ -458,7 +458,6 @@ def test_the_readme_install_section_is_the_one_this_test_runs() -> None:
     ]
 
 
-@pytest.mark.slow
 def test_the_readme_install_section_works_line_by_line(imap_account: ImapAccount, tmp_path: Path) -> None:
     """On a fresh HOME, as a user types it; about 25 s (pipx builds a virtualenv).
 
