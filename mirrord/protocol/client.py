@@ -556,7 +556,9 @@ class MirrordIMAP4Client(IMAP4Client):
                 command.on_ok()
             command.deferred.callback(CommandResult(command.untagged, response))
         else:
-            command.deferred.errback(CommandFailed(command.name, response.status, response.text))
+            command.deferred.errback(
+                CommandFailed(command.name, response.status, response.text, code_name(response.code))
+            )
         self._pump()
 
     def _untagged(self, response: Untagged) -> None:
