@@ -345,6 +345,21 @@ def _selection_codes(untagged: Iterable[Untagged]) -> tuple[int | None, int | No
             found[name] = as_int(response.code[1], name)  # type: ignore[index]
     return found.get("UIDVALIDITY"), found.get("UIDNEXT"), found.get("HIGHESTMODSEQ")
 
+def _status_figures(response: Untagged) -> tuple[bytes, dict[str, int]]:
+    """``* STATUS name (MESSAGES 3 UIDNEXT 9 ...)`` as (raw name, {item: number})."""
+    data = response.data
+    if len(data) < 2 or not isinstance(data[0], bytes) or not isinstance(data[1], list) or len(data[1]) % 2:
+        raise ProtocolError(f"malformed STATUS response {data!r:.80}")
+    pairs = data[1]
+    figures: dict[str, int] = {}
+    for key, value in zip(pairs[::2], pairs[1::2]):
+        if not isinstance(key, bytes):
+            raise ProtocolError(f"malformed STATUS item {key!r:.40}")
+        name = key.decode("ascii", "replace").upper()
+        figures[name] = as_int(value, name)
+    return data[0], figures
+
+
 class MirrordIMAP4Client(IMAP4Client):
     """One IMAP connection; see the module docstring."""
 
@@ -824,6 +839,48 @@ class MirrordIMAP4Client(IMAP4Client):
                 )
             )
         return entries
+
+    @_drops_on_malformed
+    async def status_many(self, raw_names: Sequence[bytes], items: Sequence[str]) -> dict[bytes, dict[str, int]]:
+        """STATUS of every mailbox in ``raw_names``, all pipelined: one round trip for any number.
+
+        Answers are matched by the mailbox name each ``* STATUS`` carries,
+        not by which command collected it. A mailbox the server refuses
+        (deleted meanwhile) is missing from the result; a lost connection
+        raises.
+        """
+        what = b"(" + " ".join(items).encode("ascii") + b")"
+        runs: list[defer.Deferred[CommandResult]] = []
+        with self.pipeline():
+            for raw in raw_names:
+                try:
+                    name = quote(raw)
+                except ValueError:  # EXAMINE cannot name it either: its sync fails and says so
+                    continue
+                command = self._simple("STATUS", name + b" " + what, wants=["STATUS"])
+                runs.append(defer.Deferred.fromCoroutine(self._run(command)))
+        outcomes = await defer.DeferredList(runs, consumeErrors=True)
+        found: dict[bytes, dict[str, int]] = {}
+        for ok, value in outcomes:
+            if ok:
+                for response in value.untagged:
+                    name, figures = _status_figures(response)
+                    found[name] = figures
+            elif not value.check(CommandFailed):
+                value.raiseException()
+        return found
+
+    @_drops_on_malformed
+    async def list_status(self, items: Sequence[str], pattern: str = "*") -> dict[bytes, dict[str, int]]:
+        """LIST with RETURN (STATUS ...) (RFC 5819): every mailbox's figures in one command."""
+        what = " ".join(items).encode("ascii")
+        args = quote("") + b" " + quote(pattern) + b" RETURN (STATUS (" + what + b"))"
+        result = await self._run(self._simple("LIST", args, wants=["STATUS"]))
+        found: dict[bytes, dict[str, int]] = {}
+        for response in result.untagged:
+            name, figures = _status_figures(response)
+            found[name] = figures
+        return found
 
     @_drops_on_malformed
     async def examine(
