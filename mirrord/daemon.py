@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 from mirrord import watchset
 from mirrord.budget import ConnectionBudget
 from mirrord.config import Account, PasswordError
+from mirrord.notify import NotifyService
 from mirrord.poller import PolledMailbox, StatusPoller
 from mirrord.pool import WorkerPool
 from mirrord.protocol.client import MirrordIMAP4Client
@@ -136,6 +137,10 @@ class AccountDaemon:
         self._rebalancing: defer.Deferred[None] | None = None
         self._rebalance_again = False
         self._arrivals: dict[str, float] = {}
+        self.notifier: NotifyService | None = None
+        """NOTIFY for the mailboxes without a watcher, where the server offers it (one connection)."""
+        self._relisting: defer.Deferred[None] | None = None
+        self._relist_again = False
         """When new mail last landed in each mailbox (after its first sync): the watched set follows it."""
         self.start_finished: defer.Deferred[None] = defer.Deferred()
         """Fires when start() does: the first catch-up is done (or the account gave up for now)."""
@@ -219,8 +224,10 @@ class AccountDaemon:
         self.pool = WorkerPool(self.reactor, self.account, self._password, self.account.workers,
                                connect=self._connect_worker)
         self.status_poller = StatusPoller(self.pool, self.clock, self.account.poll_interval, label=self.label,
-                                          on_round=self._rebalance)
+                                          on_round=self._rebalance, on_names=self._relist_soon)
         discovery = await discover(self.pool, self.account)
+        if "NOTIFY" in discovery.capabilities and len(discovery.wanted) > self.budget.limit - self.account.workers:
+            self._start_notify()
         for reason in discovery.skipped:
             log.warning("%s: not mirrored: %s", self.label, reason)
         set_aside = await self._folders_gone(discovery)
@@ -238,7 +245,7 @@ class AccountDaemon:
             return
         watched_now = sum(1 for m in known.values() if m.watcher is not None)
         account = self.account
-        room = max(0, self.budget.limit - account.workers - watched_now)
+        room = max(0, self.budget.limit - account.workers - self._notify_slots() - watched_now)
         ready: list[MailboxPlan] = []
         for plan in fresh:
             # A local folder that cannot be made (a name too long for the file
@@ -352,7 +359,7 @@ class AccountDaemon:
         named = (lambda n: False) if self.account.watch is None else self.account.wants_watched
         pool = watchset.candidates(mailboxes, named, self._arrivals)
         watched = [n for n, r in mailboxes.items() if r.watcher is not None]
-        room = self.budget.limit - self.pool.size
+        room = self.budget.limit - self.pool.size - self._notify_slots()
         start, stop = watchset.rechoose(pool, watched, room, self.clock.seconds())
         if not start and not stop:
             return
@@ -372,6 +379,55 @@ class AccountDaemon:
                  self.label, self.budget.limit, self.pool.size, ", ".join(start) or "no other",
                  ", ".join(stop) or "no other")
         self.on_change()
+
+    def _notify_slots(self) -> int:
+        return 1 if self.notifier is not None else 0
+
+    def _start_notify(self) -> None:
+        """One NOTIFY connection for the mailboxes without a watcher (see :mod:`mirrord.notify`)."""
+        poller = self.status_poller
+        assert poller is not None
+        connected = [0]
+
+        def on_connected() -> None:
+            connected[0] += 1
+            poller.notified = True
+            self.on_change()
+            poller.soon()  # events sent while it was down are lost: look now
+            if connected[0] > 1:
+                self._relist_soon()
+
+        def on_gone(_why: str) -> None:
+            self.notifier = None
+            poller.notified = False
+            self._rebalance()  # its connection is free for a watcher
+
+        self.notifier = NotifyService(
+            connect=self._connect, clock=self.clock, label=self.label, keepalive=self.account.idle_renew,
+            on_status=lambda raw, figures: poller.changed(raw, figures), on_names=self._relist_soon,
+            on_connected=on_connected, on_gone=on_gone,
+        )
+        self.notifier.start()
+
+    def _relist_soon(self) -> None:
+        """List the mailboxes again now (NOTIFY or a poll round says they changed); one listing at a time."""
+        if self._relisting is not None:
+            self._relist_again = True
+            return
+
+        async def relist() -> None:
+            try:
+                while True:
+                    self._relist_again = False
+                    await self._relist()
+                    if not self._relist_again or self._stopping:
+                        return
+            finally:
+                self._relisting = None
+
+        running = defer.Deferred.fromCoroutine(relist())
+        if not running.called:
+            self._relisting = running
 
     async def _relist(self) -> None:
         if self.pool is None or self._stopping:
@@ -462,6 +518,8 @@ class AccountDaemon:
         if self.status_poller is not None:
             self.status_poller.stop()
         self.budget.stop()
+        if self.notifier is not None:
+            await self.notifier.stop()
         await defer.DeferredList(
             [defer.Deferred.fromCoroutine(r.watcher.stop()) for r in self.runtime.mailboxes.values() if r.watcher],
             consumeErrors=True,

@@ -104,6 +104,7 @@ class StatusPoller:
         label: str,
         full_every: float = FULL_EVERY,
         on_round: Callable[[], None] | None = None,
+        on_names: Callable[[], None] | None = None,
     ) -> None:
         self.pool = pool
         self.clock = clock
@@ -112,6 +113,9 @@ class StatusPoller:
         self.full_every = max(full_every, interval)
         self.on_round: Callable[[], None] = on_round or (lambda: None)
         """Called after each round (the daemon re-chooses its watched set then)."""
+        self.on_names: Callable[[], None] = on_names or (lambda: None)
+        """Called when a round suggests mailboxes were created, renamed or deleted: the daemon lists them anew."""
+        self._listed: frozenset[bytes] | None = None
         self._entries: dict[str, _Entry] = {}
         self._loop = CoalescedLoop(clock, interval, self.round, label=f"{label}: polling")
         self._soon: IDelayedCall | None = None
@@ -120,6 +124,8 @@ class StatusPoller:
         self.method: str | None = None
         """LIST-STATUS or STATUS, once a round has run: `mirrord status` shows it."""
         self.rounds = 0
+        self.notified = False
+        """A NOTIFY connection reports these mailboxes' changes as they happen (`mirrord status` says so)."""
 
     # -- membership ---------------------------------------------------------------
 
@@ -146,7 +152,30 @@ class StatusPoller:
 
     def describe(self) -> str:
         """How the polled mailboxes are polled, for `mirrord status`."""
-        return f"{self.method or 'STATUS'} every {self.interval:g} s"
+        polled = f"{self.method or 'STATUS'} every {self.interval:g} s"
+        return f"NOTIFY, {polled}" if self.notified else polled
+
+    def changed(self, raw_name: bytes, figures: dict[str, int]) -> bool:
+        """A server's word (a NOTIFY ``* STATUS``) that this mailbox's figures are now ``figures``.
+
+        Figures of a polled mailbox that differ from the last ones known get
+        it synced at once, as a round would. ``figures`` may be partial (a
+        flag change reports HIGHESTMODSEQ alone): they are merged into what
+        is known. True if the mailbox is polled here.
+        """
+        for name, entry in self._entries.items():
+            if entry.raw_name == raw_name and entry.running:
+                break
+        else:
+            return False
+        known = dict(entry.figures or ())
+        merged = {**known, **figures}
+        if entry.figures is None or merged != known:
+            entry.figures = tuple(sorted(merged.items()))
+            entry.last_sync = self.clock.seconds()
+            log.debug("%s/%s: changed on the server: %s", self.label, name, figures)
+            entry.listener.poll()
+        return True
 
     # -- rounds ------------------------------------------------------------------------
 
@@ -194,6 +223,7 @@ class StatusPoller:
             log.warning("%s: could not poll %d mailboxes: %s", self.label, len(entries), describe_failure(e))
             return
         self.rounds += 1
+        self._names_moved(entries, found)
         now = self.clock.seconds()
         synced = []
         for name, entry in entries.items():
@@ -216,6 +246,19 @@ class StatusPoller:
             log.debug("%s: %s: figures moved in %d of %d polled mailboxes: %s", self.label, self.method,
                       len(synced), len(entries), ", ".join(synced[:20]))
         self.on_round()
+
+    def _names_moved(self, entries: dict[str, _Entry], found: dict[bytes, dict[str, int]]) -> None:
+        """A LIST-STATUS that lists other names than the last one, or a polled mailbox STATUS did not
+        find: a mailbox was created, renamed or deleted on the server."""
+        if self.method == "LIST-STATUS":
+            listed = frozenset(found)
+            moved_names = self._listed is not None and listed != self._listed
+            self._listed = listed
+        else:
+            moved_names = any(e.raw_name not in found for e in entries.values() if e.running)
+        if moved_names:
+            log.debug("%s: the server's mailboxes changed: listing them again", self.label)
+            self.on_names()
 
     async def _ask(self, worker: Worker, entries: dict[str, _Entry]) -> dict[bytes, dict[str, int]]:
         client = await worker.connection()

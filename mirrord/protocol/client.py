@@ -345,7 +345,7 @@ def _selection_codes(untagged: Iterable[Untagged]) -> tuple[int | None, int | No
             found[name] = as_int(response.code[1], name)  # type: ignore[index]
     return found.get("UIDVALIDITY"), found.get("UIDNEXT"), found.get("HIGHESTMODSEQ")
 
-def _status_figures(response: Untagged) -> tuple[bytes, dict[str, int]]:
+def status_figures(response: Untagged) -> tuple[bytes, dict[str, int]]:
     """``* STATUS name (MESSAGES 3 UIDNEXT 9 ...)`` as (raw name, {item: number})."""
     data = response.data
     if len(data) < 2 or not isinstance(data[0], bytes) or not isinstance(data[1], list) or len(data[1]) % 2:
@@ -393,6 +393,8 @@ class MirrordIMAP4Client(IMAP4Client):
         """When the server must have answered by, if a command waits; None if none does."""
         self.connected_transport_lost = False
         self.on_unsolicited: Callable[[Untagged], None] | None = None
+        self.on_lost: Callable[[], None] | None = None
+        """Called when the connection is lost, for a listener with no command pending (NOTIFY)."""
         """Receives every untagged response no command claimed (the watcher's events)."""
         self.compression: DeflateStream | None = None
         """Set once COMPRESS DEFLATE is in force: every byte either way goes through it."""
@@ -461,6 +463,8 @@ class MirrordIMAP4Client(IMAP4Client):
             self.greeting.errback(why)
         for command in pending:
             command.deferred.errback(why)
+        if self.on_lost is not None:
+            self.on_lost()
 
     def drop(self, why: str) -> None:
         """Abandon the connection at once: anything we would say could be misread."""
@@ -864,7 +868,7 @@ class MirrordIMAP4Client(IMAP4Client):
         for ok, value in outcomes:
             if ok:
                 for response in value.untagged:
-                    name, figures = _status_figures(response)
+                    name, figures = status_figures(response)
                     found[name] = figures
             elif not value.check(CommandFailed):
                 value.raiseException()
@@ -878,9 +882,17 @@ class MirrordIMAP4Client(IMAP4Client):
         result = await self._run(self._simple("LIST", args, wants=["STATUS"]))
         found: dict[bytes, dict[str, int]] = {}
         for response in result.untagged:
-            name, figures = _status_figures(response)
+            name, figures = status_figures(response)
             found[name] = figures
         return found
+
+    async def notify_set(self, spec: bytes) -> None:
+        """NOTIFY SET ``spec`` (RFC 5465): the server reports those events on this connection from now on.
+
+        The events arrive as unsolicited ``* STATUS`` and ``* LIST``
+        responses (see :mod:`mirrord.notify`).
+        """
+        await self._run(self._simple("NOTIFY", b"SET " + spec))
 
     @_drops_on_malformed
     async def examine(

@@ -100,11 +100,46 @@ def _polled_mail_arrives(server: PrivateDovecot, tmp_path: Path, method: str) ->
         assert time.monotonic() - started < 3.0
 
 
-def test_unwatched_mailboxes_are_polled_with_one_list_status(dovecot: PrivateDovecot, tmp_path: Path) -> None:
-    _polled_mail_arrives(dovecot, tmp_path, "one LIST-STATUS")
+def test_without_notify_unwatched_mailboxes_are_polled_with_one_list_status(
+    dovecot_factory: Callable[..., PrivateDovecot], tmp_path: Path
+) -> None:
+    _polled_mail_arrives(dovecot_factory(hide_capabilities=("NOTIFY",)), tmp_path, "one LIST-STATUS")
 
 
 def test_without_list_status_they_are_polled_with_pipelined_status(
     dovecot_factory: Callable[..., PrivateDovecot], tmp_path: Path
 ) -> None:
-    _polled_mail_arrives(dovecot_factory(hide_capabilities=("LIST-STATUS",)), tmp_path, "pipelined STATUS")
+    server = dovecot_factory(hide_capabilities=("NOTIFY", "LIST-STATUS"))
+    _polled_mail_arrives(server, tmp_path, "pipelined STATUS")
+
+
+def test_with_notify_mail_and_folders_outside_the_watched_set_arrive_live(
+    dovecot: PrivateDovecot, tmp_path: Path
+) -> None:
+    """NOTIFY on Dovecot: with polling at 10 minutes, only NOTIFY can explain anything arriving in seconds."""
+    account = dovecot.new_account("notified")
+    names = [f"Lists/{i}" for i in range(6)]
+    for name in names:
+        account.client.create(name)
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    env = {"XDG_RUNTIME_DIR": str(runtime)}
+    # 3 workers + 1 NOTIFY connection + 1 watcher (INBOX).
+    config = write_config(tmp_path, account, extra="    max_connections: 5\n    poll_interval: 10m\n")
+    mail = tmp_path / "Mail"
+    with DaemonProcess(config, env=env) as daemon:
+        daemon.wait_for_log("NOTIFY: listening")
+        assert "1 watched with IDLE, 6 polled" in daemon.log
+        data = json.loads(mirrord("-c", str(config), "status", "--json", env=env).stdout)
+        how = {r["mailbox"]: r["watched_by"] for r in data["mailboxes"]}
+        assert how["INBOX"] == "IDLE" and how["Lists/2"].startswith("NOTIFY")
+        account.client.append("Lists/4", make_message(1), ())
+        wait_until(lambda: mirrors(account, mail, "Lists/4"), 5, "mail in an unwatched mailbox, by NOTIFY")
+        account.client.create("Fresh")
+        account.client.append("Fresh", make_message(2), ())
+        wait_until(lambda: mirrors(account, mail, "Fresh"), 5, "a folder created on the server")
+        account.client.delete("Lists/5")
+        wait_until(lambda: not (mail / "Lists/5" / "cur").exists(), 5, "a deleted folder set aside")
+        account.client.rename("Lists/1", "Renamed")
+        wait_until(lambda: (mail / "Renamed" / "cur").exists() and not (mail / "Lists/1" / "cur").exists(), 5,
+                   "a renamed folder")

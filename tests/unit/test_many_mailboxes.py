@@ -235,3 +235,20 @@ def test_a_removed_mailbox_is_polled_no_more_and_the_last_one_stops_the_loop() -
     jobs = pool.jobs
     clock.advance(600)
     assert pool.jobs == jobs
+
+
+def test_a_mailbox_created_or_gone_between_rounds_has_the_daemon_list_again() -> None:
+    clock, client, _pool, poller, _listeners = _setup({"LIST-STATUS"}, ["A", "B"])
+    relists: list[int] = []
+    poller.on_names = lambda: relists.append(1)
+    clock.advance(0)
+    clock.advance(60)
+    assert relists == []
+    client.figures[b"New"] = _figures(1)  # created (or renamed to) on the server
+    clock.advance(60)
+    assert relists == [1]
+    clock, client, _pool, poller, _listeners = _setup({"CONDSTORE"}, ["A", "B"])
+    poller.on_names = lambda: relists.append(2)
+    del client.figures[b"B"]  # STATUS B fails: gone
+    clock.advance(0)
+    assert relists == [1, 2]
