@@ -233,7 +233,7 @@ class AccountDaemon:
         set_aside = await self._folders_gone(discovery)
         await self._apply_discovery(discovery, first=True, set_aside=set_aside)
         # Re-list now and then: mailboxes created on the server get mirrored.
-        self._rediscover = CoalescedLoop(self.clock, relist_interval(self.account), self._relist,
+        self._rediscover = CoalescedLoop(self.clock, relist_interval(self.account), self._relist_soon,
                                          label=f"{self.label}: re-listing mailboxes")
         self._rediscover.start(now=False)
         await defer.DeferredList([m.live.first_sync for m in self.runtime.mailboxes.values()])
@@ -409,11 +409,12 @@ class AccountDaemon:
         )
         self.notifier.start()
 
-    def _relist_soon(self) -> None:
-        """List the mailboxes again now (NOTIFY or a poll round says they changed); one listing at a time."""
+    def _relist_soon(self) -> defer.Deferred[None]:
+        """List the mailboxes again now (the timer, NOTIFY or a poll round asks); one listing at a time,
+        so that two never set aside the same folder."""
         if self._relisting is not None:
             self._relist_again = True
-            return
+            return self._relisting
 
         async def relist() -> None:
             try:
@@ -428,6 +429,7 @@ class AccountDaemon:
         running = defer.Deferred.fromCoroutine(relist())
         if not running.called:
             self._relisting = running
+        return running
 
     async def _relist(self) -> None:
         if self.pool is None or self._stopping:
@@ -502,6 +504,8 @@ class AccountDaemon:
                 runtime.watcher.check_now()
         if self.status_poller is not None:
             self.status_poller.soon()
+        if self.notifier is not None:
+            self.notifier.check_now()
 
     def _new_mail(self, result: MailboxResult) -> None:
         self._arrivals[result.mailbox] = self.clock.seconds()

@@ -159,6 +159,10 @@ class NotifyService:
                 return
             await client.noop()  # raises at once when the connection is gone
 
+    def check_now(self) -> None:
+        """After a suspend: prove the connection alive with a NOOP now (a dead one then reconnects)."""
+        self._wake()
+
     def _wake(self) -> None:
         """Time for a NOOP, or the connection was lost (the NOOP then fails and says why)."""
         waiter, self._waiter = self._waiter, None
