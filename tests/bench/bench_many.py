@@ -126,12 +126,17 @@ def wait_for_log(log: Path, text: str, process: subprocess.Popen[bytes], timeout
         time.sleep(0.1)
 
 
-def latency(account: Any, root: Path, mailbox: str, samples: int, serial: int, rng: random.Random,
+def latency(account: Any, root: Path, mailboxes: list[str], samples: int, serial: int, rng: random.Random,
             gap: tuple[float, float], timeout: float) -> list[float]:
-    """APPEND to ``mailbox`` ``samples`` times; seconds from the APPEND's OK to the file in the Maildir."""
-    maildir = root / "Mail" / mailbox
+    """APPEND ``samples`` times, to each of ``mailboxes`` in turn; seconds from the APPEND's OK to the file.
+
+    One mailbox per sample where the point is a mailbox without a watcher:
+    the daemon gives a watcher to a mailbox where mail just arrived.
+    """
     found: list[float] = []
     for i in range(samples):
+        mailbox = mailboxes[i % len(mailboxes)]
+        maildir = root / "Mail" / mailbox
         time.sleep(rng.uniform(*gap))
         before = files_in(maildir)
         account.client.append(mailbox, make_message(serial + i), ())
@@ -193,12 +198,12 @@ def run(args: argparse.Namespace) -> None:
             print(summary.split("INFO", 1)[-1].strip(), flush=True)
 
             print("latency, watched mailbox (INBOX):", flush=True)
-            watched = latency(account, root, "INBOX", args.samples, serial, rng, (0.6, 1.2), 30)
+            watched = latency(account, root, ["INBOX"], args.samples, serial, rng, (0.6, 1.2), 30)
             serial += args.samples
-            polled_box = names[-1]  # ranks last: outside the watched set
-            print(f"latency, unwatched mailbox ({polled_box}), poll_interval {poll:g} s:", flush=True)
+            unwatched = names[::-1][: args.samples]  # they rank last: outside the watched set
+            print(f"latency, unwatched mailboxes ({unwatched[0]}...), poll_interval {poll:g} s:", flush=True)
             gap = (0.0, poll) if args.hide_notify else (0.6, 1.2)
-            polled = latency(account, root, polled_box, args.samples, serial, rng, gap, poll + 30)
+            polled = latency(account, root, unwatched, args.samples, serial, rng, gap, poll + 30)
             serial += args.samples
             connections_after = established_to(pid, account.imaps_port)
             folders: dict[str, float] = {}
@@ -271,6 +276,7 @@ def run(args: argparse.Namespace) -> None:
             print(f"  {'':{width}}  {'measured':>28}  target")
             for name, value, target in rows:
                 print(f"  {name.ljust(width)}  {value:>28}  {target}")
+            print(f"  watched set changes logged: {log_text.count('watched set changed')}")
             for line in log_text.splitlines():
                 if "refused" in line or "ERROR" in line:
                     print("  log:", line)
