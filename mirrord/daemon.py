@@ -137,11 +137,11 @@ class AccountDaemon:
         self._rebalancing: defer.Deferred[None] | None = None
         self._rebalance_again = False
         self._arrivals: dict[str, float] = {}
+        """When new mail last landed in each mailbox (after its first sync): the watched set follows it."""
         self.notifier: NotifyService | None = None
         """NOTIFY for the mailboxes without a watcher, where the server offers it (one connection)."""
         self._relisting: defer.Deferred[None] | None = None
         self._relist_again = False
-        """When new mail last landed in each mailbox (after its first sync): the watched set follows it."""
         self.start_finished: defer.Deferred[None] = defer.Deferred()
         """Fires when start() does: the first catch-up is done (or the account gave up for now)."""
 
@@ -221,6 +221,11 @@ class AccountDaemon:
     async def _bring_up(self) -> None:
         if self._password is None:
             self._password = await threads.deferToThread(self.account.password.resolve)
+        if self.notifier is not None:  # from an attempt that failed
+            await self.notifier.stop()
+            self.notifier = None
+        if self.status_poller is not None:
+            self.status_poller.stop()
         self.pool = WorkerPool(self.reactor, self.account, self._password, self.account.workers,
                                connect=self._connect_worker)
         self.status_poller = StatusPoller(self.pool, self.clock, self.account.poll_interval, label=self.label,
