@@ -224,12 +224,12 @@ class AccountDaemon:
         if self.notifier is not None:  # from an attempt that failed
             await self.notifier.stop()
             self.notifier = None
-        if self.status_poller is not None:
-            self.status_poller.stop()
         self.pool = WorkerPool(self.reactor, self.account, self._password, self.account.workers,
                                connect=self._connect_worker)
-        self.status_poller = StatusPoller(self.pool, self.clock, self.account.poll_interval, label=self.label,
-                                          on_round=self._rebalance, on_names=self._relist_soon)
+        if self.status_poller is None:
+            self.status_poller = StatusPoller(self.pool, self.clock, self.account.poll_interval, label=self.label,
+                                              on_round=self._rebalance, on_names=self._relist_soon)
+        self.status_poller.pool = self.pool  # mailboxes set up by an attempt that failed keep being polled
         discovery = await discover(self.pool, self.account)
         if "NOTIFY" in discovery.capabilities and len(discovery.wanted) > self.budget.limit - self.account.workers:
             self._start_notify()
