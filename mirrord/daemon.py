@@ -231,7 +231,10 @@ class AccountDaemon:
                                               on_round=self._rebalance, on_names=self._relist_soon)
         self.status_poller.pool = self.pool  # mailboxes set up by an attempt that failed keep being polled
         discovery = await discover(self.pool, self.account)
-        if "NOTIFY" in discovery.capabilities and len(discovery.wanted) > self.budget.limit - self.account.workers:
+        room = self.budget.limit - self.account.workers
+        if "NOTIFY" in discovery.capabilities and len(discovery.wanted) > room >= 2:
+            # One connection hears of all the mailboxes left without a watcher;
+            # not the last one, which goes to a watcher (INBOX, say).
             self._start_notify()
         for reason in discovery.skipped:
             log.warning("%s: not mirrored: %s", self.label, reason)
