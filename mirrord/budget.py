@@ -7,7 +7,8 @@ connections from user+IP exceeded``; others say ``BYE Too many
 connections``, and the user's own mail reader may hold some of the same
 allowance. Retrying such a refusal is a loop that can never win, so the
 budget shrinks instead, to the connections the account holds when the
-refusal is settled, logged once. The daemon then gives up the watchers that
+refusal is settled, logged once (as a warning; a further shrink, when a
+server that let a burst past its cap catches up, is an info line). The daemon then gives up the watchers that
 no longer fit (their mailboxes are polled), keeping the workers.
 
 "Settled": at start-up a dozen connections log in at once, and the first
@@ -88,12 +89,18 @@ class ConnectionBudget:
         if allowed >= self.limit:
             log.debug("%s: one more connection refused at %d open: %s", self.label, allowed, reason)
             return
+        first = not self.shrunk
         before, self.limit = self.limit, allowed
-        log.warning(
-            "%s: the server refused a connection beyond %d (%s); using at most %d connections instead of %d "
-            "until mirrord restarts (or the account's settings change); mailboxes that lose their watcher are polled",
-            self.label, allowed, reason, allowed, before,
-        )
+        if first:
+            log.warning(
+                "%s: the server refused a connection beyond %d (%s); using at most %d connections instead of %d "
+                "until mirrord restarts (or the account's settings change); mailboxes that lose their watcher "
+                "are polled", self.label, allowed, reason, allowed, before,
+            )
+        else:
+            # Said once above; a server that let a burst of logins past its cap
+            # (Dovecot counts them asynchronously) refuses again as it catches up.
+            log.info("%s: refused again at %d connections: using at most %d", self.label, before, allowed)
         self.on_change(allowed)
 
     def stop(self) -> None:

@@ -252,3 +252,22 @@ def test_a_mailbox_created_or_gone_between_rounds_has_the_daemon_list_again() ->
     del client.figures[b"B"]  # STATUS B fails: gone
     clock.advance(0)
     assert relists == [1, 2]
+
+
+def test_a_second_shrink_is_not_a_second_warning(caplog: pytest.LogCaptureFixture) -> None:
+    clock = task.Clock()
+    budget = ConnectionBudget("acct", 10, clock)
+    conns = [Conn() for _ in range(6)]
+    for c in conns:
+        budget.attempt()
+        budget.done(c)
+    budget.attempt()
+    budget.done(refused="too many")
+    clock.advance(0)
+    conns[0].connected_transport_lost = True  # a watcher given up for INBOX's...
+    budget.attempt()
+    budget.done(refused="too many")  # ...which the server still refuses: it had let 6 in by mistake
+    clock.advance(0)
+    assert budget.limit == 5
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "refused a connection beyond 6" in warnings[0].getMessage()
