@@ -77,7 +77,9 @@ MAX_WORKERS = 32
 DEFAULT_MAILBOXES: tuple[str, ...] = ("*",)
 DEFAULT_MAX_CONNECTIONS = 10
 """Dovecot's default per-user-and-address cap (mail_max_userip_connections)."""
-DEFAULT_POLL_INTERVAL = 300.0
+DEFAULT_POLL_INTERVAL = 60.0
+"""Unwatched mailboxes are polled with one LIST-STATUS (or pipelined STATUS) for all: cheap enough
+every minute (see mirrord/poller.py and tests/bench/bench_many.py)."""
 DEFAULT_MAX_DELETE = 0.5
 DEFAULT_TRASH_DAYS = 7.0
 DEFAULT_IDLE_RENEW = 20 * 60.0
@@ -393,7 +395,7 @@ class Account:
     exclude: tuple[str, ...] = ()
     workers: int = DEFAULT_WORKERS
     watch: tuple[str, ...] | None = None
-    """Patterns of mailboxes to watch with IDLE; None: every mirrored one that fits."""
+    """Patterns of mailboxes that get IDLE watchers first (then INBOX, then recent arrivals); None: no preference."""
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     poll_interval: float = DEFAULT_POLL_INTERVAL
     idle_renew: float = DEFAULT_IDLE_RENEW

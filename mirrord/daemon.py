@@ -1,8 +1,10 @@
 """``mirrord run``: every account's workers, watchers and pollers, until stopped.
 
 Per account: one worker pool; one IDLE watcher per watched mailbox, as many as
-fit under ``max_connections`` beside the workers; the other mailboxes are
-polled every ``poll_interval``. Each mailbox has a LiveMailbox that turns
+fit under the connection budget (``max_connections``, or fewer if the server
+refused one: :mod:`mirrord.budget`) beside the workers, chosen by
+:mod:`mirrord.watchset`; the other mailboxes are polled together every
+``poll_interval`` by :mod:`mirrord.poller`. Each mailbox has a LiveMailbox that turns
 its events into fetches and local changes. An account that cannot log in
 keeps retrying with backoff; it never stops the others.
 """
@@ -18,12 +20,16 @@ from typing import Any
 from twisted.internet import defer, task, threads
 from twisted.internet.interfaces import IReactorTime
 
+from mirrord import watchset
+from mirrord.budget import ConnectionBudget
 from mirrord.config import Account, PasswordError
 from mirrord.localwatch import NewFolderWatcher, default_notifier
+from mirrord.notify import NotifyService
+from mirrord.poller import PolledMailbox, StatusPoller
 from mirrord.pool import WorkerPool
 from mirrord.protocol.client import MirrordIMAP4Client
 from mirrord.protocol.connect import open_session
-from mirrord.protocol.errors import LoginFailed, describe_failure
+from mirrord.protocol.errors import LoginFailed, TooManyConnections, describe_failure
 from mirrord.store.state import StateDB
 from mirrord.sync.account import (
     Discovery,
@@ -39,7 +45,7 @@ from mirrord.sync.folders import (
     gone_folders,
     set_aside_folder,
 )
-from mirrord.sync.live import LiveMailbox, poll_every
+from mirrord.sync.live import LiveMailbox
 from mirrord.sync.livepush import LocalPush
 from mirrord.sync.mailbox import MailboxResult, MailboxSync
 from mirrord.sync.pushing import Pusher
@@ -72,14 +78,12 @@ def split_watched(
 ) -> tuple[list[MailboxPlan], list[MailboxPlan]]:
     """Which mailboxes get one of ``room`` watchers and which are polled.
 
-    Watchers go to the mailboxes ``watch`` names (all, without it), INBOX
-    first, then in name order.
+    Watchers go to the mailboxes ``watch`` names first, then INBOX, then in
+    name order (see :mod:`mirrord.watchset`; activity re-orders them later).
     """
-    candidates = [p for p in plans if account.wants_watched(p.local_name)]
-    candidates.sort(key=lambda p: (p.local_name != "INBOX", p.local_name))
-    watched = candidates[:room]
-    chosen = {id(p) for p in watched}
-    return watched, [p for p in plans if id(p) not in chosen]
+    named = (lambda n: False) if account.watch is None else account.wants_watched
+    chosen = set(watchset.choose(watchset.candidates([p.local_name for p in plans], named, {}), room))
+    return [p for p in plans if p.local_name in chosen], [p for p in plans if p.local_name not in chosen]
 
 
 @dataclass
@@ -87,7 +91,7 @@ class MailboxRuntime:
     plan: MailboxPlan
     live: LiveMailbox
     watcher: WatcherService | None = None
-    poller: CoalescedLoop | None = None
+    poller: PolledMailbox | None = None
 
     def display(self) -> tuple[str, float | None]:
         """(state, since) for `mirrord status`: idling, polling, reconnecting, error..."""
@@ -96,6 +100,14 @@ class MailboxRuntime:
         if self.watcher is not None:
             return self.watcher.display_state, self.watcher.since
         return "polling", None
+
+    def watched_by(self) -> str | None:
+        """How changes are learnt, for `mirrord status`: IDLE, or how the poller polls."""
+        if self.watcher is not None:
+            return "IDLE"
+        if self.poller is not None:
+            return self.poller.describe()
+        return None
 
 
 @dataclass
@@ -135,11 +147,20 @@ class AccountDaemon:
         self._starting: defer.Deferred[None] | None = None
         self._sleep: defer.Deferred[None] | None = None
         self._rediscover: CoalescedLoop | None = None
-        self.local_push: LocalPush | None = None
-        self.new_folders: NewFolderWatcher | None = None
-        self._relisting = False
+        self.budget = ConnectionBudget(account.name, account.max_connections, self.clock,
+                                       on_change=lambda _: self._rebalance())
+        self.status_poller: StatusPoller | None = None
+        self._rebalancing: defer.Deferred[None] | None = None
+        self._rebalance_again = False
+        self._arrivals: dict[str, float] = {}
+        """When new mail last landed in each mailbox (after its first sync): the watched set follows it."""
+        self.notifier: NotifyService | None = None
+        """NOTIFY for the mailboxes without a watcher, where the server offers it (one connection)."""
+        self._relisting: defer.Deferred[None] | None = None
         self._relist_again = False
+        self.local_push: LocalPush | None = None
         """Two-way accounts: the reader's changes, sent as they happen."""
+        self.new_folders: NewFolderWatcher | None = None
         self.start_finished: defer.Deferred[None] = defer.Deferred()
         """Fires when start() does: the first catch-up is done (or the account gave up for now)."""
 
@@ -220,8 +241,21 @@ class AccountDaemon:
     async def _bring_up(self) -> None:
         if self._password is None:
             self._password = await threads.deferToThread(self.account.password.resolve_once)
-        self.pool = WorkerPool(self.reactor, self.account, self._password, self.account.workers)
+        if self.notifier is not None:  # from an attempt that failed
+            await self.notifier.stop()
+            self.notifier = None
+        self.pool = WorkerPool(self.reactor, self.account, self._password, self.account.workers,
+                               connect=self._connect_worker)
+        if self.status_poller is None:
+            self.status_poller = StatusPoller(self.pool, self.clock, self.account.poll_interval, label=self.label,
+                                              on_round=self._rebalance, on_names=self._relist_soon)
+        self.status_poller.pool = self.pool  # mailboxes set up by an attempt that failed keep being polled
         discovery = await discover(self.pool, self.account)
+        room = self.budget.limit - self.account.workers
+        if "NOTIFY" in discovery.capabilities and len(discovery.wanted) > room >= 2:
+            # One connection hears of all the mailboxes left without a watcher;
+            # not the last one, which goes to a watcher (INBOX, say).
+            self._start_notify()
         if self.account.two_way and self.local_push is None:
             pusher = Pusher(self.account, self.state_db, self.pool, {})
             self.local_push = LocalPush(
@@ -241,7 +275,7 @@ class AccountDaemon:
             await add_local_folders(self.pool, self.account, self.state_db, discovery)
         await self._apply_discovery(discovery, first=True, set_aside=set_aside)
         # Re-list now and then: mailboxes created on the server get mirrored.
-        self._rediscover = CoalescedLoop(self.clock, relist_interval(self.account), self._relist,
+        self._rediscover = CoalescedLoop(self.clock, relist_interval(self.account), self._relist_soon,
                                          label=f"{self.label}: re-listing mailboxes")
         self._rediscover.start(now=False)
         await defer.DeferredList([m.live.first_sync for m in self.runtime.mailboxes.values()])
@@ -253,7 +287,7 @@ class AccountDaemon:
             return
         watched_now = sum(1 for m in known.values() if m.watcher is not None)
         account = self.account
-        room = max(0, account.max_connections - account.workers - watched_now)
+        room = max(0, self.budget.limit - account.workers - self._notify_slots() - watched_now)
         ready: list[MailboxPlan] = []
         for plan in fresh:
             # A local folder that cannot be made (a name too long for the file
@@ -285,24 +319,12 @@ class AccountDaemon:
             return
         watched, polled = split_watched(account, fresh, room)
         for plan in watched:
-            runtime = known[plan.local_name]
-            runtime.watcher = WatcherService(
-                connect=self._connect,
-                raw_name=plan.entry.raw_name,
-                listener=runtime.live,
-                clock=self.clock,
-                label=f"{self.label}/{plan.local_name}",
-                idle_renew=account.idle_renew,
-                poll_interval=account.poll_interval,
-                on_change=self.on_change,
-            )
-            runtime.watcher.start()
+            self._watch(known[plan.local_name])
         for plan in polled:
-            runtime = known[plan.local_name]
-            runtime.poller = poll_every(self.clock, account.poll_interval, runtime.live)
+            self._poll(known[plan.local_name])
         self.on_change()
         log.info(
-            "%s: %s %s: %d watched with IDLE, %d polled every %g s",
+            "%s: %d mailboxes %s: %d watched with IDLE, %d polled together every %g s",
             self.label,
             plural(len(fresh), "mailbox", "mailboxes"),
             "to mirror" if first else "new on the server",
@@ -314,27 +336,150 @@ class AccountDaemon:
             log.info(
                 "%s: polled (no connection left under max_connections=%d): %s",
                 self.label,
-                self.account.max_connections,
-                ", ".join(p.local_name for p in polled),
+                self.budget.limit,
+                ", ".join(p.local_name for p in polled[:20]) + (f" and {len(polled) - 20} more" if len(polled) > 20 else ""),
             )
 
+    def _watch(self, runtime: MailboxRuntime) -> None:
+        """Give the mailbox a watcher of its own (it stops being polled)."""
+        if runtime.poller is not None:
+            runtime.poller.stop()
+            runtime.poller = None
+        name = runtime.plan.local_name
+        runtime.watcher = WatcherService(
+            connect=self._connect,
+            raw_name=runtime.plan.entry.raw_name,
+            listener=runtime.live,
+            clock=self.clock,
+            label=f"{self.label}/{name}",
+            idle_renew=self.account.idle_renew,
+            poll_interval=self.account.poll_interval,
+            on_change=self.on_change,
+            on_too_many=lambda reason: self._watcher_refused(name, reason),
+        )
+        runtime.watcher.start()
+
+    def _poll(self, runtime: MailboxRuntime) -> None:
+        """Have the mailbox polled with the others (its first look comes at once)."""
+        assert self.status_poller is not None
+        runtime.poller = self.status_poller.add(runtime.plan.local_name, runtime.plan.entry.raw_name, runtime.live)
+
+    def _watcher_refused(self, name: str, reason: str) -> None:
+        """The server refused a watcher's connection as one too many: poll its mailbox instead."""
+        runtime = self.runtime.mailboxes.get(name)
+        if runtime is not None and not self._stopping:
+            runtime.watcher = None  # it stopped itself
+            self._poll(runtime)
+            self.on_change()
+
+    def _rebalance(self) -> None:
+        """Fit the watched set to the budget and to recent arrivals (see :mod:`mirrord.watchset`).
+
+        One change at a time: a watcher given up logs out before another
+        connects, so a swap never needs a connection over the budget.
+        """
+        if self._rebalancing is not None:
+            self._rebalance_again = True
+            return
+        running = defer.Deferred.fromCoroutine(self._rebalance_now())
+        if not running.called:  # done at once when nothing had to change
+            self._rebalancing = running
+
+    async def _rebalance_now(self) -> None:
+        try:
+            while True:
+                self._rebalance_again = False
+                await self._rebalance_once()
+                if not self._rebalance_again:
+                    return
+        except Exception:  # the watched set stays as it was
+            log.exception("%s: could not re-choose the watched mailboxes", self.label)
+        finally:
+            self._rebalancing = None
+
+    async def _rebalance_once(self) -> None:
+        if self._stopping or self.status_poller is None or self.pool is None or self.budget.unsettled:
+            return  # (an unsettled budget calls again once it knows the limit)
+        mailboxes = self.runtime.mailboxes
+        named = (lambda n: False) if self.account.watch is None else self.account.wants_watched
+        pool = watchset.candidates(mailboxes, named, self._arrivals)
+        watched = [n for n, r in mailboxes.items() if r.watcher is not None]
+        room = self.budget.limit - self.pool.size - self._notify_slots()
+        start, stop = watchset.rechoose(pool, watched, room, self.clock.seconds())
+        if not start and not stop:
+            return
+        stopping = []
+        for name in stop:
+            runtime = mailboxes[name]
+            watcher, runtime.watcher = runtime.watcher, None
+            if watcher is not None:
+                stopping.append(defer.Deferred.fromCoroutine(watcher.stop()))
+            self._poll(runtime)
+        await defer.DeferredList(stopping, consumeErrors=True)
+        for name in start:
+            runtime = mailboxes.get(name)
+            if runtime is not None and runtime.watcher is None and not self._stopping:
+                self._watch(runtime)
+        log.info("%s: watched set changed (budget %d connections, %d workers): now watching %s; now polling %s",
+                 self.label, self.budget.limit, self.pool.size, ", ".join(start) or "no other",
+                 ", ".join(stop) or "no other")
+        self.on_change()
+
+    def _notify_slots(self) -> int:
+        return 1 if self.notifier is not None else 0
+
+    def _start_notify(self) -> None:
+        """One NOTIFY connection for the mailboxes without a watcher (see :mod:`mirrord.notify`)."""
+        poller = self.status_poller
+        assert poller is not None
+        connected = [0]
+
+        def on_connected() -> None:
+            connected[0] += 1
+            poller.notified = True
+            self.on_change()
+            poller.soon()  # events sent while it was down are lost: look now
+            if connected[0] > 1:
+                self._relist_soon()
+
+        def on_gone(_why: str) -> None:
+            self.notifier = None
+            poller.notified = False
+            self._rebalance()  # its connection is free for a watcher
+
+        self.notifier = NotifyService(
+            connect=self._connect, clock=self.clock, label=self.label, keepalive=self.account.idle_renew,
+            on_status=lambda raw, figures: poller.changed(raw, figures), on_names=self._relist_soon,
+            on_connected=on_connected, on_gone=on_gone,
+        )
+        self.notifier.start()
+
+    def _relist_soon(self) -> defer.Deferred[None]:
+        """List the mailboxes again now (the timer, NOTIFY or a poll round asks); one listing at a time,
+        so that two never set aside the same folder."""
+        if self._relisting is not None:
+            self._relist_again = True
+            return self._relisting
+
+        async def relist() -> None:
+            try:
+                while True:
+                    self._relist_again = False
+                    await self._relist()
+                    if not self._relist_again or self._stopping:
+                        return
+            finally:
+                self._relisting = None
+
+        running = defer.Deferred.fromCoroutine(relist())
+        if not running.called:
+            self._relisting = running
+        return running
+
     async def _relist(self) -> None:
+        """One listing; call it through :meth:`_relist_soon`, which keeps them one at a time."""
         if self.pool is None or self._stopping:
             return
-        if self._relisting:
-            self._relist_again = True  # one listing at a time; this one asks for another after
-            return
-        self._relisting = True
-        try:
-            await self._relist_once()
-            while self._relist_again and not self._stopping:
-                self._relist_again = False
-                await self._relist_once()
-        finally:
-            self._relisting = False
-
-    async def _relist_once(self) -> None:
-        assert self.pool is not None
         try:
             discovery = await discover(self.pool, self.account)
             set_aside = await self._folders_gone(discovery)
@@ -368,6 +513,10 @@ class AccountDaemon:
                 if runtime.watcher is not None:
                     await runtime.watcher.stop()
                 await runtime.live.stop()
+            if self.local_push is not None:
+                # The server deleted it: nothing of it goes up any more, and
+                # the round in hand (if any) ends before its files move.
+                await self.local_push.forget(name)
             try:
                 where = set_aside_folder(self.account, self.state_db, name)
             except OSError as e:
@@ -379,9 +528,24 @@ class AccountDaemon:
         self.on_change()
         return places
 
-    async def _connect(self, label: str) -> MirrordIMAP4Client:
+    async def _connect(self, label: str, bulk: bool = False) -> MirrordIMAP4Client:
+        """A logged-in connection, counted against the budget (a refusal as one too many shrinks it)."""
         assert self._password is not None
-        return await open_session(self.reactor, self.account, self._password, label=label, clock=self.clock)
+        client: MirrordIMAP4Client | None = None
+        refused: str | None = None
+        self.budget.attempt()
+        try:
+            client = await open_session(self.reactor, self.account, self._password, label=label, clock=self.clock,
+                                        bulk=bulk)
+            return client
+        except TooManyConnections as e:
+            refused = describe_failure(e)
+            raise
+        finally:
+            self.budget.done(client, refused)
+
+    async def _connect_worker(self, label: str) -> MirrordIMAP4Client:
+        return await self._connect(label, bulk=True)
 
     def check_connections(self) -> None:
         """After a suspend: test every watcher's connection now and start workers afresh."""
@@ -390,14 +554,17 @@ class AccountDaemon:
         for runtime in self.runtime.mailboxes.values():
             if runtime.watcher is not None:
                 runtime.watcher.check_now()
-            else:
-                runtime.live.poll()
+        if self.status_poller is not None:
+            self.status_poller.soon()
+        if self.notifier is not None:
+            self.notifier.check_now()
 
     def _new_local_folder(self) -> None:
-        if self._rediscover is not None and self._rediscover.running and not self._stopping:
-            defer.Deferred.fromCoroutine(self._relist())
+        if self.pool is not None and not self._stopping:
+            self._relist_soon()
 
     def _new_mail(self, result: MailboxResult) -> None:
+        self._arrivals[result.mailbox] = self.clock.seconds()
         if self.on_new_mail is not None:
             self.on_new_mail(self.account, result)
 
@@ -408,9 +575,11 @@ class AccountDaemon:
             self._sleep.cancel()
         if self._rediscover is not None and self._rediscover.running:
             self._rediscover.stop()
-        for runtime in self.runtime.mailboxes.values():
-            if runtime.poller is not None and runtime.poller.running:
-                runtime.poller.stop()
+        if self.status_poller is not None:
+            self.status_poller.stop()
+        self.budget.stop()
+        if self.notifier is not None:
+            await self.notifier.stop()
         await defer.DeferredList(
             [defer.Deferred.fromCoroutine(r.watcher.stop()) for r in self.runtime.mailboxes.values() if r.watcher],
             consumeErrors=True,

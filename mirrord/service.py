@@ -270,6 +270,7 @@ class Service:
                         since=since,
                         last_change=live.last_change,
                         last_error=error,
+                        watched_by=runtime.watched_by(),
                     )
                 )
             for name, error in daemon.runtime.failed.items():

@@ -97,6 +97,9 @@ class MailboxStatus:
     last_change: float | None = None
     """When the daemon last saw the server change this mailbox."""
     last_error: str | None = None
+    watched_by: str | None = None
+    """How the daemon learns of changes: ``IDLE`` (a watcher of its own) or how it is polled
+    (``LIST-STATUS every 60 s``); None from a daemon that did not say."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -105,6 +108,7 @@ class MailboxStatus:
             "since": self.since,
             "last_change": self.last_change,
             "last_error": self.last_error,
+            "watched_by": self.watched_by,
         }
 
     @classmethod
@@ -116,6 +120,7 @@ class MailboxStatus:
             since=_opt_float(data.get("since")),
             last_change=_opt_float(data.get("last_change")),
             last_error=_opt_str(data.get("last_error")),
+            watched_by=_opt_str(data.get("watched_by")),
         )
 
 
@@ -697,6 +702,7 @@ class _Row:
     state: str | None
     since: float | None
     last_error: str | None
+    watched_by: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -708,6 +714,7 @@ class _Row:
             "state": self.state,
             "since": self.since,
             "last_error": self.last_error,
+            "watched_by": self.watched_by,
         }
 
 
@@ -749,6 +756,7 @@ def _rows(
                     state=box.state if box else None,
                     since=box.since if box else None,
                     last_error=error,
+                    watched_by=box.watched_by if box else None,
                 )
             )
         rows[account].sort(key=lambda r: r.last_error is None)  # stable: failures first, order kept
@@ -760,6 +768,8 @@ def _state_text(row: _Row, now: float) -> str:
         return "-"  # known to the state DB, not (or not yet) to the daemon
     if row.state == "reconnecting" and row.since is not None:
         return f"reconnecting since {format_clock(row.since, now)}"
+    if row.state == "polling" and row.watched_by:
+        return f"polling ({row.watched_by})"
     return row.state
 
 

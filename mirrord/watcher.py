@@ -38,7 +38,14 @@ from mirrord.flags import Flags, message_flags
 from mirrord.interfaces import MailboxEvents
 from mirrord.protocol._parser import Untagged, as_flags, as_int, fetch_items
 from mirrord.protocol.client import MirrordIMAP4Client, parse_uid_set
-from mirrord.protocol.errors import CommandFailed, ConnectFailed, LoginFailed, ProtocolError, describe_failure
+from mirrord.protocol.errors import (
+    CommandFailed,
+    ConnectFailed,
+    LoginFailed,
+    ProtocolError,
+    TooManyConnections,
+    describe_failure,
+)
 from mirrord.timers import coalesced_delay
 
 log = logging.getLogger("mirrord.watcher")
@@ -647,8 +654,12 @@ class WatcherService:
         poll_interval: float,
         backoff: Backoff | None = None,
         on_change: Callable[[], None] | None = None,
+        on_too_many: Callable[[str], None] | None = None,
     ) -> None:
         self._connect = connect
+        self.on_too_many = on_too_many
+        """Called (and the service stops) when the server refuses the connection as one too many;
+        without it such a refusal is retried like any failed connect."""
         self.raw_name = raw_name
         self.listener = listener
         self.clock = clock
@@ -750,6 +761,17 @@ class WatcherService:
             except LoginFailed as e:
                 reason = str(e)
                 floor = self.LOGIN_RETRY_FLOOR
+            except TooManyConnections as e:
+                if self.on_too_many is None:
+                    reason = describe_failure(e)
+                else:
+                    # Reconnecting would be refused again: whoever owns the
+                    # budget decides what this mailbox gets instead.
+                    self._running = False
+                    self.state = "stopped"
+                    self.last_error = str(e)
+                    self.on_too_many(str(e))
+                    return
             except (ConnectFailed, ConnectionLost, ConnectionDone, ProtocolError, CommandFailed) as e:
                 reason = describe_failure(e)
             except Exception as e:  # noqa: BLE001 - never let one mailbox's watcher die

@@ -346,6 +346,21 @@ def _selection_codes(untagged: Iterable[Untagged]) -> tuple[int | None, int | No
             found[name] = as_int(response.code[1], name)  # type: ignore[index]
     return found.get("UIDVALIDITY"), found.get("UIDNEXT"), found.get("HIGHESTMODSEQ")
 
+def status_figures(response: Untagged) -> tuple[bytes, dict[str, int]]:
+    """``* STATUS name (MESSAGES 3 UIDNEXT 9 ...)`` as (raw name, {item: number})."""
+    data = response.data
+    if len(data) < 2 or not isinstance(data[0], bytes) or not isinstance(data[1], list) or len(data[1]) % 2:
+        raise ProtocolError(f"malformed STATUS response {data!r:.80}")
+    pairs = data[1]
+    figures: dict[str, int] = {}
+    for key, value in zip(pairs[::2], pairs[1::2]):
+        if not isinstance(key, bytes):
+            raise ProtocolError(f"malformed STATUS item {key!r:.40}")
+        name = key.decode("ascii", "replace").upper()
+        figures[name] = as_int(value, name)
+    return data[0], figures
+
+
 class MirrordIMAP4Client(IMAP4Client):
     """One IMAP connection; see the module docstring."""
 
@@ -381,6 +396,8 @@ class MirrordIMAP4Client(IMAP4Client):
         """When the server must have answered by, if a command waits; None if none does."""
         self.connected_transport_lost = False
         self.on_unsolicited: Callable[[Untagged], None] | None = None
+        self.on_lost: Callable[[], None] | None = None
+        """Called when the connection is lost, for a listener with no command pending (NOTIFY)."""
         """Receives every untagged response no command claimed (the watcher's events)."""
         self.compression: DeflateStream | None = None
         """Set once COMPRESS DEFLATE is in force: every byte either way goes through it."""
@@ -449,6 +466,8 @@ class MirrordIMAP4Client(IMAP4Client):
             self.greeting.errback(why)
         for command in pending:
             command.deferred.errback(why)
+        if self.on_lost is not None:
+            self.on_lost()
 
     def drop(self, why: str) -> None:
         """Abandon the connection at once: anything we would say could be misread."""
@@ -559,7 +578,9 @@ class MirrordIMAP4Client(IMAP4Client):
                 command.on_ok()
             command.deferred.callback(CommandResult(command.untagged, response))
         else:
-            command.deferred.errback(CommandFailed(command.name, response.status, response.text))
+            command.deferred.errback(
+                CommandFailed(command.name, response.status, response.text, code_name(response.code))
+            )
         self._pump()
 
     def _untagged(self, response: Untagged) -> None:
@@ -860,6 +881,56 @@ class MirrordIMAP4Client(IMAP4Client):
                 )
             )
         return entries
+
+    @_drops_on_malformed
+    async def status_many(self, raw_names: Sequence[bytes], items: Sequence[str]) -> dict[bytes, dict[str, int]]:
+        """STATUS of every mailbox in ``raw_names``, all pipelined: one round trip for any number.
+
+        Answers are matched by the mailbox name each ``* STATUS`` carries,
+        not by which command collected it. A mailbox the server refuses
+        (deleted meanwhile) is missing from the result; a lost connection
+        raises.
+        """
+        what = b"(" + " ".join(items).encode("ascii") + b")"
+        runs: list[defer.Deferred[CommandResult]] = []
+        with self.pipeline():
+            for raw in raw_names:
+                try:
+                    name = quote(raw)
+                except ValueError:  # EXAMINE cannot name it either: its sync fails and says so
+                    continue
+                command = self._simple("STATUS", name + b" " + what, wants=["STATUS"])
+                runs.append(defer.Deferred.fromCoroutine(self._run(command)))
+        outcomes = await defer.DeferredList(runs, consumeErrors=True)
+        found: dict[bytes, dict[str, int]] = {}
+        for ok, value in outcomes:
+            if ok:
+                for response in value.untagged:
+                    name, figures = status_figures(response)
+                    found[name] = figures
+            elif not value.check(CommandFailed):
+                value.raiseException()
+        return found
+
+    @_drops_on_malformed
+    async def list_status(self, items: Sequence[str], pattern: str = "*") -> dict[bytes, dict[str, int]]:
+        """LIST with RETURN (STATUS ...) (RFC 5819): every mailbox's figures in one command."""
+        what = " ".join(items).encode("ascii")
+        args = quote("") + b" " + quote(pattern) + b" RETURN (STATUS (" + what + b"))"
+        result = await self._run(self._simple("LIST", args, wants=["STATUS"]))
+        found: dict[bytes, dict[str, int]] = {}
+        for response in result.untagged:
+            name, figures = status_figures(response)
+            found[name] = figures
+        return found
+
+    async def notify_set(self, spec: bytes) -> None:
+        """NOTIFY SET ``spec`` (RFC 5465): the server reports those events on this connection from now on.
+
+        The events arrive as unsolicited ``* STATUS`` and ``* LIST``
+        responses (see :mod:`mirrord.notify`).
+        """
+        await self._run(self._simple("NOTIFY", b"SET " + spec))
 
     @_drops_on_malformed
     async def examine(

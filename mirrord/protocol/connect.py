@@ -40,6 +40,8 @@ from mirrord.protocol.errors import (
     OAuthRefused,
     TLSFailed,
     TokenUnavailable,
+    TooManyConnections,
+    says_too_many_connections,
 )
 
 log = logging.getLogger("mirrord.protocol")
@@ -216,13 +218,18 @@ async def open_session(
             await enabled
     except ConnectionLost as e:
         _abort(client)
-        reason = _tls_reason(Failure(e)) if not isinstance(e, ConnectionLost) else None
+        if says_too_many_connections(str(e)):
+            # A BYE before or after the login ("* BYE Too many connections").
+            raise TooManyConnections(f"{where} refused one more connection: {e}") from None
         raise ConnectFailed(f"{where} closed the connection during setup: {e}") from None
     except ConnectFailed:
         _abort(client)
         raise
     except Exception as e:
         _abort(client)
+        if says_too_many_connections(str(e)):
+            # A greeting of BYE (the reader raises on it, naming the server's words).
+            raise TooManyConnections(f"{where} refused one more connection: {e}") from None
         reason = _tls_reason(Failure(e))
         if reason is not None:
             raise TLSFailed(f"TLS with {where} failed: {reason}") from None
@@ -261,6 +268,8 @@ async def log_in(
         try:
             await client.login(account.username, password)
         except CommandFailed as e:
+            if says_too_many_connections(e.text, e.code):
+                raise TooManyConnections(f"{where} refused one more connection: {e.text}") from None
             raise LoginFailed(
                 f"{where} refused the login of {account.username!r}: {e.text or e.status}"
             ) from None

@@ -6,6 +6,8 @@ why, and never contains a secret.
 
 from __future__ import annotations
 
+import re
+
 from twisted.internet import error as _net
 from twisted.python.failure import Failure
 
@@ -18,6 +20,7 @@ __all__ = [
     "MissingCapability",
     "OAuthRefused",
     "ProtocolError",
+    "TooManyConnections",
     "TLSFailed",
     "TokenUnavailable",
     "describe_failure",
@@ -88,11 +91,13 @@ def describe_failure(problem: BaseException | Failure) -> str:
 class CommandFailed(Exception):
     """The server answered one of our commands with NO or BAD."""
 
-    def __init__(self, command: str, status: str, text: str) -> None:
+    def __init__(self, command: str, status: str, text: str, code: str | None = None) -> None:
         super().__init__(f"{command} failed: {status} {text}".rstrip())
         self.command = command
         self.status = status
         self.text = text
+        self.code = code
+        """The response code's name (``LIMIT``, ``UNAVAILABLE``...), if the server gave one."""
 
 
 class OAuthRefused(CommandFailed):
@@ -125,6 +130,36 @@ class TokenUnavailable(LoginFailed):
     login: a command that fails (no network to the provider, a refresh token
     revoked) is not fixed by running it every few seconds either.
     """
+
+
+class TooManyConnections(ConnectFailed):
+    """The server refused one more connection: the account has as many as it allows.
+
+    Not a wrong password (retrying soon would not help, and neither would
+    waiting long), and not a network fault: the answer is to use fewer
+    connections (see :mod:`mirrord.budget`).
+    """
+
+
+_TOO_MANY = re.compile(
+    r"(too many|maximum number of|max(imum)?[ _-]?(userip[ _-]?)?conn|connection limit|"
+    r"limit of .*connections|connections? (limit|exceeded))",
+    re.IGNORECASE,
+)
+
+
+def says_too_many_connections(text: str, code: str | None = None) -> bool:
+    """Whether a server's NO or BYE means "you have too many connections".
+
+    Dovecot: ``NO [LIMIT] Maximum number of connections from user+IP
+    exceeded (mail_max_userip_connections=10)``; Gmail: ``Too many
+    simultaneous connections``; Cyrus and others: ``* BYE Too many open
+    connections``. ``[LIMIT]`` (RFC 5530) alone is not enough: it also means
+    a message too big or a quota, so the words must say connections too.
+    """
+    if _TOO_MANY.search(text) is None:
+        return False
+    return "connection" in text.lower() or code == "LIMIT"
 
 
 class MissingCapability(ConnectFailed):

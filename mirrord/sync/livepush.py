@@ -68,6 +68,15 @@ class LocalPush:
         self.watcher.watch(name, folder.path)
         self.changed(name)
 
+    async def forget(self, name: str) -> None:
+        """``name`` is no longer mirrored (gone from the server): stop watching it,
+        and return once no round that may look at it is running."""
+        self.watcher.unwatch(name)
+        self._dirty.discard(name)
+        await self.when_idle()
+        self.pusher.folders.pop(name, None)
+        self.refused.pop(name, None)
+
     def changed(self, name: str) -> None:
         self._dirty.add(name)
         self._kick()

@@ -886,7 +886,7 @@ def test_daemon_setting_errors_name_line_and_key(tmp_path: Path, line: str, mess
 def test_defaults_for_the_daemon(tmp_path: Path) -> None:
     (acct,) = load(tmp_path, BASE).accounts
     assert acct.watch is None and acct.wants_watched("Anything")
-    assert (acct.max_connections, acct.poll_interval, acct.idle_renew) == (10, 300.0, 1200.0)
+    assert (acct.max_connections, acct.poll_interval, acct.idle_renew) == (10, 60.0, 1200.0)
 
 
 # --------------------------------------------------------------------------

@@ -125,7 +125,8 @@ def test_round_trip_through_json() -> None:
     assert DaemonStatus.from_json(json.loads(text)) == original
     data = json.loads(text)
     assert data["version"] == 1
-    assert set(data["accounts"][0]["mailboxes"][0]) == {"name", "state", "since", "last_change", "last_error"}
+    assert set(data["accounts"][0]["mailboxes"][0]) == {"name", "state", "since", "last_change", "last_error",
+                                                                   "watched_by"}
 
 
 def test_from_json_tolerates_other_versions() -> None:
@@ -372,7 +373,8 @@ def test_render_json(tmp_path: Path, runtime: Path) -> None:
     assert code == 0
     doc = json.loads(text)
     assert doc["daemon"]["pid"] == os.getpid() and doc["daemon"]["accounts"][1]["state"] == "error"
-    fields = {"account", "mailbox", "messages", "last_sync", "last_change", "state", "since", "last_error"}
+    fields = {"account", "mailbox", "messages", "last_sync", "last_change", "state", "since", "last_error",
+              "watched_by"}
     assert all(set(r) == fields for r in doc["mailboxes"])
     by_name = {(r["account"], r["mailbox"]): r for r in doc["mailboxes"]}
     assert by_name[("personal", "INBOX")] == {
@@ -384,6 +386,7 @@ def test_render_json(tmp_path: Path, runtime: Path) -> None:
         "state": "idling",
         "since": NOW - 600,
         "last_error": None,
+        "watched_by": None,
     }
     assert by_name[("personal", "Archive")]["state"] is None
     assert by_name[("personal", "Lists/dev")]["last_error"] == "connection lost\nreset by peer"
@@ -550,3 +553,13 @@ def test_control_characters_in_names_are_shown_escaped(tmp_path: Path, runtime: 
     assert code == 0
     assert "\x1b" not in text
     assert "evil\\x1b[2J\\x0afake" in text
+
+
+def test_a_polled_mailbox_says_how_it_is_polled(tmp_path: Path, runtime: Path) -> None:
+    config = make_config(tmp_path)
+    status = snapshot()
+    status.accounts[0].mailboxes.append(MailboxStatus("Lists/quiet", "polling", watched_by="LIST-STATUS every 60 s"))
+    StatusFile.for_config(config).write(status)
+    _, text = render(config)
+    row = next(line for line in text.splitlines() if "Lists/quiet" in line)
+    assert "polling (LIST-STATUS every 60 s)" in row
