@@ -324,7 +324,7 @@ class AccountDaemon:
             self._poll(known[plan.local_name])
         self.on_change()
         log.info(
-            "%s: %d mailboxes %s: %d watched with IDLE, %d polled together every %g s",
+            "%s: %s %s: %d watched with IDLE, %d polled together every %g s",
             self.label,
             plural(len(fresh), "mailbox", "mailboxes"),
             "to mirror" if first else "new on the server",
