@@ -400,18 +400,21 @@ def plan_round(
             ident = gone_identity.get((name, uid))
             if ident is not None:
                 by_identity.setdefault(ident, []).append((name, uid))
+    lost = set(by_identity)  # contents some row lost its file of, before pairing uses them up
     # The server already has it here under a UID we do not know: adopt.
-    adopted: dict[tuple[str, str], int] = {}
-    for name in sorted(fresh):
-        by_server: dict[Hashable, list[int]] = {}
+    by_server: dict[str, dict[Hashable, list[int]]] = {}
+    for name in sorted(folders):
+        pool = by_server[name] = {}
         for uid in seen.unknown[name]:
             ident = server_identity.get((name, uid))
             if ident is not None:
-                by_server.setdefault(ident, []).append(uid)
+                pool.setdefault(ident, []).append(uid)
+    adopted: dict[tuple[str, str], int] = {}
+    for name in sorted(fresh):
         for key in fresh[name]:
             ident = new_identity.get((name, key))
-            if ident is not None and by_server.get(ident):
-                adopted[(name, key)] = by_server[ident].pop(0)
+            if ident is not None and by_server[name].get(ident):
+                adopted[(name, key)] = by_server[name][ident].pop(0)
     paired: dict[tuple[str, str], tuple[str, int]] = {}
     for same_folder in (True, False):
         for name in sorted(fresh):
@@ -428,6 +431,25 @@ def plan_round(
                         del candidates[i]
                         break
     matched_rows = {src_uid: dst for dst, src_uid in paired.items()}
+    # Moved on the server by another client while the reader moved the file:
+    # a row lost its file and its UID (the server expunged it from where we
+    # knew it), the reader's file is new in one folder, and the server shows
+    # the same content under an unknown UID in another. That UID is moved to
+    # where the reader put the file (no upload; the fetch would otherwise
+    # bring it back next to the appended copy). Only with that lost row as
+    # evidence: a fresh file and an unknown UID alone may be two copies.
+    adopted_away: dict[tuple[str, str], tuple[str, int]] = {}
+    for name in sorted(fresh):
+        for key in fresh[name]:
+            if (name, key) in paired or (name, key) in adopted:
+                continue
+            ident = new_identity.get((name, key))
+            if ident is None or ident not in lost:
+                continue
+            for src in sorted(folders):
+                if src != name and by_server[src].get(ident):
+                    adopted_away[(name, key)] = (src, by_server[src][ident].pop(0))
+                    break
 
     # 3. Guards, per folder, on the deletions proper (vanished, unmatched).
     refused: dict[str, str] = {}
@@ -511,6 +533,16 @@ def plan_round(
                 uid = adopted[(name, key)]
                 server = folder.server[uid]
                 plan["adopt"].append(Adopt(uid, key, representable_part(server), server_only_part(server) | representable_part(server)))
+                continue
+            if (name, key) in adopted_away:
+                src_name, src_uid = adopted_away[(name, key)]
+                if src_name in refused:
+                    plan["held"].append(key)
+                    continue
+                server = folders[src_name].server[src_uid]
+                flags = representable_part(server)
+                moves.append(Move(src_name, src_uid, name, key, flags, frozenset(), frozenset(),
+                                  server_only_part(server) | flags))
                 continue
             src = paired.get((name, key))
             if src is None:

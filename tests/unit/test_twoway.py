@@ -451,7 +451,7 @@ class Model:
         for mv in plan.moves:
             new_uid = self.s_move(mv.source, mv.uid, mv.target)
             outcome = settle_move(mv, {mv.uid: new_uid} if new_uid is not None else {})
-            self.rows[mv.source].pop(mv.uid)
+            self.rows[mv.source].pop(mv.uid, None)  # none: a UID adopted from another folder
             if outcome.new_uid is not None:
                 self.s_store(mv.target, outcome.new_uid, mv.add, mv.remove, None)
                 m = self.local[mv.target][mv.key]
@@ -711,3 +711,27 @@ def test_a_renamed_file_with_deleted_flag_is_a_rename_not_a_new_message() -> Non
     folder = Folder({1: row(1, "old", DELETED)}, {"new": lf("new", "T")}, {1: fs(DELETED)}, complete=True)
     p = plan_round({"A": folder}, policy="flag", new_identity={("A", "new"): "x"}, gone_identity={("A", 1): "x"}).folders["A"]
     assert p.rekey == (Rekey(1, "old", "new"),) and p.append == () and p.tombstones == ()
+
+
+def test_moved_locally_while_moved_elsewhere_on_the_server_is_moved_not_appended() -> None:
+    """Found by the model (seed 11): the reader moved A's file to B while another
+    client moved the message on the server (A -> B -> A: a new UID in A). The
+    file was appended to B and the new UID fetched into A: twice on the server."""
+    folders = {
+        "A": Folder({2: row(2, "k2")}, {}, {3: fs(SEEN, "$Junk")}, complete=True),
+        "B": Folder({}, {"k6": lf("k6", "F")}, {}, complete=True),
+    }
+    new, gone, unknown = identity_request(folders)
+    assert new == {("B", "k6")} and gone == {("A", 2)} and unknown == {("A", 3)}
+    plan = plan_round(
+        folders, new_identity={("B", "k6"): "x"}, gone_identity={("A", 2): "x"}, server_identity={("A", 3): "x"}
+    )
+    assert plan.moves == (Move("A", 3, "B", "k6", fs(SEEN), fs(), fs(), fs(SEEN, "$Junk")),)
+    assert plan.folders["A"].remove_local == (2,)
+    assert plan.folders["B"].append == ()
+    # Without a row that lost the content, an unknown UID elsewhere may be another copy: appended.
+    plan = plan_round(
+        {"A": Folder({}, {}, {3: fs()}, complete=True), "B": folders["B"]},
+        new_identity={("B", "k6"): "x"}, server_identity={("A", 3): "x"},
+    )
+    assert plan.moves == () and plan.folders["B"].append == (Append("k6", fs(FLAGGED)),)
