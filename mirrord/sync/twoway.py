@@ -50,10 +50,14 @@ The server's word wins where it is final
     by EXPUNGE/VANISHED) loses its row and its local file, even if its flags
     changed locally meanwhile. If its file was meanwhile moved to another
     folder, or its content changed, that file is APPENDed there: the message
-    ends in exactly one place, the one the reader put it in. A move whose
-    source the server expunged *after* this plan was made is settled by
-    :func:`settle_move` the same way: no COPYUID entry for it means the
-    server moved nothing, and the file is APPENDed.
+    ends in exactly one place, the one the reader put it in. If another
+    client moved it on the server meanwhile (a new UID in some folder, the old
+    one gone), the reader's file is matched with that UID (adopted where it
+    is, or moved there: :class:`Move` of a UID no row names). A move whose
+    source was gone *after* this plan was made is settled by
+    :func:`settle_move`: no COPYUID entry for it means the server moved
+    nothing; the caller then runs another round before fetching, which
+    settles it as above.
 """
 
 from __future__ import annotations
@@ -162,6 +166,10 @@ class Move:
     ``UID EXPUNGE``); then, with the new UID from COPYUID, a STORE of
     ``add``/``remove`` on it, the file renamed to carry ``local_flags`` if it
     does not, and the row (new UID, ``key``, ``base``) recorded in ``target``.
+    The source row, if there is one, goes. There is none when ``uid`` is a UID
+    no row names: another client moved the message there on the server while
+    the reader moved its file (see the module's docstring); then ``add`` and
+    ``remove`` are empty and the server's flags win, as for :class:`Adopt`.
     """
 
     source: str
@@ -234,7 +242,9 @@ class FolderPlan:
 class RoundPlan:
     folders: Mapping[str, FolderPlan]
     moves: tuple[Move, ...] = ()
-    """Do these before each folder's appends: a failed move turns into an APPEND (settle_move)."""
+    """Do these after the folders' row and server actions and before their
+    appends. A move whose source was gone does nothing, and the round must be
+    planned again before fetching (:attr:`MoveOutcome.source_gone`)."""
 
 
 def representable_part(flags: Iterable[str]) -> Flags:
@@ -611,25 +621,36 @@ def _apply_merge(plan: dict[str, Any], uid: int, key: str, local: Flags, base: F
 @dataclass(frozen=True)
 class MoveOutcome:
     new_uid: int | None
-    """The message's UID in the target (from COPYUID); None: see ``append``."""
+    """The message's UID in the target (from COPYUID); None: see ``source_gone`` and ``unknown``."""
     append: Append | None
-    """The server moved nothing (the source was expunged meanwhile): APPEND the file instead."""
+    """Always None now (kept for the API): a move whose source is gone is never
+    turned into an APPEND, see ``source_gone``."""
     unknown: bool = False
     """The server gave no COPYUID (no UIDPLUS): the move happened but its new UID is
     not known; the caller finds it (e.g. by Message-ID in the target) before the
     next fetch of the target, or the file would be downloaded next to itself."""
+    source_gone: bool = False
+    """The server moved nothing: the source UID was gone (another client expunged
+    it, or moved it to some folder) when the MOVE ran. The caller does nothing
+    for this move: the source row (if any) stays, the target file stays
+    untracked. It then plans and applies another round (fresh server state)
+    *before* fetching: that round finds the source row expunged and the file
+    new, and adopts the file as the UID the other client moved the message
+    to (in the target: :class:`Adopt`; elsewhere: a :class:`Move` of that
+    UID), or APPENDs it if it was expunged. An APPEND here, or a fetch first,
+    would leave the message twice on the server, or twice in the Maildir."""
 
 
 def settle_move(move: Move, copyuid: Mapping[int, int] | None) -> MoveOutcome:
     """What a move turned into, given the COPYUID mapping the server returned (None: none offered).
 
-    A mapping without the source UID means the server had expunged it
-    before the move: the file the reader put in the target is APPENDed, so
-    the message ends in exactly one place, never none and never two.
+    A mapping without the source UID means the server had no such message
+    any more when the MOVE ran: ``source_gone``, see there. The message ends
+    in exactly one place, never none and never two.
     """
     if copyuid is None:
         return MoveOutcome(None, None, unknown=True)
     new_uid = copyuid.get(move.uid)
     if new_uid is None:
-        return MoveOutcome(None, Append(move.key, move.base))
+        return MoveOutcome(None, None, source_gone=True)
     return MoveOutcome(new_uid, None)

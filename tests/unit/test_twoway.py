@@ -244,10 +244,11 @@ def test_moved_locally_while_expunged_on_the_server_ends_in_the_target_only() ->
     assert plan.folders["B"].append == (Append("m", fs()),)
 
 
-def test_a_move_the_server_expunged_meanwhile_becomes_an_append() -> None:
+def test_a_move_whose_source_went_meanwhile_does_nothing_and_asks_for_another_round() -> None:
     move = Move("A", 7, "B", "m", fs(SEEN), fs(SEEN), fs(), fs(SEEN))
     assert settle_move(move, {7: 42}).new_uid == 42
-    assert settle_move(move, {}).append == Append("m", fs(SEEN))
+    gone = settle_move(move, {})
+    assert gone.source_gone and gone.new_uid is None and gone.append is None
     assert settle_move(move, None).unknown
 
 
@@ -407,7 +408,8 @@ class Model:
             server_identity=server_identity,
         ), modseq
 
-    def apply(self, plan, modseq: int) -> None:
+    def apply(self, plan, modseq: int) -> bool:
+        """Apply a plan; True if it must be planned again before fetching (a move found its source gone)."""
         for name, p in plan.folders.items():
             assert p.refused is None, p.refused
             rows, local = self.rows[name], self.local[name]
@@ -448,21 +450,23 @@ class Model:
                 if p.expunge:
                     self.server[name].msgs.pop(uid, None)
                     rows.pop(uid, None)
+        again = False
         for mv in plan.moves:
             new_uid = self.s_move(mv.source, mv.uid, mv.target)
             outcome = settle_move(mv, {mv.uid: new_uid} if new_uid is not None else {})
+            if outcome.source_gone:
+                again = True  # nothing done: the source row stays, the file stays untracked
+                continue
+            assert outcome.new_uid is not None
             self.rows[mv.source].pop(mv.uid, None)  # none: a UID adopted from another folder
-            if outcome.new_uid is not None:
-                self.s_store(mv.target, outcome.new_uid, mv.add, mv.remove, None)
-                m = self.local[mv.target][mv.key]
-                m.letters = maildir_info(mv.local_flags)
-                self.rows[mv.target][outcome.new_uid] = Row(mv.key, mv.base, m.cid)
-            else:
-                assert outcome.append is not None
-                self._append(mv.target, outcome.append)
+            self.s_store(mv.target, outcome.new_uid, mv.add, mv.remove, None)
+            m = self.local[mv.target][mv.key]
+            m.letters = maildir_info(mv.local_flags)
+            self.rows[mv.target][outcome.new_uid] = Row(mv.key, mv.base, m.cid)
         for name, p in plan.folders.items():
             for a in p.append:
                 self._append(name, a)
+        return again
 
     def _append(self, folder: str, a: Append) -> None:
         m = self.local[folder].get(a.key)
@@ -489,7 +493,10 @@ class Model:
         plan, modseq = self.plan()
         if race is not None:
             race()
-        self.apply(plan, modseq)
+        for _ in range(3):
+            if not self.apply(plan, modseq):
+                break
+            plan, modseq = self.plan()
         self.pull()
 
     # -- the claims ------------------------------------------------------------
@@ -633,10 +640,8 @@ class TwoWayMachine(RuleBasedStateMachine):
         """Server changes land between the plan and its execution."""
 
         def race() -> None:
-            # Not a server-side MOVE: racing a local move of the same message
-            # to another folder it is an open case (see the xfail test below).
             for _ in range(n):
-                self.server_change(data, ("flag", "expunge", "deliver"))
+                self.server_change(data)
 
         self.m.sync(race)
 
@@ -687,13 +692,12 @@ def test_model_with_content_edits_converges() -> None:
     )
 
 
-@pytest.mark.xfail(strict=True, reason="open: another client MOVEs a message while the reader moves it elsewhere")
 def test_server_move_racing_a_local_move_ends_in_one_place() -> None:
-    """Known gap: the plan's UID MOVE finds its source gone (another client moved
-    it meanwhile), settle_move APPENDs the reader's file, and the server then
-    holds the message twice. Fix: leave the file untracked when the source is
-    gone, and let the next round match it against unknown server UIDs in
-    *every* folder (a cross-folder adoption is a move of that UID)."""
+    """The plan's UID MOVE finds its source gone (another client moved it
+    meanwhile). An APPEND of the reader's file (what settle_move did) left the
+    message twice on the server. Now nothing is done, the round is planned
+    again before fetching, and that round adopts the file as the UID the
+    other client gave the message."""
     m = Model("expunge")
     m.created.add(1)
     m.s_add("B", 1, set())
@@ -701,8 +705,34 @@ def test_server_move_racing_a_local_move_ends_in_one_place() -> None:
     key = next(iter(m.local["B"]))
     m.local["A"][key] = m.local["B"].pop(key)  # the reader moves it B -> A
     m.sync(race=lambda: m.s_move("B", 1, "A") and None)  # another client moves it to A meanwhile
-    for _ in range(3):
-        m.sync()
+    assert set(m.server["A"].msgs) == {1} and m.rows["A"] == {1: Row(key, fs(), 1)} and m.rows["B"] == {}
+    m.check_converged()
+
+
+def test_server_move_there_and_back_racing_a_local_move_ends_in_one_place() -> None:
+    """As above, but the other client moved it on, back to where it was: the
+    second round moves that new UID to where the reader put the file."""
+    m = Model("expunge")
+    m.created.add(1)
+    m.s_add("B", 1, set())
+    m.pull()
+    key = next(iter(m.local["B"]))
+    m.local["A"][key] = m.local["B"].pop(key)
+    m.sync(race=lambda: (m.s_move("B", 1, "A"), m.s_move("A", 1, "B")) and None)
+    assert m.server["B"].msgs == {} and set(m.server["A"].msgs) == {2} and m.rows["A"] == {2: Row(key, fs(), 1)}
+    m.check_converged()
+
+
+def test_a_move_whose_source_was_expunged_meanwhile_is_appended_by_the_next_round() -> None:
+    m = Model("expunge")
+    m.created.add(1)
+    m.s_add("B", 1, {SEEN})
+    m.pull()
+    key = next(iter(m.local["B"]))
+    m.local["A"][key] = m.local["B"].pop(key)
+    m.sync(race=lambda: m.server["B"].msgs.pop(1) and None)
+    assert m.server["B"].msgs == {} and [s.cid for s in m.server["A"].msgs.values()] == [1]
+    assert m.rows["B"] == {} and [r.key for r in m.rows["A"].values()] == [key]
     m.check_converged()
 
 
