@@ -43,7 +43,13 @@ New files, moves, renames
     same folder that is a reader's rename (mu): the row is re-keyed, nothing
     goes to the server; in another folder it is a move (UID MOVE, or its
     fallback), no upload. A file whose content changed (the caller says so)
-    is APPENDed as a new message and the old UID deleted as for a deletion.
+    is a new file under an old key, and its row a row whose content went:
+    each is paired as above (a file moved back into a folder keeps its
+    name, which a row there may still have), and if unpaired, the file is
+    APPENDed as a new message (flags merged against the row's) and the old
+    UID deleted as for a deletion (under ``keep`` it stays, unrowed, and is
+    fetched again under a new key). Such a row is never fetched back under
+    its key, and does not count towards ``max_delete``.
 
 The server's word wins where it is final
     A message the server expunged (absent from a complete listing, or named
@@ -313,6 +319,10 @@ class _Seen:
     """Keys of files no row names."""
     unknown: dict[str, list[int]] = field(default_factory=dict)
     """Server UIDs no row names (new on the server, or our own APPEND/MOVE without a UID back)."""
+    changed: dict[str, set[int]] = field(default_factory=dict)
+    """Rows whose file is there with another content: the row counts as gone (its
+    content may have been moved or renamed elsewhere) and the file as new (it
+    may be a message moved in under a key a row already had)."""
 
 
 def _classify(folders: Mapping[str, Folder]) -> _Seen:
@@ -325,6 +335,7 @@ def _classify(folders: Mapping[str, Folder]) -> _Seen:
         tombs: list[int] = []
         seen.vanished[name], seen.gone_files[name], seen.tombs[name] = vanished, gone_files, tombs
         seen.unknown[name] = sorted(uid for uid in folder.server if uid not in folder.rows)
+        changed = seen.changed[name] = set()
         if files is None:
             vanished.extend(sorted(uid for uid in folder.rows if uid not in gone))
             seen.fresh[name] = []
@@ -332,14 +343,16 @@ def _classify(folders: Mapping[str, Folder]) -> _Seen:
         for uid in sorted(folder.rows):
             row = folder.rows[uid]
             if row.key in files:
-                continue
+                if uid not in folder.changed_content:
+                    continue
+                changed.add(uid)
             if uid in gone:
                 gone_files.append(uid)
             elif _is_tombstone(row.flags, folder.server.get(uid, row.flags)):
                 tombs.append(uid)
             else:
                 vanished.append(uid)
-        keys = {row.key for row in folder.rows.values()}
+        keys = {row.key for uid, row in folder.rows.items() if uid not in changed}
         seen.fresh[name] = sorted(key for key in files if key not in keys)
     return seen
 
@@ -469,7 +482,9 @@ def plan_round(
             continue
         if policy == "keep" or folder.allow_delete:
             continue
-        deletions = [uid for uid in vanished[name] if (name, uid) not in matched_rows]
+        deletions = [
+            uid for uid in vanished[name] if (name, uid) not in matched_rows and uid not in seen.changed[name]
+        ]
         total = len(folder.rows)
         if len(deletions) > DELETE_FLOOR and len(deletions) > max_delete * total:
             refused[name] = (
@@ -486,18 +501,39 @@ def plan_round(
             continue
         files = folder.files or {}
         gone = expunged[name]
+        changed = seen.changed[name]
+        replaced: dict[str, Append] = {}  # key -> its Append if unpaired: new content, its row going
         for uid in sorted(folder.rows):
             row = folder.rows[uid]
             lf = files.get(row.key)
-            if uid in gone:
-                # The server's expunge is final; a file whose content changed
-                # is a new message now, and goes up rather than being lost.
-                if lf is not None and uid in folder.changed_content:
-                    plan["forget"].append(uid)
-                    plan["append"].append(Append(row.key, lf.flags))
+            renamed = matched_rows.get((name, uid))
+            if uid in changed:
+                # Messages are immutable: new content in a row's file is a new
+                # message (it may be one moved in under that key: see below),
+                # and the row's content went, perhaps renamed or moved.
+                assert lf is not None
+                m = merge_flags(row.flags, lf.flags, folder.server.get(uid, row.flags))
+                if renamed is not None and renamed[0] == name and uid not in gone:
+                    if renamed[1] != row.key:  # else the identity says the content is the same
+                        plan["rekey"].append(Rekey(uid, row.key, renamed[1]))
+                    _apply_merge(plan, uid, renamed[1], files[renamed[1]].flags, row.flags,
+                                 folder.server.get(uid, row.flags))
                     continue
+                if renamed is not None and uid not in gone:
+                    continue  # a move: decided with its target below
+                plan["forget"].append(uid)
+                if uid in gone:
+                    # The server's expunge is final; the new content goes up rather than being lost.
+                    if renamed is not None:
+                        plan["remove_files"].append(renamed[1])
+                    continue
+                replaced[row.key] = Append(row.key, m.base, replaces=uid)
+                if policy != "keep":
+                    plan["delete"].append(uid)
+                continue
+            if uid in gone:
+                # The server's expunge is final.
                 plan["remove_local"].append(uid)
-                renamed = matched_rows.get((name, uid))
                 if renamed is not None:
                     plan["remove_files"].append(renamed[1])  # renamed by a reader, then expunged
                 if lf is not None and lf.flags != representable_part(row.flags):
@@ -527,14 +563,6 @@ def plan_round(
                     if policy == "flag":
                         plan["base"][uid] = frozenset(row.flags) | {DELETED}
                 continue
-            if uid in folder.changed_content:
-                # Messages are immutable: new content is a new message.
-                m = merge_flags(row.flags, lf.flags, server)
-                plan["append"].append(Append(row.key, m.base, replaces=uid))
-                plan["forget"].append(uid)
-                if policy != "keep":
-                    plan["delete"].append(uid)
-                continue
             _apply_merge(plan, uid, row.key, lf.flags, row.flags, server)
 
         for key in fresh[name]:
@@ -556,7 +584,7 @@ def plan_round(
                 continue
             src = paired.get((name, key))
             if src is None:
-                plan["append"].append(Append(key, lf.flags))
+                plan["append"].append(replaced.get(key) or Append(key, lf.flags))
                 continue
             src_name, src_uid = src
             if src_name == name:

@@ -765,3 +765,42 @@ def test_moved_locally_while_moved_elsewhere_on_the_server_is_moved_not_appended
         new_identity={("B", "k6"): "x"}, server_identity={("A", 3): "x"},
     )
     assert plan.moves == () and plan.folders["B"].append == (Append("k6", fs(FLAGGED)),)
+
+
+@pytest.mark.parametrize("policy", ["expunge", "flag", "keep"])
+def test_a_file_moved_in_under_a_rows_key_is_a_move_not_new_content(policy: str) -> None:
+    """Found by the model (seed 6): a file moved back into a folder keeps its
+    Maildir name, which a row there still had (a tombstone, or the row of a
+    copy the reader deleted); taken for that row's new content, it was
+    APPENDed while its own row elsewhere was deleted or fetched back."""
+    a_flags = fs(DELETED) if policy == "flag" else fs()
+    folders = {
+        "A": Folder({1: row(1, "k1", *a_flags)}, {"k1": lf("k1", "S")}, {1: a_flags}, complete=True,
+                    changed_content=frozenset({1})),
+        "B": Folder({4: row(4, "k1")}, {}, {4: fs()}, complete=True),
+    }
+    new, gone, _ = identity_request(folders)
+    assert new == {("A", "k1")} and gone == {("A", 1), ("B", 4)}
+    plan = plan_round(folders, policy=policy, new_identity={("A", "k1"): "y"},
+                      gone_identity={("A", 1): "x", ("B", 4): "y"})
+    assert plan.moves == (Move("B", 4, "A", "k1", fs(SEEN), fs(SEEN), fs(), fs(SEEN)),)
+    a = plan.folders["A"]
+    assert a.forget == (1,) and a.append == () and a.remove_local == ()
+    assert a.delete == (() if policy == "keep" else (1,))
+    assert plan.folders["B"].is_empty
+
+
+def test_a_renamed_file_and_another_moved_in_under_its_old_name_are_a_rename_and_a_move() -> None:
+    """Found by the model (seed 6): the reader renamed A's file k1 to k3, then
+    moved B's file k1 into A. Taken for new content in k1, both were uploaded."""
+    folders = {
+        "A": Folder({1: row(1, "k1")}, {"k1": lf("k1"), "k3": lf("k3", "F")}, {1: fs()}, complete=True,
+                    changed_content=frozenset({1})),
+        "B": Folder({4: row(4, "k1")}, {}, {4: fs()}, complete=True),
+    }
+    plan = plan_round(folders, policy="keep", new_identity={("A", "k1"): "y", ("A", "k3"): "x"},
+                      gone_identity={("A", 1): "x", ("B", 4): "y"})
+    a = plan.folders["A"]
+    assert a.rekey == (Rekey(1, "k1", "k3"),) and a.store == (StoreFlags(1, fs(FLAGGED), fs()),)
+    assert a.append == () and a.forget == () and a.refetch == ()
+    assert plan.moves == (Move("B", 4, "A", "k1", fs(), fs(), fs(), fs()),)
