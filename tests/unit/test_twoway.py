@@ -476,9 +476,12 @@ class Model:
         self.rows[folder][uid] = Row(a.key, frozenset(a.flags), m.cid)
 
     def pull(self) -> None:
-        """The one-way engine's part: fetch new server mail, re-fetch what the plan kept."""
+        """The one-way engine's part: drop what the server expunged (row and file),
+        fetch new server mail, re-fetch what the plan kept."""
         for name in FOLDERS:
             rows, local = self.rows[name], self.local[name]
+            for uid in [uid for uid in rows if uid not in self.server[name].msgs]:
+                local.pop(rows.pop(uid).key, None)
             for uid, msg in self.server[name].msgs.items():
                 r = rows.get(uid)
                 if r is None:
