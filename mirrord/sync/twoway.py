@@ -503,6 +503,7 @@ def plan_round(
         gone = expunged[name]
         changed = seen.changed[name]
         replaced: dict[str, Append] = {}  # key -> its Append if unpaired: new content, its row going
+        hold: set[str] = set()
         for uid in sorted(folder.rows):
             row = folder.rows[uid]
             lf = files.get(row.key)
@@ -520,7 +521,9 @@ def plan_round(
                                  folder.server.get(uid, row.flags))
                     continue
                 if renamed is not None and uid not in gone:
-                    continue  # a move: decided with its target below
+                    if renamed[0] in refused:
+                        hold.add(row.key)  # the row stays this round: so must its key's new content
+                    continue  # a move: decided with its target
                 plan["forget"].append(uid)
                 if uid in gone:
                     # The server's expunge is final; the new content goes up rather than being lost.
@@ -567,6 +570,9 @@ def plan_round(
 
         for key in fresh[name]:
             lf = files[key]
+            if key in hold:
+                plan["held"].append(key)
+                continue
             if (name, key) in adopted:
                 uid = adopted[(name, key)]
                 server = folder.server[uid]

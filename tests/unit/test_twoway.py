@@ -807,3 +807,17 @@ def test_a_renamed_file_and_another_moved_in_under_its_old_name_are_a_rename_and
     assert a.rekey == (Rekey(1, "k1", "k3"),) and a.store == (StoreFlags(1, fs(FLAGGED), fs()),)
     assert a.append == () and a.forget == () and a.refetch == ()
     assert plan.moves == (Move("B", 4, "A", "k1", fs(), fs(), fs(), fs()),)
+
+
+def test_new_content_under_a_key_whose_old_content_moved_to_a_refused_folder_is_held() -> None:
+    """The row stays (its move waits for the refused folder), so its key's new
+    content must wait too: appended now, two rows would name one file."""
+    big = _many(20, 0)
+    folders = {
+        "A": Folder({1: row(1, "k")}, {"k": lf("k")}, {1: fs()}, complete=True, changed_content=frozenset({1})),
+        "B": Folder(big.rows, big.files | {"m": lf("m")}, big.server, complete=True),
+    }
+    plan = plan_round(folders, new_identity={("A", "k"): "y", ("B", "m"): "x"}, gone_identity={("A", 1): "x"})
+    assert plan.folders["B"].refused and plan.moves == ()
+    a = plan.folders["A"]
+    assert a.held == ("k",) and a.append == () and a.forget == () and a.delete == ()
