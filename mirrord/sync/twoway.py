@@ -64,6 +64,33 @@ The server's word wins where it is final
     :func:`settle_move`: no COPYUID entry for it means the server moved
     nothing; the caller then runs another round before fetching, which
     settles it as above.
+
+Applying a plan (what the wiring must do; the model in
+tests/unit/test_twoway.py, ``Model.apply``, does exactly this)
+    1. Per folder that is not ``refused``, in this order: ``remove_local``
+       (drop the row, delete its file if there); ``remove_files``;
+       ``forget`` (drop the row, keep the file); ``adopt`` (record the row,
+       rename the file to carry ``flags``); ``rekey``; ``store`` with
+       ``UNCHANGEDSINCE`` the modseq the plan's server view was read at (a
+       MODIFIED UID gets none of its ``local_flags`` and ``base``: the next
+       round merges again); ``local_flags``; ``base`` (rows still there);
+       ``delete`` (``\\Deleted``; if ``expunge``, ``UID EXPUNGE`` of exactly
+       those UIDs and their rows dropped).
+    2. Then every ``RoundPlan.moves``, in order: UID MOVE, then
+       :func:`settle_move`. ``source_gone``: do nothing at all for it (the
+       source row, if any, stays; the target file stays untracked) and
+       remember to plan again. Otherwise: drop the source row *if there is
+       one* (an adopted UID has none), STORE ``add``/``remove`` on the new
+       UID, rename the target file to carry ``local_flags``, record the row
+       (new UID, ``key``, ``base``) in ``target``.
+    3. Then each folder's ``append``: APPEND the file if it is still there,
+       record the row (new UID, ``key``, ``flags``). A row whose content
+       changed is in ``forget`` (step 1) before the append re-uses its key.
+    4. If a move was ``source_gone``: plan and apply again (a fresh server
+       view), before any fetch; a few times at most (the model: twice).
+    5. Then the one-way sync: rows of UIDs the server no longer lists go with
+       their files, new UIDs are fetched, ``refetch`` rows are fetched back,
+       ``tombstones`` are not.
 """
 
 from __future__ import annotations
@@ -200,7 +227,7 @@ class Conflict:
 
 @dataclass(frozen=True)
 class FolderPlan:
-    """What one folder's round does. Apply in this order: local fixes, server, rows."""
+    """What one folder's round does. Apply it as the module's docstring says ("Applying a plan")."""
 
     refused: str | None = None
     """Why nothing at all is done for this folder (the caller stops it and says so)."""
