@@ -1,7 +1,7 @@
 """Tests for the two-way decisions (mirrord.sync.twoway).
 
 Example tests pin each rule on a small case. The model-based test drives a
-small in-memory server (two folders, UIDs, flags with modseqs, UNCHANGEDSINCE,
+small in-memory server (three folders, UIDs, flags with modseqs, UNCHANGEDSINCE,
 MOVE with COPYUID) and an in-memory Maildir plus state rows through random
 interleavings of reader and server changes, including server changes that
 land between a plan and its execution, applying every plan the way the
@@ -286,7 +286,8 @@ def test_partial_server_view_takes_unnamed_uids_as_unchanged() -> None:
 # The model: a server and a Maildir, random interleavings, convergence
 # --------------------------------------------------------------------------
 
-FOLDERS = ("A", "B")
+FOLDERS = ("A", "B", "C")
+"""Three: a message can be moved by the reader to one folder and by another client to another."""
 SERVER_FLAGS = (SEEN, FLAGGED, ANSWERED, DELETED, DRAFT, "$Junk")
 
 
@@ -540,7 +541,7 @@ class TwoWayMachine(RuleBasedStateMachine):
         for i in range(n):
             cid = next(self.m.cids)
             self.m.created.add(cid)
-            self.m.s_add(FOLDERS[i % 2], cid, set())
+            self.m.s_add(FOLDERS[i % len(FOLDERS)], cid, set())
         self.m.pull()
 
     def _pick_local(self, data: st.DataObject, folder: str) -> str | None:
@@ -576,7 +577,7 @@ class TwoWayMachine(RuleBasedStateMachine):
     @rule(data=st.data(), folder=st.sampled_from(FOLDERS), same_key=st.booleans())
     def local_move(self, data: st.DataObject, folder: str, same_key: bool) -> None:
         key = self._pick_local(data, folder)
-        other = "B" if folder == "A" else "A"
+        other = data.draw(st.sampled_from([f for f in FOLDERS if f != folder]))
         if key is not None and not (same_key and key in self.m.local[other]):
             self.m.local[other][key if same_key else self.m.new_key()] = self.m.local[folder].pop(key)
 
@@ -626,7 +627,7 @@ class TwoWayMachine(RuleBasedStateMachine):
         elif kind == "expunge":
             self.m.may_vanish.add(self.m.server[folder].msgs.pop(uid).cid)
         else:
-            self.m.s_move(folder, uid, "B" if folder == "A" else "A")
+            self.m.s_move(folder, uid, data.draw(st.sampled_from([f for f in FOLDERS if f != folder])))
 
     @rule(data=st.data())
     def server(self, data: st.DataObject) -> None:
