@@ -389,17 +389,21 @@ def identity_request(
 ) -> tuple[set[tuple[str, str]], set[tuple[str, int]], set[tuple[str, int]]]:
     """Which identities :func:`plan_round` needs.
 
-    Returns (folder, key) of new files, (folder, uid) of rows whose file is
-    gone, and (folder, uid) of server UIDs no row names. All empty unless the
-    round has new files, so the common round (flags only) reads no file
-    content at all. The third set matters: a new file whose content the
-    server already holds in that folder under a UID we do not know (another
-    client moved it there too; our own APPEND or MOVE that gave no UID back)
-    is adopted, never appended a second time. The identity must therefore be
-    one the server can give: Message-ID and RFC822.SIZE. A vanished
-    row's file is gone: its identity comes from the state (a digest recorded
-    at fetch) or the server (Message-ID and RFC822.SIZE); the new file's must
-    be computed the same way (size with CRLF line ends, as the server counts).
+    Returns (folder, key) of new files (a row's file with new content,
+    ``changed_content``, counts as one), (folder, uid) of rows whose file is
+    gone or has new content, and (folder, uid) of server UIDs no row names.
+    All empty unless the round has new files, so the common round (flags
+    only) reads no file content at all. The third set matters: a new file
+    whose content the server already holds under a UID we do not know is
+    adopted, never appended a second time: in its own folder always (another
+    client moved it there too; our own APPEND or MOVE that gave no UID back),
+    in another folder if a row lost that content this round (another client
+    moved the message there while the reader moved the file elsewhere). The
+    identity must therefore be one the server can give: Message-ID and
+    RFC822.SIZE. A vanished row's file is gone (or holds other content): its
+    identity comes from the state (a digest recorded at fetch) or the server
+    (Message-ID and RFC822.SIZE); the new file's must be computed the same
+    way (size with CRLF line ends, as the server counts).
     """
     seen = _classify(folders)
     new = {(name, key) for name, keys in seen.fresh.items() for key in keys}

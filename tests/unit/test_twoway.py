@@ -722,7 +722,12 @@ def test_server_move_there_and_back_racing_a_local_move_ends_in_one_place() -> N
     m.pull()
     key = next(iter(m.local["B"]))
     m.local["A"][key] = m.local["B"].pop(key)
-    m.sync(race=lambda: (m.s_move("B", 1, "A"), m.s_move("A", 1, "B")) and None)
+
+    def there_and_back() -> None:
+        m.s_move("B", 1, "A")
+        m.s_move("A", 1, "B")
+
+    m.sync(race=there_and_back)
     assert m.server["B"].msgs == {} and set(m.server["A"].msgs) == {2} and m.rows["A"] == {2: Row(key, fs(), 1)}
     m.check_converged()
 
