@@ -80,7 +80,7 @@ tests/unit/test_twoway.py, ``Model.apply``, does exactly this)
        :func:`settle_move`. ``source_gone``: do nothing at all for it (the
        source row, if any, stays; the target file stays untracked) and
        remember to plan again. Otherwise: drop the source row *if there is
-       one* (an adopted UID has none), STORE ``add``/``remove`` on the new
+       one* (an adopted UID has none) and the ``lost`` row if named, STORE ``add``/``remove`` on the new
        UID, rename the target file to carry ``local_flags``, record the row
        (new UID, ``key``, ``base``) in ``target``.
     3. Then each folder's ``append``: APPEND the file if it is still there,
@@ -216,6 +216,11 @@ class Move:
     """What to STORE on the moved message (relative to its flags in the source)."""
     base: Flags
     """The target row's flags afterwards (merged, keywords as the server had them)."""
+    lost: tuple[str, int] | None = None
+    """For a move of a UID no row names: the row (folder, UID) that lost this
+    content (its UID expunged, its file gone), the evidence that the reader
+    moved this message. It is in no ``remove_local``: drop it once the move is
+    done; if ``source_gone``, leave it, so the next plan has the evidence again."""
 
 
 @dataclass(frozen=True)
@@ -492,7 +497,14 @@ def plan_round(
     # where the reader put the file (no upload; the fetch would otherwise
     # bring it back next to the appended copy). Only with that lost row as
     # evidence: a fresh file and an unknown UID alone may be two copies.
+    evidence: dict[Hashable, list[tuple[str, int]]] = {}
+    for name in sorted(folders):
+        for uid in gone_files[name]:
+            ident = gone_identity.get((name, uid))
+            if ident is not None and uid not in seen.changed[name]:
+                evidence.setdefault(ident, []).append((name, uid))
     adopted_away: dict[tuple[str, str], tuple[str, int]] = {}
+    lost_row: dict[tuple[str, str], tuple[str, int]] = {}
     for name in sorted(fresh):
         for key in fresh[name]:
             if (name, key) in paired or (name, key) in adopted:
@@ -503,6 +515,8 @@ def plan_round(
             for src in sorted(folders):
                 if src != name and by_server[src].get(ident):
                     adopted_away[(name, key)] = (src, by_server[src][ident].pop(0))
+                    if evidence.get(ident):
+                        lost_row[(name, key)] = evidence[ident].pop(0)
                     break
 
     # 3. Guards, per folder, on the deletions proper (vanished, unmatched).
@@ -522,6 +536,12 @@ def plan_round(
                 f"{len(deletions)} of its {total} messages vanished locally at once "
                 f"(more than max_delete = {max_delete:.0%})"
             )
+
+    # Rows that are a cross-folder adoption's evidence stay until it is done.
+    deferred = {
+        lost for dst, lost in lost_row.items()
+        if dst[0] not in refused and adopted_away[dst][0] not in refused and lost[0] not in refused
+    }
 
     # 4. Decide.
     moves: list[Move] = []
@@ -567,6 +587,8 @@ def plan_round(
                 continue
             if uid in gone:
                 # The server's expunge is final.
+                if (name, uid) in deferred:
+                    continue  # its file is gone; its row is dropped with the move it is evidence for
                 plan["remove_local"].append(uid)
                 if renamed is not None:
                     plan["remove_files"].append(renamed[1])  # renamed by a reader, then expunged
@@ -616,8 +638,9 @@ def plan_round(
                     continue
                 server = folders[src_name].server[src_uid]
                 flags = representable_part(server)
+                lost = lost_row.get((name, key))
                 moves.append(Move(src_name, src_uid, name, key, flags, frozenset(), frozenset(),
-                                  server_only_part(server) | flags))
+                                  server_only_part(server) | flags, lost if lost in deferred else None))
                 continue
             src = paired.get((name, key))
             if src is None:

@@ -460,6 +460,8 @@ class Model:
                 continue
             assert outcome.new_uid is not None
             self.rows[mv.source].pop(mv.uid, None)  # none: a UID adopted from another folder
+            if mv.lost is not None:
+                self.rows[mv.lost[0]].pop(mv.lost[1])
             self.s_store(mv.target, outcome.new_uid, mv.add, mv.remove, None)
             m = self.local[mv.target][mv.key]
             m.letters = maildir_info(mv.local_flags)
@@ -765,8 +767,8 @@ def test_moved_locally_while_moved_elsewhere_on_the_server_is_moved_not_appended
     plan = plan_round(
         folders, new_identity={("B", "k6"): "x"}, gone_identity={("A", 2): "x"}, server_identity={("A", 3): "x"}
     )
-    assert plan.moves == (Move("A", 3, "B", "k6", fs(SEEN), fs(), fs(), fs(SEEN, "$Junk")),)
-    assert plan.folders["A"].remove_local == (2,)
+    assert plan.moves == (Move("A", 3, "B", "k6", fs(SEEN), fs(), fs(), fs(SEEN, "$Junk"), lost=("A", 2)),)
+    assert plan.folders["A"].remove_local == ()  # dropped with the move (Move.lost)
     assert plan.folders["B"].append == ()
     # Without a row that lost the content, an unknown UID elsewhere may be another copy: appended.
     plan = plan_round(
@@ -827,3 +829,24 @@ def test_new_content_under_a_key_whose_old_content_moved_to_a_refused_folder_is_
     assert plan.folders["B"].refused and plan.moves == ()
     a = plan.folders["A"]
     assert a.held == ("k",) and a.append == () and a.forget == () and a.delete == ()
+
+
+def test_a_cross_folder_adoption_whose_source_moved_on_keeps_its_evidence_for_the_next_round() -> None:
+    """Found by the model (seed 90): the MOVE of an adopted UID found it gone
+    (moved on again); the row that lost the content had been dropped, so the
+    next round no longer knew the reader's file was that message: appended,
+    and the UID fetched where it had gone. The row now stays until the move is done."""
+    m = Model("expunge")
+    m.created.add(1)
+    m.s_add("B", 1, set())
+    m.pull()
+    key = next(iter(m.local["B"]))
+    m.local["A"][key] = m.local["B"].pop(key)  # the reader moves it B -> A
+    m.s_move("B", 1, "C")  # another client moves it B -> C
+
+    def on_again() -> None:
+        m.s_move("C", 1, "B")  # and on, C -> B, while our MOVE C -> A is on its way
+
+    m.sync(race=on_again)
+    assert m.server["B"].msgs == {} and m.server["C"].msgs == {} and list(m.rows["A"].values())[0].key == key
+    m.check_converged()
