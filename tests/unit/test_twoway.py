@@ -848,5 +848,5 @@ def test_a_cross_folder_adoption_whose_source_moved_on_keeps_its_evidence_for_th
         m.s_move("C", 1, "B")  # and on, C -> B, while our MOVE C -> A is on its way
 
     m.sync(race=on_again)
-    assert m.server["B"].msgs == {} and m.server["C"].msgs == {} and list(m.rows["A"].values())[0].key == key
+    assert m.server["B"].msgs == {} and m.server["C"].msgs == {} and next(iter(m.rows["A"].values())).key == key
     m.check_converged()
