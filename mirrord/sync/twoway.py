@@ -43,17 +43,54 @@ New files, moves, renames
     same folder that is a reader's rename (mu): the row is re-keyed, nothing
     goes to the server; in another folder it is a move (UID MOVE, or its
     fallback), no upload. A file whose content changed (the caller says so)
-    is APPENDed as a new message and the old UID deleted as for a deletion.
+    is a new file under an old key, and its row a row whose content went:
+    each is paired as above (a file moved back into a folder keeps its
+    name, which a row there may still have), and if unpaired, the file is
+    APPENDed as a new message (flags merged against the row's) and the old
+    UID deleted as for a deletion (under ``keep`` it stays, unrowed, and is
+    fetched again under a new key). Such a row is never fetched back under
+    its key, and does not count towards ``max_delete``.
 
 The server's word wins where it is final
     A message the server expunged (absent from a complete listing, or named
     by EXPUNGE/VANISHED) loses its row and its local file, even if its flags
     changed locally meanwhile. If its file was meanwhile moved to another
     folder, or its content changed, that file is APPENDed there: the message
-    ends in exactly one place, the one the reader put it in. A move whose
-    source the server expunged *after* this plan was made is settled by
-    :func:`settle_move` the same way: no COPYUID entry for it means the
-    server moved nothing, and the file is APPENDed.
+    ends in exactly one place, the one the reader put it in. If another
+    client moved it on the server meanwhile (a new UID in some folder, the old
+    one gone), the reader's file is matched with that UID (adopted where it
+    is, or moved there: :class:`Move` of a UID no row names). A move whose
+    source was gone *after* this plan was made is settled by
+    :func:`settle_move`: no COPYUID entry for it means the server moved
+    nothing; the caller then runs another round before fetching, which
+    settles it as above.
+
+Applying a plan (what the wiring must do; the model in
+tests/unit/test_twoway.py, ``Model.apply``, does exactly this)
+    1. Per folder that is not ``refused``, in this order: ``remove_local``
+       (drop the row, delete its file if there); ``remove_files``;
+       ``forget`` (drop the row, keep the file); ``adopt`` (record the row,
+       rename the file to carry ``flags``); ``rekey``; ``store`` with
+       ``UNCHANGEDSINCE`` the modseq the plan's server view was read at (a
+       MODIFIED UID gets none of its ``local_flags`` and ``base``: the next
+       round merges again); ``local_flags``; ``base`` (rows still there);
+       ``delete`` (``\\Deleted``; if ``expunge``, ``UID EXPUNGE`` of exactly
+       those UIDs and their rows dropped).
+    2. Then every ``RoundPlan.moves``, in order: UID MOVE, then
+       :func:`settle_move`. ``source_gone``: do nothing at all for it (the
+       source row, if any, stays; the target file stays untracked) and
+       remember to plan again. Otherwise: drop the source row *if there is
+       one* (an adopted UID has none) and the ``lost`` row if named, STORE ``add``/``remove`` on the new
+       UID, rename the target file to carry ``local_flags``, record the row
+       (new UID, ``key``, ``base``) in ``target``.
+    3. Then each folder's ``append``: APPEND the file if it is still there,
+       record the row (new UID, ``key``, ``flags``). A row whose content
+       changed is in ``forget`` (step 1) before the append re-uses its key.
+    4. If a move was ``source_gone``: plan and apply again (a fresh server
+       view), before any fetch; a few times at most (the model: twice).
+    5. Then the one-way sync: rows of UIDs the server no longer lists go with
+       their files, new UIDs are fetched, ``refetch`` rows are fetched back,
+       ``tombstones`` are not.
 """
 
 from __future__ import annotations
@@ -162,6 +199,10 @@ class Move:
     ``UID EXPUNGE``); then, with the new UID from COPYUID, a STORE of
     ``add``/``remove`` on it, the file renamed to carry ``local_flags`` if it
     does not, and the row (new UID, ``key``, ``base``) recorded in ``target``.
+    The source row, if there is one, goes. There is none when ``uid`` is a UID
+    no row names: another client moved the message there on the server while
+    the reader moved its file (see the module's docstring); then ``add`` and
+    ``remove`` are empty and the server's flags win, as for :class:`Adopt`.
     """
 
     source: str
@@ -175,6 +216,11 @@ class Move:
     """What to STORE on the moved message (relative to its flags in the source)."""
     base: Flags
     """The target row's flags afterwards (merged, keywords as the server had them)."""
+    lost: tuple[str, int] | None = None
+    """For a move of a UID no row names: the row (folder, UID) that lost this
+    content (its UID expunged, its file gone), the evidence that the reader
+    moved this message. It is in no ``remove_local``: drop it once the move is
+    done; if ``source_gone``, leave it, so the next plan has the evidence again."""
 
 
 @dataclass(frozen=True)
@@ -186,7 +232,7 @@ class Conflict:
 
 @dataclass(frozen=True)
 class FolderPlan:
-    """What one folder's round does. Apply in this order: local fixes, server, rows."""
+    """What one folder's round does. Apply it as the module's docstring says ("Applying a plan")."""
 
     refused: str | None = None
     """Why nothing at all is done for this folder (the caller stops it and says so)."""
@@ -234,7 +280,9 @@ class FolderPlan:
 class RoundPlan:
     folders: Mapping[str, FolderPlan]
     moves: tuple[Move, ...] = ()
-    """Do these before each folder's appends: a failed move turns into an APPEND (settle_move)."""
+    """Do these after the folders' row and server actions and before their
+    appends. A move whose source was gone does nothing, and the round must be
+    planned again before fetching (:attr:`MoveOutcome.source_gone`)."""
 
 
 def representable_part(flags: Iterable[str]) -> Flags:
@@ -303,6 +351,10 @@ class _Seen:
     """Keys of files no row names."""
     unknown: dict[str, list[int]] = field(default_factory=dict)
     """Server UIDs no row names (new on the server, or our own APPEND/MOVE without a UID back)."""
+    changed: dict[str, set[int]] = field(default_factory=dict)
+    """Rows whose file is there with another content: the row counts as gone (its
+    content may have been moved or renamed elsewhere) and the file as new (it
+    may be a message moved in under a key a row already had)."""
 
 
 def _classify(folders: Mapping[str, Folder]) -> _Seen:
@@ -315,6 +367,7 @@ def _classify(folders: Mapping[str, Folder]) -> _Seen:
         tombs: list[int] = []
         seen.vanished[name], seen.gone_files[name], seen.tombs[name] = vanished, gone_files, tombs
         seen.unknown[name] = sorted(uid for uid in folder.server if uid not in folder.rows)
+        changed = seen.changed[name] = set()
         if files is None:
             vanished.extend(sorted(uid for uid in folder.rows if uid not in gone))
             seen.fresh[name] = []
@@ -322,14 +375,16 @@ def _classify(folders: Mapping[str, Folder]) -> _Seen:
         for uid in sorted(folder.rows):
             row = folder.rows[uid]
             if row.key in files:
-                continue
+                if uid not in folder.changed_content:
+                    continue
+                changed.add(uid)
             if uid in gone:
                 gone_files.append(uid)
             elif _is_tombstone(row.flags, folder.server.get(uid, row.flags)):
                 tombs.append(uid)
             else:
                 vanished.append(uid)
-        keys = {row.key for row in folder.rows.values()}
+        keys = {row.key for uid, row in folder.rows.items() if uid not in changed}
         seen.fresh[name] = sorted(key for key in files if key not in keys)
     return seen
 
@@ -339,17 +394,21 @@ def identity_request(
 ) -> tuple[set[tuple[str, str]], set[tuple[str, int]], set[tuple[str, int]]]:
     """Which identities :func:`plan_round` needs.
 
-    Returns (folder, key) of new files, (folder, uid) of rows whose file is
-    gone, and (folder, uid) of server UIDs no row names. All empty unless the
-    round has new files, so the common round (flags only) reads no file
-    content at all. The third set matters: a new file whose content the
-    server already holds in that folder under a UID we do not know (another
-    client moved it there too; our own APPEND or MOVE that gave no UID back)
-    is adopted, never appended a second time. The identity must therefore be
-    one the server can give: Message-ID and RFC822.SIZE. A vanished
-    row's file is gone: its identity comes from the state (a digest recorded
-    at fetch) or the server (Message-ID and RFC822.SIZE); the new file's must
-    be computed the same way (size with CRLF line ends, as the server counts).
+    Returns (folder, key) of new files (a row's file with new content,
+    ``changed_content``, counts as one), (folder, uid) of rows whose file is
+    gone or has new content, and (folder, uid) of server UIDs no row names.
+    All empty unless the round has new files, so the common round (flags
+    only) reads no file content at all. The third set matters: a new file
+    whose content the server already holds under a UID we do not know is
+    adopted, never appended a second time: in its own folder always (another
+    client moved it there too; our own APPEND or MOVE that gave no UID back),
+    in another folder if a row lost that content this round (another client
+    moved the message there while the reader moved the file elsewhere). The
+    identity must therefore be one the server can give: Message-ID and
+    RFC822.SIZE. A vanished row's file is gone (or holds other content): its
+    identity comes from the state (a digest recorded at fetch) or the server
+    (Message-ID and RFC822.SIZE); the new file's must be computed the same
+    way (size with CRLF line ends, as the server counts).
     """
     seen = _classify(folders)
     new = {(name, key) for name, keys in seen.fresh.items() for key in keys}
@@ -400,18 +459,21 @@ def plan_round(
             ident = gone_identity.get((name, uid))
             if ident is not None:
                 by_identity.setdefault(ident, []).append((name, uid))
+    lost = set(by_identity)  # contents some row lost its file of, before pairing uses them up
     # The server already has it here under a UID we do not know: adopt.
-    adopted: dict[tuple[str, str], int] = {}
-    for name in sorted(fresh):
-        by_server: dict[Hashable, list[int]] = {}
+    by_server: dict[str, dict[Hashable, list[int]]] = {}
+    for name in sorted(folders):
+        pool = by_server[name] = {}
         for uid in seen.unknown[name]:
             ident = server_identity.get((name, uid))
             if ident is not None:
-                by_server.setdefault(ident, []).append(uid)
+                pool.setdefault(ident, []).append(uid)
+    adopted: dict[tuple[str, str], int] = {}
+    for name in sorted(fresh):
         for key in fresh[name]:
             ident = new_identity.get((name, key))
-            if ident is not None and by_server.get(ident):
-                adopted[(name, key)] = by_server[ident].pop(0)
+            if ident is not None and by_server[name].get(ident):
+                adopted[(name, key)] = by_server[name][ident].pop(0)
     paired: dict[tuple[str, str], tuple[str, int]] = {}
     for same_folder in (True, False):
         for name in sorted(fresh):
@@ -428,6 +490,34 @@ def plan_round(
                         del candidates[i]
                         break
     matched_rows = {src_uid: dst for dst, src_uid in paired.items()}
+    # Moved on the server by another client while the reader moved the file:
+    # a row lost its file and its UID (the server expunged it from where we
+    # knew it), the reader's file is new in one folder, and the server shows
+    # the same content under an unknown UID in another. That UID is moved to
+    # where the reader put the file (no upload; the fetch would otherwise
+    # bring it back next to the appended copy). Only with that lost row as
+    # evidence: a fresh file and an unknown UID alone may be two copies.
+    evidence: dict[Hashable, list[tuple[str, int]]] = {}
+    for name in sorted(folders):
+        for uid in gone_files[name]:
+            ident = gone_identity.get((name, uid))
+            if ident is not None and uid not in seen.changed[name]:
+                evidence.setdefault(ident, []).append((name, uid))
+    adopted_away: dict[tuple[str, str], tuple[str, int]] = {}
+    lost_row: dict[tuple[str, str], tuple[str, int]] = {}
+    for name in sorted(fresh):
+        for key in fresh[name]:
+            if (name, key) in paired or (name, key) in adopted:
+                continue
+            ident = new_identity.get((name, key))
+            if ident is None or ident not in lost:
+                continue
+            for src in sorted(folders):
+                if src != name and by_server[src].get(ident):
+                    adopted_away[(name, key)] = (src, by_server[src][ident].pop(0))
+                    if evidence.get(ident):
+                        lost_row[(name, key)] = evidence[ident].pop(0)
+                    break
 
     # 3. Guards, per folder, on the deletions proper (vanished, unmatched).
     refused: dict[str, str] = {}
@@ -437,13 +527,21 @@ def plan_round(
             continue
         if policy == "keep" or folder.allow_delete:
             continue
-        deletions = [uid for uid in vanished[name] if (name, uid) not in matched_rows]
+        deletions = [
+            uid for uid in vanished[name] if (name, uid) not in matched_rows and uid not in seen.changed[name]
+        ]
         total = len(folder.rows)
         if len(deletions) > DELETE_FLOOR and len(deletions) > max_delete * total:
             refused[name] = (
                 f"{len(deletions)} of its {total} messages vanished locally at once "
                 f"(more than max_delete = {max_delete:.0%})"
             )
+
+    # Rows that are a cross-folder adoption's evidence stay until it is done.
+    deferred = {
+        lost for dst, lost in lost_row.items()
+        if dst[0] not in refused and adopted_away[dst][0] not in refused and lost[0] not in refused
+    }
 
     # 4. Decide.
     moves: list[Move] = []
@@ -454,18 +552,44 @@ def plan_round(
             continue
         files = folder.files or {}
         gone = expunged[name]
+        changed = seen.changed[name]
+        replaced: dict[str, Append] = {}  # key -> its Append if unpaired: new content, its row going
+        hold: set[str] = set()
         for uid in sorted(folder.rows):
             row = folder.rows[uid]
             lf = files.get(row.key)
-            if uid in gone:
-                # The server's expunge is final; a file whose content changed
-                # is a new message now, and goes up rather than being lost.
-                if lf is not None and uid in folder.changed_content:
-                    plan["forget"].append(uid)
-                    plan["append"].append(Append(row.key, lf.flags))
+            renamed = matched_rows.get((name, uid))
+            if uid in changed:
+                # Messages are immutable: new content in a row's file is a new
+                # message (it may be one moved in under that key: see below),
+                # and the row's content went, perhaps renamed or moved.
+                assert lf is not None
+                m = merge_flags(row.flags, lf.flags, folder.server.get(uid, row.flags))
+                if renamed is not None and renamed[0] == name and uid not in gone:
+                    if renamed[1] != row.key:  # else the identity says the content is the same
+                        plan["rekey"].append(Rekey(uid, row.key, renamed[1]))
+                    _apply_merge(plan, uid, renamed[1], files[renamed[1]].flags, row.flags,
+                                 folder.server.get(uid, row.flags))
                     continue
+                if renamed is not None and uid not in gone:
+                    if renamed[0] in refused:
+                        hold.add(row.key)  # the row stays this round: so must its key's new content
+                    continue  # a move: decided with its target
+                plan["forget"].append(uid)
+                if uid in gone:
+                    # The server's expunge is final; the new content goes up rather than being lost.
+                    if renamed is not None:
+                        plan["remove_files"].append(renamed[1])
+                    continue
+                replaced[row.key] = Append(row.key, m.base, replaces=uid)
+                if policy != "keep":
+                    plan["delete"].append(uid)
+                continue
+            if uid in gone:
+                # The server's expunge is final.
+                if (name, uid) in deferred:
+                    continue  # its file is gone; its row is dropped with the move it is evidence for
                 plan["remove_local"].append(uid)
-                renamed = matched_rows.get((name, uid))
                 if renamed is not None:
                     plan["remove_files"].append(renamed[1])  # renamed by a reader, then expunged
                 if lf is not None and lf.flags != representable_part(row.flags):
@@ -495,26 +619,32 @@ def plan_round(
                     if policy == "flag":
                         plan["base"][uid] = frozenset(row.flags) | {DELETED}
                 continue
-            if uid in folder.changed_content:
-                # Messages are immutable: new content is a new message.
-                m = merge_flags(row.flags, lf.flags, server)
-                plan["append"].append(Append(row.key, m.base, replaces=uid))
-                plan["forget"].append(uid)
-                if policy != "keep":
-                    plan["delete"].append(uid)
-                continue
             _apply_merge(plan, uid, row.key, lf.flags, row.flags, server)
 
         for key in fresh[name]:
             lf = files[key]
+            if key in hold:
+                plan["held"].append(key)
+                continue
             if (name, key) in adopted:
                 uid = adopted[(name, key)]
                 server = folder.server[uid]
                 plan["adopt"].append(Adopt(uid, key, representable_part(server), server_only_part(server) | representable_part(server)))
                 continue
+            if (name, key) in adopted_away:
+                src_name, src_uid = adopted_away[(name, key)]
+                if src_name in refused:
+                    plan["held"].append(key)
+                    continue
+                server = folders[src_name].server[src_uid]
+                flags = representable_part(server)
+                lost = lost_row.get((name, key))
+                moves.append(Move(src_name, src_uid, name, key, flags, frozenset(), frozenset(),
+                                  server_only_part(server) | flags, lost if lost in deferred else None))
+                continue
             src = paired.get((name, key))
             if src is None:
-                plan["append"].append(Append(key, lf.flags))
+                plan["append"].append(replaced.get(key) or Append(key, lf.flags))
                 continue
             src_name, src_uid = src
             if src_name == name:
@@ -579,25 +709,36 @@ def _apply_merge(plan: dict[str, Any], uid: int, key: str, local: Flags, base: F
 @dataclass(frozen=True)
 class MoveOutcome:
     new_uid: int | None
-    """The message's UID in the target (from COPYUID); None: see ``append``."""
+    """The message's UID in the target (from COPYUID); None: see ``source_gone`` and ``unknown``."""
     append: Append | None
-    """The server moved nothing (the source was expunged meanwhile): APPEND the file instead."""
+    """Always None now (kept for the API): a move whose source is gone is never
+    turned into an APPEND, see ``source_gone``."""
     unknown: bool = False
     """The server gave no COPYUID (no UIDPLUS): the move happened but its new UID is
     not known; the caller finds it (e.g. by Message-ID in the target) before the
     next fetch of the target, or the file would be downloaded next to itself."""
+    source_gone: bool = False
+    """The server moved nothing: the source UID was gone (another client expunged
+    it, or moved it to some folder) when the MOVE ran. The caller does nothing
+    for this move: the source row (if any) stays, the target file stays
+    untracked. It then plans and applies another round (fresh server state)
+    *before* fetching: that round finds the source row expunged and the file
+    new, and adopts the file as the UID the other client moved the message
+    to (in the target: :class:`Adopt`; elsewhere: a :class:`Move` of that
+    UID), or APPENDs it if it was expunged. An APPEND here, or a fetch first,
+    would leave the message twice on the server, or twice in the Maildir."""
 
 
 def settle_move(move: Move, copyuid: Mapping[int, int] | None) -> MoveOutcome:
     """What a move turned into, given the COPYUID mapping the server returned (None: none offered).
 
-    A mapping without the source UID means the server had expunged it
-    before the move: the file the reader put in the target is APPENDed, so
-    the message ends in exactly one place, never none and never two.
+    A mapping without the source UID means the server had no such message
+    any more when the MOVE ran: ``source_gone``, see there. The message ends
+    in exactly one place, never none and never two.
     """
     if copyuid is None:
         return MoveOutcome(None, None, unknown=True)
     new_uid = copyuid.get(move.uid)
     if new_uid is None:
-        return MoveOutcome(None, Append(move.key, move.base))
+        return MoveOutcome(None, None, source_gone=True)
     return MoveOutcome(new_uid, None)
