@@ -509,15 +509,13 @@ class Pusher:
                         result.moved += 1
                     else:
                         self._give_up(target_name, move.key, intent_id, result)
-                elif outcome.append is not None:
-                    self.state.drop_intent(intent_id)
-                    self.state.remove_messages(account, source, [move.uid])
-                    await self._append(worker, target_name, outcome.append, result)
                 else:
-                    # The server moved nothing (the source went meanwhile): the
-                    # file stays, unrecorded, and another round decides what it is.
+                    # source_gone: the server moved nothing (the UID went meanwhile,
+                    # expunged or moved on by another client). Nothing is recorded:
+                    # the source row stays as the evidence the next plan needs,
+                    # the file stays unrecorded, and the round is planned again
+                    # at once, before any fetch could bring the message back.
                     self.state.drop_intent(intent_id)
-                    self.state.remove_messages(account, source, [move.uid])
                     result.again = True
             if any(m.add or m.remove for _, m in stores):
                 await self._select(worker, target_name)
@@ -539,7 +537,12 @@ class Pusher:
         account = self.account.name
         record = MessageRecord(new_uid, move.key, move.base, ident.size if ident else None,
                                ident.message_id if ident else None)
-        self.state.move_row(account, move.source, move.uid, move.target, record, intent_id)
+        with self.state.transaction():
+            # The source row goes if there is one (a UID another client moved
+            # has none), and so does the row whose lost content this was.
+            self.state.move_row(account, move.source, move.uid, move.target, record, intent_id)
+            if move.lost is not None:
+                self.state.remove_messages(account, move.lost[0], [move.lost[1]])
         if "MOVE" not in client.capabilities and "UIDPLUS" not in client.capabilities:
             self._tombstone(move.source, move.uid, move.key)
 
