@@ -67,15 +67,28 @@ def batches(uids: Sequence[int], sizes: dict[int, int | None], workers: int = 1)
     A mailbox smaller than a full batch per worker is still cut into one
     batch per worker, so that its first sync uses every connection.
     """
-    limit = max(1, min(BATCH_MESSAGES, -(-len(uids) // max(1, workers))))
+    total = len(uids)
+    slots = max(1, min(workers, total))
+
+    def limit(done: int, made: int) -> int:
+        # What is left, spread over the workers not given a batch yet: 4
+        # messages over 3 workers are 2 + 1 + 1, not 2 + 2.
+        left = slots - made
+        share = -(-(total - done) // left) if left > 0 else BATCH_MESSAGES
+        return max(1, min(BATCH_MESSAGES, share))
+
     out: list[list[int]] = []
     current: list[int] = []
     current_bytes = 0
+    done = 0
+    cap = limit(0, 0)
     for uid in uids:
         size = sizes.get(uid) or 0
-        if current and (len(current) >= limit or current_bytes + size > BATCH_BYTES):
+        if current and (len(current) >= cap or current_bytes + size > BATCH_BYTES):
             out.append(current)
+            done += len(current)
             current, current_bytes = [], 0
+            cap = limit(done, len(out))
         current.append(uid)
         current_bytes += size
     if current:

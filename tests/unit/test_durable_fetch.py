@@ -242,6 +242,9 @@ def test_reserved_tmp_files_are_used_then_released(tmp_path: Path) -> None:
 
 def test_reserved_files_are_bounded_across_maildirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(maildir_mod, "MAX_RESERVED", 5)
+    # The count is process-wide: files another test's Maildir still holds
+    # (until the garbage collector closes them) must not count here.
+    monkeypatch.setattr(maildir_mod, "_reserved_count", 0)
     a, b = Maildir(tmp_path / "a"), Maildir(tmp_path / "b")
     a.reserve_tmp(4)
     b.reserve_tmp(4)
