@@ -95,6 +95,7 @@ tests/unit/test_twoway.py, ``Model.apply``, does exactly this)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -283,6 +284,12 @@ class RoundPlan:
     """Do these after the folders' row and server actions and before their
     appends. A move whose source was gone does nothing, and the round must be
     planned again before fetching (:attr:`MoveOutcome.source_gone`)."""
+
+
+@functools.lru_cache(maxsize=4096)
+def _representable(flags: Flags) -> Flags:
+    """:func:`representable_part` of a row's flags, cached: a folder has few distinct flag sets."""
+    return representable_part(flags)
 
 
 def representable_part(flags: Iterable[str]) -> Flags:
@@ -558,6 +565,14 @@ def plan_round(
         for uid in sorted(folder.rows):
             row = folder.rows[uid]
             lf = files.get(row.key)
+            if (
+                lf is not None and uid not in folder.server and uid not in changed and uid not in gone
+                and lf.flags == _representable(row.flags)
+            ):
+                # Untouched on both sides (the common case: all but the few the
+                # reader changed): nothing to decide. Keeps a round over a big
+                # folder from costing a merge per message.
+                continue
             renamed = matched_rows.get((name, uid))
             if uid in changed:
                 # Messages are immutable: new content in a row's file is a new
