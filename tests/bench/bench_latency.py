@@ -67,7 +67,6 @@ import argparse
 import bisect
 import ctypes
 import hashlib
-import itertools
 import multiprocessing
 import os
 import random
@@ -76,7 +75,6 @@ import selectors
 import shlex
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -88,6 +86,12 @@ from dataclasses import dataclass, field
 from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 from typing import Any
+
+import _benchlib
+from _benchlib import local_files as _local_files
+from _benchlib import percentile, quote
+from _benchlib import quietly as _quietly
+from _benchlib import wait as _wait
 
 from mirrord.testing import ImapAccount, PrivateDovecot, make_message
 
@@ -166,77 +170,19 @@ class Inotify:
 # A minimal synchronous IMAP client on a raw socket (no literals in responses)
 
 
-def _quote(text: str) -> bytes:
-    return b'"' + text.replace("\\", "\\\\").replace('"', '\\"').encode() + b'"'
-
-
-class RawImap:
-    """Just enough IMAP for LOGIN, EXAMINE, APPEND, UID SEARCH and IDLE, with exact timing."""
-
-    def __init__(self, host: str, port: int, timeout: float = 30.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.buf = b""
-        self._tags = itertools.count(1)
-        greeting = self.readline()
-        if not greeting.startswith(b"* OK"):
-            raise RuntimeError(f"unexpected greeting {greeting!r}")
-
-    def _fill(self) -> None:
-        data = self.sock.recv(1 << 16)
-        if not data:
-            raise ConnectionError("server closed the connection")
-        self.buf += data
-
-    def readline(self) -> bytes:
-        """One response line, with any literals in it inlined (``{n}`` kept before each)."""
-        line = b""
-        while True:
-            end = self.buf.find(b"\r\n")
-            if end < 0:
-                self._fill()
-                continue
-            part, self.buf = self.buf[:end], self.buf[end + 2 :]
-            line += part
-            literal = _LITERAL.search(part)
-            if literal is None:
-                return line
-            size = int(literal.group(1))
-            while len(self.buf) < size:
-                self._fill()
-            line, self.buf = line + b"\r\n" + self.buf[:size], self.buf[size:]
-
-    def command(self, text: bytes, literal: bytes | None = None) -> tuple[list[bytes], bytes, float]:
-        """Send one command (a literal goes as LITERAL+, in the same write); return
-        (untagged lines, tagged line, time.monotonic() when the tagged line was read)."""
-        tag = b"b%d" % next(self._tags)
-        if literal is None:
-            self.sock.sendall(tag + b" " + text + b"\r\n")
-        else:
-            self.sock.sendall(tag + b" " + text + b" {%d+}\r\n" % len(literal) + literal + b"\r\n")
-        untagged: list[bytes] = []
-        while True:
-            line = self.readline()
-            if line.startswith(tag + b" "):
-                done = time.monotonic()
-                if not line[len(tag) + 1 :].startswith(b"OK"):
-                    raise RuntimeError(f"{text[:40]!r} failed: {line!r}")
-                return untagged, line, done
-            untagged.append(line)
-
-    def login(self, user: str, password: str) -> None:
-        self.command(b"LOGIN " + _quote(user) + b" " + _quote(password))
+class RawImap(_benchlib.RawImap):
+    """APPEND, UID SEARCH and IDLE, with exact timing."""
 
     def append(self, mailbox: str, message: bytes) -> tuple[int, float]:
         """APPEND; (UID from APPENDUID, monotonic time the tagged OK was read)."""
-        _, tagged, done = self.command(b"APPEND " + _quote(mailbox), message)
+        _, tagged, done = self.command(b"APPEND " + quote(mailbox), message)
         match = _APPENDUID.search(tagged)
         if match is None:
             raise RuntimeError(f"no APPENDUID in {tagged!r}")
         return int(match.group(2)), done
 
     def uids(self, mailbox: str) -> list[int]:
-        self.command(b"EXAMINE " + _quote(mailbox))
+        self.command(b"EXAMINE " + quote(mailbox))
         untagged, _, _ = self.command(b"UID SEARCH ALL")
         found: list[int] = []
         for line in untagged:
@@ -246,7 +192,7 @@ class RawImap:
 
     def start_idle(self, mailbox: str) -> None:
         """EXAMINE and IDLE; returns once the server said ``+`` (it is idling)."""
-        self.command(b"EXAMINE " + _quote(mailbox))
+        self.command(b"EXAMINE " + quote(mailbox))
         self.sock.sendall(b"idle IDLE\r\n")
         while True:
             line = self.readline()
@@ -254,12 +200,6 @@ class RawImap:
                 return
             if line.startswith(b"idle "):
                 raise RuntimeError(f"IDLE refused: {line!r}")
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
 
 
 # --------------------------------------------------------------------------
@@ -504,15 +444,6 @@ class Outcome:
                 and percentile(self.overhead_ms, 99) <= TARGET_P99_MS)
 
 
-def percentile(values: Sequence[float], p: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    pos = (len(ordered) - 1) * p / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 def _write_config(directory: Path, account: ImapAccount, workers: int) -> Path:
@@ -537,23 +468,8 @@ def _write_config(directory: Path, account: ImapAccount, workers: int) -> Path:
     return config
 
 
-def _local_files(inbox: Path) -> list[Path]:
-    files = []
-    for sub in ("new", "cur"):
-        try:
-            files.extend(p for p in (inbox / sub).iterdir())
-        except FileNotFoundError:
-            pass
-    return files
 
 
-def _wait(condition: Any, timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
-    return True
 
 
 def run_scenario(server: PrivateDovecot, scenario: Scenario, args: argparse.Namespace, root: Path) -> Outcome:
@@ -673,11 +589,6 @@ def run_scenario(server: PrivateDovecot, scenario: Scenario, args: argparse.Name
     return out
 
 
-def _quietly(call: Any) -> None:
-    try:
-        call()
-    except Exception as e:  # noqa: BLE001 - cleaning up after another error
-        print(f"  (cleanup: {call!r} failed: {e})", file=sys.stderr)
 
 
 def _watcher_exists(log: str) -> list[tuple[float, int]]:

@@ -60,14 +60,12 @@ test dependencies.
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import random
 import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -76,7 +74,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+import _benchlib
+from _benchlib import local_files as _local_files
+from _benchlib import percentile, quote
+from _benchlib import quietly as _quietly
+from _benchlib import wait as _wait
 
 from mirrord.testing import ImapAccount, PrivateDovecot, make_message
 
@@ -101,68 +104,15 @@ _SENT = re.compile(r"^(\d+\.\d+) INFO +\S+: sent local changes to the server: (.
 # A minimal synchronous IMAP client on a raw socket
 
 
-def _quote(text: str) -> bytes:
-    return b'"' + text.replace("\\", "\\\\").replace('"', '\\"').encode() + b'"'
-
-
-class RawImap:
-    """Just enough IMAP for LOGIN, SELECT/EXAMINE, UID FETCH/SEARCH, with little overhead per poll."""
-
-    def __init__(self, host: str, port: int, timeout: float = 30.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.buf = b""
-        self._tags = itertools.count(1)
-        greeting = self.readline()
-        if not greeting.startswith(b"* OK"):
-            raise RuntimeError(f"unexpected greeting {greeting!r}")
-
-    def _fill(self) -> None:
-        data = self.sock.recv(1 << 16)
-        if not data:
-            raise ConnectionError("server closed the connection")
-        self.buf += data
-
-    def readline(self) -> bytes:
-        """One response line, with any literals in it inlined."""
-        line = b""
-        while True:
-            end = self.buf.find(b"\r\n")
-            if end < 0:
-                self._fill()
-                continue
-            part, self.buf = self.buf[:end], self.buf[end + 2 :]
-            line += part
-            literal = _LITERAL.search(part)
-            if literal is None:
-                return line
-            size = int(literal.group(1))
-            while len(self.buf) < size:
-                self._fill()
-            line, self.buf = line + b"\r\n" + self.buf[:size], self.buf[size:]
-
-    def command(self, text: bytes) -> list[bytes]:
-        """Send one command; its untagged lines (a NO or BAD raises)."""
-        tag = b"p%d" % next(self._tags)
-        self.sock.sendall(tag + b" " + text + b"\r\n")
-        untagged: list[bytes] = []
-        while True:
-            line = self.readline()
-            if line.startswith(tag + b" "):
-                if not line[len(tag) + 1 :].startswith(b"OK"):
-                    raise RuntimeError(f"{text[:60]!r} failed: {line!r}")
-                return untagged
-            untagged.append(line)
-
-    def login(self, user: str, password: str) -> None:
-        self.command(b"LOGIN " + _quote(user) + b" " + _quote(password))
+class RawImap(_benchlib.RawImap):
+    """UID FETCH FLAGS and SEARCH by Message-ID, with little overhead per poll."""
 
     def flags(self, uids: Sequence[int]) -> dict[int, frozenset[str]]:
         """UID -> flags (without \\Recent) of those of ``uids`` still in the selected mailbox."""
         found: dict[int, frozenset[str]] = {}
         if not uids:
             return found
-        for line in self.command(b"UID FETCH " + ",".join(map(str, uids)).encode() + b" (UID FLAGS)"):
+        for line in self.lines(b"UID FETCH " + ",".join(map(str, uids)).encode() + b" (UID FLAGS)"):
             match = _FETCH.match(line)
             if match is None:
                 continue
@@ -172,7 +122,7 @@ class RawImap:
         return found
 
     def has_message_id(self, mid: str) -> bool:
-        for line in self.command(b"UID SEARCH HEADER Message-ID " + _quote(mid)):
+        for line in self.lines(b"UID SEARCH HEADER Message-ID " + quote(mid)):
             if line.startswith(b"* SEARCH") and line[len(b"* SEARCH") :].strip():
                 return True
         return False
@@ -180,17 +130,11 @@ class RawImap:
     def message_ids(self) -> dict[str, int]:
         """Message-ID -> UID of every message in the selected mailbox."""
         out: dict[str, int] = {}
-        for line in self.command(b"UID FETCH 1:* (UID BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])"):
+        for line in self.lines(b"UID FETCH 1:* (UID BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])"):
             uid, mid = _UID.search(line), _MESSAGE_ID.search(line)
             if uid is not None and mid is not None:
                 out[mid.group(1).decode()] = int(uid.group(1))
         return out
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
 
 
 # --------------------------------------------------------------------------
@@ -426,15 +370,6 @@ class Outcome:
         return bool(all_ms) and not self.unseen and percentile(all_ms, 50) <= TARGET_MEDIAN_MS
 
 
-def percentile(values: Sequence[float], p: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    pos = (len(ordered) - 1) * p / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 def _write_config(directory: Path, account: ImapAccount) -> Path:
@@ -460,23 +395,8 @@ def _write_config(directory: Path, account: ImapAccount) -> Path:
     return config
 
 
-def _local_files(folder: Path) -> list[Path]:
-    files: list[Path] = []
-    for sub in ("new", "cur"):
-        try:
-            files.extend((folder / sub).iterdir())
-        except FileNotFoundError:
-            pass
-    return files
 
 
-def _wait(condition: Any, timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
-    return True
 
 
 def _plan(account: ImapAccount, inbox: Path, args: argparse.Namespace, rng: random.Random) -> list[Change]:
@@ -580,11 +500,6 @@ def run_size(server: PrivateDovecot, messages: int, args: argparse.Namespace, ro
     return out
 
 
-def _quietly(call: Any) -> None:
-    try:
-        call()
-    except Exception as e:  # noqa: BLE001 - cleaning up after another error
-        print(f"  (cleanup: {call!r} failed: {e})", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------

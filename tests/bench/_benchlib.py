@@ -1,0 +1,128 @@
+"""What the benchmarks share: a raw IMAP client, percentiles, waiting, the Maildir's files.
+
+Imported as a sibling module: the benchmarks are run as scripts
+(``python3 tests/bench/bench_push.py``), so this directory is on sys.path.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import socket
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+_LITERAL = re.compile(rb"\{(\d+)\}$")
+
+
+def quote(text: str) -> bytes:
+    return b'"' + text.replace("\\", "\\\\").replace('"', '\\"').encode() + b'"'
+
+
+class RawImap:
+    """A raw-socket IMAP client with little overhead per command and exact timing; benchmarks add what they need."""
+
+    def __init__(self, host: str, port: int, timeout: float = 30.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+        self._tags = itertools.count(1)
+        greeting = self.readline()
+        if not greeting.startswith(b"* OK"):
+            raise RuntimeError(f"unexpected greeting {greeting!r}")
+
+    def _fill(self) -> None:
+        data = self.sock.recv(1 << 16)
+        if not data:
+            raise ConnectionError("server closed the connection")
+        self.buf += data
+
+    def readline(self) -> bytes:
+        """One response line, with any literals in it inlined (``{n}`` kept before each)."""
+        line = b""
+        while True:
+            end = self.buf.find(b"\r\n")
+            if end < 0:
+                self._fill()
+                continue
+            part, self.buf = self.buf[:end], self.buf[end + 2 :]
+            line += part
+            literal = _LITERAL.search(part)
+            if literal is None:
+                return line
+            size = int(literal.group(1))
+            while len(self.buf) < size:
+                self._fill()
+            line, self.buf = line + b"\r\n" + self.buf[:size], self.buf[size:]
+
+    def command(self, text: bytes, literal: bytes | None = None) -> tuple[list[bytes], bytes, float]:
+        """Send one command (a literal goes as LITERAL+, in the same write); return
+        (untagged lines, tagged line, time.monotonic() when the tagged line was read)."""
+        tag = b"b%d" % next(self._tags)
+        if literal is None:
+            self.sock.sendall(tag + b" " + text + b"\r\n")
+        else:
+            self.sock.sendall(tag + b" " + text + b" {%d+}\r\n" % len(literal) + literal + b"\r\n")
+        untagged: list[bytes] = []
+        while True:
+            line = self.readline()
+            if line.startswith(tag + b" "):
+                done = time.monotonic()
+                if not line[len(tag) + 1 :].startswith(b"OK"):
+                    raise RuntimeError(f"{text[:40]!r} failed: {line!r}")
+                return untagged, line, done
+            untagged.append(line)
+
+    def login(self, user: str, password: str) -> None:
+        self.command(b"LOGIN " + quote(user) + b" " + quote(password))
+
+    def lines(self, text: bytes) -> list[bytes]:
+        """Send one command; its untagged lines (a NO or BAD raises)."""
+        return self.command(text)[0]
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    pos = (len(ordered) - 1) * p / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def local_files(folder: Path) -> list[Path]:
+    """The message files in a Maildir folder's new/ and cur/ (none if it is not there yet)."""
+    files: list[Path] = []
+    for sub in ("new", "cur"):
+        try:
+            files.extend((folder / sub).iterdir())
+        except FileNotFoundError:
+            pass
+    return files
+
+
+def wait(condition: Callable[[], Any], timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+def quietly(call: Callable[[], Any]) -> None:
+    try:
+        call()
+    except Exception as e:  # noqa: BLE001 - cleaning up after another error
+        print(f"  (cleanup: {call!r} failed: {e})", file=sys.stderr)
