@@ -7,8 +7,11 @@ Imported as a sibling module: the benchmarks are run as scripts
 from __future__ import annotations
 
 import itertools
+import os
 import re
+import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -126,3 +129,74 @@ def quietly(call: Callable[[], Any]) -> None:
         call()
     except Exception as e:  # noqa: BLE001 - cleaning up after another error
         print(f"  (cleanup: {call!r} failed: {e})", file=sys.stderr)
+
+
+class MirrordProcess:
+    """``mirrord run`` as a subprocess with its log in a file (no pipe, no reader thread here).
+
+    Subclasses say how it is started (:meth:`command`): a wrapper that
+    stamps the log with time.monotonic(), a profiler...
+    """
+
+    def __init__(self, config: Path, log_path: Path) -> None:
+        self.config = config
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "mirrord", "-c", str(self.config), "run"]
+
+    def popen_options(self) -> dict[str, Any]:
+        # Without JOURNAL_STREAM the log keeps the plain format the benchmarks parse.
+        return {"env": {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}}
+
+    def start(self, timeout: float) -> float:
+        """Start; return the seconds until it logged its first sync done."""
+        started = time.monotonic()
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log, **self.popen_options()
+            )
+        deadline = started + timeout
+        while "first sync done" not in self.log():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mirrord exited with {self.process.returncode}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mirrord's first sync not done within {timeout:.0f} s:\n{self.log_tail()}")
+            time.sleep(0.05)
+        return time.monotonic() - started
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def rss_mb(self, field_name: str = "VmHWM") -> float | None:
+        """Peak (VmHWM) or current (VmRSS) resident memory, in MB."""
+        if self.process is None:
+            return None
+        try:
+            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return None
+
+    def stop(self, timeout: float = 60) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()

@@ -76,7 +76,6 @@ import shlex
 import shutil
 import signal
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -310,7 +309,7 @@ def _die_with_parent() -> None:
     libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
-class Mirrord:
+class Mirrord(_benchlib.MirrordProcess):
     """``mirrord run`` with its log in a file (no pipe, no reader thread in this process)."""
 
     # With --mirrord-log watcher/full, mirrord runs through this wrapper (with
@@ -342,66 +341,24 @@ class Mirrord:
     )
 
     def __init__(self, config: Path, log_path: Path, *, log_mode: str = "plain") -> None:
-        self.config = config
-        self.log_path = log_path
+        super().__init__(config, log_path)
         self.log_mode = log_mode
-        self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float) -> float:
-        """Start; return the seconds until it logged its first sync done."""
+    def command(self) -> list[str]:
         args = ["-c", str(self.config), "run"]
         if self.log_mode in ("watcher", "full"):
             wrapper = f"MODE = {self.log_mode!r}\n" + self._WRAPPER
-            cmd = [sys.executable, "-c", wrapper, "-v", *args]
-        else:
-            cmd = [sys.executable, "-m", "mirrord", *args]
-        started = time.monotonic()
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, preexec_fn=_die_with_parent
-            )
-        deadline = started + timeout
-        while "first sync done" not in self.log():
-            if self.process.poll() is not None:
-                raise RuntimeError(f"mirrord exited with {self.process.returncode}:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mirrord's first sync not done within {timeout:.0f} s:\n{self.log_tail()}")
-            time.sleep(0.05)
-        return time.monotonic() - started
+            return [sys.executable, "-c", wrapper, "-v", *args]
+        return [sys.executable, "-m", "mirrord", *args]
 
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text("utf-8", "replace")
-        except OSError:
-            return ""
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log().splitlines()[-lines:])
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+    def popen_options(self) -> dict[str, Any]:
+        return {"preexec_fn": _die_with_parent}
 
     def peak_rss_mb(self) -> float | None:
-        if self.process is None:
-            return None
-        try:
-            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return None
+        return self.rss_mb("VmHWM")
 
-    def stop(self) -> int | None:
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
+    def stop(self, timeout: float = 30) -> int | None:
+        return super().stop(timeout)
 
 
 # --------------------------------------------------------------------------

@@ -65,8 +65,6 @@ import random
 import re
 import shlex
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -240,7 +238,7 @@ class Poller(threading.Thread):
 # mirrord as a separate process
 
 
-class Mirrord:
+class Mirrord(_benchlib.MirrordProcess):
     """``mirrord run`` as a subprocess, its INFO log stamped with time.monotonic() (optionally profiled)."""
 
     _WRAPPER = (
@@ -261,61 +259,12 @@ class Mirrord:
     )
 
     def __init__(self, config: Path, log_path: Path, profile: Path | None = None) -> None:
-        self.config = config
-        self.log_path = log_path
+        super().__init__(config, log_path)
         self.profile = profile
-        self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float) -> float:
-        """Start; return the seconds until it logged its first sync done."""
+    def command(self) -> list[str]:
         wrapper = f"PROFILE = {str(self.profile) if self.profile else None!r}\n" + self._WRAPPER
-        cmd = [sys.executable, "-c", wrapper, "-c", str(self.config), "run"]
-        started = time.monotonic()
-        env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}  # keep the plain log format
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
-        deadline = started + timeout
-        while "first sync done" not in self.log():
-            if self.process.poll() is not None:
-                raise RuntimeError(f"mirrord exited with {self.process.returncode}:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mirrord's first sync not done within {timeout:.0f} s:\n{self.log_tail()}")
-            time.sleep(0.05)
-        return time.monotonic() - started
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text("utf-8", "replace")
-        except OSError:
-            return ""
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log().splitlines()[-lines:])
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def rss_mb(self, field_name: str = "VmHWM") -> float | None:
-        if self.process is None:
-            return None
-        try:
-            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return None
-
-    def stop(self) -> int | None:
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
+        return [sys.executable, "-c", wrapper, "-c", str(self.config), "run"]
 
 
 # --------------------------------------------------------------------------
