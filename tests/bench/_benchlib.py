@@ -200,3 +200,28 @@ class MirrordProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             return self.process.wait()
+
+
+def write_config(directory: Path, user: str, password: str, port: int, settings: str) -> Path:
+    """A plaintext loopback account ``bench`` with its state and Maildir under ``directory``.
+
+    ``settings``: more account keys, as YAML lines indented by four spaces.
+    """
+    password_file = directory / "password"
+    password_file.write_text(password + "\n")
+    os.chmod(password_file, 0o600)
+    config = directory / "config.yaml"
+    config.write_text(
+        f"state_dir: {directory / 'state'}\n"
+        "accounts:\n"
+        "  bench:\n"
+        "    host: 127.0.0.1\n"
+        f"    port: {port}\n"
+        "    tls: none\n"
+        f"    username: {user}\n"
+        f"    password_file: {password_file}\n"
+        f"    maildir: {directory / 'Mail'}\n"
+        + settings
+    )
+    os.chmod(config, 0o600)
+    return config

@@ -404,25 +404,9 @@ class Outcome:
 
 
 def _write_config(directory: Path, account: ImapAccount, workers: int) -> Path:
-    password_file = directory / "password"
-    password_file.write_text(account.password + "\n")
-    os.chmod(password_file, 0o600)
-    config = directory / "config.yaml"
-    config.write_text(
-        f"state_dir: {directory / 'state'}\n"
-        "accounts:\n"
-        "  bench:\n"
-        "    host: 127.0.0.1\n"
-        f"    port: {account.port}\n"
-        "    tls: none\n"
-        f"    username: {account.user}\n"
-        f"    password_file: {password_file}\n"
-        f"    maildir: {directory / 'Mail'}\n"
-        f"    workers: {workers}\n"
-        "    mailboxes: [INBOX]\n"
+    return _benchlib.write_config(
+        directory, account.user, account.password, account.port, f"    workers: {workers}\n    mailboxes: [INBOX]\n"
     )
-    os.chmod(config, 0o600)
-    return config
 
 
 

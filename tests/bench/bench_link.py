@@ -70,11 +70,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_latency as latency  # noqa: E402
-import bench_sync as syncb  # noqa: E402
-from mirrord.testing.faultproxy import FaultProxy  # noqa: E402
-from mirrord.testing import ImapAccount, PrivateDovecot, make_message  # noqa: E402
+import _benchlib  # the benchmarks' shared helpers, a sibling module
+import bench_latency as latency
+import bench_sync as syncb
 
+from mirrord.testing import ImapAccount, PrivateDovecot, make_message
+from mirrord.testing.faultproxy import FaultProxy
 
 # ---------------------------------------------------------------------------
 # The messages
@@ -280,26 +281,11 @@ def check_link(args: argparse.Namespace, megabytes: float = 25.0) -> tuple[float
 
 
 def push_config(directory: Path, account: ImapAccount, port: int, workers: int, compress_key: bool = True) -> Path:
-    password_file = directory / "password"
-    password_file.write_text(account.password + "\n")
-    os.chmod(password_file, 0o600)
-    config = directory / "config.yaml"
-    config.write_text(
-        f"state_dir: {directory / 'state'}\n"
-        "accounts:\n"
-        "  bench:\n"
-        "    host: 127.0.0.1\n"
-        f"    port: {port}\n"
-        "    tls: none\n"
-        f"    username: {account.user}\n"
-        f"    password_file: {password_file}\n"
-        f"    maildir: {directory / 'Mail'}\n"
-        f"    workers: {workers}\n"
-        "    mailboxes: [INBOX]\n"
-        + ("    compress: no\n" if compress_key else "")  # a baseline may predate the key
+    return _benchlib.write_config(
+        directory, account.user, account.password, port,
+        f"    workers: {workers}\n    mailboxes: [INBOX]\n"
+        + ("    compress: no\n" if compress_key else ""),  # a baseline may predate the key
     )
-    os.chmod(config, 0o600)
-    return config
 
 
 def run_push(args: argparse.Namespace, root: Path, server: PrivateDovecot, proxy: FaultProxy,

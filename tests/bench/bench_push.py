@@ -322,26 +322,10 @@ class Outcome:
 
 
 def _write_config(directory: Path, account: ImapAccount) -> Path:
-    password_file = directory / "password"
-    password_file.write_text(account.password + "\n")
-    os.chmod(password_file, 0o600)
-    config = directory / "config.yaml"
-    config.write_text(
-        f"state_dir: {directory / 'state'}\n"
-        "accounts:\n"
-        "  bench:\n"
-        "    host: 127.0.0.1\n"
-        f"    port: {account.port}\n"
-        "    tls: none\n"
-        f"    username: {account.user}\n"
-        f"    password_file: {password_file}\n"
-        f"    maildir: {directory / 'Mail'}\n"
-        "    mailboxes: [INBOX, Archive]\n"
-        "    sync: two-way\n"
-        "    local_delete: expunge\n"
+    return _benchlib.write_config(
+        directory, account.user, account.password, account.port,
+        "    mailboxes: [INBOX, Archive]\n    sync: two-way\n    local_delete: expunge\n",
     )
-    os.chmod(config, 0o600)
-    return config
 
 
 
