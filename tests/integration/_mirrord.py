@@ -9,10 +9,13 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import threading
-import time
 import subprocess
 import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -252,3 +255,27 @@ def mirrors(account: ImapAccount, root: Path, mailbox: str) -> bool:
         account.client.close()
         return False
     return True
+
+
+@contextmanager
+def tmpfs(options: str, what: str) -> Iterator[Path]:
+    """A small tmpfs mounted for one test (a full disk, a read-only one), removed after.
+
+    Where mounting is not allowed the test is skipped, except under CI, which
+    runs as root: there a skip would hide that the test never ran.
+    """
+    import pytest
+
+    where = Path(tempfile.mkdtemp(prefix="mirrord-tmpfs-"))
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        os.rmdir(where)
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot mount a tmpfs for {what}: {mounted.stderr.strip()}")
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=False)
+        os.rmdir(where)

@@ -9,30 +9,26 @@ from __future__ import annotations
 import os
 import sqlite3
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from mirrord.testing import ImapAccount, make_message
-from tests.integration._mirrord import assert_mirrors, expected_messages, local_messages, mirrord, write_config
+from tests.integration._mirrord import (
+    assert_mirrors,
+    expected_messages,
+    local_messages,
+    mirrord,
+    tmpfs,
+    write_config,
+)
 
 
 @pytest.fixture
 def small_disk() -> Iterator[Path]:
-    where = Path(tempfile.mkdtemp(prefix="mirrord-tmpfs-"))
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(where)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        if os.environ.get("CI"):
-            pytest.fail(f"cannot mount a tmpfs for the disk-full test: {mounted.stderr.strip()}")
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
+    with tmpfs("size=1m,mode=0700", "the disk-full test") as where:
         yield where
-    finally:
-        subprocess.run(["umount", str(where)], check=False)
-        os.rmdir(where)
 
 
 def test_disk_full_is_reported_keeps_state_consistent_and_resumes(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from mirrord.testing import ImapAccount, make_message
-from tests.integration._mirrord import DaemonProcess, mirrord, write_config
+from tests.integration._mirrord import DaemonProcess, mirrord, tmpfs, write_config
 
 
 def _config_with_port(tmp_path: Path, account: ImapAccount, *, tls: str, port: int) -> Path:
@@ -144,18 +143,8 @@ def test_a_password_command_that_fails_names_the_missing_file(imap_account: Imap
 @pytest.fixture
 def read_only_folder() -> Iterator[Path]:
     """A read-only file system: what root (as CI runs) cannot write either, unlike a chmod."""
-    where = Path(tempfile.mkdtemp(prefix="mirrord-ro-"))
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(where)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        if os.environ.get("CI"):
-            pytest.fail(f"cannot mount a read-only tmpfs: {mounted.stderr.strip()}")
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
+    with tmpfs("ro,size=1m", "a read-only folder") as where:
         yield where
-    finally:
-        subprocess.run(["umount", str(where)], check=False)
-        os.rmdir(where)
 
 
 @pytest.mark.parametrize("which", ["maildir", "state_dir"])
