@@ -31,7 +31,6 @@ from twisted.internet.interfaces import IReactorTime
 from mirrord.flags import Flags
 from mirrord.protocol.errors import LoginFailed
 from mirrord.sync.mailbox import LOGIN_RETRY_AFTER, MailboxResult, MailboxSync
-from mirrord.timers import CoalescedLoop
 from mirrord.watcher import Backoff
 
 log = logging.getLogger("mirrord.sync")
@@ -239,14 +238,3 @@ class _Retry(Exception):
     def __init__(self, error: str, retry_after: float = 0.0) -> None:
         super().__init__(error)
         self.retry_after = retry_after
-
-
-def poll_every(clock: IReactorTime, interval: float, mailbox: LiveMailbox) -> CoalescedLoop:
-    """Full syncs of ``mailbox`` about every ``interval`` seconds, starting now.
-
-    On the shared grid (:mod:`mirrord.timers`): the polls of every polled
-    mailbox, and the account's re-listing, come in one wakeup.
-    """
-    loop = CoalescedLoop(clock, interval, mailbox.poll, label=f"{mailbox.label}: polling")
-    loop.start(now=True)
-    return loop
