@@ -18,7 +18,6 @@ from twisted.internet import defer
 
 from mirrord.config import Account
 from mirrord.oserrors import explain
-from mirrord.units import plural
 from mirrord.pool import Worker, WorkerPool
 from mirrord.progress import Progress
 from mirrord.protocol.client import ListEntry, Namespace
@@ -35,6 +34,7 @@ from mirrord.sync.names import (
 )
 from mirrord.sync.newfolders import create_on_server, folders_to_create
 from mirrord.sync.pushing import Pusher, PushFolder
+from mirrord.units import plural
 
 log = logging.getLogger("mirrord.sync")
 
@@ -156,7 +156,8 @@ async def sync_account(
             await add_local_folders(pool, account, state, discovery)
             refused, failed = await _send_local_changes(account, discovery, state, pool, allow_delete)
             if failed:
-                result.error = f"{failed} local changes were not sent (see above); they are tried again next run"
+                result.error = (f"{plural(failed, 'local change')} not sent (see above); "
+                                "tried again next run")
         runs: list[defer.Deferred[MailboxResult]] = []
         for plan in discovery.wanted:
             if plan.local_name in refused:

@@ -167,7 +167,7 @@ class MailboxSync(FetchPipeline):
             allow_delete=allow_delete,
             trash=trash_for(state.path.parent, "trash", account.name, local_name, account.trash_days),
             set_aside=trash_for(state.path.parent, "set-aside", account.name, local_name, float("inf")),
-            two_way=getattr(account, "two_way", False),
+            two_way=account.two_way,
         )
 
     async def run(self) -> MailboxResult:

@@ -61,6 +61,7 @@ from mirrord.sync.twoway import (
     plan_round,
     settle_move,
 )
+from mirrord.units import plural
 
 log = logging.getLogger("mirrord.sync")
 
@@ -669,11 +670,11 @@ class Pusher:
 
     def _log(self, result: PushResult, rounded: Iterable[str]) -> None:
         done = []
-        for count, what in ((result.stored, "flag changes"), (result.deleted, "deletions"),
-                            (result.moved, "moves"), (result.appended, "new messages"),
-                            (result.renamed, "renames")):
+        for count, what in ((result.stored, "flag change"), (result.deleted, "deletion"),
+                            (result.moved, "move"), (result.appended, "new message"),
+                            (result.renamed, "rename")):
             if count:
-                done.append(f"{count} {what}")
+                done.append(plural(count, what))
         if done:
             log.info("%s: sent local changes to the server: %s", self.account.name, ", ".join(done))
         for name in rounded:

@@ -41,7 +41,7 @@ work) plus up to one poll interval and one poll's round trip. The poller
 needs no IDLE and so has no 500 ms floor. mirrord's own INFO log is kept,
 stamped with the monotonic clock, and the row "round logged" gives, per
 change, t0 to the end of the first round whose "sent local changes" line
-came after t0 and names that kind ("moves" or "new messages" for a move);
+came after t0 and names that kind ("move" or "new message" for a move, singular or plural);
 the kinds those lines add up to are printed too (a move sent as a deletion
 plus an upload shows there, and is flagged).
 
@@ -93,7 +93,7 @@ _FETCH = re.compile(rb"^\* \d+ FETCH \((.*)\)$")
 _UID = re.compile(rb"UID (\d+)")
 _FLAGS = re.compile(rb"FLAGS \(([^)]*)\)")
 _LITERAL = re.compile(rb"\{(\d+)\}$")
-_ROUND_WORDS = {"flags": ("flag changes",), "deletion": ("deletions",), "move": ("moves", "new messages")}
+_ROUND_WORDS = {"flags": ("flag change",), "deletion": ("deletion",), "move": ("move", "new message")}
 """Which words of a "sent local changes" line mean a round sent a change of that kind."""
 _SENT = re.compile(r"^(\d+\.\d+) INFO +\S+: sent local changes to the server: (.*)$", re.MULTILINE)
 

@@ -227,7 +227,7 @@ def test_the_daemon_sends_a_readers_changes_within_a_second(account: ImapAccount
         assert len(archive) == len(set(archive)) == 5
         assert file_of(root, "INBOX", mid(0)).name.endswith(":2,FS")
         assert "sent local changes to the server" in daemon.log
-        assert "1 moves" in daemon.log, "the move went as a UID MOVE, not a deletion and an upload"
+        assert "1 move" in daemon.log, "the move went as a UID MOVE, not a deletion and an upload"
     assert flag_latency < 3.0, flag_latency
 
 

@@ -224,7 +224,7 @@ def test_mailbox_sync_uses_flat_trash_dirs(tmp_path: Path) -> None:
     from mirrord.store.state import StateDB
     from mirrord.sync.mailbox import MailboxSync
 
-    account = SimpleNamespace(name="acct", maildir=tmp_path / "mail", max_delete=0.5, trash_days=30)
+    account = SimpleNamespace(name="acct", maildir=tmp_path / "mail", max_delete=0.5, trash_days=30, two_way=False)
     with StateDB(tmp_path / "state" / "state.sqlite3") as state:
         syncs = [
             MailboxSync.for_account(account, ListEntry(n.encode(), n, "/", frozenset()), n, state, None)  # type: ignore[arg-type]
