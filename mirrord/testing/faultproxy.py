@@ -39,6 +39,7 @@ from __future__ import annotations
 import collections
 import errno
 import ipaddress
+import re
 import selectors
 import socket
 import struct
@@ -219,6 +220,7 @@ class _Pipe:
         self.done = False  # the FIN has gone out to dst
         self.blocked = False  # dst's send buffer is full; wait for it to be writable
         self.tail = b""  # the last MAX_PATTERN-1 bytes read, for patterns across reads
+        self.partial = b""  # with a rewrite on: the read bytes after the last LF, held until it comes
         self.counters: dict[_Cut, int] = {}  # bytes still to forward before a cut fires
 
     @property
@@ -281,6 +283,7 @@ class FaultProxy:
         self._stalled = False
         self._refusing = False
         self._cuts: list[_Cut] = []
+        self._rewrites: list[tuple[Direction, re.Pattern[bytes], bytes]] = []
         self._watches: list[Watch] = []
         self._delay = 0.0
         self._shape_rate: float | None = None
@@ -431,6 +434,20 @@ class FaultProxy:
             raise ValueError("after_bytes must be >= 0")
         self._add_cut(_Cut(self._check_direction(direction), count=None, pattern=bytes(pattern), after_bytes=int(after_bytes), times=times))
 
+    def rewrite(self, pattern: bytes, replacement: bytes, *, direction: Direction = "server") -> None:
+        """Replace what matches the regular expression ``pattern`` in each line ``direction`` sends.
+
+        For servers that answer what RFC 3501 allows but Dovecot never
+        sends: ``rewrite(rb"\\[APPENDUID [^]]*\\] ", b"")`` makes an APPEND
+        whose new UID the client must find by itself. The stream is
+        rewritten line by line (up to each LF), so a match never straddles
+        two reads; bytes after the last LF wait for the next one. Byte
+        counts of cuts refer to the rewritten stream. Undone by :meth:`heal`.
+        """
+        compiled = re.compile(bytes(pattern))
+        rule = (self._check_direction(direction), compiled, bytes(replacement))
+        self._call(lambda: self._rewrites.append(rule))
+
     def drip(self, bytes_per_second: float | None) -> None:
         """Deliver server-to-client bytes as a slow trickle, or stop (None).
 
@@ -447,10 +464,11 @@ class FaultProxy:
         self._call(apply)
 
     def heal(self) -> None:
-        """Undo every fault (stall, refuse, cuts, drip); shaping stays, as it models the link, not a fault."""
+        """Undo every fault (stall, refuse, cuts, drip, rewrites); shaping stays, as it models the link, not a fault."""
 
         def apply() -> None:
             self._resume()
+            self._rewrites.clear()
             self._refusing = False
             self._remove_cuts(list(self._cuts))
             self._drip_rate = None
@@ -749,12 +767,18 @@ class FaultProxy:
             return
         if not data:
             pipe.eof_read = True
+            if pipe.partial:
+                self._enqueue(pipe, _Item(now + self._delay, _DATA, memoryview(pipe.partial)))
+                pipe.partial = b""
             self._enqueue(pipe, _Item(now + self._delay, _EOF))
             return
         if pipe.direction == "server":
             self.bytes_from_server += len(data)
         else:
             self.bytes_from_client += len(data)
+        data = self._rewritten(pipe, data)
+        if not data:
+            return
         matches = self._scan(pipe, data, now)
         pipe.tail = (pipe.tail + data)[-(MAX_PATTERN - 1) :] if len(data) < MAX_PATTERN - 1 else data[-(MAX_PATTERN - 1) :]
         if self._stalled:
@@ -768,6 +792,24 @@ class FaultProxy:
             self._enqueue(pipe, _Item(now + self._delay, _DATA, memoryview(data)))
         if cut is not None:
             self._enqueue(pipe, _Item(now + self._delay, _RESET))
+
+    def _rewritten(self, pipe: _Pipe, data: bytes) -> bytes:
+        """``data`` up to its last LF, after the rewrites for ``pipe``'s direction; the rest is held."""
+        rules = [(pattern, replacement) for direction, pattern, replacement in self._rewrites if direction == pipe.direction]
+        if not rules and not pipe.partial:
+            return data
+        buffer = pipe.partial + data
+        end = buffer.rfind(b"\n") + 1
+        if not rules:
+            pipe.partial = b""
+            return buffer
+        lines, pipe.partial = buffer[:end], buffer[end:]
+        out = []
+        for line in lines.splitlines(keepends=True):
+            for pattern, replacement in rules:
+                line = pattern.sub(replacement, line)
+            out.append(line)
+        return b"".join(out)
 
     def _scan(self, pipe: _Pipe, data: bytes, now: float) -> dict[_Cut, int]:
         """Fire watches matching ``data``; return, per pattern cut, where in ``data`` its pattern ends.

@@ -41,9 +41,11 @@ def write_config(
     password: str | None = None,
     extra: str = "",
     name: str = "test",
+    port: int | None = None,
 ) -> Path:
-    """A config file for ``account`` with state and Maildir under ``directory``."""
-    port = account.imaps_port if tls == "implicit" else account.port
+    """A config file for ``account`` with state and Maildir under ``directory``; ``port``: a proxy's."""
+    if port is None:
+        port = account.imaps_port if tls == "implicit" else account.port
     ca = account.ca_file if ca_file == "default" else ca_file
     password_file = directory / f"{name}.password"
     password_file.write_text((password if password is not None else account.password) + "\n")

@@ -375,6 +375,22 @@ def test_cut_when_finds_a_pattern_split_across_reads(serve: Callable[[Callable[[
             assert recv_until_reset(client) == b"* 1 FETCH (BODY[] {10}\r\nsome body)"
 
 
+def test_rewrite_edits_whole_lines_even_when_split_across_reads(
+    serve: Callable[[Callable[[LoopbackServer], Handler]], LoopbackServer],
+) -> None:
+    server = serve(sends(b"a OK [APPEND", 0.1, b"UID 7 42] done\r\nb OK [APPENDUID 7 43] x\r\nrest", 0.1, b""))
+    with FaultProxy("127.0.0.1", server.port) as proxy:
+        proxy.rewrite(rb"\[APPENDUID [^]]*\] ", b"")
+        with connect(proxy) as client:
+            assert recv_exactly(client, 19) == b"a OK done\r\nb OK x\r\n"
+            # The unterminated tail waits for its LF, and is delivered at the end all the same.
+            client.shutdown(socket.SHUT_WR)
+            received = b""
+            while chunk := client.recv(100):
+                received += chunk
+    assert received == b"rest"
+
+
 def test_cut_when_client_sends_a_pattern(echo_proxy: tuple[FaultProxy, LoopbackServer]) -> None:
     proxy, server = echo_proxy
     proxy.cut_when(b"DONE", direction="client")

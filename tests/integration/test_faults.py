@@ -50,26 +50,8 @@ CONVERGE_TIMEOUT = 15.0
 
 
 def proxied_config(directory: Path, account: ImapAccount, port: int, *, extra: str = "") -> Path:
-    """The shape of ``write_config``'s file, but pointing at ``port`` (a proxy) over plain IMAP."""
-    password_file = directory / "test.password"
-    password_file.write_text(account.password + "\n")
-    os.chmod(password_file, 0o600)
-    lines = [
-        f"state_dir: {directory / 'state'}",
-        "accounts:",
-        "  test:",
-        "    host: 127.0.0.1",
-        f"    port: {port}",
-        "    tls: none",
-        f"    username: {account.user}",
-        f"    password_file: {password_file}",
-        f"    maildir: {directory / 'Mail'}",
-        "    workers: 3",
-    ]
-    config = directory / "config.yaml"
-    config.write_text("\n".join(lines) + "\n" + extra)
-    os.chmod(config, 0o600)
-    return config
+    """``write_config``'s file, but pointing at ``port`` (a proxy) over plain IMAP."""
+    return write_config(directory, account, tls="none", host="127.0.0.1", ca_file=None, port=port, extra=extra)
 
 
 @pytest.fixture

@@ -351,3 +351,56 @@ def test_an_upload_the_server_refuses_stays_local_and_the_rest_goes_on(
     assert server_ids(account, "INBOX")[mid(0)] == {"\\Flagged", "\\Seen"}, "the rest went on"
     assert mid(95) not in server_ids(account, "Archive")
     assert any(big in m.path.name for m in local_messages(root / "Archive")), "the file stays"
+
+
+def test_without_appenduid_or_copyuid_the_new_uid_is_found_or_the_servers_copy_fetched(
+    dovecot_factory: Callable[..., PrivateDovecot], tmp_path: Path
+) -> None:
+    """RFC 3501 servers without UIDPLUS say nothing of the UID an APPEND or COPY made.
+
+    Dovecot says it even with UIDPLUS hidden, so the proxy strips the codes.
+    A file with a Message-ID is found by it and its size above the UIDNEXT
+    read before; one without (nothing to find it by) goes to the trash and
+    the server's copy is fetched in its place. Either way each message is
+    there once, on each side, with its bytes.
+    """
+    from mirrord.store.maildir import trash_dir
+    from mirrord.testing.faultproxy import FaultProxy
+
+    account = dovecot_factory(hide_capabilities=HIDDEN).new_account("nouid")
+    account.client.create("Archive")
+    for i in range(3):
+        account.client.append("INBOX", make_message(i, size=1500))
+    with FaultProxy(account.host, account.port) as proxy:
+        proxy.rewrite(rb"\[(APPENDUID|COPYUID) [^]]*\] ?", b"")
+        config = write_config(tmp_path, account, tls="none", host="127.0.0.1", ca_file=None, port=proxy.port)
+        run_once(config)
+        root = tmp_path / "Mail"
+        with_id = make_message(60, size=1300).replace(b"\r\n", b"\n")
+        without_id = b"\n".join(
+            line for line in make_message(61, size=1300).replace(b"\r\n", b"\n").split(b"\n")
+            if not line.lower().startswith(b"message-id:")
+        )
+        (root / "INBOX" / "new" / "saved-by-a-reader").write_bytes(with_id)
+        (root / "INBOX" / "new" / "no-message-id").write_bytes(without_id)
+        moved = file_of(root, "INBOX", mid(0))
+        os.rename(moved, root / "Archive" / "cur" / moved.name)
+
+        log = run_once(config)
+
+        assert "did not say which UID" in log, "the message without a Message-ID was given up on"
+        for name in ("INBOX", "Archive"):
+            server = sorted(body.replace(b"\r\n", b"\n")
+                            for flags, body in account.client.messages(name).values() if "\\Deleted" not in flags)
+            local = sorted(m.path.read_bytes() for m in local_messages(root / name))
+            assert local == server, f"{name}: each message once on each side, byte for byte"
+        inbox_files = {m.path.name.split(":2,")[0] for m in local_messages(root / "INBOX")}
+        assert "saved-by-a-reader" in inbox_files, "found by Message-ID: the file keeps its name, nothing fetched"
+        assert "no-message-id" not in inbox_files, "its place is taken by the server's copy"
+        trash = trash_dir(tmp_path / "state", "trash", "test", "INBOX")
+        assert [p.read_bytes() for p in trash.glob("*-no-message-id")] == [without_id]
+        assert mid(0) in server_ids(account, "Archive")
+        # Settled: the next run sends and fetches nothing.
+        before = {name: sorted(m.path.name for m in local_messages(root / name)) for name in ("INBOX", "Archive")}
+        run_once(config)
+        assert {name: sorted(m.path.name for m in local_messages(root / name)) for name in ("INBOX", "Archive")} == before
