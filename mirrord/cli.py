@@ -16,15 +16,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from twisted.internet import defer, task, threads
-
 from mirrord import __version__
 from mirrord.config import Account, Config, ConfigError, PasswordError, default_config_path, load_config
-from mirrord.logs import setup_logging
+from mirrord.logs import route_twisted_logs, setup_logging
 from mirrord.oserrors import explain
 from mirrord.progress import Progress, TerminalProgress
 
 log = logging.getLogger("mirrord")
+
+# Twisted (its reactor, TLS) is imported inside the commands that talk to a
+# server: `status`, `init`, `--version`, `--help` and a config error start in
+# a fraction of the time without it (tests/unit/test_cli_imports.py).
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -155,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     verbose = getattr(args, "verbose", False)
-    setup_logging(verbose)
+    setup_logging(verbose, twisted=False)
     if args.command == "demo":
         from mirrord.demo import run_demo
 
@@ -253,7 +255,11 @@ def run(config: Config, *, once: bool, allow_delete: frozenset[str] = frozenset(
     """``mirrord run`` and ``mirrord run --once``."""
     if once:
         return run_once(config, allow_delete)
+    from twisted.internet import defer, task
+
     from mirrord.service import LockHeld, Service
+
+    route_twisted_logs()
 
     outcome = {"status": EXIT_OK}
 
@@ -299,10 +305,14 @@ def run(config: Config, *, once: bool, allow_delete: frozenset[str] = frozenset(
 
 def run_once(config: Config, allow_delete: frozenset[str] = frozenset()) -> int:
     """One complete sync of every mailbox of every account, then exit."""
+    from twisted.internet import defer, task, threads
+
     from mirrord.service import STATE_DB_NAME, LockHeld, lock_accounts
     from mirrord.status import RunOutcome, write_last_run
     from mirrord.store.state import StateDB
     from mirrord.sync.account import sync_account
+
+    route_twisted_logs()
 
     try:
         locks = lock_accounts(config, list(config.accounts))
@@ -406,10 +416,13 @@ def _found_every_named_mailbox(config: Config, result: Any) -> bool:
 
 def check(config: Config, out: TextIO | None = None) -> int:
     """Connect and log in to every account, and show what would be mirrored."""
+    from twisted.internet import defer, task, threads
+
     from mirrord.protocol.connect import open_session
     from mirrord.sync.account import choose_mailboxes
     from mirrord.sync.names import maildir_path, visible
 
+    route_twisted_logs()
     out = out or sys.stdout
     outcome = {"ok": True}
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import NamedTuple
 
-from mirrord._fs import make_private_dirs
+from mirrord._dirs import make_private_dirs
 from mirrord.flags import Flags
 
 DIR_MODE = 0o700
