@@ -348,7 +348,12 @@ def run_once(config: Config, allow_delete: frozenset[str] = frozenset()) -> int:
         for account in config.accounts:
             try:
                 # A password command may wait on a pinentry prompt: keep it off the reactor.
-                passwords[account.name] = await threads.deferToThread(account.password.resolve_once)
+                # An inline password or a file needs no thread (nor the reactor's thread pool,
+                # whose start and stop a catch-up of a few milliseconds would notice).
+                if account.password.command is None:
+                    passwords[account.name] = account.password.resolve_once()
+                else:
+                    passwords[account.name] = await threads.deferToThread(account.password.resolve_once)
             except PasswordError as e:
                 log.error("%s", e)
                 ok = False
