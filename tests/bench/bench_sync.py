@@ -35,7 +35,8 @@ Scenarios (message counts are multiplied by ``--scale``; mailbox counts are not)
    way (``measure``: sync(2) first, GNU time, wait4): a Python process that
    imports exactly the modules ``run --once`` imported (found by untimed
    ``python -X importtime`` runs of the setup and of a no-change catch-up,
-   all of them, in that order, each in a ``try``) and exits. Target (issue
+   all of them, in that order, each in a ``try``) and exits the way mirrord
+   does (``mirrord.cli.exit_quickly``: atexit handlers, flush, no teardown). Target (issue
    #15): mirrord's wall minus the floor at most mbsync's wall, for both.
 
 Every scenario builds its mailboxes once in a private Dovecot on 127.0.0.1
@@ -1022,7 +1023,7 @@ class Bench:
         floor_tool.reset()
         floor_tool.write(imported)
         print(f"  start-up floor: {sys.executable} FLOOR.py, importing the {len(floor_tool.modules)} modules "
-              "`run --once` imported (python -X importtime), then exiting", flush=True)
+              "`run --once` imported (python -X importtime), then exiting as mirrord does (exit_quickly)", flush=True)
         labels = {
             "5a": f"5 one mailbox of {count}: nothing changed",
             "5b": f"5 one mailbox of {count}: {a.new_messages} new",
@@ -1121,6 +1122,8 @@ class Floor(Tool):
             "        importlib.import_module(name)\n"
             "    except Exception:\n"
             "        pass\n"
+            "from mirrord.cli import exit_quickly\n"
+            "exit_quickly(0)\n"
         )
 
     def command(self) -> list[str]:

@@ -83,3 +83,29 @@ def test_a_status_with_a_state_db_imports_no_twisted(tmp_path: Path) -> None:
     assert result["status"] == 0, result["output"]
     assert "INBOX" in result["output"], result["output"]
     assert result["modules"] == [], ", ".join(result["modules"][:8])
+
+
+QUICK = """
+import atexit, sys
+class Torn:
+    def __del__(self):
+        print("torn down", flush=True)
+kept = Torn()
+atexit.register(lambda: print("atexit ran"))
+print("before", end="")  # unflushed: the quick exit must flush it
+from mirrord.cli import entry
+entry()
+"""
+
+
+def test_the_command_exits_without_tearing_the_interpreter_down(tmp_path: Path) -> None:
+    """``entry`` runs atexit handlers and flushes, then skips the ~45 ms teardown (issue #15)."""
+    (tmp_path / "good.yaml").write_text(GOOD.format(root=tmp_path))
+    run = subprocess.run([sys.executable, "-c", QUICK, "-c", str(tmp_path / "good.yaml"), "status"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("before") and "atexit ran" in run.stdout, run.stdout
+    assert "torn down" not in run.stdout
+    missing = subprocess.run([sys.executable, "-c", QUICK, "-c", str(tmp_path / "missing.yaml"), "status"],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "no such file" in missing.stderr, missing.stderr
