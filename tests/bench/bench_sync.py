@@ -1122,7 +1122,11 @@ class Floor(Tool):
             "        importlib.import_module(name)\n"
             "    except Exception:\n"
             "        pass\n"
-            "from mirrord.cli import exit_quickly\n"
+            "try:\n"
+            "    from mirrord.cli import exit_quickly\n"
+            "except ImportError:  # a tree from before it: mirrord exits normally there too\n"
+            "    import sys\n"
+            "    exit_quickly = sys.exit\n"
             "exit_quickly(0)\n"
         )
 
