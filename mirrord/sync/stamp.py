@@ -79,6 +79,7 @@ async def settled_stamp(
     if (not exact and listed_after is not None and current == listed_after
             and read_at - max(current) >= _margin(current)):
         return current, False
+    rows: list[tuple[str, str]] | None = None
     for _ in range(3):
         age = time.time_ns() - max(current)
         margin = _margin(current)
@@ -86,13 +87,21 @@ async def settled_stamp(
             break
         if margin > STAMP_MARGIN_NS:
             return None, False  # coarse times: not worth seconds of waiting; the next sync lists
+        if rows is None:
+            # Read the rows while the margin passes rather than after it: the
+            # caller's sync is the only writer of this mailbox's rows meanwhile
+            # (and rows read too early could only make the check fail).
+            rows = keys()
+            age = time.time_ns() - max(current)
+            if age >= margin:
+                break
         await task.deferLater(reactor, (margin - age) / 1e9, lambda: None)
         current = maildir_stamp(path)
         if current is None:
             return None, False
     else:
         return None, False
-    in_place = files_in_place(path, keys())
+    in_place = files_in_place(path, keys() if rows is None else rows)
     if not in_place or maildir_stamp(path) != current:
         return None, False
     return current, bool(in_place == _EXACT)
