@@ -1,3 +1,3 @@
-from mirrord.cli import main
+from mirrord.cli import entry
 
-raise SystemExit(main())
+entry()

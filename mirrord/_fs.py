@@ -12,30 +12,9 @@ from typing import Any, TypeVar
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 
+from mirrord._dirs import PRIVATE_DIR_MODE, make_private_dirs  # noqa: F401 - re-exported
+
 T = TypeVar("T")
-
-PRIVATE_DIR_MODE = 0o700
-
-
-def make_private_dirs(path: Path) -> None:
-    """Create ``path`` and its missing parents 0700; leave existing ones alone.
-
-    An existing parent may be ``$XDG_RUNTIME_DIR`` or the user's home, whose
-    modes are not ours to change. The chmod is needed because mkdir's mode
-    is filtered by the umask.
-    """
-    missing: list[Path] = []
-    p = Path(path)
-    while not p.exists() and p.parent != p:
-        missing.append(p)
-        p = p.parent
-    for d in reversed(missing):
-        try:
-            os.mkdir(d, PRIVATE_DIR_MODE)
-        except FileExistsError:
-            continue
-        os.chmod(d, PRIVATE_DIR_MODE)
-
 
 FSYNC_THREADS = 8
 """Threads that fsync message files. An fsync waits for the disk, not the CPU,

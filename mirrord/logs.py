@@ -13,8 +13,6 @@ import logging
 import os
 import sys
 
-from twisted.logger import STDLibLogObserver, globalLogBeginner
-
 from mirrord.sync.names import visible
 
 _PRIORITY = {
@@ -45,8 +43,12 @@ class _JournalFormatter(_VisibleFormatter):
         return f"<{priority}>{super().format(record)}"
 
 
-def setup_logging(verbose: bool = False, stream: object = None) -> None:
-    """Send our logs and Twisted's to stderr, in the form that fits where stderr goes."""
+def setup_logging(verbose: bool = False, stream: object = None, *, twisted: bool = True) -> None:
+    """Send our logs and Twisted's to stderr, in the form that fits where stderr goes.
+
+    ``twisted=False`` leaves Twisted's logs to :func:`route_twisted_logs`, called
+    by the commands that use it: the others then never import Twisted.
+    """
     handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
     if os.environ.get("JOURNAL_STREAM"):
         handler.setFormatter(_JournalFormatter("%(message)s"))
@@ -61,6 +63,14 @@ def setup_logging(verbose: bool = False, stream: object = None) -> None:
     # Twisted's own messages ("Starting factory ...") are noise at INFO; its
     # errors (an unhandled error in a Deferred) must still be seen.
     logging.getLogger("twisted").setLevel(logging.WARNING)
+    if twisted:
+        route_twisted_logs()
+
+
+def route_twisted_logs() -> None:
+    """Twisted's log events go to the standard logging set up above (once; later calls do nothing)."""
+    from twisted.logger import STDLibLogObserver, globalLogBeginner
+
     try:
         globalLogBeginner.beginLoggingTo([STDLibLogObserver(name="twisted")], redirectStandardIO=False)
     except Exception:  # noqa: BLE001 - already begun (tests call this more than once)

@@ -156,8 +156,12 @@ class WorkerPool:
         size: int,
         *,
         connect: Callable[[str], Awaitable[MirrordIMAP4Client]] | None = None,
+        ahead: int | None = None,
     ) -> None:
+        """``ahead``: how many workers to have logged in after the first login
+        (default: all); see :meth:`_connected`."""
         self.reactor = reactor
+        self._ahead = size if ahead is None else max(1, min(size, ahead))
         self.account = account
         self.label = account.name
         self._password = password
@@ -186,13 +190,20 @@ class WorkerPool:
         COMPRESS (three or four round trips) would come just when its first
         batch is due, which on a 50 ms link is 0.2 s of an idle link.
         Only after one login succeeded, so that a wrong password costs one
-        refused login, not one per worker.
+        refused login, not one per worker. Only up to ``ahead`` workers: a
+        catch-up of one mailbox needs one connection, and three more logins
+        would cost the server (and this process) more than the whole
+        catch-up; a job that finds no free worker still opens one.
         """
         if self._warmed or self._closed:
             return
         self._warmed = True
+        wanted = self._ahead - sum(1 for worker in self._all if worker.connected or worker._opening)
         for worker in self._all:
-            if not worker.connected:
+            if wanted <= 0:
+                break
+            if not worker.connected and not worker._opening:
+                wanted -= 1
                 defer.Deferred.fromCoroutine(self._warm(worker))
 
     async def _warm(self, worker: Worker) -> None:

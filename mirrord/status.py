@@ -30,7 +30,7 @@ from typing import Any, TextIO
 
 import platformdirs
 
-from mirrord._fs import make_private_dirs
+from mirrord._dirs import make_private_dirs
 from mirrord.sync.names import visible
 from mirrord.units import plural
 from mirrord.config import Config, default_state_dir

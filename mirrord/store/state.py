@@ -21,13 +21,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import NamedTuple
 
-from mirrord._fs import make_private_dirs
+from mirrord._dirs import make_private_dirs
 from mirrord.flags import Flags
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 _MAX_UID = 2**32 - 1
 _MAX_MODSEQ = 2**63 - 1
@@ -53,6 +53,10 @@ class MailboxRecord:
     maildir_stamp: tuple[int, int] | None = None
     """Modification times (ns) of the Maildir's new/ and cur/ when the last sync
     found every recorded file in place with its flags; None: unknown."""
+    maildir_exact: bool = False
+    """The stamp also says the Maildir held nothing but the recorded files (no
+    file without a row): a two-way round, finding the same stamp, knows there is
+    nothing local to send without listing the Maildir or reading the rows."""
 
 
 @dataclass(frozen=True)
@@ -214,9 +218,16 @@ def _v5(conn: sqlite3.Connection) -> None:
     )
 
 
+def _v6(conn: sqlite3.Connection) -> None:
+    # Whether the Maildir stamp was taken when new/ and cur/ held exactly the
+    # recorded files: then an unchanged stamp means a two-way round has nothing
+    # to send. Stamps recorded before this column are not known to be exact.
+    conn.execute("ALTER TABLE mailbox ADD COLUMN maildir_exact INTEGER")
+
+
 # _MIGRATIONS[n] takes a DB at version n-1 to version n. Later schema changes
 # append a step here; never edit a released one.
-_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1, 2: _v2, 3: _v3, 4: _v4, 5: _v5}
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1, 2: _v2, 3: _v3, 4: _v4, 5: _v5, 6: _v6}
 
 
 @contextmanager
@@ -246,9 +257,11 @@ def _mailbox_record(
     last_sync: float | None,
     new_mtime: int | None,
     cur_mtime: int | None,
+    exact: int | None,
 ) -> MailboxRecord:
     stamp = (new_mtime, cur_mtime) if new_mtime is not None and cur_mtime is not None else None
-    return MailboxRecord(account, mailbox, uidvalidity, highestmodseq, last_sync, stamp)
+    return MailboxRecord(account, mailbox, uidvalidity, highestmodseq, last_sync, stamp,
+                         stamp is not None and bool(exact))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -380,7 +393,8 @@ class StateDB:
 
     def mailbox(self, account: str, mailbox: str) -> MailboxRecord | None:
         row = self._db.execute(
-            "SELECT uidvalidity, highestmodseq, last_sync, new_mtime, cur_mtime FROM mailbox"
+            "SELECT uidvalidity, highestmodseq, last_sync, new_mtime, cur_mtime, maildir_exact"
+            " FROM mailbox"
             " WHERE account = ? AND mailbox = ?",
             (account, mailbox),
         ).fetchone()
@@ -389,7 +403,8 @@ class StateDB:
     def mailboxes(self, account: str) -> list[MailboxRecord]:
         """The account's mailboxes, ordered by name."""
         rows = self._db.execute(
-            "SELECT mailbox, uidvalidity, highestmodseq, last_sync, new_mtime, cur_mtime FROM mailbox"
+            "SELECT mailbox, uidvalidity, highestmodseq, last_sync, new_mtime, cur_mtime, maildir_exact"
+            " FROM mailbox"
             " WHERE account = ? ORDER BY mailbox",
             (account,),
         ).fetchall()
@@ -404,6 +419,7 @@ class StateDB:
         last_sync: float | None = None,
         maildir_stamp: tuple[int, int] | None = None,
         *,
+        maildir_exact: bool = False,
         durable: bool = True,
     ) -> None:
         """Write the whole mailbox row; None stores NULL, it does not keep the old value.
@@ -411,6 +427,7 @@ class StateDB:
         Keeping an old HIGHESTMODSEQ across a UIDVALIDITY change would make the
         next sync skip changes; forgetting one only costs a full listing. The
         same goes for the Maildir stamp: forgetting it costs one directory scan.
+        ``maildir_exact``: see :attr:`MailboxRecord.maildir_exact`.
 
         ``durable=False`` commits without an fsync, for a write whose loss in a
         power cut is harmless because the row it replaces is still true (a
@@ -425,15 +442,17 @@ class StateDB:
         with self._synchronous("NORMAL" if not durable and self._depth == 0 else None), self.transaction():
             self._db.execute(
                 "INSERT INTO mailbox (account, mailbox, uidvalidity, highestmodseq, last_sync,"
-                " new_mtime, cur_mtime)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " new_mtime, cur_mtime, maildir_exact)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (account, mailbox) DO UPDATE SET"
                 " uidvalidity = excluded.uidvalidity,"
                 " highestmodseq = excluded.highestmodseq,"
                 " last_sync = excluded.last_sync,"
                 " new_mtime = excluded.new_mtime,"
-                " cur_mtime = excluded.cur_mtime",
-                (account, mailbox, uidvalidity, highestmodseq, last_sync, new_mtime, cur_mtime),
+                " cur_mtime = excluded.cur_mtime,"
+                " maildir_exact = excluded.maildir_exact",
+                (account, mailbox, uidvalidity, highestmodseq, last_sync, new_mtime, cur_mtime,
+                 1 if maildir_exact and maildir_stamp is not None else None),
             )
 
     def delete_mailbox(self, account: str, mailbox: str) -> None:

@@ -136,7 +136,10 @@ async def sync_account(
 ) -> AccountResult:
     """Sync every wanted mailbox of ``account`` once; never raises for server trouble."""
     result = AccountResult(account.name)
-    pool = WorkerPool(reactor, account, password, account.workers)
+    # As many connections ahead as there were mailboxes last time: a catch-up
+    # of one mailbox logs in once. A first sync (nothing recorded) warms them all.
+    recorded = len(state.mailboxes(account.name))
+    pool = WorkerPool(reactor, account, password, account.workers, ahead=recorded or None)
     try:
         discovery = await discover(pool, account)
         for reason in discovery.skipped:

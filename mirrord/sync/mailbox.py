@@ -307,11 +307,14 @@ class MailboxSync(FetchPipeline):
             await self._fetch_few(list(plan.fetch), uidvalidity, view.listing, result, view.worker)
         else:
             await self._fetch(plan, uidvalidity, view.listing, result)
-        if changing or not trust_files:
+        exact = record is not None and record.maildir_exact and trust_files and not changing
+        # Two-way: a stamp not known to be exact is checked once more (a
+        # listing), so that the next round can skip the folder.
+        if changing or not trust_files or (self.two_way and not exact):
             listed_after = stamp if not changing and files is not None else None
-            stamp = await settled_stamp(
+            stamp, exact = await settled_stamp(
                 self.maildir.path, lambda: self.state.keys(self.account, self.name), self.pool.reactor,
-                listed_after, stamp_read,
+                listed_after, stamp_read, exact=self.two_way,
             )
         # Only now, the sync complete, may the record say "complete as of this
         # modseq" (the EXAMINE's: later changes have higher ones). Not
@@ -324,6 +327,7 @@ class MailboxSync(FetchPipeline):
             highestmodseq=view.status.highestmodseq,
             last_sync=time.time(),
             maildir_stamp=stamp,
+            maildir_exact=exact,
             durable=False,
         )
         result.messages = self.state.count(self.account, self.name) if changing else count

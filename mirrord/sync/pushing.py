@@ -10,7 +10,8 @@ one worker connection:
    UIDNEXT it noted (by Message-ID and size): found, its row is recorded;
    not found, the intent goes and this round plans the change again. So a
    kill at any point neither loses a local change nor sends it twice.
-2. Each folder is scanned and compared with its rows. Only the rows whose
+2. Each folder is scanned and compared with its rows, unless the last pull
+   left an exact Maildir stamp that still holds (:meth:`Pusher._untouched`). Only the rows whose
    file is gone or carries other flags are looked up on the server (their
    current flags; absent from the answer means expunged there), and only
    when something both vanished and appeared are contents compared
@@ -48,9 +49,10 @@ from mirrord.pool import Worker, WorkerPool
 from mirrord.protocol.client import MailboxStatus, MirrordIMAP4Client, uid_set
 from mirrord.protocol.errors import CommandFailed
 from mirrord.store.maildir import LocalFile, Maildir, Trash
-from mirrord.store.state import Intent, MessageRecord, StateDB
+from mirrord.store.state import Intent, MailboxRecord, MessageRecord, StateDB
 from mirrord.sync.engine import same_flags
 from mirrord.sync.rematch import Identity, message_id
+from mirrord.sync.stamp import maildir_stamp
 from mirrord.sync.twoway import (
     DELETED,
     Append,
@@ -216,11 +218,18 @@ class Pusher:
     async def round(self, names: Iterable[str] | None = None) -> PushResult:
         """One round over ``names`` (default: every folder). Raises on connection trouble."""
         wanted = sorted(set(names) if names is not None else set(self.folders))
-        wanted = [n for n in wanted if n in self.folders and self.state.mailbox(self.account.name, n) is not None]
+        records = {n: self.state.mailbox(self.account.name, n) for n in wanted if n in self.folders}
+        wanted = [n for n, record in records.items() if record is not None]
         result = PushResult(self.account.name)
-        first: dict[str, _Scan] | None = {name: self._scan(name) for name in wanted}
+        untouched = {name for name in wanted if self._untouched(name, records[name])}
+        for name in sorted(untouched):
+            log.debug("%s/%s: Maildir as the last sync left it: nothing to send", self.account.name, name)
+        first: dict[str, _Scan] | None = {name: self._scan(name) for name in wanted if name not in untouched}
         if not self.state.intents(self.account.name) and not any(_local_changes(*scan) for scan in first.values()):
             return result
+        # Work to do: the plan sees every folder, as it always has (a file
+        # copied in from an untouched folder is matched to its rows there).
+        first.update({name: self._scan(name) for name in untouched})
 
         async def job(worker: Worker) -> PushResult:
             nonlocal first
@@ -242,6 +251,23 @@ class Pusher:
         return result
 
     # -- looking ------------------------------------------------------------------
+
+    def _untouched(self, name: str, record: MailboxRecord | None) -> bool:
+        """Nothing local to send in ``name``, known without listing it or reading its rows.
+
+        The last pull found new/ and cur/ holding exactly the recorded files,
+        each with its recorded flags, and recorded their mtimes then (with the
+        margin that keeps a later change from carrying the same mtime; see
+        :mod:`mirrord.sync.stamp`). A reader's new, renamed or deleted file
+        changes an mtime, so while both are the same the folder is as the rows
+        say: a no-change catch-up of 10,000 messages costs two stat calls here
+        instead of a listing and 10,000 rows (issue #15).
+        """
+        if record is None or record.maildir_stamp is None or not record.maildir_exact:
+            return False
+        if maildir_stamp(self.folders[name].path) != record.maildir_stamp:
+            return False
+        return not self.state.pending(self.account.name, name)
 
     def _scan(self, name: str) -> _Scan:
         folder = self.folders[name]

@@ -47,8 +47,11 @@ async def settled_stamp(
     reactor: IReactorTime,
     listed_after: tuple[int, int] | None,
     read_at: int,
-) -> tuple[int, int] | None:
-    """The Maildir stamp to record at the end of a sync, or None if none can be trusted.
+    *,
+    exact: bool = False,
+) -> tuple[tuple[int, int] | None, bool]:
+    """The Maildir stamp to record at the end of a sync (None if none can be
+    trusted), and whether it is exact.
 
     A recorded stamp stands for "every recorded file is in place, with its
     recorded flags", so that the next sync may skip listing the Maildir
@@ -64,30 +67,52 @@ async def settled_stamp(
     (this sync changed files, or the stamp was too fresh), wait out the
     margin, read the stamp, list and check the Maildir, and keep the
     stamp if nothing moved meanwhile.
+
+    ``exact`` (two-way accounts): also find out whether new/ and cur/ hold
+    nothing but the recorded files, which the caller's listing cannot
+    tell, so ``listed_after`` is not taken; an exact stamp lets the next
+    two-way round skip the folder (see ``MailboxRecord.maildir_exact``).
     """
     current = maildir_stamp(path)
     if current is None:
-        return None
-    if listed_after is not None and current == listed_after and read_at - max(current) >= _margin(current):
-        return current
+        return None, False
+    if (not exact and listed_after is not None and current == listed_after
+            and read_at - max(current) >= _margin(current)):
+        return current, False
+    rows: list[tuple[str, str]] | None = None
     for _ in range(3):
         age = time.time_ns() - max(current)
         margin = _margin(current)
         if age >= margin:
             break
         if margin > STAMP_MARGIN_NS:
-            return None  # coarse times: not worth seconds of waiting; the next sync lists
+            return None, False  # coarse times: not worth seconds of waiting; the next sync lists
+        if rows is None:
+            # Read the rows while the margin passes rather than after it: the
+            # caller's sync is the only writer of this mailbox's rows meanwhile
+            # (and rows read too early could only make the check fail).
+            rows = keys()
+            age = time.time_ns() - max(current)
+            if age >= margin:
+                break
         await task.deferLater(reactor, (margin - age) / 1e9, lambda: None)
         current = maildir_stamp(path)
         if current is None:
-            return None
+            return None, False
     else:
-        return None
-    in_place = files_in_place(path, keys())
-    return current if in_place and maildir_stamp(path) == current else None
+        return None, False
+    in_place = files_in_place(path, keys() if rows is None else rows)
+    if not in_place or maildir_stamp(path) != current:
+        return None, False
+    return current, bool(in_place == _EXACT)
 
-def files_in_place(path: Path, keys: list[tuple[str, str]]) -> bool:
-    """Whether every row's file is where and as we would have put it.
+
+_EXACT = 2
+"""What :func:`files_in_place` returns when new/ and cur/ hold the recorded files and nothing else."""
+
+def files_in_place(path: Path, keys: list[tuple[str, str]]) -> int:
+    """Whether every row's file is where and as we would have put it: 0 if not,
+    else 1, or :data:`_EXACT` (2) if new/ and cur/ hold nothing else.
 
     A quick, strict form of :func:`~mirrord.sync.engine.files_in_place`:
     names are compared as strings, so a file a reader renamed (other
@@ -97,17 +122,22 @@ def files_in_place(path: Path, keys: list[tuple[str, str]]) -> bool:
     try:
         present = {"new": set(os.listdir(path / "new")), "cur": set(os.listdir(path / "cur"))}
     except OSError:
-        return False
+        return 0
     letters: dict[str, str] = {}
+    matched: set[tuple[str, str]] = set()
     for key, flags in keys:
         info = letters.get(flags)
         if info is None:
             info = letters[flags] = maildir_info(frozenset(flags.split()))
-        if f"{key}:2,{info}" in present["cur"]:
+        if (name := f"{key}:2,{info}") in present["cur"]:
+            matched.add(("cur", name))
             continue
-        if (f"{key}:2,{info}" if info else key) in present["new"]:
+        if (name := f"{key}:2,{info}" if info else key) in present["new"]:
+            matched.add(("new", name))
             continue
-        return False
-    return True
+        return 0
+    # Any other entry (a reader's new file, a dot file) makes it inexact: the
+    # two-way round then lists the folder, which is where such entries are judged.
+    return _EXACT if len(matched) == len(present["new"]) + len(present["cur"]) else 1
 
 # -- live changes, from a watcher's events ---------------------------------

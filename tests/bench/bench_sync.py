@@ -1,7 +1,7 @@
 """Initial-sync and catch-up speed of ``mirrord run --once`` next to mbsync (isync).
 
 Usage:
-    python3 tests/bench/bench_sync.py [--single] [--multi] [--catchup] [--changes]
+    python3 tests/bench/bench_sync.py [--single] [--multi] [--catchup] [--changes] [--catchup-single]
                                       [--scale 1.0] [--repeat 1] [--workers 4] [--hide-resync]
                                       [--tools mirrord,mbsync] [--catchup-mix text]
                                       [--mirrord-wrapper "py-spy record -o prof.svg --"] [--keep]
@@ -27,6 +27,17 @@ Scenarios (message counts are multiplied by ``--scale``; mailbox counts are not)
    messages and 100 flag changes (half +\\Flagged, half -\\Seen) are made while
    neither tool runs; the next run is timed, and each tool must have fetched
    exactly the 100 new messages (new file names) and removed nothing.
+
+5. ``--catchup-single``: one mailbox of 10,000 messages (``--catchup-mix``),
+   synced once by each tool (not timed), then per ``--repeat``: a run with
+   nothing changed, then one after ``--new-messages`` (100) new messages,
+   each tool in turn, and beside them the start-up floor, measured the same
+   way (``measure``: sync(2) first, GNU time, wait4): a Python process that
+   imports exactly the modules ``run --once`` imported (found by untimed
+   ``python -X importtime`` runs of the setup and of a no-change catch-up,
+   all of them, in that order, each in a ``try``) and exits the way mirrord
+   does (``mirrord.cli.exit_quickly``: atexit handlers, flush, no teardown). Target (issue
+   #15): mirrord's wall minus the floor at most mbsync's wall, for both.
 
 Every scenario builds its mailboxes once in a private Dovecot on 127.0.0.1
 (written straight into the server's Maildir by ``fill()``, from forked
@@ -726,6 +737,7 @@ class Report:
     rows: list[Row] = field(default_factory=list)
     checks: list[tuple[str, bool, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    floor_lines: list[str] = field(default_factory=list)
 
     def row(self, tool: str, scenario: str, key: str, messages: int, nbytes: int) -> Row:
         r = Row(tool, scenario, key, messages=messages, nbytes=nbytes)
@@ -985,6 +997,142 @@ class Bench:
         self.cleanup(tools)
 
 
+    # -- 5: catch-up of one big mailbox, beside the start-up floor -----------------
+
+    def catchup_single(self) -> None:
+        a = self.args
+        count = scaled(10_000, a.scale)
+        print(f"\n== 5 catch-up of one mailbox of {count} messages, beside the start-up floor", flush=True)
+        account, truth, summary = self.build("bench-single-catchup", {"INBOX": count}, a.catchup_mix)
+        names = ["INBOX"]
+        tools = self.tools(account, "single-catchup")
+        mirrord_tool = next((t for t in tools if isinstance(t, Mirrord)), None)
+        imported: list[str] = []
+        for tool in tools:
+            tool.reset()
+            if tool is mirrord_tool:
+                # Untimed, under -X importtime: the modules the floor imports.
+                imported += mirrord_imports(tool, "setup")
+                time.sleep(1.05)
+                imported += mirrord_imports(tool, "nochange-imports")
+            else:
+                run = tool.run("setup")
+                print(f"  {tool.name} setup (not timed for the table): {describe(run)}", flush=True)
+            self.verify(tool, "5 setup", names, truth)
+        floor_tool = Floor("floor", self.root / "single-catchup" / "floor", account, a)
+        floor_tool.reset()
+        floor_tool.write(imported)
+        print(f"  start-up floor: {sys.executable} FLOOR.py, importing the {len(floor_tool.modules)} modules "
+              "`run --once` imported (python -X importtime), then exiting as mirrord does (exit_quickly)", flush=True)
+        labels = {
+            "5a": f"5 one mailbox of {count}: nothing changed",
+            "5b": f"5 one mailbox of {count}: {a.new_messages} new",
+        }
+        rows = {
+            (key, t.name): self.report.row(t.name, label, key, 0, 0)
+            for key, label in labels.items()
+            for t in [*tools, floor_tool]
+        }
+        for key, label in labels.items():
+            self.skipped_rows(label, key)
+        for rep in range(a.repeat):
+            order = [*tools, floor_tool] if rep % 2 == 0 else [floor_tool, *reversed(tools)]
+            for tool in order:
+                run = tool.run("nochange", settle=True)
+                rows["5a", tool.name].runs.append(run)
+                print(f"  {tool.name} no-change run {rep + 1}: {describe(run)}", flush=True)
+                if tool is mirrord_tool:
+                    fetched = Mirrord.fetched(run)
+                    self.report.check(f"5 no change (run {rep + 1}), mirrord log", fetched == 0, f"{fetched} fetched")
+            specs = message_specs(self.serial, a.new_messages, a.catchup_mix, 2000 + self.seed)
+            self.serial += a.new_messages
+            self.seed += 1
+            fill(account, [("INBOX", specs, [(a.new_messages, ())])])
+            after = digest(account, names, truth)
+            new_bytes = after["INBOX"][1] - summary["INBOX"][1]
+            summary.update(after)
+            for tool in order:
+                row = rows["5b", tool.name]
+                if isinstance(tool, Floor):
+                    run = tool.run("new", settle=True)
+                    row.runs.append(run)
+                    print(f"  {tool.name} {a.new_messages}-new run {rep + 1}: {describe(run)}", flush=True)
+                    continue
+                row.messages, row.nbytes = a.new_messages, new_bytes
+                before = tool.workdir / "names-before.txt"
+                in_child(_names, str(tool.maildir), names, str(before))
+                run = tool.run("new", settle=True)
+                row.runs.append(run)
+                print(f"  {tool.name} {a.new_messages}-new run {rep + 1}: {describe(run)}", flush=True)
+                added, removed = in_child(_names_diff, str(tool.maildir), names, str(before))
+                self.report.check(
+                    f"5 {a.new_messages} new (run {rep + 1}), {tool.name} fetched",
+                    added == a.new_messages and removed == 0,
+                    f"{added} new files (want {a.new_messages}), {removed} gone (want 0)",
+                )
+                self.verify(tool, f"5 {a.new_messages} new (run {rep + 1})", names, truth)
+        for key, label in labels.items():
+            self.report.floor_lines.append(floor_line(self.report, key, label))
+            print("  " + self.report.floor_lines[-1], flush=True)
+        self.cleanup([*tools, floor_tool])
+
+
+def floor_line(report: Report, key: str, label: str) -> str:
+    """``label``: mirrord, floor, mbsync walls (medians) and (mirrord - floor) against mbsync."""
+    m, f, b = report.find("mirrord", key), report.find("floor", key), report.find("mbsync", key)
+    if m is None or f is None:
+        return f"{label}: no mirrord or floor figure"
+    above = m.med("wall") - f.med("wall")
+    text = (f"{label}: mirrord {m.med('wall') * 1e3:.0f} ms, floor {f.med('wall') * 1e3:.0f} ms, "
+            f"mirrord - floor {above * 1e3:.0f} ms")
+    if b is None:
+        return text + "; no mbsync figure (target: mirrord - floor <= mbsync)"
+    verdict = "met" if above <= b.med("wall") else "NOT met"
+    return text + f", mbsync {b.med('wall') * 1e3:.0f} ms: target (mirrord - floor) <= mbsync {verdict}"
+
+
+_IMPORTED = re.compile(r"^import time:\s+\d+ \|\s+\d+ \|( *)(\S+)$", re.M)
+
+
+def mirrord_imports(tool: Mirrord, label: str) -> list[str]:
+    """One untimed ``run --once`` under ``python -X importtime``: the modules it imported, in order."""
+    argv = tool.command()
+    at = argv.index(sys.executable) + 1 if sys.executable in argv else 1
+    argv = [*argv[:at], "-X", "importtime", *argv[at:]]
+    log = tool.workdir / f"imports-{label}.log"
+    with open(log, "wb") as out:
+        subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, check=True, timeout=tool.args.timeout)
+    tool.last_end = time.time()
+    return [m.group(2) for m in _IMPORTED.finditer(log.read_text("utf-8", "replace"))]
+
+
+class Floor(Tool):
+    """The start-up floor as a tool: a Python that imports what ``run --once`` imports, and exits."""
+
+    modules: list[str] = []
+
+    def write(self, imported: list[str]) -> None:
+        seen: set[str] = set()
+        self.modules = [m for m in imported if m not in seen and not seen.add(m)  # type: ignore[func-returns-value]
+                        and m not in ("__main__", "mirrord.__main__", "site") and not m.startswith("encodings")]
+        (self.workdir / "floor.py").write_text(
+            "import importlib\n"
+            f"for name in {self.modules!r}:\n"
+            "    try:\n"
+            "        importlib.import_module(name)\n"
+            "    except Exception:\n"
+            "        pass\n"
+            "try:\n"
+            "    from mirrord.cli import exit_quickly\n"
+            "except ImportError:  # a tree from before it: mirrord exits normally there too\n"
+            "    import sys\n"
+            "    exit_quickly = sys.exit\n"
+            "exit_quickly(0)\n"
+        )
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(self.workdir / "floor.py")]
+
 # ---------------------------------------------------------------------------
 
 
@@ -1042,6 +1190,8 @@ def main() -> int:
     parser.add_argument("--multi", action="store_true", help="scenario 2: 4 mailboxes of 2,500")
     parser.add_argument("--catchup", action="store_true", help="scenario 3: no-change catch-up, 50 x 2,000")
     parser.add_argument("--changes", action="store_true", help="scenario 4: catch-up after 100 new + 100 flag changes")
+    parser.add_argument("--catchup-single", action="store_true",
+                        help="scenario 5: one mailbox of 10,000, no change and 100 new, beside the start-up floor")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply message counts (default 1.0)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per tool and scenario; medians reported")
     parser.add_argument("--workers", type=int, default=4, help="mirrord's workers (default 4)")
@@ -1063,7 +1213,7 @@ def main() -> int:
         parser.error("--tools takes mirrord and/or mbsync")
     if args.repeat < 1 or args.scale <= 0 or args.catchup_mailboxes < 1:
         parser.error("--repeat, --scale and --catchup-mailboxes must be positive")
-    if not (args.single or args.multi or args.catchup or args.changes):
+    if not (args.single or args.multi or args.catchup or args.changes or args.catchup_single):
         args.single = args.multi = True
     args.mbsync_version = mbsync_version()
     args.gnu_time = have_gnu_time()
@@ -1109,6 +1259,8 @@ def main() -> int:
             )
         if args.catchup or args.changes:
             bench.catchup(args.catchup, args.changes)
+        if args.catchup_single:
+            bench.catchup_single()
     except ToolFailed as e:
         print(f"\nFAILED: {e}", file=sys.stderr)
         ok = False
@@ -1157,6 +1309,8 @@ def main() -> int:
         floor = import_floor()
         print(f"  start-up floor: a Python that only imports Twisted's reactor and IMAP4Client takes "
               f"{floor:.2f} s wall (median of {FLOOR_RUNS}); mirrord's catch-ups cannot be faster than that")
+    for line in report.floor_lines:
+        print(f"  {line}")
     print(f"\n{'all checks passed' if all_ok else 'SOME CHECKS FAILED'}")
     return 0 if all_ok else 1
 

@@ -404,3 +404,43 @@ def test_without_appenduid_or_copyuid_the_new_uid_is_found_or_the_servers_copy_f
         before = {name: sorted(m.path.name for m in local_messages(root / name)) for name in ("INBOX", "Archive")}
         run_once(config)
         assert {name: sorted(m.path.name for m in local_messages(root / name)) for name in ("INBOX", "Archive")} == before
+
+
+def test_a_catch_up_with_nothing_changed_locally_does_not_list_the_maildir(
+    account: ImapAccount, tmp_path: Path
+) -> None:
+    """The last pull's exact Maildir stamp tells the round there is nothing to send (issue #15);
+    a reader's rename, new file or deletion changes the stamp, and is sent."""
+    config = setup(account, tmp_path)
+    root = tmp_path / "Mail"
+    quiet = run_once(config)
+    assert "INBOX: Maildir as the last sync left it: nothing to send" in quiet
+    assert "Archive: Maildir as the last sync left it: nothing to send" in quiet
+    path = file_of(root, "INBOX", mid(2))
+    os.rename(path, root / "INBOX" / "cur" / (path.name.partition(":2,")[0] + ":2,F"))
+    mailbox.Maildir(root / "Archive", create=False).add(mailbox.MaildirMessage(make_message(96, size=1500)))
+    busy = run_once(config)
+    assert "INBOX: Maildir as the last sync left it" not in busy
+    assert "Archive: Maildir as the last sync left it" not in busy
+    assert server_ids(account, "INBOX")[mid(2)] == {"\\Flagged"}
+    assert mid(96) in server_ids(account, "Archive")
+    os.unlink(file_of(root, "INBOX", mid(4)))
+    run_once(config)
+    ids = server_ids(account, "INBOX")
+    assert mid(4) not in ids or "\\Deleted" in ids[mid(4)], "expunged, or marked where there is no UIDPLUS"
+
+
+def test_a_refused_upload_is_tried_again_by_a_catch_up_that_changed_nothing(
+    dovecot_factory: Callable[..., PrivateDovecot], tmp_path: Path
+) -> None:
+    """A file no row names keeps the Maildir stamp inexact, so the next round looks again."""
+    account = dovecot_factory(extra_config=QUOTA).new_account("quota")
+    config = setup(account, tmp_path)
+    root = tmp_path / "Mail"
+    mailbox.Maildir(root / "Archive", create=False).add(mailbox.MaildirMessage(make_message(95, size=200_000)))
+    for _ in range(2):
+        run = mirrord("-v", "-c", str(config), "run", "--once")
+        assert run.status == 1, run.stderr
+        assert "refused a new message" in run.stderr, run.stderr
+        assert "Archive: Maildir as the last sync left it" not in run.stderr
+    assert "INBOX: Maildir as the last sync left it: nothing to send" in run.stderr

@@ -60,3 +60,18 @@ def test_batches_cover_every_uid_once_within_bounds(uids: list[int], workers: in
             assert sum(sizes[u] or 0 for u in batch) <= BATCH_BYTES
     if uids and len(uids) >= workers and all(s is None for s in sizes.values()):
         assert len(out) >= workers, "a small mailbox is still spread over every worker"
+
+
+def test_a_catch_up_of_a_hundred_messages_is_fetched_on_the_selected_connection() -> None:
+    """100 new messages go in one command on the worker that has the mailbox selected,
+    not over new connections that each log in and EXAMINE (issue #15); a big catch-up
+    still spreads over the workers."""
+    from mirrord.protocol.client import ListingEntry
+    from mirrord.sync.fetching import few
+
+    listing = {uid: ListingEntry(frozenset(), 20_000) for uid in range(1, 2001)}
+    assert few(list(range(1, 101)), listing)
+    assert few(list(range(1, BATCH_MESSAGES + 1)), listing)
+    assert not few(list(range(1, BATCH_MESSAGES + 2)), listing)
+    big = {uid: ListingEntry(frozenset(), BATCH_BYTES // 50) for uid in range(1, 101)}
+    assert not few(list(big), big)

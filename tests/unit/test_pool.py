@@ -36,10 +36,10 @@ class Connector:
         self.pending.pop(0)[1].errback(error)
 
 
-def make(size: int = 4) -> tuple[WorkerPool, Connector]:
+def make(size: int = 4, ahead: int | None = None) -> tuple[WorkerPool, Connector]:
     settings: Any = type("S", (), {"name": "acct"})()
     connector = Connector()
-    return WorkerPool(None, settings, "pw", size, connect=connector), connector
+    return WorkerPool(None, settings, "pw", size, connect=connector, ahead=ahead), connector
 
 
 async def _uses(worker: Any) -> int:
@@ -58,6 +58,33 @@ def test_the_other_workers_log_in_as_soon_as_one_login_worked() -> None:
     for _ in range(3):
         connector.succeed()
     assert all(w.connected for w in pool._all)
+
+
+def test_only_ahead_workers_log_in_ahead_and_a_job_still_opens_another() -> None:
+    """A catch-up of one mailbox (``ahead=1``) logs in once (issue #15)."""
+    pool, connector = make(ahead=2)
+    job = defer.Deferred.fromCoroutine(pool.run(_uses))
+    connector.succeed()
+    assert job.result == 1
+    assert [label for label, _ in connector.pending] == ["acct worker 2"]
+    connector.succeed()
+    pool, connector = make(ahead=1)
+    hold: defer.Deferred[None] = defer.Deferred()
+    first = defer.Deferred.fromCoroutine(pool.run(lambda w: _held(w, hold)))
+    connector.succeed()
+    assert connector.pending == []
+    second = defer.Deferred.fromCoroutine(pool.run(_uses))  # worker 1 is busy: another one opens
+    assert [label for label, _ in connector.pending] == ["acct worker 2"]
+    connector.succeed()
+    assert second.result == 2
+    hold.callback(None)
+    assert first.result == 1
+
+
+async def _held(worker: Any, until: defer.Deferred[None]) -> int:
+    await worker.connection()
+    await until
+    return worker.number
 
 
 def test_a_refused_login_is_not_repeated_on_every_worker() -> None:

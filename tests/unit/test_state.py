@@ -351,6 +351,16 @@ def test_maildir_stamp_round_trip_and_summary(db: StateDB) -> None:
     assert db.mailbox(A, INBOX) == MailboxRecord(A, INBOX, 5, None, None, None)
 
 
+def test_an_exact_maildir_stamp_round_trips_and_goes_with_its_stamp(db: StateDB) -> None:
+    db.set_mailbox(A, INBOX, 5, 42, 1.5, maildir_stamp=(7, 8), maildir_exact=True)
+    assert db.mailbox(A, INBOX) == MailboxRecord(A, INBOX, 5, 42, 1.5, (7, 8), True)
+    assert db.mailboxes(A)[0].maildir_exact
+    db.set_mailbox(A, INBOX, 5, 42, 1.5, maildir_stamp=(7, 8))
+    assert not db.mailbox(A, INBOX).maildir_exact  # type: ignore[union-attr]
+    db.set_mailbox(A, INBOX, 5, 42, 1.5, maildir_exact=True)
+    assert db.mailbox(A, INBOX) == MailboxRecord(A, INBOX, 5, 42, 1.5, None, False)
+
+
 def test_non_durable_mailbox_write_is_committed_and_leaves_full_sync(db: StateDB) -> None:
     db.set_mailbox(A, INBOX, 5, 42, 1.5, durable=False)
     assert db.mailbox(A, INBOX) == MailboxRecord(A, INBOX, 5, 42, 1.5)
