@@ -258,10 +258,7 @@ class TmpMessage:
         if not out:
             return
         if self._head is not None:
-            self._head += out
-            if b"\n\n" in self._head or len(self._head) >= HEAD_LIMIT:
-                self._message_id = message_id(bytes(self._head[:HEAD_LIMIT]))
-                self._head = None
+            self._look_at_head(out)
         self._pending.append(out)
         self._pending_len += len(out)
         self.size += len(out)
@@ -271,6 +268,33 @@ class TmpMessage:
             except BaseException:
                 self.abort()
                 raise
+
+    def _look_at_head(self, out: bytes) -> None:
+        """Read the Message-ID once the header block is complete in what streamed by.
+
+        Only the header block (up to its blank line) is parsed and copied:
+        the first chunk usually holds the whole header and much of the body
+        (up to 64 KB), and splitting all of it into lines cost more than the
+        rest of a message's handling (a 10,000-message first sync: 0.3 s).
+        message_id() stops at the first empty line, so the answer is the
+        same as from the whole chunk.
+        """
+        head = self._head
+        assert head is not None
+        if not head:
+            end = out.find(b"\n\n", 0, HEAD_LIMIT)
+            if end >= 0 or len(out) >= HEAD_LIMIT:
+                self._message_id = message_id(out[: end + 2] if end >= 0 else out[:HEAD_LIMIT])
+                self._head = None
+            else:
+                head += out
+            return
+        start = len(head) - 1  # the blank line may straddle the two pieces
+        head += out[: HEAD_LIMIT - len(head)]
+        end = head.find(b"\n\n", start)
+        if end >= 0 or len(head) >= HEAD_LIMIT:
+            self._message_id = message_id(bytes(head[: end + 2] if end >= 0 else head))
+            self._head = None
 
     _message_id: str | None = None
 
