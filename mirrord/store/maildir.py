@@ -141,19 +141,39 @@ def _escaped_hostname() -> str:
     return host.replace("/", "\\057").replace(":", "\\072").replace("!", "\\041")
 
 
+_process_random = os.urandom(8).hex()
+"""64 random bits drawn once per process (and again in a forked child)."""
+_pid = os.getpid()
+_host = ""
+_host_second = -1
+"""The second in which the hostname was last read: it is read at most once a second."""
+
+
+def _after_fork() -> None:
+    global _process_random, _pid
+    _process_random = os.urandom(8).hex()
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 def unique_name() -> str:
     """A Maildir unique name that no other delivery, in any process, will produce.
 
     Time, pid and a per-process counter make it unique on this host (the
-    counter survives clock steps backwards); 64 random bits cover pid reuse
-    across a reboot and hosts sharing the directory; the hostname comes last
-    as the Maildir convention has it.
+    counter survives clock steps backwards); 64 random bits, drawn once per
+    process, cover pid reuse across a reboot and hosts sharing the
+    directory; the hostname comes last as the Maildir convention has it.
+    The random bits and the hostname are not fetched per name: a first sync
+    makes thousands of names, in the fsync threads, and each system call
+    there hands the interpreter lock back and forth with the reading thread.
     """
+    global _host, _host_second
     sec, nsec = divmod(time.time_ns(), 1_000_000_000)
-    return (
-        f"{sec}.M{nsec // 1000}P{os.getpid()}Q{next(_counter)}"
-        f"R{os.urandom(8).hex()}.{_escaped_hostname()}"
-    )
+    if sec != _host_second:
+        _host, _host_second = _escaped_hostname(), sec
+    return f"{sec}.M{nsec // 1000}P{_pid}Q{next(_counter)}R{_process_random}.{_host}"
 
 
 def _placement(key: str, flags: Flags, in_cur: bool) -> tuple[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 import time
 from collections.abc import Iterator
@@ -100,6 +101,7 @@ def test_file_modes_do_not_depend_on_umask(tmp_path: Path, umask: int) -> None:
 
 def test_unique_names_are_distinct_and_well_formed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(maildir_mod.socket, "gethostname", lambda: "a/b:c!d.example")
+    monkeypatch.setattr(maildir_mod, "_host_second", -1)  # read the hostname again
     names = [unique_name() for _ in range(20000)]
     assert len(set(names)) == len(names)
     for n in names[:10]:
@@ -107,6 +109,24 @@ def test_unique_names_are_distinct_and_well_formed(monkeypatch: pytest.MonkeyPat
         assert n.endswith(".a\\057b\\072c\\041d.example")
         assert f"P{os.getpid()}" in n
         assert split_name(n) == (n, "")
+
+
+def test_a_forked_child_makes_names_of_its_own() -> None:
+    """The child inherits the counter; its pid and its random bits keep its names apart."""
+    parent = unique_name()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        os.write(write, unique_name().encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 1000).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert f"P{pid}Q" in child
+    random_part = re.compile(r"R([0-9a-f]{16})\.")
+    assert random_part.search(child).group(1) != random_part.search(parent).group(1)  # type: ignore[union-attr]
 
 
 def test_open_tmp_gives_distinct_files(md: Maildir) -> None:
