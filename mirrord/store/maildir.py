@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import errno
 import functools
+import io
 import itertools
 import logging
 import os
@@ -56,6 +57,25 @@ HAND_OVER_BELOW = 32
 at most this many x _HAND_OVER_BUFFER held in memory; beyond, they are written in place."""
 _IOV_MAX = 512
 _CRLF_SUB = re.compile(b"\r\n").sub
+_LF_ONLY = (None, "\n", "\r\n", ("\n", "\r\n"))
+"""What IncrementalNewlineDecoder.newlines may say when no line ended in a lone CR."""
+
+
+def _crlf_to_lf(data: bytes) -> bytes:
+    """``data`` with every CRLF turned into LF (a lone CR or LF stays as it is).
+
+    Through Latin-1 and the io module's newline translation, a C loop that
+    does not stop at each line: a fifth of the CPU of a first sync went to
+    ``re.sub``'s search, which costs a call and a list entry per line
+    (this is 1.3x its speed, measured on mail with 64 KB and 256 KB pieces).
+    The decoder also turns a lone CR into LF, but says it saw one
+    (``newlines``): then the exact, slower substitution is used instead.
+    """
+    decoder = io.IncrementalNewlineDecoder(None, translate=True)
+    text = decoder.decode(data.decode("latin-1"), final=True)
+    if decoder.newlines in _LF_ONLY:
+        return text.encode("latin-1")
+    return _CRLF_SUB(b"\n", data)
 
 # Per-process part of unique names. The pid is read at each call, so a forked
 # child that inherits the counter still produces different names.
@@ -311,10 +331,7 @@ class TmpMessage:
             data = data[:-1]
         # Every piece handed on ends in a byte other than CR (the held one
         # starts the next piece), so no CRLF can straddle two pieces.
-        # A compiled pattern's sub is about 1.7x faster than split + join
-        # (no list of line objects) and 2x faster than replace (measured on
-        # 64 KB of base64 and of text); a chunk without CRLF comes back as is.
-        out = _CRLF_SUB(b"\n", data)
+        out = _crlf_to_lf(data)
         if not out:
             return
         if self._head is not None:
