@@ -325,6 +325,10 @@ def _ordered_uids(token: Any) -> list[int]:
     return out
 
 
+READ_SIZE = 256 * 1024
+"""Most bytes taken from the socket per read (Twisted's default is 64 KB)."""
+
+
 def _tcp_handle(transport: Any) -> Any:
     """The TCP transport under any TLS wrapping, for socket options."""
     seen = 0
@@ -416,6 +420,11 @@ class MirrordIMAP4Client(IMAP4Client):
             handle.setTcpNoDelay(True)
             handle.setTcpKeepAlive(True)
             _tune_keepalive(handle)
+            if hasattr(handle, "bufferSize"):
+                # Fewer, larger reads: each read costs a reactor turn and a
+                # pass of the parser whatever its size (a first sync of
+                # 500 MB in 64 KB reads took 8,000 of them).
+                handle.bufferSize = READ_SIZE
         self._arm_deadline()
 
     def dataReceived(self, data: bytes) -> None:

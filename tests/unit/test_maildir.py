@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 import time
 from collections.abc import Iterator
@@ -100,6 +101,7 @@ def test_file_modes_do_not_depend_on_umask(tmp_path: Path, umask: int) -> None:
 
 def test_unique_names_are_distinct_and_well_formed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(maildir_mod.socket, "gethostname", lambda: "a/b:c!d.example")
+    monkeypatch.setattr(maildir_mod, "_host_second", -1)  # read the hostname again
     names = [unique_name() for _ in range(20000)]
     assert len(set(names)) == len(names)
     for n in names[:10]:
@@ -107,6 +109,24 @@ def test_unique_names_are_distinct_and_well_formed(monkeypatch: pytest.MonkeyPat
         assert n.endswith(".a\\057b\\072c\\041d.example")
         assert f"P{os.getpid()}" in n
         assert split_name(n) == (n, "")
+
+
+def test_a_forked_child_makes_names_of_its_own() -> None:
+    """The child inherits the counter; its pid and its random bits keep its names apart."""
+    parent = unique_name()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        os.write(write, unique_name().encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 1000).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert f"P{pid}Q" in child
+    random_part = re.compile(r"R([0-9a-f]{16})\.")
+    assert random_part.search(child).group(1) != random_part.search(parent).group(1)  # type: ignore[union-attr]
 
 
 def test_open_tmp_gives_distinct_files(md: Maildir) -> None:
@@ -295,8 +315,8 @@ def test_write_enospc_cleans_up(md: Maildir, monkeypatch: pytest.MonkeyPatch) ->
     def full(fd: int, data: bytes) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(maildir_mod.os, "write", full)
-    monkeypatch.setattr(maildir_mod.os, "writev", lambda fd, pieces: full(fd, b""))
+    monkeypatch.setattr(maildir_mod.os, "pwrite", lambda fd, data, offset: full(fd, b""))
+    monkeypatch.setattr(maildir_mod.os, "pwritev", lambda fd, pieces, offset: full(fd, b""))
     with pytest.raises(OSError) as info:
         tmp.write(b"y" * (1 << 17))
     assert info.value.errno == errno.ENOSPC
@@ -306,10 +326,12 @@ def test_write_enospc_cleans_up(md: Maildir, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_short_writevs_are_completed(md: Maildir, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Many small chunks are written with one writev; a short one is resumed
+    # Many small chunks are written with one pwritev; a short one is resumed
     # mid-piece, whatever piece it stopped in.
-    real = os.writev
-    monkeypatch.setattr(maildir_mod.os, "writev", lambda fd, pieces: real(fd, [b"".join(pieces)[:1000]]))
+    real = os.pwritev
+    monkeypatch.setattr(
+        maildir_mod.os, "pwritev", lambda fd, pieces, offset: real(fd, [b"".join(pieces)[:1000]], offset)
+    )
     tmp = md.open_tmp()
     for i in range(3000):
         tmp.write(b"line %d\r\n" % i)
@@ -319,8 +341,8 @@ def test_short_writevs_are_completed(md: Maildir, monkeypatch: pytest.MonkeyPatc
 
 
 def test_short_writes_are_completed(md: Maildir, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = os.write
-    monkeypatch.setattr(maildir_mod.os, "write", lambda fd, b: real(fd, bytes(b)[:7]))
+    real = os.pwrite
+    monkeypatch.setattr(maildir_mod.os, "pwrite", lambda fd, b, offset: real(fd, bytes(b)[:7], offset))
     tmp = md.open_tmp()
     tmp.write(b"abc\r\n" * 30000)
     monkeypatch.undo()
@@ -671,7 +693,8 @@ def test_a_tail_left_for_sync_is_written_there(tmp_path: Path, monkeypatch: pyte
     def full(*args: object) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(os, "write", full)
+    monkeypatch.setattr(os, "pwrite", full)
+    monkeypatch.setattr(os, "pwritev", full)
     with pytest.raises(OSError):
         bad.sync()
     monkeypatch.undo()
