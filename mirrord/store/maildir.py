@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import errno
-import functools
 import io
 import itertools
 import logging
@@ -33,7 +32,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 from mirrord._fs import make_private_dirs
 from mirrord.flags import Flags, flags_from_info, is_seen, maildir_info
@@ -50,11 +48,6 @@ _SUBDIRS = ("cur", "new", "tmp")
 # Socket chunks can be tiny (a literal split over many TCP segments); batching
 # them saves syscalls without holding much memory.
 _WRITE_BUFFER = 64 * 1024
-_HAND_OVER_BUFFER = 256 * 1024
-"""With a :attr:`TmpMessage.writer`, buffered bytes are handed to its threads in pieces this big."""
-HAND_OVER_BELOW = 32
-"""Bytes are handed to the writer only while fewer of its calls than this are pending:
-at most this many x _HAND_OVER_BUFFER held in memory; beyond, they are written in place."""
 _IOV_MAX = 512
 _CRLF_SUB = re.compile(b"\r\n").sub
 _LF_ONLY = (None, "\n", "\r\n", ("\n", "\r\n"))
@@ -217,26 +210,6 @@ def _placement(key: str, flags: Flags, in_cur: bool) -> tuple[str, str]:
     return "new", f"{key}:2,{letters}" if letters else key
 
 
-def _pwrite_all(fd: int, pieces: list[bytes], offset: int) -> None:
-    """Write ``pieces`` one after the other from ``offset`` (one pwritev, not a join: no copy)."""
-    while pieces:
-        if len(pieces) == 1:
-            view = memoryview(pieces[0])
-            while view:
-                n = os.pwrite(fd, view, offset)
-                offset += n
-                view = view[n:]
-            return
-        written = os.pwritev(fd, pieces[:_IOV_MAX], offset)
-        offset += written
-        # Drop the pieces written whole; a short write falls through.
-        while pieces and written >= len(pieces[0]):
-            written -= len(pieces[0])
-            pieces.pop(0)
-        if written:
-            pieces[0] = pieces[0][written:]
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -283,15 +256,6 @@ class TmpMessage:
         self._head: bytearray | None = bytearray()
         """The header block, kept until its end is seen (or HEAD_LIMIT): see :attr:`message_id`."""
         self._fd_lock = threading.Lock()
-        self._offset = 0
-        """Where the next buffered bytes go in the file. Every write says its
-        offset (pwrite): pieces handed to the writer's threads may be written
-        in any order, and alongside those written in place."""
-        self.writer: Any = None
-        """A :class:`~mirrord._fs.Syncer` to hand full buffers to (None: write in place).
-        The caller then waits for :meth:`take_writes` before :meth:`sync`."""
-        self._writes: list[Any] = []
-        self._write_error: BaseException | None = None
         _unfinished.add(self)
 
     @property
@@ -315,10 +279,6 @@ class TmpMessage:
         """Append a chunk; on a disk error the file is aborted and the OSError raised."""
         if self._state != "open":
             raise ValueError(f"write to a {self._state} message {self.key}")
-        if self._write_error is not None:  # a piece handed to the writer failed
-            error = self._write_error
-            self.abort()
-            raise error
         if not data:
             return
         if not isinstance(data, bytes):
@@ -340,52 +300,11 @@ class TmpMessage:
         self._pending_len += len(out)
         self.size += len(out)
         if self._pending_len >= _WRITE_BUFFER:
-            writer = self.writer
-            if writer is None:
-                self._drain_or_abort()
-            elif self._pending_len >= _HAND_OVER_BUFFER:
-                if writer.pending < HAND_OVER_BELOW:
-                    self._hand_over(writer)
-                else:
-                    self._drain_or_abort()
-
-    def _drain_or_abort(self) -> None:
-        try:
-            self._drain()
-        except BaseException:
-            self.abort()
-            raise
-
-    def _hand_over(self, writer: Any) -> None:
-        """Have the writer's threads write what is buffered (a large message's
-        bulk): the copy into the page cache then runs without the interpreter
-        lock, on another core, while this thread goes on reading."""
-        pieces, offset = self._take_pending()
-        self._writes.append(writer.run(functools.partial(self._write_at, pieces, offset)))
-
-    def _write_at(self, pieces: list[bytes], offset: int) -> None:
-        """Write ``pieces`` at ``offset`` (in a writer thread); an error fails the message."""
-        with self._fd_lock:
-            if self._fd is None or self._state not in ("open", "written"):
-                return  # aborted meanwhile: nothing to keep
             try:
-                _pwrite_all(self._fd, pieces, offset)
-            except BaseException as e:
-                self._write_error = e
+                self._drain()
+            except BaseException:
+                self.abort()
                 raise
-
-    def take_writes(self) -> list[Any]:
-        """The Deferreds of the pieces handed to the writer since the last call:
-        :meth:`sync` may run only once all have fired (a failed one fails the message)."""
-        writes, self._writes = self._writes, []
-        return writes
-
-    def _take_pending(self) -> tuple[list[bytes], int]:
-        pieces, offset = self._pending, self._offset
-        self._pending = []
-        self._offset += self._pending_len
-        self._pending_len = 0
-        return pieces, offset
 
     def _look_at_head(self, out: bytes) -> None:
         """Read the Message-ID once the header block is complete in what streamed by.
@@ -446,8 +365,28 @@ class TmpMessage:
 
     def _drain(self) -> None:
         assert self._fd is not None
-        pieces, offset = self._take_pending()
-        _pwrite_all(self._fd, pieces, offset)
+        pieces = self._pending
+        self._pending = []
+        self._pending_len = 0
+        if len(pieces) == 1:
+            data = pieces[0]
+        else:
+            # One writev rather than a join: no copy of the pieces.
+            total = sum(len(p) for p in pieces)
+            done = 0
+            while pieces and done < total:
+                written = os.writev(self._fd, pieces[:_IOV_MAX])
+                done += written
+                # Drop the pieces written whole; a short write falls through.
+                while pieces and written >= len(pieces[0]):
+                    written -= len(pieces[0])
+                    pieces.pop(0)
+                if written:
+                    pieces[0] = pieces[0][written:]
+            return
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
 
     def close_write(self, flush: bool = True) -> None:
         """The message is complete, no more writes; write out what is buffered.
@@ -485,18 +424,13 @@ class TmpMessage:
         Safe to call from a thread other than the one that wrote the file:
         it touches only the descriptor, under a lock that :meth:`abort`
         takes too, so an abort meanwhile never closes a descriptor number
-        that is in use (or already reused by another file). With a
-        :attr:`writer`, call it only once every Deferred of
-        :meth:`take_writes` has fired.
+        that is in use (or already reused by another file).
         """
         with self._fd_lock:
             if self._state == "closed":
                 return
             if self._state != "written" or self._fd is None:
                 raise ValueError(f"sync of a {self._state} message {self.key}")
-            if self._write_error is not None:
-                self._state = "failed"
-                raise self._write_error
             try:
                 if self._pending:
                     self._drain()

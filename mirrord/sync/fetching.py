@@ -284,8 +284,6 @@ class FetchPipeline:
 
     def _open_tmp(self) -> TmpMessage:
         tmp = self.maildir.open_tmp()
-        # A large body's bulk is written by the syncer's threads (see _receive).
-        tmp.writer = self.syncer
         self._top_up()
         return tmp
 
@@ -379,15 +377,8 @@ class FetchPipeline:
             # One thread call per few files: each call costs the reactor a
             # GIL hand-over and a wake-up, more than the fsync's own CPU.
             if chunk:
-                bodies = list(chunk)
+                group_syncs.append(self.syncer.run(functools.partial(_sync_all, list(chunk))))
                 chunk.clear()
-                writes = [d for body in bodies for d in body.take_writes()]
-                if writes:
-                    # Parts of a large body are still being written by the
-                    # syncer's threads: its fsync waits for them.
-                    group_syncs.append(defer.Deferred.fromCoroutine(self._sync_after(writes, bodies)))
-                else:
-                    group_syncs.append(self.syncer.run(functools.partial(_sync_all, bodies)))
 
         def close_group() -> None:
             nonlocal group_bytes
@@ -431,14 +422,6 @@ class FetchPipeline:
             await defer.DeferredList(settling, consumeErrors=True)
         if failure:
             raise failure[0]
-
-    async def _sync_after(self, writes: list[defer.Deferred[None]], bodies: list[TmpMessage]) -> None:
-        """fsync ``bodies`` once the pieces of them handed to the syncer are written (a failed one fails them)."""
-        outcomes = await defer.DeferredList(writes, consumeErrors=True)
-        for ok, value in outcomes:
-            if not ok:
-                value.raiseException()
-        await self.syncer.run(functools.partial(_sync_all, bodies))
 
     async def _settle(
         self,

@@ -44,12 +44,6 @@ class HeldSyncer:
         while self.calls:
             self._release_once(fail)
 
-    def release_last_first(self) -> None:
-        """Run every waiting call, the last submitted first: threads keep no order."""
-        while self.calls:
-            self.calls.reverse()
-            self._release_once(None)
-
     def _release_once(self, fail: BaseException | None) -> None:
         calls, self.calls = self.calls, []
         for fn, d in calls:
@@ -90,20 +84,6 @@ def fake_fetch(sync: MailboxSync, count: int, after: Callable[[], None] | None =
             arrived(FetchedMessage(uid, frozenset({"\\Seen"}) if uid % 2 else frozenset(), None, tmp))
         if after is not None:
             after()
-
-    return fetch
-
-
-def big_fetch(sync: MailboxSync, count: int, size: int) -> Any:
-    """Like fake_fetch with bodies of ``size`` bytes, streamed in 64 KB reads as the client does."""
-
-    async def fetch(arrived: Callable[[FetchedMessage], None]) -> None:
-        for uid in range(1, count + 1):
-            tmp = sync._open_tmp()
-            body = (b"Subject: %d\r\n\r\n" % uid + b"%d line\r\n" % uid * size)[:size]
-            for at in range(0, size, 65536):
-                tmp.write(body[at : at + 65536])
-            arrived(FetchedMessage(uid, frozenset(), None, tmp))
 
     return fetch
 
@@ -433,68 +413,3 @@ def test_pool_close_waits_for_running_jobs() -> None:
     gate.callback(None)
     assert running.result == "recorded"
     assert closed.called
-
-
-def test_a_large_body_handed_to_the_threads_is_fsynced_after_all_its_pieces(
-    sync: MailboxSync, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Pieces of a large body are written by the syncer's threads, in any order; its
-    fsync follows every one of them, and the file is byte for byte what came."""
-    events: list[tuple[str, int]] = []
-    real_pwritev, real_pwrite, real_fsync = os.pwritev, os.pwrite, os.fsync
-
-    def pwritev(fd: int, pieces: Any, offset: int) -> int:
-        events.append(("write", fd))
-        return real_pwritev(fd, pieces, offset)
-
-    def pwrite(fd: int, data: Any, offset: int) -> int:
-        events.append(("write", fd))
-        return real_pwrite(fd, data, offset)
-
-    def fsync(fd: int) -> None:
-        events.append(("fsync", fd))
-        real_fsync(fd)
-
-    monkeypatch.setattr(maildir_mod.os, "pwritev", pwritev)
-    monkeypatch.setattr(maildir_mod.os, "pwrite", pwrite)
-    monkeypatch.setattr(maildir_mod.os, "fsync", fsync)
-    size = 3 * 1024 * 1024 + 123
-    result = MailboxResult("acct", "INBOX")
-    d = defer.Deferred.fromCoroutine(sync._receive(big_fetch(sync, 2, size), result, flush_every=2))
-    assert not d.called
-    assert sync.syncer.pending > 2  # type: ignore[attr-defined] # pieces handed over, not written in place
-    sync.syncer.release_last_first()  # type: ignore[attr-defined]
-    d.result  # noqa: B018 - raises if it failed
-    assert result.fetched == 2 and sync.state.count("acct", "INBOX") == 2
-    for i, (kind, fd) in enumerate(events):
-        if kind == "fsync":
-            assert ("write", fd) not in events[i + 1 :], "a piece was written after the file's fsync"
-    for uid, row in sync.state.messages("acct", "INBOX", [1, 2]).items():
-        body = (b"Subject: %d\r\n\r\n" % uid + b"%d line\r\n" % uid * size)[:size]
-        (path,) = [p for p in (sync.maildir.path / "new").iterdir() if p.name.startswith(row.key)]
-        assert path.read_bytes() == body.replace(b"\r\n", b"\n")
-
-
-def test_a_failed_piece_in_a_thread_fails_its_message_and_leaves_nothing(
-    sync: MailboxSync, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    calls = 0
-    real_pwritev = os.pwritev
-
-    def pwritev(fd: int, pieces: Any, offset: int) -> int:
-        nonlocal calls
-        calls += 1
-        if calls == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_pwritev(fd, pieces, offset)
-
-    monkeypatch.setattr(maildir_mod.os, "pwritev", pwritev)
-    result = MailboxResult("acct", "INBOX")
-    d = defer.Deferred.fromCoroutine(sync._receive(big_fetch(sync, 1, 2 * 1024 * 1024), result))
-    sync.syncer.release()  # type: ignore[attr-defined]
-    failure = d.result
-    d.addErrback(lambda _: None)
-    assert isinstance(failure.value, OSError) and failure.value.errno == errno.ENOSPC
-    sync.maildir.release_reserve()  # the files made ahead (a fetch's end does this)
-    assert sync.maildir.scan() == {} and tmp_files(sync) == []
-    assert sync.state.count("acct", "INBOX") == 0 and sync.state.pending("acct", "INBOX") == {}

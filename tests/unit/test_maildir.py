@@ -315,8 +315,8 @@ def test_write_enospc_cleans_up(md: Maildir, monkeypatch: pytest.MonkeyPatch) ->
     def full(fd: int, data: bytes) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(maildir_mod.os, "pwrite", lambda fd, data, offset: full(fd, b""))
-    monkeypatch.setattr(maildir_mod.os, "pwritev", lambda fd, pieces, offset: full(fd, b""))
+    monkeypatch.setattr(maildir_mod.os, "write", full)
+    monkeypatch.setattr(maildir_mod.os, "writev", lambda fd, pieces: full(fd, b""))
     with pytest.raises(OSError) as info:
         tmp.write(b"y" * (1 << 17))
     assert info.value.errno == errno.ENOSPC
@@ -326,12 +326,10 @@ def test_write_enospc_cleans_up(md: Maildir, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_short_writevs_are_completed(md: Maildir, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Many small chunks are written with one pwritev; a short one is resumed
+    # Many small chunks are written with one writev; a short one is resumed
     # mid-piece, whatever piece it stopped in.
-    real = os.pwritev
-    monkeypatch.setattr(
-        maildir_mod.os, "pwritev", lambda fd, pieces, offset: real(fd, [b"".join(pieces)[:1000]], offset)
-    )
+    real = os.writev
+    monkeypatch.setattr(maildir_mod.os, "writev", lambda fd, pieces: real(fd, [b"".join(pieces)[:1000]]))
     tmp = md.open_tmp()
     for i in range(3000):
         tmp.write(b"line %d\r\n" % i)
@@ -341,8 +339,8 @@ def test_short_writevs_are_completed(md: Maildir, monkeypatch: pytest.MonkeyPatc
 
 
 def test_short_writes_are_completed(md: Maildir, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = os.pwrite
-    monkeypatch.setattr(maildir_mod.os, "pwrite", lambda fd, b, offset: real(fd, bytes(b)[:7], offset))
+    real = os.write
+    monkeypatch.setattr(maildir_mod.os, "write", lambda fd, b: real(fd, bytes(b)[:7]))
     tmp = md.open_tmp()
     tmp.write(b"abc\r\n" * 30000)
     monkeypatch.undo()
@@ -693,8 +691,7 @@ def test_a_tail_left_for_sync_is_written_there(tmp_path: Path, monkeypatch: pyte
     def full(*args: object) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(os, "pwrite", full)
-    monkeypatch.setattr(os, "pwritev", full)
+    monkeypatch.setattr(os, "write", full)
     with pytest.raises(OSError):
         bad.sync()
     monkeypatch.undo()
