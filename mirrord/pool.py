@@ -20,7 +20,13 @@ from twisted.python.failure import Failure
 from mirrord.protocol._parser import Untagged
 from mirrord.protocol.client import MailboxStatus, MirrordIMAP4Client
 from mirrord.protocol.connect import ServerSettings, open_session
-from mirrord.protocol.errors import ConnectFailed, LoginFailed, ProtocolError, TLSFailed, describe_failure
+from mirrord.protocol.errors import (
+    ConnectFailed,
+    LoginFailed,
+    ProtocolError,
+    TLSFailed,
+    describe_failure,
+)
 
 log = logging.getLogger("mirrord.pool")
 
