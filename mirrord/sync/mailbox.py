@@ -67,6 +67,9 @@ from mirrord.sync.twoway import merge_flags, server_only_part
 
 log = logging.getLogger("mirrord.sync")
 
+ALONE_TRIES = 3
+"""UID FETCHes sent alone, one after the other, while each sees the session's view grow."""
+
 LOGIN_RETRY_AFTER = 600.0
 """A worker's refused login is not retried sooner than this (lockout risk)."""
 
@@ -371,10 +374,10 @@ class MailboxSync(FetchPipeline):
         the whole folder for this session (12 ms at 10,000 messages, growing
         with the mailbox), while a UID FETCH of mail the watcher's session
         has seen is answered at once (0.5-1 ms measured, at any size). Should
-        it bring nothing, from a view a few messages old, with an EXISTS
-        after it (Dovecot brings the view up to date once the command is
-        done), the same command goes again; should it bring nothing and the
-        view not change, EXAMINE and the fetch follow as below. Should
+        the session's view grow during it (an EXISTS: Dovecot answers from a
+        view a message or more old, then brings it up to date), the same
+        command goes again, up to ALONE_TRIES times; should it bring nothing
+        and the view not change, EXAMINE and the fetch follow as below. Should
         it bring some but not all (mail that arrived meanwhile and that this
         view lacks), the watcher, having learned the new UIDs, asks for a
         ``fresh`` fetch (:meth:`LiveMailbox.uids_learned
@@ -421,16 +424,20 @@ class MailboxSync(FetchPipeline):
 
             if not fresh and worker.holds(raw_name, record.uidvalidity):
                 before = result.fetched
-                for _ in range(2):
+                start = first
+                for _ in range(ALONE_TRIES):
                     grew = worker.grew
-                    await fetch_from(await worker.connection(), first)
-                    if result.fetched > before:
-                        return
+                    await fetch_from(await worker.connection(), start)
                     if worker.grew == grew:
-                        break  # the view did not change: EXAMINE opens a fresh one
-                    # Answered from the old view, and the server brought the
-                    # view up to date after it (Dovecot does, when its view is
-                    # a few messages old): the same command again sees the mail.
+                        break
+                    # The session's view grew during the command: the fetch
+                    # ran on the older one (Dovecot's, once a message or more
+                    # behind) and may have missed mail. The same command again
+                    # sees the view the server just announced.
+                    start = max(first, (self.state.highest_uid(self.account, self.name) or 0) + 1)
+                if result.fetched > before:
+                    return
+                # Nothing, and the view did not change: EXAMINE opens a fresh one.
             status, _ = await worker.examine_then(raw_name, lambda client: fetch_from(client, first))
             if status.uidvalidity != record.uidvalidity:
                 raise UidValidityChanged(record.uidvalidity, status.uidvalidity)

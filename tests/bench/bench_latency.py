@@ -316,9 +316,9 @@ def _two_session_main(host: str, port: int, user: str, password: str, stop: Even
     The moment the IDLE session reads an EXISTS that grew, the other session
     sends ``UID FETCH next:* (UID BODY.PEEK[])`` (nothing before it: no NOOP,
     no EXAMINE); each body's time is when the command's tagged OK, right after it, is read.
-    Should a fetch bring nothing (a server answering from its old view), it
-    is sent once more at once: its tagged OK came with the view brought up
-    to date. Every new message is fetched, the load's too, as mirrord's
+    Should the session's view grow during the command (an EXISTS: Dovecot
+    answers from a view a message or more old, then brings it up to date), it
+    is sent again at once, up to 3 times: mirrord's rule. Every new message is fetched, the load's too, as mirrord's
     workers do. Sends (uid, time) pairs through ``results`` when stopped.
     """
     watch = RawImap(host, port)
@@ -368,7 +368,7 @@ def _two_session_loop(watch: RawImap, fetcher: RawImap, sel: selectors.BaseSelec
                 count, grew = int(match.group(1)), True
         if not grew:
             continue
-        for _attempt in range(2):
+        for _attempt in range(3):
             # The tagged OK follows the last body at once: its time is the bodies'.
             untagged, _, done = fetcher.command(b"UID FETCH %d:* (UID BODY.PEEK[])" % next_uid)
             got = 0
@@ -379,7 +379,8 @@ def _two_session_loop(watch: RawImap, fetcher: RawImap, sel: selectors.BaseSelec
                     bodies.append((int(found.group(1)), done))
             if got:
                 next_uid = got + 1
-                break
+            if not any(_EXISTS.match(line) for line in untagged):
+                break  # the view did not grow during the command: nothing more to see
 
 
 # --------------------------------------------------------------------------

@@ -92,7 +92,7 @@ def test_the_next_arrival_on_the_same_worker_is_the_uid_fetch_alone(tmp_path: Pa
     _first_fetch(h)
     d = run(h.sync.fetch_new())
     assert sent(h.transport) == b"M3 UID FETCH 7:* (UID FLAGS RFC822.SIZE BODY.PEEK[])\r\n"
-    h.client.dataReceived(b"* 7 EXISTS\r\n" + fetch_response(7, 7, BODY + b"2", b"") + b"M3 OK done\r\n")
+    h.client.dataReceived(fetch_response(7, 7, BODY + b"2", b"") + b"M3 OK done\r\n")
     assert result_of(d).fetched == 1
     assert sent(h.transport) == b""  # nothing more: one command, one round trip
     assert h.state.highest_uid("acct", "INBOX") == 7
@@ -130,6 +130,22 @@ def test_a_uid_fetch_alone_answered_from_an_old_view_then_brought_up_to_date_goe
     h.client.dataReceived(fetch_response(9, 7, BODY + b"2", b"") + b"M4 OK done\r\n")
     assert result_of(d).fetched == 1
     assert sent(h.transport) == b""
+
+
+def test_a_uid_fetch_alone_that_saw_the_view_grow_goes_again_from_what_it_brought(tmp_path: Path) -> None:
+    """Under a stream of arrivals: the FETCH brings what its (older) view had,
+    then an EXISTS says the view grew; the newer mail is asked for at once,
+    not left for the next EXISTS."""
+    h = Harness(tmp_path)
+    _first_fetch(h)
+    d = run(h.sync.fetch_new())
+    sent(h.transport)
+    h.client.dataReceived(fetch_response(7, 7, BODY + b"2", b"") + b"* 9 EXISTS\r\nM3 OK done\r\n")
+    assert sent(h.transport) == b"M4 UID FETCH 8:* (UID FLAGS RFC822.SIZE BODY.PEEK[])\r\n"
+    h.client.dataReceived(fetch_response(9, 8, BODY + b"3", b"") + b"M4 OK done\r\n")
+    assert result_of(d).fetched == 2
+    assert sent(h.transport) == b""
+    assert h.state.highest_uid("acct", "INBOX") == 8
 
 
 def test_a_fresh_fetch_examines_even_on_a_worker_with_the_mailbox_selected(tmp_path: Path) -> None:
