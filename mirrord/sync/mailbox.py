@@ -420,6 +420,7 @@ class MailboxSync(FetchPipeline):
                     lambda arrived: client.uid_fetch_from(start, self.maildir.open_tmp, checked(arrived)),
                     result,
                     flush_every=1,
+                    flush_soon=self.pool.reactor,
                 )
 
             if not fresh and worker.holds(raw_name, record.uidvalidity):
