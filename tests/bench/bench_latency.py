@@ -696,7 +696,7 @@ def _first_covering(events: list[tuple[float, int]], seq: int) -> float | None:
 
 def _evaluate(out: Outcome, account: ImapAccount, collector: Collector,
               sent: list[tuple[int, int, float]], inbox: Path, traced: Mirrord | None,
-              two_bodies: dict[int, float]) -> None:
+              two_bodies: dict[int, float] | None = None) -> None:
     out.measured = len(sent)
     watcher_events = _watcher_exists(traced.log()) if traced is not None else []
 
@@ -745,7 +745,7 @@ def _evaluate(out: Outcome, account: ImapAccount, collector: Collector,
             out.floor_ms.append((floor_t - t_ok) * 1000)
         if file_t is not None and floor_t is not None:
             out.overhead_ms.append((file_t - floor_t) * 1000)
-        two_t = two_bodies.get(uid)
+        two_t = two_bodies.get(uid) if two_bodies else None
         if two_t is not None:
             out.two_ms.append((two_t - t_ok) * 1000)
             if file_t is not None:
