@@ -27,14 +27,6 @@ class MailboxEvents(Protocol):
     def new_messages(self) -> None:
         """The mailbox has messages it did not have before (EXISTS grew)."""
 
-    def uids_learned(self, uidvalidity: int, highest: int) -> None:
-        """The watcher knows the UIDs of every message it was told of; the highest is ``highest``.
-
-        Said after ``new_messages``, once the watcher has learned the new
-        messages' UIDs: the mirror must come to hold every one of them
-        (invariant 5), whatever view the fetch that ``new_messages`` started ran on.
-        """
-
     def expunged(self, uids: Sequence[int]) -> None:
         """These messages are gone from the server (EXPUNGE mapped to UIDs, or VANISHED)."""
 

@@ -17,16 +17,9 @@ from twisted.internet import defer
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.python.failure import Failure
 
-from mirrord.protocol._parser import Untagged
 from mirrord.protocol.client import MailboxStatus, MirrordIMAP4Client
 from mirrord.protocol.connect import ServerSettings, open_session
-from mirrord.protocol.errors import (
-    ConnectFailed,
-    LoginFailed,
-    ProtocolError,
-    TLSFailed,
-    describe_failure,
-)
+from mirrord.protocol.errors import ConnectFailed, LoginFailed, ProtocolError, TLSFailed, describe_failure
 
 log = logging.getLogger("mirrord.pool")
 
@@ -50,9 +43,6 @@ class Worker:
         """Who waits for the connection being opened (a job, or connecting ahead)."""
         self.selected: bytes | None = None
         self.status: MailboxStatus | None = None
-        self.grew = 0
-        """EXISTS responses no command claimed, counted: the session's view of
-        the selected mailbox grew (a fetch that brought nothing may try again)."""
 
     async def connection(self) -> MirrordIMAP4Client:
         """The worker's logged-in connection, opened (or joined, if opening) as needed."""
@@ -79,27 +69,13 @@ class Worker:
                 waiter.errback(RuntimeError("the worker pool is closed"))
             return
         self.client = result
-        result.on_unsolicited = self._unsolicited
         for waiter in waiters:
             waiter.callback(result)
         self.pool._connected()
 
-    def _unsolicited(self, response: Untagged) -> None:
-        if response.kind == "EXISTS":
-            self.grew += 1
-
     @property
     def connected(self) -> bool:
         return self.client is not None and not self.client.connected_transport_lost
-
-    def holds(self, raw_name: bytes, uidvalidity: int) -> bool:
-        """Whether ``raw_name`` is selected here, under ``uidvalidity``, on a live connection."""
-        return (
-            self.selected == raw_name
-            and self.status is not None
-            and self.status.uidvalidity == uidvalidity
-            and self.connected
-        )
 
     async def examine(self, raw_name: bytes, **params: Any) -> MailboxStatus:
         """EXAMINE ``raw_name`` now, for a fresh view of its state (``params``: see the client's)."""
@@ -236,18 +212,12 @@ class WorkerPool:
     def closed(self) -> bool:
         return self._closed
 
-    async def _acquire(self, prefer: Worker | None = None, selected: bytes | None = None) -> Worker:
+    async def _acquire(self, prefer: Worker | None = None) -> Worker:
         if self._closed:
             raise RuntimeError("the worker pool is closed")
         if prefer is not None and prefer in self._idle:
             self._idle.remove(prefer)
             return prefer
-        if selected is not None:
-            # The one released last: its view of the mailbox is the newest.
-            holding = next((w for w in reversed(self._idle) if w.selected == selected and w.connected), None)
-            if holding is not None:
-                self._idle.remove(holding)
-                return holding
         if self._idle:
             # A worker already logged in runs the job now; one still logging
             # in (connecting ahead) would make it wait three round trips.
@@ -272,23 +242,18 @@ class WorkerPool:
             self._idle.append(worker)
 
     async def run(
-        self,
-        job: Callable[[Worker], Awaitable[T]],
-        what: str = "job",
-        prefer: Worker | None = None,
-        selected: bytes | None = None,
+        self, job: Callable[[Worker], Awaitable[T]], what: str = "job", prefer: Worker | None = None
     ) -> T:
         """Run ``job`` on a free worker, retrying on a fresh connection if it drops.
 
         ``prefer``: take this worker if it is free (it has the job's mailbox
-        selected already, which saves an EXAMINE); ``selected``: else a free
-        worker that has this mailbox selected, if any. A refused login is not
+        selected already, which saves an EXAMINE). A refused login is not
         retried: trying again at once is how accounts get locked.
         """
         attempt = 0
         while True:
             attempt += 1
-            worker = await self._acquire(prefer if attempt == 1 else None, selected)
+            worker = await self._acquire(prefer if attempt == 1 else None)
             try:
                 return await job(worker)
             except (LoginFailed, TLSFailed):

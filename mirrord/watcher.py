@@ -409,7 +409,6 @@ class IdleWatcher:
             # How many messages the session has is not known either.
             await self._build_map(_MapBuild(announce=True))
             self.listener.new_messages()
-        learned = False
         while (first := self.map.first_unknown()) is not None and not self._stopping:
             epoch = self._expunge_epoch
             found = await self.client.fetch_uids(first)
@@ -417,13 +416,8 @@ class IdleWatcher:
                 # Its sequence numbers are from before an expunge: ask again.
                 continue
             self.map.learn(found)
-            learned = True
             if self.map.first_unknown() == first:
                 raise ProtocolError(f"server gave no UID for message {first}")
-        if learned and self.map.complete and len(self.map) and self.uidvalidity is not None:
-            # The worker fetched at once on new_messages(), perhaps on a view
-            # that lacked some of them: the listener checks its mirror has these.
-            self.listener.uids_learned(self.uidvalidity, max(u for u in self.map.uids() if u is not None))
 
     def check_now(self) -> None:
         """Prove the connection is alive: leave IDLE now; the DONE deadline catches a dead one."""

@@ -63,8 +63,6 @@ class LiveMailbox:
         self.last_error: str | None = None
         self._full = False
         self._new = False
-        self._learned: tuple[int, int] | None = None
-        """(UIDVALIDITY, highest UID) the watcher learned and the mirror is not known to hold yet."""
         self._expunged: set[int] = set()
         self._flags: dict[int, Flags] = {}
         self._busy = False
@@ -86,18 +84,6 @@ class LiveMailbox:
 
     def new_messages(self) -> None:
         self._new = True
-        self._kick()
-
-    def uids_learned(self, uidvalidity: int, highest: int) -> None:
-        """Make sure the mirror holds up to ``highest``, after the fetch in hand (if any).
-
-        ``new_messages`` fetches at once, on a worker's selection that may
-        be older than the mail (see :meth:`MailboxSync.fetch_new`); the
-        watcher learns the UIDs a moment later. If the mirror then lacks the
-        highest, one fetch on a fresh selection brings it.
-        """
-        if self._learned is None or self._learned[0] != uidvalidity or self._learned[1] < highest:
-            self._learned = (uidvalidity, highest)
         self._kick()
 
     def expunged(self, uids: Sequence[int]) -> None:
@@ -167,7 +153,7 @@ class LiveMailbox:
         self._kick()
 
     def _pending(self) -> bool:
-        return self._full or self._new or bool(self._expunged) or bool(self._flags) or self._learned is not None
+        return self._full or self._new or bool(self._expunged) or bool(self._flags)
 
     def _kick(self) -> None:
         if self._stopped or self._busy or (self._retry is not None and self._retry.active()):
@@ -218,7 +204,6 @@ class LiveMailbox:
         if self._full:
             self._full = False
             self._new = False
-            self._learned = None  # what the watcher learned so far, the full sync lists too
             try:
                 result = await self.sync.run()
             except BaseException:
@@ -237,13 +222,6 @@ class LiveMailbox:
             self._new = False
             result = await self.sync.fetch_new()
             self._noticed(result)
-            return
-        if self._learned is not None:
-            (uidvalidity, highest), self._learned = self._learned, None
-            if self.sync.lacks(uidvalidity, highest):
-                log.debug("%s: UID %d not fetched yet; fetching on a fresh selection", self.label, highest)
-                result = await self.sync.fetch_new(fresh=True)
-                self._noticed(result)
 
     def _noticed(self, result: MailboxResult) -> None:
         if result.fetched or result.removed or result.flags_changed:

@@ -67,9 +67,6 @@ from mirrord.sync.twoway import merge_flags, server_only_part
 
 log = logging.getLogger("mirrord.sync")
 
-ALONE_TRIES = 3
-"""UID FETCHes sent alone, one after the other, while each sees the session's view grow."""
-
 LOGIN_RETRY_AFTER = 600.0
 """A worker's refused login is not retried sooner than this (lockout risk)."""
 
@@ -365,26 +362,10 @@ class MailboxSync(FetchPipeline):
         )
         return snapshot, files
 
-    async def fetch_new(self, *, fresh: bool = False) -> MailboxResult:
+    async def fetch_new(self) -> MailboxResult:
         """Fetch what arrived since the highest UID we have, on a worker, in one round trip.
 
-        On a worker that has the mailbox selected already (the usual case:
-        the last fetch left it so), ``UID FETCH first:*`` goes out alone. No
-        EXAMINE or NOOP before it: on Dovecot's maildir each of those rescans
-        the whole folder for this session (12 ms at 10,000 messages, growing
-        with the mailbox), while a UID FETCH of mail the watcher's session
-        has seen is answered at once (0.5-1 ms measured, at any size). Should
-        the session's view grow during it (an EXISTS: Dovecot answers from a
-        view a message or more old, then brings it up to date), the same
-        command goes again, up to ALONE_TRIES times; should it bring nothing
-        and the view not change, EXAMINE and the fetch follow as below. Should
-        it bring some but not all (mail that arrived meanwhile and that this
-        view lacks), the watcher, having learned the new UIDs, asks for a
-        ``fresh`` fetch (:meth:`LiveMailbox.uids_learned
-        <mirrord.sync.live.LiveMailbox.uids_learned>`), which never takes
-        this shortcut.
-
-        Otherwise EXAMINE and ``UID FETCH first:*`` go out together
+        EXAMINE and ``UID FETCH first:*`` go out together
         (:meth:`Worker.examine_then`): the server's answer to EXAMINE comes
         first, so each message is checked against the UIDVALIDITY it names
         before it is recorded. Should the fetch bring less than EXAMINE's
@@ -423,22 +404,6 @@ class MailboxSync(FetchPipeline):
                     flush_soon=self.pool.reactor,
                 )
 
-            if not fresh and worker.holds(raw_name, record.uidvalidity):
-                before = result.fetched
-                start = first
-                for _ in range(ALONE_TRIES):
-                    grew = worker.grew
-                    await fetch_from(await worker.connection(), start)
-                    if worker.grew == grew:
-                        break
-                    # The session's view grew during the command: the fetch
-                    # ran on the older one (Dovecot's, once a message or more
-                    # behind) and may have missed mail. The same command again
-                    # sees the view the server just announced.
-                    start = max(first, (self.state.highest_uid(self.account, self.name) or 0) + 1)
-                if result.fetched > before:
-                    return
-                # Nothing, and the view did not change: EXAMINE opens a fresh one.
             status, _ = await worker.examine_then(raw_name, lambda client: fetch_from(client, first))
             if status.uidvalidity != record.uidvalidity:
                 raise UidValidityChanged(record.uidvalidity, status.uidvalidity)
@@ -454,17 +419,10 @@ class MailboxSync(FetchPipeline):
                           "fetching again", self.label, status.uidnext, status.exists, now_highest)
                 await fetch_from(await worker.connection(), max(first, now_highest + 1))
 
-        await self.pool.run(job, f"fetching new mail of {self.label}", selected=raw_name)
+        await self.pool.run(job, f"fetching new mail of {self.label}")
         if result.fetched:
             log.info("%s: %d new (%s)", self.label, result.fetched, size(result.fetched_bytes))
         return result
-
-    def lacks(self, uidvalidity: int, uid: int) -> bool:
-        """Whether the mirror, at ``uidvalidity``, has nothing at or above ``uid`` (an index lookup)."""
-        record = self.state.mailbox(self.account, self.name)
-        if record is None or record.uidvalidity != uidvalidity:
-            return False  # a full sync is due or running; it covers this
-        return (self.state.highest_uid(self.account, self.name) or 0) < uid
 
     def apply_changes(self, expunged: Sequence[int], flags: dict[int, Flags]) -> MailboxResult:
         """Apply EXPUNGE/VANISHED and flag events to the local copy; local work only."""

@@ -1,5 +1,4 @@
-"""New mail in one round trip: UID FETCH alone on a worker with the mailbox selected, else
-EXAMINE and UID FETCH together, on StringTransport.
+"""New mail in one round trip: EXAMINE and UID FETCH go out together, on StringTransport.
 
 The worker's connection is a real MirrordIMAP4Client on a StringTransport;
 the test plays the server. What is checked: the exact bytes sent before any
@@ -77,81 +76,14 @@ def test_examine_and_fetch_go_out_together_and_the_mail_lands(tmp_path: Path) ->
     assert sent(h.transport) == b""  # nothing more: UIDNEXT 7 is covered
 
 
-def _first_fetch(h: Harness) -> None:
+def test_the_next_arrival_on_the_same_worker_is_one_round_trip_too(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
     d = run(h.sync.fetch_new())
     sent(h.transport)
     h.client.dataReceived(examine_answer(b"M1") + fetch_response(6, 6, BODY, b"") + b"M2 OK done\r\n")
     result_of(d)
-
-
-def test_the_next_arrival_on_the_same_worker_is_the_uid_fetch_alone(tmp_path: Path) -> None:
-    """Issue 15: no EXAMINE (nor NOOP) before the fetch on a worker that has the
-    mailbox selected: on Dovecot's maildir either rescans the whole folder for
-    this session, a cost that grows with the mailbox."""
-    h = Harness(tmp_path)
-    _first_fetch(h)
     d = run(h.sync.fetch_new())
-    assert sent(h.transport) == b"M3 UID FETCH 7:* (UID FLAGS RFC822.SIZE BODY.PEEK[])\r\n"
-    h.client.dataReceived(fetch_response(7, 7, BODY + b"2", b"") + b"M3 OK done\r\n")
-    assert result_of(d).fetched == 1
-    assert sent(h.transport) == b""  # nothing more: one command, one round trip
-    assert h.state.highest_uid("acct", "INBOX") == 7
-    assert sorted(h.files()) == sorted([BODY.replace(b"\r\n", b"\n"), (BODY + b"2").replace(b"\r\n", b"\n")])
-
-
-def test_a_uid_fetch_alone_that_brings_nothing_is_followed_by_examine_and_fetch(tmp_path: Path) -> None:
-    """A server answering from the session's old view: the fresh view EXAMINE
-    opens is asked next, as before this shortcut."""
-    h = Harness(tmp_path)
-    _first_fetch(h)
-    d = run(h.sync.fetch_new())
-    assert sent(h.transport) == b"M3 UID FETCH 7:* (UID FLAGS RFC822.SIZE BODY.PEEK[])\r\n"
-    h.client.dataReceived(fetch_response(6, 6, BODY, b"") + b"M3 OK done\r\n")  # 7:* gives the last: 6
-    assert sent(h.transport) == (
-        b'M4 EXAMINE "INBOX"\r\nM5 UID FETCH 7:* (UID FLAGS RFC822.SIZE BODY.PEEK[])\r\n'
-    )
-    h.client.dataReceived(
-        examine_answer(b"M4", uidnext=8, exists=7) + fetch_response(7, 7, BODY + b"2", b"") + b"M5 OK done\r\n"
-    )
-    assert result_of(d).fetched == 1
-    assert h.state.highest_uid("acct", "INBOX") == 7
-
-
-def test_a_uid_fetch_alone_answered_from_an_old_view_then_brought_up_to_date_goes_again(tmp_path: Path) -> None:
-    """Dovecot, on a view a few messages old: the FETCH gives only the old last
-    message, then the EXISTS that updates the view. The same command again,
-    not an EXAMINE (a rescan of the folder)."""
-    h = Harness(tmp_path)
-    _first_fetch(h)
-    d = run(h.sync.fetch_new())
-    sent(h.transport)
-    h.client.dataReceived(fetch_response(6, 6, BODY, b"") + b"* 9 EXISTS\r\nM3 OK done\r\n")
-    assert sent(h.transport) == b"M4 UID FETCH 7:* (UID FLAGS RFC822.SIZE BODY.PEEK[])\r\n"
-    h.client.dataReceived(fetch_response(9, 7, BODY + b"2", b"") + b"M4 OK done\r\n")
-    assert result_of(d).fetched == 1
-    assert sent(h.transport) == b""
-
-
-def test_a_uid_fetch_alone_that_saw_the_view_grow_goes_again_from_what_it_brought(tmp_path: Path) -> None:
-    """Under a stream of arrivals: the FETCH brings what its (older) view had,
-    then an EXISTS says the view grew; the newer mail is asked for at once,
-    not left for the next EXISTS."""
-    h = Harness(tmp_path)
-    _first_fetch(h)
-    d = run(h.sync.fetch_new())
-    sent(h.transport)
-    h.client.dataReceived(fetch_response(7, 7, BODY + b"2", b"") + b"* 9 EXISTS\r\nM3 OK done\r\n")
-    assert sent(h.transport) == b"M4 UID FETCH 8:* (UID FLAGS RFC822.SIZE BODY.PEEK[])\r\n"
-    h.client.dataReceived(fetch_response(9, 8, BODY + b"3", b"") + b"M4 OK done\r\n")
-    assert result_of(d).fetched == 2
-    assert sent(h.transport) == b""
-    assert h.state.highest_uid("acct", "INBOX") == 8
-
-
-def test_a_fresh_fetch_examines_even_on_a_worker_with_the_mailbox_selected(tmp_path: Path) -> None:
-    h = Harness(tmp_path)
-    _first_fetch(h)
-    d = run(h.sync.fetch_new(fresh=True))
+    # No NOOP first: a NOOP's UID FETCH behind it would see Dovecot's old view.
     assert sent(h.transport) == (
         b'M3 EXAMINE "INBOX"\r\nM4 UID FETCH 7:* (UID FLAGS RFC822.SIZE BODY.PEEK[])\r\n'
     )
@@ -159,13 +91,6 @@ def test_a_fresh_fetch_examines_even_on_a_worker_with_the_mailbox_selected(tmp_p
         examine_answer(b"M3", uidnext=8, exists=7) + fetch_response(7, 7, BODY + b"2", b"") + b"M4 OK done\r\n"
     )
     assert result_of(d).fetched == 1
-
-
-def test_lacks_compares_the_highest_uid_under_the_same_uidvalidity(tmp_path: Path) -> None:
-    h = Harness(tmp_path)
-    assert h.sync.lacks(7, 6)
-    assert not h.sync.lacks(7, 5)
-    assert not h.sync.lacks(8, 6)  # another UIDVALIDITY: the full sync due covers it
 
 
 def test_a_changed_uidvalidity_records_nothing(tmp_path: Path) -> None:

@@ -36,14 +36,8 @@ class FakeSync:
     async def run(self) -> MailboxResult:
         return await self._op("full")
 
-    async def fetch_new(self, *, fresh: bool = False) -> MailboxResult:
-        return await self._op("fresh" if fresh else "new")
-
-    highest = 0
-
-    def lacks(self, uidvalidity: int, uid: int) -> bool:
-        self.ops.append(("lacks", uidvalidity, uid))
-        return self.highest < uid
+    async def fetch_new(self) -> MailboxResult:
+        return await self._op("new")
 
     def apply_changes(self, expunged: list[int], flags: dict[int, Flags]) -> MailboxResult:
         self.ops.append(("changes", tuple(expunged), dict(flags)))
@@ -204,45 +198,3 @@ def test_the_first_sync_is_not_reported_as_new_mail() -> None:
     live.new_messages()
     sync.release(MailboxResult("acct", "INBOX", fetched=1))
     assert [r.fetched for r in reported] == [1]
-
-
-def test_uids_the_watcher_learned_and_the_fetch_missed_get_a_fresh_fetch() -> None:
-    """fetch_new fetches at once on a worker's standing selection, which may lack
-    the newest mail; once the watcher names the UIDs, a fetch on a fresh
-    selection brings what is missing (invariant 5)."""
-    live, sync, _ = make()
-    live.watching()
-    sync.release()
-    live.new_messages()
-    live.uids_learned(7, 12)  # learned while the fetch runs: checked after it
-    assert sync.ops[1:] == [("new",)]
-    sync.highest = 11  # the fetch's view lacked UID 12
-    sync.release()
-    assert sync.ops[2:] == [("lacks", 7, 12), ("fresh",)]
-    sync.release()
-    assert not live.busy
-
-
-def test_uids_learned_that_the_mirror_has_cost_no_fetch() -> None:
-    live, sync, _ = make()
-    live.watching()
-    sync.release()
-    live.new_messages()
-    live.uids_learned(7, 12)
-    sync.highest = 12
-    sync.release()
-    assert sync.ops[1:] == [("new",), ("lacks", 7, 12)]
-    assert not live.busy
-
-
-def test_a_full_sync_covers_uids_learned_before_it_started() -> None:
-    live, sync, _ = make()
-    live.watching()
-    sync.release()
-    live.new_messages()
-    live.resync_needed("lost track")  # queued behind the fetch
-    live.uids_learned(7, 12)  # before the full sync starts: it lists these
-    sync.release()
-    sync.release()
-    assert sync.ops == [("full",), ("new",), ("full",)]
-    assert not live.busy

@@ -124,34 +124,3 @@ def test_a_connection_that_opens_after_the_pool_closed_is_dropped() -> None:
     connector.pending.pop(0)[1].callback(late)
     assert aborted == [True]
     assert pool._all[1].client is None
-
-
-def test_new_mail_goes_to_the_worker_whose_selection_of_the_mailbox_is_newest() -> None:
-    """Issue 15: the worker released last has the newest view of the mailbox
-    (Dovecot answers its UID FETCH at once); one that sat idle through several
-    arrivals gets a FETCH from its old view first."""
-    pool, connector = make(3)
-    defer.Deferred.fromCoroutine(pool.run(_uses))
-    for _ in range(3):
-        connector.succeed()
-    for worker in pool._all:
-        worker.selected = b"INBOX"
-    for number in (2, 1, 3):  # released in this order: worker 3 last
-        done = defer.Deferred.fromCoroutine(pool.run(_uses, prefer=pool._all[number - 1]))
-        assert done.result == number
-    assert defer.Deferred.fromCoroutine(pool.run(_uses, selected=b"INBOX")).result == 3
-    pool._all[2].selected = b"Other"
-    assert defer.Deferred.fromCoroutine(pool.run(_uses, selected=b"INBOX")).result == 1
-
-
-def test_a_worker_counts_the_exists_responses_no_command_claimed() -> None:
-    from mirrord.protocol._parser import Untagged
-
-    pool, connector = make(1)
-    defer.Deferred.fromCoroutine(pool.run(_uses))
-    connector.succeed()
-    worker = pool._all[0]
-    client: Any = worker.client
-    client.on_unsolicited(Untagged(kind="EXISTS", number=9))
-    client.on_unsolicited(Untagged(kind="RECENT", number=1))
-    assert worker.grew == 1

@@ -32,17 +32,12 @@ class Events:
 
     def __init__(self) -> None:
         self.log: list[tuple[Any, ...]] = []
-        self.learned: list[tuple[int, int]] = []
-        """uids_learned calls, apart: they follow every learning of new UIDs."""
 
     def watching(self) -> None:
         self.log.append(("watching",))
 
     def new_messages(self) -> None:
         self.log.append(("new",))
-
-    def uids_learned(self, uidvalidity: int, highest: int) -> None:
-        self.learned.append((uidvalidity, highest))
 
     def expunged(self, uids: Sequence[int]) -> None:
         self.log.append(("expunged", tuple(uids)))
@@ -753,20 +748,3 @@ def test_status_says_when_idle_is_reentered_because_the_server_does_not_push() -
     idle_tag(server)
     server.say(b"+ entering idle mode")
     assert service.display_state == "idling, re-entered every 5 s (server does not push)"
-
-
-def test_the_uids_of_new_mail_once_learned_are_told_to_the_listener() -> None:
-    """Issue 15: the worker fetches on new_messages() at once, from whatever view
-    its session has; the learned UIDs let the listener check nothing was missed."""
-    server = Server()
-    server.start(uids=[10, 20, 30])
-    tag = idle_tag(server)
-    server.say(b"+ idling")
-    server.say(b"* 5 EXISTS")
-    assert server.events.learned == []  # told before the UIDs are known: no waiting for them
-    assert server.events.log[-1] == ("new",)
-    assert server.sent() == [b"DONE"]
-    server.say(tag + b" OK done")
-    learn = server.sent()
-    server.say(b"* 4 FETCH (UID 31 FLAGS ())", b"* 5 FETCH (UID 35 FLAGS ())", server.tag(learn[0]) + b" OK")
-    assert [highest for _, highest in server.events.learned] == [35]
