@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 
 from mirrord._fs import InlineSyncer, Syncer
 from mirrord.pool import Worker, WorkerPool
@@ -353,8 +354,16 @@ class FetchPipeline:
         result: MailboxResult,
         flush_every: int = FLUSH_MESSAGES,
         recorded: set[int] | None = None,
+        flush_soon: IReactorTime | None = None,
     ) -> None:
         """Run one body-fetching command and make what it brought durable.
+
+        ``flush_soon`` (new mail, ``flush_every=1``): a group closes on the
+        next reactor turn, not at its first message, so the messages read
+        from the socket together share one group (one fsynced commit, one
+        directory fsync). Under 50 arrivals a second one EXISTS announces 25
+        of them; one group each cost 1.3 ms per message, in series, and the
+        last waited 35 ms. A lone message waits one reactor turn.
 
         Each body's last bytes are written as soon as it is complete, and its
         fsync handed to the syncer's threads, so that the reactor goes on
@@ -372,6 +381,7 @@ class FetchPipeline:
         group_bytes = 0
         settling: list[defer.Deferred[None]] = []
         failure: list[BaseException] = []
+        closing: list[Any] = []  # the delayed call of close_soon, while pending
 
         def send_chunk() -> None:
             # One thread call per few files: each call costs the reactor a
@@ -393,6 +403,10 @@ class FetchPipeline:
                 group_syncs.clear()
                 group_bytes = 0
 
+        def close_soon() -> None:
+            closing.clear()
+            close_group()
+
         def arrived(message: FetchedMessage) -> None:
             nonlocal group_bytes
             if failure:
@@ -405,7 +419,12 @@ class FetchPipeline:
             group.append(message)
             chunk.append(body)
             group_bytes += body.size
-            if len(group) >= flush_every or group_bytes >= FLUSH_BYTES:
+            if flush_soon is not None and len(group) >= flush_every and group_bytes < FLUSH_BYTES:
+                if len(chunk) >= SYNC_CHUNK:
+                    send_chunk()
+                if not closing:
+                    closing.append(flush_soon.callLater(0, close_soon))
+            elif len(group) >= flush_every or group_bytes >= FLUSH_BYTES:
                 # Make a long batch's progress durable as it goes: an interrupted
                 # first sync resumes from here instead of from the batch start.
                 close_group()
@@ -418,6 +437,8 @@ class FetchPipeline:
             # Complete messages are kept whatever happened to the command;
             # and the caller (or a retry) must see them recorded before it
             # decides what to fetch next.
+            if closing:
+                closing.pop().cancel()
             close_group()
             await defer.DeferredList(settling, consumeErrors=True)
         if failure:

@@ -405,6 +405,7 @@ class MailboxSync(FetchPipeline):
                     lambda arrived: client.uid_fetch_from(start, self.maildir.open_tmp, checked(arrived)),
                     result,
                     flush_every=1,
+                    flush_soon=self.pool.reactor,
                 )
 
             status, _ = await worker.examine_then(raw_name, lambda client: fetch_from(client, first))
@@ -424,7 +425,6 @@ class MailboxSync(FetchPipeline):
 
         await self.pool.run(job, f"fetching new mail of {self.label}")
         if result.fetched:
-            result.messages = self.state.count(self.account, self.name)
             log.info("%s: %d new (%s)", self.label, result.fetched, size(result.fetched_bytes))
         return result
 

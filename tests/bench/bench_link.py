@@ -367,7 +367,7 @@ def run_push(args: argparse.Namespace, root: Path, server: PrivateDovecot, proxy
 
 
 def print_push(out: latency.Outcome, target_ms: float) -> bool:
-    print(f"  {'latency (ms)':<40}{'median':>10}{'p95':>10}{'p99':>10}{'max':>10}")
+    print(f"  {'latency (ms)':<44}{'median':>10}{'p90':>10}{'p99':>10}{'max':>10}")
     print(latency._row(f"floor: APPEND OK -> EXISTS (n={len(out.floor_ms)})", out.floor_ms))
     print(latency._row(f"mirrord: APPEND OK -> file (n={len(out.mirrord_ms)})", out.mirrord_ms))
     print(latency._row(f"overhead: file - EXISTS (n={len(out.overhead_ms)})", out.overhead_ms))

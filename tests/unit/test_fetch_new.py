@@ -170,3 +170,43 @@ def test_a_batch_behind_its_examine_records_nothing_under_a_new_uidvalidity(tmp_
         result_of(d)
     assert h.files() == [] and h.state.highest_uid("acct", "INBOX") == 5
     assert h.state.pending("acct", "INBOX") == {}
+
+
+def test_new_mail_read_together_is_made_durable_as_one_group(tmp_path: Path) -> None:
+    """Issue 15, under a stream of arrivals: one EXISTS announces dozens; those
+    read from the socket together share one fsynced commit and one directory
+    fsync (a group each cost 1.3 ms per message, in series), closed on the
+    next reactor turn. Still one file at a time in its own right: fsynced,
+    renamed, then recorded."""
+    from twisted.internet import task
+
+    h = Harness(tmp_path)
+    clock = task.Clock()
+    h.pool.reactor = clock
+    commits: list[list[int]] = []
+    add_pending = h.state.add_pending
+
+    def counting(account: str, mailbox: str, records: Any) -> set[int]:
+        records = list(records)
+        commits.append([r.uid for r in records])
+        return add_pending(account, mailbox, records)
+
+    h.state.add_pending = counting  # type: ignore[method-assign]
+    d = run(h.sync.fetch_new())
+    sent(h.transport)
+    h.client.dataReceived(
+        examine_answer(b"M1", uidnext=9, exists=8)
+        + fetch_response(6, 6, BODY, b"")
+        + fetch_response(7, 7, BODY + b"2", b"")
+        + fetch_response(8, 8, BODY + b"3", b"")
+    )
+    assert commits == []  # not one group per message: the group closes on the next turn
+    clock.advance(0)
+    assert commits == [[6, 7, 8]]
+    assert len(h.files()) == 3 and h.state.highest_uid("acct", "INBOX") == 8
+    h.client.dataReceived(fetch_response(9, 9, BODY + b"4", b""))
+    clock.advance(0)
+    assert commits == [[6, 7, 8], [9]]
+    h.client.dataReceived(b"M2 OK done\r\n")
+    assert result_of(d).fetched == 4
+    assert not clock.getDelayedCalls()
