@@ -925,6 +925,17 @@ class Bench:
 
     # -- 3 and 4: catch-up -------------------------------------------------------
 
+    def _run_and_count(self, tool: Tool, names: list[str], label: str, what: str, check: str, want: int) -> Run:
+        """One timed run that must fetch exactly ``want`` new files and remove none."""
+        before = tool.workdir / "names-before.txt"
+        in_child(_names, str(tool.maildir), names, str(before))
+        run = tool.run(label, settle=True)
+        print(f"  {tool.name} {what}: {describe(run)}", flush=True)
+        added, removed = in_child(_names_diff, str(tool.maildir), names, str(before))
+        self.report.check(check, added == want and removed == 0,
+                          f"{added} new files (want {want}), {removed} gone (want 0)")
+        return run
+
     def catchup(self, no_changes: bool, changes: bool) -> None:
         a = self.args
         per = scaled(2000, a.scale)
@@ -989,17 +1000,9 @@ class Bench:
                 for tool in tools if rep % 2 == 0 else list(reversed(tools)):
                     row = rows[tool.name]
                     row.messages, row.nbytes = n_new, new_bytes
-                    before = tool.workdir / "names-before.txt"
-                    in_child(_names, str(tool.maildir), names, str(before))
-                    run = tool.run("changes", settle=True)
+                    run = self._run_and_count(tool, names, "changes", f"changes run {rep + 1}",
+                                              f"4 changes (run {rep + 1}), {tool.name} fetched", n_new)
                     row.runs.append(run)
-                    print(f"  {tool.name} changes run {rep + 1}: {describe(run)}", flush=True)
-                    added, removed = in_child(_names_diff, str(tool.maildir), names, str(before))
-                    self.report.check(
-                        f"4 changes (run {rep + 1}), {tool.name} fetched",
-                        added == n_new and removed == 0,
-                        f"{added} new files (want {n_new}), {removed} gone (want 0)",
-                    )
                     if isinstance(tool, Mirrord):
                         fetched = Mirrord.fetched(run)
                         self.report.check(f"4 changes (run {rep + 1}), mirrord log", fetched == n_new,
@@ -1070,17 +1073,9 @@ class Bench:
                     print(f"  {tool.name} {a.new_messages}-new run {rep + 1}: {describe(run)}", flush=True)
                     continue
                 row.messages, row.nbytes = a.new_messages, new_bytes
-                before = tool.workdir / "names-before.txt"
-                in_child(_names, str(tool.maildir), names, str(before))
-                run = tool.run("new", settle=True)
-                row.runs.append(run)
-                print(f"  {tool.name} {a.new_messages}-new run {rep + 1}: {describe(run)}", flush=True)
-                added, removed = in_child(_names_diff, str(tool.maildir), names, str(before))
-                self.report.check(
-                    f"5 {a.new_messages} new (run {rep + 1}), {tool.name} fetched",
-                    added == a.new_messages and removed == 0,
-                    f"{added} new files (want {a.new_messages}), {removed} gone (want 0)",
-                )
+                row.runs.append(self._run_and_count(
+                    tool, names, "new", f"{a.new_messages}-new run {rep + 1}",
+                    f"5 {a.new_messages} new (run {rep + 1}), {tool.name} fetched", a.new_messages))
                 self.verify(tool, f"5 {a.new_messages} new (run {rep + 1})", names, truth)
         for key, label in labels.items():
             self.report.floor_lines.append(floor_line(self.report, key, label))
