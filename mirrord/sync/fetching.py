@@ -128,10 +128,22 @@ def few(uids: Sequence[int], listing: dict[int, ListingEntry]) -> bool:
     return sum(listing[u].size or 0 for u in uids if u in listing) <= BATCH_BYTES
 
 
-def _sync_all(bodies: list[Any]) -> None:
-    """fsync and close each body (in a syncer thread); the first failure stops it."""
+def _sync_all(bodies: list[Any]) -> list[tuple[Any, OSError]]:
+    """fsync and close each body (in a syncer thread); returns those that failed, with why.
+
+    One body's failure (no space for its tail, an fsync error) does not stop
+    the others: each file is durable or not on its own, and the ones that
+    are can be kept. On a nearly full disk that is the difference between
+    a first sync that makes progress and one that never does (a group can
+    hold more than the free space).
+    """
+    failed: list[tuple[Any, OSError]] = []
     for body in bodies:
-        body.sync()
+        try:
+            body.sync()
+        except OSError as e:
+            failed.append((body, e))
+    return failed
 
 
 class FetchPipeline:
@@ -376,7 +388,7 @@ class FetchPipeline:
         that error, and the rest of its bodies are discarded.
         """
         group: list[FetchedMessage] = []
-        group_syncs: list[defer.Deferred[None]] = []
+        group_syncs: list[defer.Deferred[list[tuple[Any, OSError]]]] = []
         chunk: list[Any] = []
         group_bytes = 0
         settling: list[defer.Deferred[None]] = []
@@ -447,18 +459,32 @@ class FetchPipeline:
     async def _settle(
         self,
         group: list[FetchedMessage],
-        syncs: list[defer.Deferred[None]],
+        syncs: list[defer.Deferred[list[tuple[Any, OSError]]]],
         result: MailboxResult,
         failure: list[BaseException],
         recorded: set[int] | None,
     ) -> None:
-        """Wait for a group's fsyncs, then deliver and record it (or abort it all)."""
+        """Wait for a group's fsyncs, then deliver and record the messages made durable.
+
+        A message whose own write or fsync failed is dropped (its tmp/ file
+        removed) and the error reported when the command ends; the rest of
+        the group is kept. Anything else going wrong aborts the whole group.
+        """
         outcomes = await defer.DeferredList(syncs, consumeErrors=True)
-        error = next((f.value for ok, f in outcomes if not ok), None)
+        error: BaseException | None = next((f.value for ok, f in outcomes if not ok), None)
         if error is None:
+            failed = [pair for ok, pairs in outcomes if ok for pair in pairs]
+            if failed:
+                bad = {id(body) for body, _ in failed}
+                for body, _ in failed:
+                    body.abort()
+                group = [m for m in group if id(m.body) not in bad]
+                error = failed[0][1]
             try:
                 await self._record(group, result, recorded)
-                return
+                if error is None:
+                    return
+                group = []
             except BaseException as e:  # noqa: BLE001 - reported when the command ends
                 error = e
         for message in group:

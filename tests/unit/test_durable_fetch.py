@@ -221,6 +221,34 @@ def test_failure_of_one_group_discards_the_rest_of_the_command(sync: MailboxSync
     assert sync.maildir.scan() == {} and tmp_files(sync) == []
 
 
+def test_a_message_that_cannot_be_made_durable_costs_only_itself(
+    sync: MailboxSync, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk fails some files of a group, not the group: the others are kept, so a
+    first sync on a nearly full disk makes progress instead of starting over each time."""
+    calls: list[int] = []
+    real_fsync = maildir_mod.os.fsync
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 4:  # the fourth message's file
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(maildir_mod.os, "fsync", fsync)
+    recorded: set[int] = set()
+    d = defer.Deferred.fromCoroutine(
+        sync._receive(fake_fetch(sync, 6), MailboxResult("acct", "INBOX"), flush_every=6, recorded=recorded)
+    )
+    sync.syncer.release()  # type: ignore[attr-defined]
+    failure = d.result
+    d.addErrback(lambda _: None)
+    assert failure.value.errno == errno.ENOSPC, "the error is still the command's"
+    assert recorded == {1, 2, 3, 5, 6}
+    assert sync.state.count("acct", "INBOX") == 5 and len(sync.maildir.scan()) == 5
+    assert tmp_files(sync) == [], "the failed file is removed"
+
+
 # -- the tmp/ reserve -----------------------------------------------------------
 
 
