@@ -1,18 +1,15 @@
-"""Small filesystem helpers shared by the store and the status file, and the fsync threads."""
+"""The fsync threads (private directories are in `_dirs`, which needs no Twisted)."""
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 
-from mirrord._dirs import PRIVATE_DIR_MODE, make_private_dirs  # noqa: F401 - re-exported
 
 T = TypeVar("T")
 

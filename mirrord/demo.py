@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mirrord._fs import make_private_dirs
+from mirrord._dirs import make_private_dirs
 from mirrord.testing import DovecotMissing, PrivateDovecot, make_message, populate, sample_mailboxes
 from mirrord.units import plural
 

@@ -33,7 +33,7 @@ from typing import Any
 
 from twisted.internet import defer, task
 
-from mirrord._fs import make_private_dirs
+from mirrord._dirs import make_private_dirs
 from mirrord.config import Account, Config, ConfigError, load_config
 from mirrord.daemon import AccountDaemon
 from mirrord.hooks import NewMailHook

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from mirrord._fs import make_private_dirs
+from mirrord._dirs import make_private_dirs
 from mirrord.flags import Flags, flags_from_info, is_seen, maildir_info
 from mirrord.headers import message_id
 from mirrord.sync.names import NAME_MAX, flat_name, visible
@@ -70,8 +70,8 @@ def _crlf_to_lf(data: bytes) -> bytes:
         return text.encode("latin-1")
     return _CRLF_SUB(b"\n", data)
 
-# Per-process part of unique names. The pid is read at each call, so a forked
-# child that inherits the counter still produces different names.
+# Per-process part of unique names. A forked child that inherits the counter
+# still produces different names: its pid and random bits are read anew (_after_fork).
 _counter = itertools.count(1)
 
 # Keys of tmp/ files this process is still writing, across all Maildir

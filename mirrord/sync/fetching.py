@@ -475,10 +475,10 @@ class FetchPipeline:
         if error is None:
             failed = [pair for ok, pairs in outcomes if ok for pair in pairs]
             if failed:
-                bad = {id(body) for body, _ in failed}
-                for body, _ in failed:
+                bad = {body for body, _ in failed}
+                for body in bad:
                     body.abort()
-                group = [m for m in group if id(m.body) not in bad]
+                group = [m for m in group if m.body not in bad]
                 error = failed[0][1]
             try:
                 await self._record(group, result, recorded)

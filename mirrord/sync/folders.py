@@ -24,16 +24,17 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from mirrord._fs import make_private_dirs
+from mirrord._dirs import make_private_dirs
 from mirrord.config import Account
 from mirrord.flags import Flags, flags_from_info
+from mirrord.headers import message_id
 from mirrord.pool import Worker
 from mirrord.store.maildir import trash_dir
 from mirrord.store.state import MessageRecord, StateDB
 from mirrord.sync.engine import removal_refusal
 from mirrord.sync.mailbox import MailboxSync
 from mirrord.sync.names import maildir_path
-from mirrord.sync.rematch import Identity, message_id, rematch
+from mirrord.sync.rematch import Identity, rematch
 from mirrord.units import plural
 
 log = logging.getLogger("mirrord.sync")

@@ -45,13 +45,14 @@ from pathlib import Path
 from mirrord._crashpoints import crash_point
 from mirrord.config import Account
 from mirrord.flags import Flags, representable
+from mirrord.headers import message_id
 from mirrord.pool import Worker, WorkerPool
 from mirrord.protocol.client import MailboxStatus, MirrordIMAP4Client, uid_set
 from mirrord.protocol.errors import CommandFailed
 from mirrord.store.maildir import LocalFile, Maildir, Trash
 from mirrord.store.state import Intent, MailboxRecord, MessageRecord, StateDB
 from mirrord.sync.engine import same_flags
-from mirrord.sync.rematch import Identity, message_id
+from mirrord.sync.rematch import Identity
 from mirrord.sync.stamp import maildir_stamp
 from mirrord.sync.twoway import (
     DELETED,

@@ -15,7 +15,6 @@ from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from mirrord.headers import message_id
 
 
 @dataclass(frozen=True)

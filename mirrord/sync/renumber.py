@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from mirrord.headers import message_id
 from mirrord.pool import Worker, WorkerPool
 from mirrord.store.maildir import Maildir, Trash
 from mirrord.store.state import MessageRecord, StateDB
 from mirrord.sync.engine import UidValidityChanged
-from mirrord.sync.rematch import Identity, message_id, rematch
+from mirrord.sync.rematch import Identity, rematch
 
 log = logging.getLogger("mirrord.sync")
 

@@ -7,7 +7,6 @@ mail fetched through a compressed worker lands like any other.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 

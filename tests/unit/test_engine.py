@@ -797,7 +797,8 @@ def test_removal_refusal_is_the_documented_rule(
 
 # -- re-matching after a UIDVALIDITY change ------------------------------------
 
-from mirrord.sync.rematch import Identity, message_id, rematch  # noqa: E402
+from mirrord.headers import message_id  # noqa: E402
+from mirrord.sync.rematch import Identity, rematch  # noqa: E402
 
 
 def test_message_id_is_found_unfolded_in_either_line_ending() -> None:
