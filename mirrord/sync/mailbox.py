@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 
 from mirrord._fs import default_syncer
@@ -66,6 +67,14 @@ from mirrord.sync.stamp import maildir_stamp, settled_stamp
 from mirrord.sync.twoway import merge_flags, server_only_part
 
 log = logging.getLogger("mirrord.sync")
+
+
+class OwnChanges(Protocol):
+    """Where a sync announces its own changes to the Maildir (see :class:`~mirrord.localwatch.LocalChangeWatcher`)."""
+
+    def delivering(self, keys: Iterable[str]) -> None: ...
+
+    def ours(self, filenames: Iterable[str]) -> None: ...
 
 LOGIN_RETRY_AFTER = 600.0
 """A worker's refused login is not retried sooner than this (lockout risk)."""
@@ -141,6 +150,11 @@ class MailboxSync(FetchPipeline):
         self._fresh = set()
         self.syncer = default_syncer()
         self._reserving = []
+        self.own_changes: OwnChanges | None = None
+        """Told of the files the daemon's live steps are about to put in place,
+        rename or remove, so that the two-way side's watcher does not take
+        them for a reader's and list the whole folder (set by
+        :class:`~mirrord.sync.livepush.LocalPush`)."""
 
     @classmethod
     def for_account(
@@ -395,6 +409,13 @@ class MailboxSync(FetchPipeline):
             first = highest + 1 if highest else 1
 
             def checked(arrived: Callable[[FetchedMessage], None]) -> Callable[[FetchedMessage], None]:
+                own = self.own_changes
+                if own is not None:
+                    def announced(message: FetchedMessage) -> None:
+                        own.delivering((message.body.key,))
+                        arrived(message)
+
+                    return under_selection(worker, raw_name, record.uidvalidity, announced)
                 return under_selection(worker, raw_name, record.uidvalidity, arrived)
 
             # New mail is put in place message by message: under a steady stream
@@ -467,9 +488,12 @@ class MailboxSync(FetchPipeline):
         result: MailboxResult,
         files: dict[str, LocalFile] | None = None,
     ) -> None:
+        own = self.own_changes
         if plan.remove:
             files = files if files is not None else self.maildir.scan()
             keys = [known[uid].key for uid in plan.remove]
+            if own is not None:
+                own.ours(files[k].filename for k in keys if k in files)
             self.maildir.remove_many(keys, {k: files[k] for k in keys if k in files}, self.trash)
             self.state.remove_messages(self.account, self.name, plan.remove)
             result.removed = len(plan.remove)
@@ -495,6 +519,10 @@ class MailboxSync(FetchPipeline):
                     touched.update(("new", "cur"))  # found by key: where it was is not known here
                 elif (after.subdir, after.filename) != (before.subdir, before.filename):
                     touched.update((after.subdir, before.subdir))
+                    if own is not None:
+                        # Told after the rename but in the same reactor turn:
+                        # its events are read after this returns.
+                        own.ours((before.filename, after.filename))
                 changes[uid] = flags
             # One fsync per directory for all the renames, not one or two each;
             # then the rows, whose loss a later sync would repair (see set_flags).
