@@ -133,6 +133,7 @@ class LocalPush:
             for lock in locks:  # always in name order: two holders never wait on each other
                 await lock.acquire()
                 held.append(lock)
+            log.debug("%s: looking for local changes in %s", self.pusher.account.name, ", ".join(names))
             result = await self.pusher.round(names)
         except Exception as e:  # noqa: BLE001 - the next change, or the retry, tries again
             self._dirty.update(names)

@@ -76,6 +76,10 @@ class OwnChanges(Protocol):
 
     def ours(self, filenames: Iterable[str]) -> None: ...
 
+PREFETCH_ROWS = 20_000
+"""Up to this many rows, the end of a sync reads them while the stamp's margin
+passes (see :func:`~mirrord.sync.stamp.settled_stamp`); beyond, one at a time after."""
+
 LOGIN_RETRY_AFTER = 600.0
 """A worker's refused login is not retried sooner than this (lockout risk)."""
 
@@ -327,8 +331,8 @@ class MailboxSync(FetchPipeline):
         if changing or not trust_files or (self.two_way and not exact):
             listed_after = stamp if not changing and files is not None else None
             stamp, exact = await settled_stamp(
-                self.maildir.path, lambda: self.state.keys(self.account, self.name), self.pool.reactor,
-                listed_after, stamp_read, exact=self.two_way,
+                self.maildir.path, lambda: self.state.iter_keys(self.account, self.name), self.pool.reactor,
+                listed_after, stamp_read, exact=self.two_way, prefetch=count + len(plan.fetch) <= PREFETCH_ROWS,
             )
         # Only now, the sync complete, may the record say "complete as of this
         # modseq" (the EXAMINE's: later changes have higher ones). Not
