@@ -60,7 +60,7 @@ from mirrord.sync.fetching import (  # noqa: F401 - BATCH_*, batches: imported f
     few,
     under_selection,
 )
-from mirrord.sync.listing import ServerView, look
+from mirrord.sync.listing import CompactListing, ServerView, look
 from mirrord.sync.listing import listing_after_examine as _listing_after_examine  # noqa: F401 - old name
 from mirrord.sync.renumber import renumber
 from mirrord.sync.stamp import files_in_place, maildir_stamp, settled_stamp
@@ -118,13 +118,16 @@ class MailboxResult:
 class _ServerFlags(Mapping[int, Flags]):
     """A listing's UID -> flags, read through: :class:`ServerListing` without a second dict of every UID."""
 
-    __slots__ = ("_listing",)
+    __slots__ = ("_listing", "_flags")
 
     def __init__(self, listing: Mapping[int, ListingEntry]) -> None:
         self._listing = listing
+        self._flags: Callable[[int], Flags] = (
+            listing.flags if isinstance(listing, CompactListing) else lambda uid: listing[uid].flags
+        )
 
     def __getitem__(self, uid: int) -> Flags:
-        return self._listing[uid].flags
+        return self._flags(uid)
 
     def __contains__(self, uid: object) -> bool:
         return uid in self._listing
