@@ -34,7 +34,7 @@ class CompactListing(Mapping[int, ListingEntry]):
     entry is made when asked for.
     """
 
-    __slots__ = ("_uids", "_sizes", "_flag_index", "_flag_sets", "_next")
+    __slots__ = ("_flag_index", "_flag_sets", "_next", "_sizes", "_uids")
 
     def __init__(self, listing: Mapping[int, ListingEntry]) -> None:
         uids = sorted(listing)

@@ -118,7 +118,7 @@ class MailboxResult:
 class _ServerFlags(Mapping[int, Flags]):
     """A listing's UID -> flags, read through: :class:`ServerListing` without a second dict of every UID."""
 
-    __slots__ = ("_listing", "_flags")
+    __slots__ = ("_flags", "_listing")
 
     def __init__(self, listing: Mapping[int, ListingEntry]) -> None:
         self._listing = listing

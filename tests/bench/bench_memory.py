@@ -24,8 +24,8 @@ importing what ``mirrord run`` imports.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import hashlib
+import multiprocessing
 import os
 import random
 import resource
