@@ -509,6 +509,16 @@ class StateDB:
             "SELECT key, flags FROM message WHERE account = ? AND mailbox = ?", (account, mailbox)
         ).fetchall()
 
+    def iter_keys(self, account: str, mailbox: str) -> Iterator[tuple[str, str]]:
+        """:meth:`keys`, one row at a time from the cursor: a check over 100,000 rows need not hold them all.
+
+        Consume it before the next write to the DB (the reactor thread's
+        synchronous code does).
+        """
+        return iter(self._db.execute(
+            "SELECT key, flags FROM message WHERE account = ? AND mailbox = ?", (account, mailbox)
+        ))
+
     def summary(self, account: str, mailbox: str) -> tuple[int, int]:
         """How many rows the mailbox has and its highest UID (0 when none): one index scan."""
         count, highest = self._db.execute(

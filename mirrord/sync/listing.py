@@ -8,16 +8,83 @@ UID. Nothing here reads or writes local state beyond the callable it is given.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from array import array
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from twisted.internet import defer
 
+from mirrord.flags import Flags
 from mirrord.pool import Worker
 from mirrord.protocol.client import ListingEntry, MailboxStatus, MirrordIMAP4Client
 from mirrord.protocol.errors import CommandFailed
 from mirrord.store.state import MailboxRecord
 from mirrord.sync.engine import ServerChanges
+
+
+class CompactListing(Mapping[int, ListingEntry]):
+    """A complete listing as three flat arrays: UIDs (ascending), sizes and flag sets.
+
+    A listing lives through the whole fetch that follows it; as a dict of
+    :class:`ListingEntry` it held about 170 bytes a message (17 MB at 100,000),
+    alive beside everything the fetch builds. Here it is 16 bytes a message
+    plus one ``frozenset`` per distinct flag set. Read as the dict was
+    (``listing[uid].size``, ``uid in listing``, iteration in UID order); an
+    entry is made when asked for.
+    """
+
+    __slots__ = ("_flag_index", "_flag_sets", "_next", "_sizes", "_uids")
+
+    def __init__(self, listing: Mapping[int, ListingEntry]) -> None:
+        uids = sorted(listing)
+        self._uids = array("I", uids) if array("I").itemsize >= 4 else array("L", uids)
+        self._sizes = array("q", (-1 if (size := listing[uid].size) is None else size for uid in uids))
+        index: dict[Flags, int] = {}
+        self._flag_index = array("I", (index.setdefault(listing[uid].flags, len(index)) for uid in uids))
+        self._flag_sets: list[Flags] = list(index)
+        self._next = 0
+        """Where the UID after the last one found sits: callers mostly go in UID order."""
+
+    def _position(self, uid: object) -> int:
+        uids = self._uids
+        i = self._next
+        try:
+            if i < len(uids) and uids[i] == uid:
+                self._next = i + 1
+                return i
+            if i and uids[i - 1] == uid:  # asked twice in a row (``in``, then ``[]``)
+                return i - 1
+            i = bisect_left(uids, uid)  # type: ignore[call-overload]
+        except TypeError:
+            return -1
+        if i < len(uids) and uids[i] == uid:
+            self._next = i + 1
+            return i
+        return -1
+
+    def __getitem__(self, uid: int) -> ListingEntry:
+        i = self._position(uid)
+        if i < 0:
+            raise KeyError(uid)
+        size = self._sizes[i]
+        return ListingEntry(self._flag_sets[self._flag_index[i]], None if size < 0 else size)
+
+    def flags(self, uid: int) -> Flags:
+        """``self[uid].flags`` without making the entry."""
+        i = self._position(uid)
+        if i < 0:
+            raise KeyError(uid)
+        return self._flag_sets[self._flag_index[i]]
+
+    def __contains__(self, uid: object) -> bool:
+        return self._position(uid) >= 0
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._uids)
+
+    def __len__(self) -> int:
+        return len(self._uids)
 
 
 @dataclass(frozen=True)
@@ -27,8 +94,8 @@ class ServerView:
     worker: Worker
     """The worker that looked: it has the mailbox selected."""
     status: MailboxStatus
-    listing: dict[int, ListingEntry]
-    """Complete when ``changes`` is None; else only the messages above our highest UID."""
+    listing: Mapping[int, ListingEntry]
+    """Complete (a :class:`CompactListing`) when ``changes`` is None; else only the messages above our highest UID."""
     changes: ServerChanges | None = None
 
 
@@ -83,7 +150,7 @@ async def look(
             return ServerView(worker, status, new, changes)
         # Renumbered, or no modseq to resume from: the complete listing.
         listing = await client.uid_fetch_listing() if status.exists else {}
-        return ServerView(worker, status, listing, None)
+        return ServerView(worker, status, CompactListing(listing), None)
     elif since is not None and record is not None and "CONDSTORE" in client.capabilities:
         status = await worker.examine(raw, condstore="CONDSTORE" not in client.enabled)
         if status.uidvalidity == record.uidvalidity and status.highestmodseq is not None:
@@ -108,6 +175,6 @@ async def look(
         status, listing = await worker.examine_then(raw, listing_after_examine)
         if listing is None:
             listing = await client.uid_fetch_listing() if status.exists else {}
-        return ServerView(worker, status, listing, None)
+        return ServerView(worker, status, CompactListing(listing), None)
     listing = await client.uid_fetch_listing() if status.exists else {}
-    return ServerView(worker, status, listing, None)
+    return ServerView(worker, status, CompactListing(listing), None)

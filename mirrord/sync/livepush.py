@@ -16,7 +16,7 @@ round does, and the mirror would hold it twice.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -66,6 +66,9 @@ class LocalPush:
         if folder is None:
             return
         self.watcher.watch(name, folder.path)
+        live = self.mailboxes().get(name)
+        if live is not None:
+            live.sync.own_changes = _OwnChanges(self.watcher, name)
         self.changed(name)
 
     async def forget(self, name: str) -> None:
@@ -130,6 +133,7 @@ class LocalPush:
             for lock in locks:  # always in name order: two holders never wait on each other
                 await lock.acquire()
                 held.append(lock)
+            log.debug("%s: looking for local changes in %s", self.pusher.account.name, ", ".join(names))
             result = await self.pusher.round(names)
         except Exception as e:  # noqa: BLE001 - the next change, or the retry, tries again
             self._dirty.update(names)
@@ -156,3 +160,17 @@ class LocalPush:
                 live.resync_needed("fetching back messages the server keeps")
         self.on_change()
         return True
+
+
+class _OwnChanges:
+    """One mailbox's announcements of the pull's own changes to the local change watcher."""
+
+    def __init__(self, watcher: LocalChangeWatcher, name: str) -> None:
+        self.watcher = watcher
+        self.name = name
+
+    def delivering(self, keys: Iterable[str]) -> None:
+        self.watcher.delivering(self.name, keys)
+
+    def ours(self, filenames: Iterable[str]) -> None:
+        self.watcher.ours(self.name, filenames)

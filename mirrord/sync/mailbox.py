@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 
 from mirrord._fs import default_syncer
 from mirrord.flags import Flags
 from mirrord.pool import Worker, WorkerPool
 from mirrord.progress import Progress
-from mirrord.protocol.client import FetchedMessage, ListEntry, MirrordIMAP4Client
+from mirrord.protocol.client import FetchedMessage, ListEntry, ListingEntry, MirrordIMAP4Client
 from mirrord.protocol.errors import LoginFailed
 from mirrord.config import Account
 from mirrord.oserrors import explain
@@ -59,13 +60,25 @@ from mirrord.sync.fetching import (  # noqa: F401 - BATCH_*, batches: imported f
     few,
     under_selection,
 )
-from mirrord.sync.listing import ServerView, look
+from mirrord.sync.listing import CompactListing, ServerView, look
 from mirrord.sync.listing import listing_after_examine as _listing_after_examine  # noqa: F401 - old name
 from mirrord.sync.renumber import renumber
-from mirrord.sync.stamp import maildir_stamp, settled_stamp
+from mirrord.sync.stamp import files_in_place, maildir_stamp, settled_stamp
 from mirrord.sync.twoway import merge_flags, server_only_part
 
 log = logging.getLogger("mirrord.sync")
+
+
+class OwnChanges(Protocol):
+    """Where a sync announces its own changes to the Maildir (see :class:`~mirrord.localwatch.LocalChangeWatcher`)."""
+
+    def delivering(self, keys: Iterable[str]) -> None: ...
+
+    def ours(self, filenames: Iterable[str]) -> None: ...
+
+PREFETCH_ROWS = 20_000
+"""Up to this many rows, the end of a sync reads them while the stamp's margin
+passes (see :func:`~mirrord.sync.stamp.settled_stamp`); beyond, one at a time after."""
 
 LOGIN_RETRY_AFTER = 600.0
 """A worker's refused login is not retried sooner than this (lockout risk)."""
@@ -100,6 +113,46 @@ class MailboxResult:
             done.append(plural(self.flags_changed, "flag change"))
         what = ", ".join(done) if done else "up to date"
         return f"{self.account}/{self.mailbox}: {what}; {plural(self.messages, 'message')}"
+
+
+class _ServerFlags(Mapping[int, Flags]):
+    """A listing's UID -> flags, read through: :class:`ServerListing` without a second dict of every UID."""
+
+    __slots__ = ("_flags", "_listing")
+
+    def __init__(self, listing: Mapping[int, ListingEntry]) -> None:
+        self._listing = listing
+        self._flags: Callable[[int], Flags] = (
+            listing.flags if isinstance(listing, CompactListing) else lambda uid: listing[uid].flags
+        )
+
+    def __getitem__(self, uid: int) -> Flags:
+        return self._flags(uid)
+
+    def __contains__(self, uid: object) -> bool:
+        return uid in self._listing
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._listing)
+
+    def __len__(self) -> int:
+        return len(self._listing)
+
+
+@dataclass(frozen=True)
+class _Pulled:
+    """What the closing steps of a sync need of its pull (the listing and plan are not kept)."""
+
+    record: MailboxRecord | None
+    uidvalidity: int
+    highestmodseq: int | None
+    changing: bool
+    listed: bool
+    """The Maildir was listed for the plan."""
+    count: int
+    """Rows before the pull."""
+    rows: int
+    """About how many rows after it."""
 
 
 class MailboxSync(FetchPipeline):
@@ -141,6 +194,11 @@ class MailboxSync(FetchPipeline):
         self._fresh = set()
         self.syncer = default_syncer()
         self._reserving = []
+        self.own_changes: OwnChanges | None = None
+        """Told of the files the daemon's live steps are about to put in place,
+        rename or remove, so that the two-way side's watcher does not take
+        them for a reader's and list the whole folder (set by
+        :class:`~mirrord.sync.livepush.LocalPush`)."""
 
     @classmethod
     def for_account(
@@ -244,6 +302,51 @@ class MailboxSync(FetchPipeline):
         stamp = maildir_stamp(self.maildir.path)
         stamp_read = time.time_ns()
         trust_files = record is not None and record.maildir_stamp is not None and stamp == record.maildir_stamp
+        checked = False
+        if not trust_files and record is not None and count and stamp is not None:
+            # The directories moved since the last complete sync (live fetches
+            # and flag changes do not record a stamp): if every row's file is
+            # still where and as we put it, the plan may trust the rows as a
+            # stamp would let it, without the listing and every row in memory
+            # (at 100,000 messages some 70 MB; this check holds the names).
+            checked = trust_files = bool(
+                files_in_place(self.maildir.path, self.state.iter_keys(self.account, self.name))
+            )
+        # The pull's listing, rows and plan are gone once it returns: the
+        # stamp check below lists the Maildir, and should not hold both.
+        pulled = await self._pull(result, record, count, highest, trust_files)
+        # The stamp on record vouches for itself; one the check above vouched
+        # for is read afresh (it may be too new to trust, and exact or not).
+        exact = (pulled.record is not None and pulled.record.maildir_exact and trust_files and not checked
+                 and not pulled.changing)
+        # Two-way: a stamp not known to be exact is checked once more (a
+        # listing), so that the next round can skip the folder.
+        if pulled.changing or not trust_files or checked or (self.two_way and not exact):
+            listed_after = stamp if not pulled.changing and (pulled.listed or checked) else None
+            stamp, exact = await settled_stamp(
+                self.maildir.path, lambda: self.state.iter_keys(self.account, self.name), self.pool.reactor,
+                listed_after, stamp_read, exact=self.two_way, prefetch=pulled.rows <= PREFETCH_ROWS,
+            )
+        # Only now, the sync complete, may the record say "complete as of this
+        # modseq" (the EXAMINE's: later changes have higher ones). Not
+        # fsynced: should a power cut lose it, the row before it is still
+        # true, only older (WAL keeps commits in order).
+        self.state.set_mailbox(
+            self.account,
+            self.name,
+            pulled.uidvalidity,
+            highestmodseq=pulled.highestmodseq,
+            last_sync=time.time(),
+            maildir_stamp=stamp,
+            maildir_exact=exact,
+            durable=False,
+        )
+        result.messages = self.state.count(self.account, self.name) if pulled.changing else pulled.count
+
+    async def _pull(
+        self, result: MailboxResult, record: MailboxRecord | None, count: int, highest: int, trust_files: bool
+    ) -> _Pulled:
+        """Look at the server, plan, apply and fetch: the sync up to its closing stamp."""
         view = await self.pool.run(
             lambda worker: self._look(worker, record, highest), f"listing {self.label}"
         )
@@ -263,7 +366,7 @@ class MailboxSync(FetchPipeline):
             known = self.state.messages(self.account, self.name)
             count = len(known)
             local, files = self._snapshot(record.uidvalidity if record else None, known, trust_files)
-            server = ServerListing(uidvalidity, {uid: e.flags for uid, e in view.listing.items()})
+            server = ServerListing(uidvalidity, _ServerFlags(view.listing))
             try:
                 plan = plan_sync(server, local, two_way=self.two_way)
             except UidValidityChanged as e:
@@ -307,30 +410,10 @@ class MailboxSync(FetchPipeline):
             await self._fetch_few(list(plan.fetch), uidvalidity, view.listing, result, view.worker)
         else:
             await self._fetch(plan, uidvalidity, view.listing, result)
-        exact = record is not None and record.maildir_exact and trust_files and not changing
-        # Two-way: a stamp not known to be exact is checked once more (a
-        # listing), so that the next round can skip the folder.
-        if changing or not trust_files or (self.two_way and not exact):
-            listed_after = stamp if not changing and files is not None else None
-            stamp, exact = await settled_stamp(
-                self.maildir.path, lambda: self.state.keys(self.account, self.name), self.pool.reactor,
-                listed_after, stamp_read, exact=self.two_way,
-            )
-        # Only now, the sync complete, may the record say "complete as of this
-        # modseq" (the EXAMINE's: later changes have higher ones). Not
-        # fsynced: should a power cut lose it, the row before it is still
-        # true, only older (WAL keeps commits in order).
-        self.state.set_mailbox(
-            self.account,
-            self.name,
-            uidvalidity,
-            highestmodseq=view.status.highestmodseq,
-            last_sync=time.time(),
-            maildir_stamp=stamp,
-            maildir_exact=exact,
-            durable=False,
+        return _Pulled(
+            record=record, uidvalidity=uidvalidity, highestmodseq=view.status.highestmodseq, changing=changing,
+            listed=files is not None, count=count, rows=count + len(plan.fetch),
         )
-        result.messages = self.state.count(self.account, self.name) if changing else count
 
     def _plan_catchup(
         self, changes: ServerChanges, record: MailboxRecord, count: int, highest: int, trust_files: bool
@@ -395,6 +478,13 @@ class MailboxSync(FetchPipeline):
             first = highest + 1 if highest else 1
 
             def checked(arrived: Callable[[FetchedMessage], None]) -> Callable[[FetchedMessage], None]:
+                own = self.own_changes
+                if own is not None:
+                    def announced(message: FetchedMessage) -> None:
+                        own.delivering((message.body.key,))
+                        arrived(message)
+
+                    return under_selection(worker, raw_name, record.uidvalidity, announced)
                 return under_selection(worker, raw_name, record.uidvalidity, arrived)
 
             # New mail is put in place message by message: under a steady stream
@@ -467,9 +557,12 @@ class MailboxSync(FetchPipeline):
         result: MailboxResult,
         files: dict[str, LocalFile] | None = None,
     ) -> None:
+        own = self.own_changes
         if plan.remove:
             files = files if files is not None else self.maildir.scan()
             keys = [known[uid].key for uid in plan.remove]
+            if own is not None:
+                own.ours(files[k].filename for k in keys if k in files)
             self.maildir.remove_many(keys, {k: files[k] for k in keys if k in files}, self.trash)
             self.state.remove_messages(self.account, self.name, plan.remove)
             result.removed = len(plan.remove)
@@ -495,6 +588,10 @@ class MailboxSync(FetchPipeline):
                     touched.update(("new", "cur"))  # found by key: where it was is not known here
                 elif (after.subdir, after.filename) != (before.subdir, before.filename):
                     touched.update((after.subdir, before.subdir))
+                    if own is not None:
+                        # Told after the rename but in the same reactor turn:
+                        # its events are read after this returns.
+                        own.ours((before.filename, after.filename))
                 changes[uid] = flags
             # One fsync per directory for all the renames, not one or two each;
             # then the rows, whose loss a later sync would repair (see set_flags).

@@ -101,11 +101,38 @@ def test_our_own_changes_ask_for_no_look(setup: Any) -> None:
     assert seen == ["INBOX"]
 
 
+def test_a_delivery_announced_by_key_asks_for_no_look(setup: Any) -> None:
+    clock, notifier, watcher, seen, inbox = setup
+    watcher.delivering("INBOX", ["k5", "k6"])
+    notifier.fire(inbox / "new", "k5", IN_MOVED_TO)
+    notifier.fire(inbox / "cur", "k6:2,S", IN_MOVED_TO)  # where it lands is the Maildir's business
+    clock.advance(5)
+    assert seen == []
+    # One event per delivery: the reader's rename of the file that follows is the reader's.
+    notifier.fire(inbox / "new", "k5", IN_MOVED_FROM)
+    clock.advance(5)
+    assert seen == ["INBOX"]
+    # Another mailbox's delivery of the same key is not this one's.
+    watcher.delivering("Archive", ["k7"])
+    notifier.fire(inbox / "new", "k7", IN_MOVED_TO)
+    clock.advance(5)
+    assert seen == ["INBOX", "INBOX"]
+
+
 def test_an_announcement_nobody_used_expires(setup: Any) -> None:
     clock, notifier, watcher, seen, inbox = setup
     watcher.ours("INBOX", ["k2"])
     clock.advance(60)
     notifier.fire(inbox / "new", "k2", IN_CREATE)
+    clock.advance(1)
+    assert seen == ["INBOX"]
+
+
+def test_an_announced_delivery_nobody_used_expires(setup: Any) -> None:
+    clock, notifier, watcher, seen, inbox = setup
+    watcher.delivering("INBOX", ["k8"])
+    clock.advance(60)
+    notifier.fire(inbox / "new", "k8", IN_MOVED_TO)
     clock.advance(1)
     assert seen == ["INBOX"]
 

@@ -748,3 +748,26 @@ def test_status_says_when_idle_is_reentered_because_the_server_does_not_push() -
     idle_tag(server)
     server.say(b"+ entering idle mode")
     assert service.display_state == "idling, re-entered every 5 s (server does not push)"
+
+
+def test_the_sequence_map_holds_a_few_bytes_per_message() -> None:
+    """A watcher keeps its map for the daemon's life: 4 bytes a message, not an int object each (issue #15)."""
+    import tracemalloc
+
+    uids = range(1, 100_001)
+    started = not tracemalloc.is_tracing()
+    if started:
+        tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        seqmap = SequenceMap(uids)
+        seqmap.exists(100_010)
+        seqmap.learn({100_001 + i: 200_000 + i for i in range(10)})
+        seqmap.expunge(5)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        if started:
+            tracemalloc.stop()
+    assert held < 6 * 100_010, held
+    assert len(seqmap) == 100_009 and seqmap.complete
+    assert seqmap.uid(5) == 6 and seqmap.uid(100_009) == 200_009
