@@ -306,6 +306,11 @@ class TmpMessage:
                 self.abort()
                 raise
 
+    @property
+    def buffered(self) -> int:
+        """Bytes accepted and not written to the file yet (under 64 KB while it is open)."""
+        return self._pending_len + self._held_cr
+
     def _look_at_head(self, out: bytes) -> None:
         """Read the Message-ID once the header block is complete in what streamed by.
 

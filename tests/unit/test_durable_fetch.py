@@ -150,6 +150,37 @@ def test_rename_follows_fsync_and_commit_follows_directory_fsync(
     assert [e[1] for e in events if e[0] == "commit"] == ["1,2,3", "4,5,6", "7"]
 
 
+def test_tails_left_for_the_fsync_threads_stay_under_their_byte_bound(sync: MailboxSync) -> None:
+    """A body's tail waits in memory for its fsync thread only within DEFER_TAIL_BYTES:
+    past it, the reading thread writes the tail itself (the file is the same)."""
+    from mirrord.sync import fetching
+
+    bodies: list[Any] = []
+    text = b"Subject: x\r\n\r\n" + b"0123456789abcdef\r\n" * 3000  # 54 KB: all of it one tail
+
+    async def fetch(arrived: Callable[[FetchedMessage], None]) -> None:
+        for uid in range(1, 81):
+            tmp = sync.maildir.open_tmp()
+            tmp.write(text)
+            bodies.append(tmp)
+            arrived(FetchedMessage(uid, frozenset(), None, tmp))
+
+    result = MailboxResult("acct", "INBOX")
+    d = defer.Deferred.fromCoroutine(sync._receive(fetch, result))
+    # 80 bodies arrived, none fsynced yet: the tails still held are bounded.
+    held = sum(b.buffered for b in bodies)  # 4 MB when the bound counted calls, not bytes
+    assert 0 < held <= fetching.DEFER_TAIL_BYTES
+    assert fetching._tails.held == held
+    sync.syncer.release()  # type: ignore[attr-defined]
+    d.result  # noqa: B018 - raises if it failed
+    assert fetching._tails.held == 0
+    assert result.fetched == 80
+    files = sync.maildir.scan()
+    assert len(files) == 80
+    for lf in files.values():
+        assert (sync.maildir.path / lf.subdir / lf.filename).read_bytes() == text.replace(b"\r\n", b"\n")
+
+
 def test_a_failed_fsync_in_a_thread_fails_the_fetch_and_leaves_nothing(sync: MailboxSync) -> None:
     result = MailboxResult("acct", "INBOX")
     d = defer.Deferred.fromCoroutine(sync._receive(fake_fetch(sync, 5), result, flush_every=2))
