@@ -335,7 +335,8 @@ class FetchPipeline:
     def _top_up(self) -> None:
         """Have the syncer's threads make tmp/ files ahead, up to RESERVE_TMP."""
         while self.maildir.reserved + RESERVE_STEP * len(self._reserving) < RESERVE_TMP:
-            d = self.syncer.run(functools.partial(self.maildir.reserve_tmp, RESERVE_STEP))
+            # Ahead of the fsyncs queued: a file made late is made by the reactor thread.
+            d = self.syncer.run(functools.partial(self.maildir.reserve_tmp, RESERVE_STEP), first=True)
             if d.called:
                 # Made in place (the syncer is busy, or inline): nothing to track;
                 # an error here (disk full) is reported by the next open_tmp.

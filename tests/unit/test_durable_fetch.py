@@ -34,7 +34,7 @@ class HeldSyncer:
     def pending(self) -> int:
         return len(self.calls)
 
-    def run(self, fn: Callable[[], Any]) -> defer.Deferred[Any]:
+    def run(self, fn: Callable[[], Any], *, first: bool = False) -> defer.Deferred[Any]:
         d: defer.Deferred[Any] = defer.Deferred()
         self.calls.append((fn, d))
         return d
@@ -396,6 +396,35 @@ def test_syncer_runs_in_threads_and_in_place_beyond_its_limit() -> None:
     assert syncer.pending == 0
     assert all(name != threading.current_thread().name for name in where)
     assert reactor.triggers  # stops its threads at shutdown
+
+
+def test_syncer_runs_calls_marked_first_ahead_of_those_queued() -> None:
+    """tmp/ files made ahead must not wait behind a queue of fsyncs (``run(first=True)``)."""
+    import threading
+
+    reactor = QueueReactor()
+    syncer = _fs.Syncer(reactor, threads=1, max_pending=10)
+    gate = threading.Event()
+    started = threading.Semaphore(0)
+    order: list[str] = []
+
+    def blocking() -> None:
+        started.release()
+        gate.wait(5)
+
+    syncer.run(blocking)
+    assert started.acquire(timeout=5)  # the only thread is busy
+    queued = [syncer.run(lambda n=n: order.append(f"fsync {n}")) for n in (1, 2)]
+    ahead = syncer.run(lambda: order.append("reserve"), first=True)
+    done = threading.Event()
+    syncer.run(done.set)
+    gate.set()
+    assert done.wait(5)
+    syncer.join()
+    reactor.run_queued()
+    assert order == ["reserve", "fsync 1", "fsync 2"]
+    assert ahead.called and all(d.called for d in queued)
+    assert syncer.pending == 0
 
 
 def test_syncer_wakes_the_reactor_once_for_results_that_finish_together() -> None:
