@@ -242,6 +242,13 @@ class TmpMessage:
     back until the next chunk (or delivery) shows whether an LF follows.
     """
 
+    __slots__ = (
+        "key", "_path", "size", "_fd", "_pending", "_pending_len", "_held_cr", "_state", "_head",
+        "_message_id", "_fd_lock", "__weakref__",
+    )
+    # Slots, not a dict: a first sync holds a few thousand of these at a time
+    # (groups waiting for their fsyncs), and reads their fields per chunk.
+
     def __init__(self, key: str, path: str | Path, fd: int) -> None:
         self.key = key
         self._path = os.fspath(path)
@@ -255,6 +262,7 @@ class TmpMessage:
         self._state = "open"  # open -> written -> closed -> delivered; or -> failed/aborted
         self._head: bytearray | None = bytearray()
         """The header block, kept until its end is seen (or HEAD_LIMIT): see :attr:`message_id`."""
+        self._message_id: str | None = None
         self._fd_lock = threading.Lock()
         _unfinished.add(self)
 
@@ -337,8 +345,6 @@ class TmpMessage:
         if end >= 0 or len(head) >= HEAD_LIMIT:
             self._message_id = message_id(bytes(head[: end + 2] if end >= 0 else head))
             self._head = None
-
-    _message_id: str | None = None
 
     @property
     def message_id(self) -> str | None:

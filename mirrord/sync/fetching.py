@@ -228,6 +228,8 @@ class FetchPipeline:
         sizes = {uid: listing[uid].size for uid in plan.fetch if uid in listing}
         if self.progress is not None:
             self.progress.planned(len(plan.fetch), sum(s or 0 for s in sizes.values()))
+        cut = batches(plan.fetch, sizes, self.pool.size)
+        del sizes  # not held through the fetch: it grows with the mailbox
 
         async def fetch_batch(uids: list[int]) -> None:
             # This batch's own: a set for the whole mailbox would grow with it.
@@ -245,7 +247,7 @@ class FetchPipeline:
 
         try:
             outcomes = await defer.DeferredList(
-                [defer.Deferred.fromCoroutine(fetch_batch(b)) for b in batches(plan.fetch, sizes, self.pool.size)],
+                [defer.Deferred.fromCoroutine(fetch_batch(b)) for b in cut],
                 consumeErrors=True,
             )
         finally:
