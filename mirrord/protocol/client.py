@@ -184,7 +184,7 @@ class ListingEntry:
     size: int | None
 
 
-@dataclass
+@dataclass(slots=True)
 class FetchedMessage:
     """A message whose body has been streamed completely into ``body``."""
 

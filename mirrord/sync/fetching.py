@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
-from mirrord._fs import InlineSyncer, Syncer
+from mirrord._fs import InlineSyncer, Syncer, give_back_free_memory
 from mirrord.pool import Worker, WorkerPool
 from mirrord.progress import Progress
 from mirrord.protocol.client import FetchedMessage, ListEntry, ListingEntry, MirrordIMAP4Client
@@ -46,10 +46,15 @@ RESERVE_STEP = 16
 """Files one thread call makes: several calls run at once, and creation overlaps."""
 SYNC_CHUNK = 8
 """Bodies fsynced by one thread call."""
-DEFER_WRITES_BELOW = 32
-"""While fewer syncer calls than this are pending, a body's last buffered
-bytes are written by the thread that fsyncs it, not by the reactor thread:
-at most this many x SYNC_CHUNK x 64 KB held in memory."""
+DEFER_TAIL_BYTES = 1024 * 1024
+"""A body's last buffered bytes (its tail, under 64 KB) are written by the
+thread that fsyncs it rather than by the reactor thread, while the tails
+waiting for such threads, across the process, stay under this many bytes.
+A page-cache write takes CPU the reading thread can use; but a tail held
+is memory, and counting calls instead of bytes (at most 32 calls of 8
+tails) held 3 MB of a 10,000-message first sync's peak and could hold 16.
+1 MB is about 64 messages of ordinary mail: enough to keep every fsync
+thread's next call written for it."""
 FLUSH_MESSAGES = 250
 FLUSH_BYTES = 16 * 1024 * 1024
 """Within a batch, messages are renamed into place and recorded this often.
@@ -128,6 +133,30 @@ def few(uids: Sequence[int], listing: dict[int, ListingEntry]) -> bool:
     return sum(listing[u].size or 0 for u in uids if u in listing) <= BATCH_BYTES
 
 
+class _TailBudget:
+    """Bytes of message tails held in memory for the syncer's threads to write (see DEFER_TAIL_BYTES).
+
+    One for the process: every mailbox's fetch shares the bound. Touched on
+    the reactor thread only (a syncer call's Deferred fires there).
+    """
+
+    def __init__(self) -> None:
+        self.held = 0
+
+    def hold(self, d: defer.Deferred[Any], size: int) -> None:
+        """Count ``size`` bytes until the syncer call ``d`` has finished, one way or the other."""
+        self.held += size
+
+        def release(result: object) -> object:
+            self.held -= size
+            return result
+
+        d.addBoth(release)
+
+
+_tails = _TailBudget()
+
+
 def _sync_all(bodies: list[Any]) -> list[tuple[Any, OSError]]:
     """fsync and close each body (in a syncer thread); returns those that failed, with why.
 
@@ -199,9 +228,13 @@ class FetchPipeline:
         sizes = {uid: listing[uid].size for uid in plan.fetch if uid in listing}
         if self.progress is not None:
             self.progress.planned(len(plan.fetch), sum(s or 0 for s in sizes.values()))
-        recorded: set[int] = set()
+        cut = batches(plan.fetch, sizes, self.pool.size)
+        del sizes  # not held through the fetch: it grows with the mailbox
 
         async def fetch_batch(uids: list[int]) -> None:
+            # This batch's own: a set for the whole mailbox would grow with it.
+            recorded: set[int] = set()
+
             async def job(worker: Worker) -> None:
                 # A retry on a new connection fetches only what the dropped
                 # one did not bring: fetching a recorded message again would
@@ -214,11 +247,12 @@ class FetchPipeline:
 
         try:
             outcomes = await defer.DeferredList(
-                [defer.Deferred.fromCoroutine(fetch_batch(b)) for b in batches(plan.fetch, sizes, self.pool.size)],
+                [defer.Deferred.fromCoroutine(fetch_batch(b)) for b in cut],
                 consumeErrors=True,
             )
         finally:
             await self._release_reserve()
+            give_back_free_memory()
         for ok, value in outcomes:
             if not ok:
                 value.raiseException()
@@ -303,7 +337,8 @@ class FetchPipeline:
     def _top_up(self) -> None:
         """Have the syncer's threads make tmp/ files ahead, up to RESERVE_TMP."""
         while self.maildir.reserved + RESERVE_STEP * len(self._reserving) < RESERVE_TMP:
-            d = self.syncer.run(functools.partial(self.maildir.reserve_tmp, RESERVE_STEP))
+            # Ahead of the fsyncs queued: a file made late is made by the reactor thread.
+            d = self.syncer.run(functools.partial(self.maildir.reserve_tmp, RESERVE_STEP), first=True)
             if d.called:
                 # Made in place (the syncer is busy, or inline): nothing to track;
                 # an error here (disk full) is reported by the next open_tmp.
@@ -394,12 +429,18 @@ class FetchPipeline:
         settling: list[defer.Deferred[None]] = []
         failure: list[BaseException] = []
         closing: list[Any] = []  # the delayed call of close_soon, while pending
+        chunk_tails = 0  # bytes of the chunk's tails left for its thread to write
 
         def send_chunk() -> None:
             # One thread call per few files: each call costs the reactor a
             # GIL hand-over and a wake-up, more than the fsync's own CPU.
+            nonlocal chunk_tails
             if chunk:
-                group_syncs.append(self.syncer.run(functools.partial(_sync_all, list(chunk))))
+                d = self.syncer.run(functools.partial(_sync_all, list(chunk)))
+                if chunk_tails:
+                    _tails.hold(d, chunk_tails)
+                    chunk_tails = 0
+                group_syncs.append(d)
                 chunk.clear()
 
         def close_group() -> None:
@@ -420,14 +461,17 @@ class FetchPipeline:
             close_group()
 
         def arrived(message: FetchedMessage) -> None:
-            nonlocal group_bytes
+            nonlocal group_bytes, chunk_tails
             if failure:
                 raise failure[0]  # the client discards this body and the rest
             body = message.body
             # The tail's write goes to the fsync thread with the fsync, unless
-            # many calls wait there already: each holds up to SYNC_CHUNK
-            # tails in memory (at most 64 KB each).
-            body.close_write(flush=self.syncer.pending >= DEFER_WRITES_BELOW)
+            # the tails waiting for those threads already hold DEFER_TAIL_BYTES.
+            tail = body.buffered
+            later = _tails.held + chunk_tails + tail <= DEFER_TAIL_BYTES
+            body.close_write(flush=not later)
+            if later:
+                chunk_tails += tail
             group.append(message)
             chunk.append(body)
             group_bytes += body.size

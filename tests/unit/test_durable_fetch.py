@@ -34,7 +34,7 @@ class HeldSyncer:
     def pending(self) -> int:
         return len(self.calls)
 
-    def run(self, fn: Callable[[], Any]) -> defer.Deferred[Any]:
+    def run(self, fn: Callable[[], Any], *, first: bool = False) -> defer.Deferred[Any]:
         d: defer.Deferred[Any] = defer.Deferred()
         self.calls.append((fn, d))
         return d
@@ -148,6 +148,37 @@ def test_rename_follows_fsync_and_commit_follows_directory_fsync(
             last_rename = max(j for j in range(i) if events[j][0] == "rename")
             assert any(events[j][0] == "fsync_dir" for j in range(last_rename, i))
     assert [e[1] for e in events if e[0] == "commit"] == ["1,2,3", "4,5,6", "7"]
+
+
+def test_tails_left_for_the_fsync_threads_stay_under_their_byte_bound(sync: MailboxSync) -> None:
+    """A body's tail waits in memory for its fsync thread only within DEFER_TAIL_BYTES:
+    past it, the reading thread writes the tail itself (the file is the same)."""
+    from mirrord.sync import fetching
+
+    bodies: list[Any] = []
+    text = b"Subject: x\r\n\r\n" + b"0123456789abcdef\r\n" * 3000  # 54 KB: all of it one tail
+
+    async def fetch(arrived: Callable[[FetchedMessage], None]) -> None:
+        for uid in range(1, 81):
+            tmp = sync.maildir.open_tmp()
+            tmp.write(text)
+            bodies.append(tmp)
+            arrived(FetchedMessage(uid, frozenset(), None, tmp))
+
+    result = MailboxResult("acct", "INBOX")
+    d = defer.Deferred.fromCoroutine(sync._receive(fetch, result))
+    # 80 bodies arrived, none fsynced yet: the tails still held are bounded.
+    held = sum(b.buffered for b in bodies)  # 4 MB when the bound counted calls, not bytes
+    assert 0 < held <= fetching.DEFER_TAIL_BYTES
+    assert fetching._tails.held == held
+    sync.syncer.release()  # type: ignore[attr-defined]
+    d.result  # noqa: B018 - raises if it failed
+    assert fetching._tails.held == 0
+    assert result.fetched == 80
+    files = sync.maildir.scan()
+    assert len(files) == 80
+    for lf in files.values():
+        assert (sync.maildir.path / lf.subdir / lf.filename).read_bytes() == text.replace(b"\r\n", b"\n")
 
 
 def test_a_failed_fsync_in_a_thread_fails_the_fetch_and_leaves_nothing(sync: MailboxSync) -> None:
@@ -365,6 +396,35 @@ def test_syncer_runs_in_threads_and_in_place_beyond_its_limit() -> None:
     assert syncer.pending == 0
     assert all(name != threading.current_thread().name for name in where)
     assert reactor.triggers  # stops its threads at shutdown
+
+
+def test_syncer_runs_calls_marked_first_ahead_of_those_queued() -> None:
+    """tmp/ files made ahead must not wait behind a queue of fsyncs (``run(first=True)``)."""
+    import threading
+
+    reactor = QueueReactor()
+    syncer = _fs.Syncer(reactor, threads=1, max_pending=10)
+    gate = threading.Event()
+    started = threading.Semaphore(0)
+    order: list[str] = []
+
+    def blocking() -> None:
+        started.release()
+        gate.wait(5)
+
+    syncer.run(blocking)
+    assert started.acquire(timeout=5)  # the only thread is busy
+    queued = [syncer.run(lambda n=n: order.append(f"fsync {n}")) for n in (1, 2)]
+    ahead = syncer.run(lambda: order.append("reserve"), first=True)
+    done = threading.Event()
+    syncer.run(done.set)
+    gate.set()
+    assert done.wait(5)
+    syncer.join()
+    reactor.run_queued()
+    assert order == ["reserve", "fsync 1", "fsync 2"]
+    assert ahead.called and all(d.called for d in queued)
+    assert syncer.pending == 0
 
 
 def test_syncer_wakes_the_reactor_once_for_results_that_finish_together() -> None:

@@ -96,6 +96,25 @@ def test_file_modes_do_not_depend_on_umask(tmp_path: Path, umask: int) -> None:
         os.umask(old)
 
 
+@pytest.mark.parametrize(("umask", "fchmods"), [(0o022, 0), (0o077, 0), (0o277, 3), (0o477, 3)])
+def test_a_file_costs_an_fchmod_only_when_the_umask_takes_from_its_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, umask: int, fchmods: int
+) -> None:
+    calls: list[int] = []
+    real_fchmod = os.fchmod
+    monkeypatch.setattr(maildir_mod.os, "fchmod", lambda fd, m: (calls.append(fd), real_fchmod(fd, m))[1])
+    old = os.umask(umask)
+    try:
+        md = Maildir(tmp_path / "m")
+        md.reserve_tmp(2)
+        tmps = [md.open_tmp() for _ in range(3)]  # two made ahead, one made now
+    finally:
+        os.umask(old)
+    assert len(calls) == fchmods
+    assert [mode(t.path) for t in tmps] == [0o600] * 3
+    md.release_reserve()
+
+
 # -- unique names --------------------------------------------------------------
 
 

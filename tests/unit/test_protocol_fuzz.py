@@ -40,6 +40,7 @@ from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mirrord.protocol import _parser
 from mirrord.protocol._parser import (
     Continuation,
     STATUS_KINDS,
@@ -1080,3 +1081,61 @@ def test_in_memory_literal_bytes_per_response_are_bounded(sizes: list[int]) -> N
             assert len(out) == 1
     finally:
         _parser.MAX_MEMORY_LITERALS_PER_RESPONSE = old
+
+
+# -- the FETCH fast path ------------------------------------------------------------
+
+_FLAG_ATOMS = st.one_of(
+    st.sampled_from([b"\\Seen", b"\\Flagged", b"\\Answered", b"\\Recent", b"$Forwarded", b"NIL", b"nil", b"a]b",
+                     b"x[y]", b"\\*", b"%", b"Junk", b"\\"]),
+    st.binary(min_size=1, max_size=6),
+)
+
+
+@st.composite
+def body_fetch_lines(draw: Any) -> bytes:
+    """The line that opens a message's body, in Dovecot's form or slightly off it."""
+    flags = b" ".join(draw(st.lists(_FLAG_ATOMS, max_size=4)))
+    number, uid = draw(st.integers(0, 10**21)), draw(st.integers(0, 10**21))
+    size = draw(st.integers(0, 40))
+    line = b"* %d FETCH (UID %d FLAGS (%s) RFC822.SIZE %d BODY[] {%d%s}" % (
+        number, uid, flags, size, size, draw(st.sampled_from([b"", b"+"])))
+    if draw(st.booleans()):  # sometimes a little off: case, spacing, order
+        old, new = draw(st.sampled_from([(b"FETCH", b"fetch"), (b"UID ", b"UID  "), (b"BODY[]", b"BODY[TEXT]"),
+                                          (b"FLAGS", b"flags"), (b" RFC822.SIZE %d" % size, b"")]))
+        line = line.replace(old, new, 1)
+    return line + b"\r\n" + b"x" * size + b")\r\n"
+
+
+def _parse_all(stream: bytes) -> tuple[list[Any], str | None]:
+    out: list[Any] = []
+    reader = ResponseReader(out.append)
+    try:
+        reader.feed(stream)
+    except ProtocolError as e:
+        return out, type(e).__name__
+    return out, None
+
+
+@FAST
+@given(body_fetch_lines())
+def test_fetch_fast_path_parses_as_the_tokenizer_does(stream: bytes) -> None:
+    fast = _parse_all(stream)
+    pattern = _parser._FETCH_BODY
+    _parser._FETCH_BODY = re.compile(rb"(?!)")  # never matches: the general way
+    try:
+        general = _parse_all(stream)
+    finally:
+        _parser._FETCH_BODY = pattern
+    assert fast == general
+
+
+def test_fetch_fast_path_takes_dovecots_form_without_the_tokenizer(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[bytes] = []
+    real = _parser._tokenize
+    monkeypatch.setattr(_parser, "_tokenize", lambda line, stack: (calls.append(line), real(line, stack))[1])
+    out, error = _parse_all(b"* 7 FETCH (UID 42 FLAGS (\\Seen $Forwarded) RFC822.SIZE 3 BODY[] {3}\r\nabc)\r\n")
+    assert error is None
+    assert out == [Untagged("FETCH", 7, [[b"UID", b"42", b"FLAGS", [b"\\Seen", b"$Forwarded"],
+                                          b"RFC822.SIZE", b"3", b"BODY[]", b"abc"]])]
+    assert calls == [b")"]  # only the line after the literal went through the tokenizer
