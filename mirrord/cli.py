@@ -214,7 +214,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as e:
             print(f"mirrord: error: {e}", file=sys.stderr)
             return EXIT_USAGE
-    return run(config, once=args.once, allow_delete=frozenset(args.allow_delete))
+    if not args.once:
+        return run(config, once=False)
+    # The servers greet while Twisted is imported (mirrord.protocol.early).
+    from mirrord.protocol.early import begin_all, close_all
+
+    early = begin_all(config.accounts)
+    try:
+        return run_once(config, frozenset(args.allow_delete), early)
+    finally:
+        close_all(early)
 
 
 def entry() -> None:
@@ -338,8 +347,12 @@ def run(config: Config, *, once: bool, allow_delete: frozenset[str] = frozenset(
     return outcome["status"]
 
 
-def run_once(config: Config, allow_delete: frozenset[str] = frozenset()) -> int:
-    """One complete sync of every mailbox of every account, then exit."""
+def run_once(config: Config, allow_delete: frozenset[str] = frozenset(), early: dict[str, Any] | None = None) -> int:
+    """One complete sync of every mailbox of every account, then exit.
+
+    ``early``: connections begun at start-up, by account name
+    (:func:`mirrord.protocol.early.begin_all`), each for its account's first worker.
+    """
     from twisted.internet import defer, task, threads
 
     from mirrord.service import STATE_DB_NAME, LockHeld, lock_accounts
@@ -396,7 +409,8 @@ def run_once(config: Config, allow_delete: frozenset[str] = frozenset()) -> int:
         results = await defer.gatherResults(
             [
                 defer.Deferred.fromCoroutine(
-                    sync_account(reactor, account, state, passwords[account.name], progress, allow_delete)
+                    sync_account(reactor, account, state, passwords[account.name], progress, allow_delete,
+                                 early=(early or {}).get(account.name))
                 )
                 for account in config.accounts
                 if account.name in passwords

@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 
 from mirrord.protocol.client import MailboxStatus, MirrordIMAP4Client
 from mirrord.protocol.connect import ServerSettings, open_session
+from mirrord.protocol.early import EarlyConnection
 from mirrord.protocol.errors import ConnectFailed, LoginFailed, ProtocolError, TLSFailed, describe_failure
 
 log = logging.getLogger("mirrord.pool")
@@ -157,9 +158,11 @@ class WorkerPool:
         *,
         connect: Callable[[str], Awaitable[MirrordIMAP4Client]] | None = None,
         ahead: int | None = None,
+        early: EarlyConnection | None = None,
     ) -> None:
         """``ahead``: how many workers to have logged in after the first login
-        (default: all); see :meth:`_connected`."""
+        (default: all); see :meth:`_connected`. ``early``: a connection to the
+        server begun at start-up, for the first worker to log in on."""
         self.reactor = reactor
         self._ahead = size if ahead is None else max(1, min(size, ahead))
         self.account = account
@@ -172,6 +175,7 @@ class WorkerPool:
         self._drained: list[defer.Deferred[None]] = []
         self._closed = False
         self._warmed = False
+        self._early = early
 
     @property
     def size(self) -> int:
@@ -180,7 +184,8 @@ class WorkerPool:
     async def connect(self, label: str) -> MirrordIMAP4Client:
         if self._connect is not None:
             return await self._connect(label)
-        return await open_session(self.reactor, self.account, self._password, label=label, bulk=True)
+        sock = self._early.take() if self._early is not None else None
+        return await open_session(self.reactor, self.account, self._password, label=label, bulk=True, early=sock)
 
     def _connected(self) -> None:
         """A login worked: log the other workers in now, in parallel, once.
@@ -290,6 +295,8 @@ class WorkerPool:
     async def close(self) -> None:
         """Log out every connection; waiters get an error."""
         self._closed = True
+        if self._early is not None:
+            self._early.close()  # never needed (no job ran)
         for waiter in self._waiters:
             waiter.errback(RuntimeError("the worker pool is closed"))
         self._waiters.clear()

@@ -12,7 +12,10 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
+import os
 import re
+import select
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -33,6 +36,7 @@ from twisted.internet.error import (
 )
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from mirrord.protocol import sasl
@@ -169,8 +173,13 @@ async def open_session(
     label: str,
     clock: IReactorTime | None = None,
     bulk: bool = False,
+    early: socket.socket | None = None,
 ) -> MirrordIMAP4Client:
     """Connect, secure, greet and log in; the result is ready for commands.
+
+    ``early``: a socket already connecting (or connected) to the server
+    (:mod:`mirrord.protocol.early`), taken instead of a new connection; if
+    its connect failed, a new connection is made as usual.
 
     ``bulk``: the connection will carry message bodies (a worker), so it is
     compressed when the account asks for it and the server offers
@@ -189,10 +198,14 @@ async def open_session(
     def build() -> MirrordIMAP4Client:
         return MirrordIMAP4Client(label=label, clock=clock or reactor)
 
-    try:
-        client: MirrordIMAP4Client = await endpoint.connect(Factory.forProtocol(build))
-    except (ConnectError, DNSLookupError, TimeoutError) as e:
-        raise ConnectFailed(f"cannot connect to {where}: {e}") from None
+    client: MirrordIMAP4Client | None = None
+    if early is not None:
+        client = await _adopt(reactor, early, build, options if account.tls == "implicit" else None, label)
+    if client is None:
+        try:
+            client = await endpoint.connect(Factory.forProtocol(build))
+        except (ConnectError, DNSLookupError, TimeoutError) as e:
+            raise ConnectFailed(f"cannot connect to {where}: {e}") from None
 
     try:
         await _greeting(client, clock or reactor, account, where)
@@ -244,6 +257,81 @@ async def open_session(
         label, where, client.auth_mechanism, " ".join(sorted(client.capabilities)),
     )
     return client
+
+
+class _Writable:
+    """Fires ``done`` when a connecting socket becomes writable (its connect ended)."""
+
+    def __init__(self, reactor: Any, sock: socket.socket, done: defer.Deferred[None]) -> None:
+        self._reactor = reactor
+        self._sock = sock
+        self.done = done
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def logPrefix(self) -> str:  # noqa: N802 - Twisted's name
+        return "early connection"
+
+    def doWrite(self) -> None:  # noqa: N802 - Twisted's name
+        self._finish()
+
+    def connectionLost(self, reason: Failure) -> None:  # noqa: N802 - Twisted's name
+        self._finish()
+
+    def _finish(self) -> None:
+        self._reactor.removeWriter(self)
+        if not self.done.called:
+            self.done.callback(None)
+
+
+async def _adopt(
+    reactor: Any,
+    sock: socket.socket,
+    build: Callable[[], MirrordIMAP4Client],
+    tls: Any,
+    label: str,
+) -> MirrordIMAP4Client | None:
+    """The client on ``sock`` (see ``open_session``'s ``early``), or None if its connect failed.
+
+    A connect still under way is waited for (at most :data:`CONNECT_TIMEOUT`);
+    one that failed is dropped quietly: the caller connects anew, and it is
+    that attempt whose failure, if any, is reported. ``tls``: the client TLS
+    options for ``implicit`` TLS, put between the socket and the client.
+    """
+    try:
+        if not select.select([], [sock], [], 0)[1]:
+            writable: defer.Deferred[None] = defer.Deferred()
+            watcher = _Writable(reactor, sock, writable)
+            timer = reactor.callLater(CONNECT_TIMEOUT, watcher._finish)
+            reactor.addWriter(watcher)
+            try:
+                await writable
+            finally:
+                if timer.active():
+                    timer.cancel()
+        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            log.debug("%s: the connection begun early failed (%s); connecting anew", label, os.strerror(code))
+            return None
+        sock.getpeername()  # not connected yet (timed out): OSError
+        built: list[MirrordIMAP4Client] = []
+
+        def keep() -> MirrordIMAP4Client:
+            built.append(build())
+            return built[0]
+
+        factory: Any = Factory.forProtocol(keep)
+        if tls is not None:
+            factory = TLSMemoryBIOFactory(tls, True, factory)
+        # Twisted takes a duplicate of the descriptor; ours is closed below.
+        reactor.adoptStreamConnection(sock.fileno(), sock.family, factory)
+        return built[0] if built else None
+    except OSError as e:
+        log.debug("%s: the connection begun early is unusable (%s); connecting anew", label, e)
+        return None
+    finally:
+        sock.close()
 
 
 def tcp_endpoint(reactor: Any, host: str, port: int) -> Any:

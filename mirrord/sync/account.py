@@ -21,6 +21,7 @@ from mirrord.oserrors import explain
 from mirrord.pool import Worker, WorkerPool
 from mirrord.progress import Progress
 from mirrord.protocol.client import ListEntry, Namespace
+from mirrord.protocol.early import EarlyConnection
 from mirrord.store.maildir import trash_for
 from mirrord.store.state import StateDB
 from mirrord.sync.folders import MassFolderRemoval, adopt_renamed, set_aside_gone
@@ -133,13 +134,18 @@ async def sync_account(
     password: str,
     progress: Progress | None = None,
     allow_delete: frozenset[str] = frozenset(),
+    early: EarlyConnection | None = None,
 ) -> AccountResult:
-    """Sync every wanted mailbox of ``account`` once; never raises for server trouble."""
+    """Sync every wanted mailbox of ``account`` once; never raises for server trouble.
+
+    ``early``: a connection to the server begun at start-up
+    (:mod:`mirrord.protocol.early`), for the first worker.
+    """
     result = AccountResult(account.name)
     # As many connections ahead as there were mailboxes last time: a catch-up
     # of one mailbox logs in once. A first sync (nothing recorded) warms them all.
     recorded = len(state.mailboxes(account.name))
-    pool = WorkerPool(reactor, account, password, account.workers, ahead=recorded or None)
+    pool = WorkerPool(reactor, account, password, account.workers, ahead=recorded or None, early=early)
     try:
         discovery = await discover(pool, account)
         for reason in discovery.skipped:
