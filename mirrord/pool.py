@@ -45,8 +45,14 @@ class Worker:
         self.selected: bytes | None = None
         self.status: MailboxStatus | None = None
 
-    async def connection(self) -> MirrordIMAP4Client:
-        """The worker's logged-in connection, opened (or joined, if opening) as needed."""
+    async def connection(self, then: Callable[[MirrordIMAP4Client], None] | None = None) -> MirrordIMAP4Client:
+        """The worker's logged-in connection, opened (or joined, if opening) as needed.
+
+        ``then``: when this call opens the connection, the first commands to
+        send with the session's set-up, in its last round trip (see
+        ``open_session``); it is not called otherwise, and the caller then
+        sends them itself.
+        """
         if self.client is not None and not self.client.connected_transport_lost:
             return self.client
         waiter: defer.Deferred[MirrordIMAP4Client] = defer.Deferred()
@@ -54,7 +60,7 @@ class Worker:
         if len(self._opening) == 1:
             self.client = None
             self.selected = None
-            defer.Deferred.fromCoroutine(self.pool.connect(self.label)).addBoth(self._opened)
+            defer.Deferred.fromCoroutine(self.pool.connect(self.label, then)).addBoth(self._opened)
         return await waiter
 
     def _opened(self, result: MirrordIMAP4Client | Failure) -> None:
@@ -181,11 +187,14 @@ class WorkerPool:
     def size(self) -> int:
         return len(self._all)
 
-    async def connect(self, label: str) -> MirrordIMAP4Client:
+    async def connect(self, label: str, then: Callable[[MirrordIMAP4Client], None] | None = None) -> MirrordIMAP4Client:
+        """A new logged-in connection; ``then``: see :meth:`Worker.connection` (not called by a custom ``connect``)."""
         if self._connect is not None:
             return await self._connect(label)
         sock = self._early.take() if self._early is not None else None
-        return await open_session(self.reactor, self.account, self._password, label=label, bulk=True, early=sock)
+        return await open_session(
+            self.reactor, self.account, self._password, label=label, bulk=True, early=sock, then=then
+        )
 
     def _connected(self) -> None:
         """A login worked: log the other workers in now, in parallel, once.

@@ -174,12 +174,19 @@ async def open_session(
     clock: IReactorTime | None = None,
     bulk: bool = False,
     early: socket.socket | None = None,
+    then: Callable[[MirrordIMAP4Client], None] | None = None,
 ) -> MirrordIMAP4Client:
     """Connect, secure, greet and log in; the result is ready for commands.
 
     ``early``: a socket already connecting (or connected) to the server
     (:mod:`mirrord.protocol.early`), taken instead of a new connection; if
     its connect failed, a new connection is made as usual.
+
+    ``then``: starts the caller's first commands (by calling their
+    coroutines, e.g. NAMESPACE and LIST) so that they go out with ENABLE, in
+    the same round trip, once the login succeeded; it is called only then,
+    and at most once. The caller awaits their results itself, and must
+    consume their errors if this raises (they fail with the connection).
 
     ``bulk``: the connection will carry message bodies (a worker), so it is
     compressed when the account asks for it and the server offers
@@ -222,10 +229,16 @@ async def open_session(
         if compress and "COMPRESS=DEFLATE" not in client.capabilities:
             log.debug("%s: %s does not offer COMPRESS=DEFLATE", label, where)
             compress = False
-        # ENABLE and COMPRESS in one round trip: COMPRESS may follow another
-        # command, only nothing may follow it before its OK (RFC 4978).
+        # ENABLE, the caller's first commands and COMPRESS in one round trip.
+        # A server runs pipelined commands in order (RFC 3501 5.5), so
+        # ENABLE is in force for all that follows (RFC 5161); the caller's
+        # commands must not depend on its outcome (NAMESPACE and LIST do
+        # not; an EXAMINE with QRESYNC would). COMPRESS may follow other
+        # commands, only nothing may follow it before its OK (RFC 4978).
         with client.pipeline():
             enabled = defer.Deferred.fromCoroutine(enable_resync(client))
+            if then is not None:
+                then(client)
             compressed = defer.Deferred.fromCoroutine(client.compress()) if compress else defer.succeed(None)
         try:
             await compressed

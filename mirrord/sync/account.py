@@ -20,7 +20,7 @@ from mirrord.config import Account
 from mirrord.oserrors import explain
 from mirrord.pool import Worker, WorkerPool
 from mirrord.progress import Progress
-from mirrord.protocol.client import ListEntry, Namespace
+from mirrord.protocol.client import ListEntry, MirrordIMAP4Client, Namespace
 from mirrord.protocol.early import EarlyConnection
 from mirrord.store.maildir import trash_for
 from mirrord.store.state import StateDB
@@ -106,13 +106,26 @@ def choose_mailboxes(account: Account, entries: list[ListEntry], namespace: Name
 
 async def discover(pool: WorkerPool, account: Account) -> Discovery:
     async def job(worker: Worker) -> Discovery:
-        client = await worker.connection()
-        # Neither depends on the other: one round trip for both.
-        with client.pipeline():
-            d_namespace = defer.Deferred.fromCoroutine(client.namespace())
-            d_entries = defer.Deferred.fromCoroutine(client.list_mailboxes("", "*"))
+        asked: list[defer.Deferred[Any]] = []
+
+        def ask(client: MirrordIMAP4Client) -> None:
+            # Neither depends on the other: one round trip for both.
+            with client.pipeline():
+                asked.append(defer.Deferred.fromCoroutine(client.namespace()))
+                asked.append(defer.Deferred.fromCoroutine(client.list_mailboxes("", "*")))
+
         try:
-            namespace, entries = await defer.gatherResults([d_namespace, d_entries], consumeErrors=True)
+            # On a new connection they go out with its ENABLE: the login's
+            # last round trip also lists the mailboxes.
+            client = await worker.connection(then=ask)
+        except BaseException:
+            for d in asked:
+                d.addErrback(lambda _: None)  # failed with the connection, which is the error
+            raise
+        if not asked:
+            ask(client)
+        try:
+            namespace, entries = await defer.gatherResults(asked, consumeErrors=True)
         except defer.FirstError as e:
             e.subFailure.raiseException()  # the error itself, for the pool's retry and the log
         discovery = choose_mailboxes(account, entries, namespace)
