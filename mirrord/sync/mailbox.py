@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from twisted.internet import defer
 
 from mirrord._fs import default_syncer
 from mirrord.flags import Flags
@@ -238,15 +239,24 @@ class MailboxSync(FetchPipeline):
         self._fresh.clear()
         self.recover()
         record = self.state.mailbox(self.account, self.name)
-        count, highest = self.state.summary(self.account, self.name)
+        highest = self.state.highest_uid(self.account, self.name) or 0
         # Read before anything looks at the files: a change made after this
         # moment shows as a different stamp next time.
         stamp = maildir_stamp(self.maildir.path)
         stamp_read = time.time_ns()
         trust_files = record is not None and record.maildir_stamp is not None and stamp == record.maildir_stamp
-        view = await self.pool.run(
+        looking = defer.Deferred.fromCoroutine(self.pool.run(
             lambda worker: self._look(worker, record, highest), f"listing {self.label}"
-        )
+        ))
+        # Counted while the server answers (the look's commands are out): an
+        # index scan, a millisecond at 10,000 rows. Nothing else writes this
+        # mailbox's rows meanwhile.
+        try:
+            count = self.state.count(self.account, self.name)
+        except BaseException:
+            looking.addErrback(lambda _: None)
+            raise
+        view = await looking
         self._fresh.add(view.worker)
         uidvalidity = view.status.uidvalidity
         plan: SyncPlan | None = None
