@@ -437,11 +437,12 @@ def run_once(config: Config, allow_delete: frozenset[str] = frozenset(), early: 
                 log.error("%s", e)
                 ok = False
                 outcomes.append(RunOutcome(account.name, None, time.time(), str(e)))
+        logging_out: list[defer.Deferred[Any]] = []
         results = await defer.gatherResults(
             [
                 defer.Deferred.fromCoroutine(
                     sync_account(reactor, account, state, passwords[account.name], progress, allow_delete,
-                                 early=(early or {}).get(account.name))
+                                 early=(early or {}).get(account.name), logging_out=logging_out)
                 )
                 for account in config.accounts
                 if account.name in passwords
@@ -455,6 +456,24 @@ def run_once(config: Config, allow_delete: frozenset[str] = frozenset(), early: 
         for result in results:
             outcomes.append(RunOutcome(result.account, None, finished, result.error))
             outcomes.extend(RunOutcome(m.account, m.mailbox, finished, m.error) for m in result.mailboxes)
+        # Every job has ended and the LOGOUTs are out: close the state (its
+        # checkpoint) and note the outcome while the servers answer them.
+        record()
+        await defer.DeferredList(logging_out, consumeErrors=True)
+
+    recorded = []
+
+    def record() -> None:
+        """Close the state DB and note this run's outcome for `mirrord status`; once."""
+        if recorded:
+            return
+        recorded.append(True)
+        state.close()
+        if outcomes:
+            try:
+                write_last_run(config.state_dir, outcomes)
+            except OSError as e:
+                log.warning("%s", explain(e, "cannot record this run's outcome for `mirrord status`"))
 
     try:
         task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)))
@@ -464,12 +483,7 @@ def run_once(config: Config, allow_delete: frozenset[str] = frozenset(), early: 
     finally:
         if terminal is not None:
             terminal.clear()
-        state.close()
-        if outcomes:
-            try:
-                write_last_run(config.state_dir, outcomes)
-            except OSError as e:
-                log.warning("%s", explain(e, "cannot record this run's outcome for `mirrord status`"))
+        record()
         for lock in locks.values():
             lock.release()
     return EXIT_OK if outcome["ok"] else EXIT_FAILURE

@@ -303,6 +303,16 @@ class WorkerPool:
 
     async def close(self) -> None:
         """Log out every connection; waiters get an error."""
+        await (await self.stop())
+
+    async def stop(self) -> defer.Deferred[Any]:
+        """Close the pool as :meth:`close` does, but return as soon as no job
+        runs and the LOGOUTs are sent; the Deferred returned fires when the
+        servers have answered them.
+
+        ``run --once`` closes its state database meanwhile: nothing it has
+        to do waits for those answers, only the exit does.
+        """
         self._closed = True
         if self._early is not None:
             self._early.close()  # never needed (no job ran)
@@ -317,6 +327,6 @@ class WorkerPool:
             drained: defer.Deferred[None] = defer.Deferred()
             self._drained.append(drained)
             await drained
-        await defer.DeferredList(
+        return defer.DeferredList(
             [defer.Deferred.fromCoroutine(w.close()) for w in self._all], consumeErrors=True
         )

@@ -148,11 +148,15 @@ async def sync_account(
     progress: Progress | None = None,
     allow_delete: frozenset[str] = frozenset(),
     early: EarlyConnection | None = None,
+    logging_out: list[defer.Deferred[Any]] | None = None,
 ) -> AccountResult:
     """Sync every wanted mailbox of ``account`` once; never raises for server trouble.
 
     ``early``: a connection to the server begun at start-up
-    (:mod:`mirrord.protocol.early`), for the first worker.
+    (:mod:`mirrord.protocol.early`), for the first worker. ``logging_out``:
+    if given, return once every job has ended and the LOGOUTs are sent,
+    leaving here what fires when the server has answered them
+    (:meth:`WorkerPool.stop`); else wait for the answers.
     """
     result = AccountResult(account.name)
     # As many connections ahead as there were mailboxes last time: a catch-up
@@ -205,7 +209,11 @@ async def sync_account(
         log.error("%s: %s", account.name, result.error)
         log.debug("%s: account sync failed", account.name, exc_info=True)
     finally:
-        await pool.close()
+        logged_out = await pool.stop()
+        if logging_out is None:
+            await logged_out
+        else:
+            logging_out.append(logged_out)
     return result
 
 
