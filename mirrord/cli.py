@@ -461,7 +461,7 @@ def run_once(config: Config, allow_delete: frozenset[str] = frozenset(), early: 
         record()
         await defer.DeferredList(logging_out, consumeErrors=True)
 
-    recorded = []
+    recorded: list[bool] = []
 
     def record() -> None:
         """Close the state DB and note this run's outcome for `mirrord status`; once."""

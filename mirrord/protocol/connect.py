@@ -283,13 +283,13 @@ class _Writable:
     def fileno(self) -> int:
         return self._sock.fileno()
 
-    def logPrefix(self) -> str:  # noqa: N802 - Twisted's name
+    def logPrefix(self) -> str:
         return "early connection"
 
-    def doWrite(self) -> None:  # noqa: N802 - Twisted's name
+    def doWrite(self) -> None:
         self._finish()
 
-    def connectionLost(self, reason: Failure) -> None:  # noqa: N802 - Twisted's name
+    def connectionLost(self, reason: Failure) -> None:
         self._finish()
 
     def _finish(self) -> None:
@@ -340,7 +340,7 @@ async def _adopt(
         # Twisted takes a duplicate of the descriptor; ours is closed below.
         reactor.adoptStreamConnection(sock.fileno(), sock.family, factory)
         return built[0] if built else None
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: select() and a descriptor above its limit
         log.debug("%s: the connection begun early is unusable (%s); connecting anew", label, e)
         return None
     finally:

@@ -46,7 +46,7 @@ def loaders(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     used: list[str] = []
     real = yaml.compose
 
-    def compose(text: str, Loader: Any) -> Any:  # noqa: N803 - PyYAML's name
+    def compose(text: str, Loader: Any) -> Any:
         used.append(Loader.__name__)
         return real(text, Loader=Loader)
 

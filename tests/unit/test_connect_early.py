@@ -13,7 +13,11 @@ from typing import Any
 
 import pytest
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+)
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from mirrord.protocol import connect
@@ -42,7 +46,7 @@ class AdoptingReactor(MemoryReactorClock):
         super().__init__()
         self.adopted: list[tuple[Any, StringTransport]] = []
 
-    def adoptStreamConnection(self, fileDescriptor: int, addressFamily: Any, factory: Any) -> None:  # noqa: N802, N803
+    def adoptStreamConnection(self, fileDescriptor: int, addressFamily: Any, factory: Any) -> None:
         super().adoptStreamConnection(fileDescriptor, addressFamily, factory)
         protocol = factory.buildProtocol(None)
         transport = StringTransport()

@@ -96,7 +96,7 @@ def test_namespace_and_list_go_out_with_enable_in_one_round_trip(tmp_path: Path)
 
 
 def test_compress_comes_last_in_the_same_round_trip(tmp_path: Path) -> None:
-    reactor, pool, found = start(tmp_path, compress="yes")
+    reactor, _pool, found = start(tmp_path, compress="yes")
     server = Server(reactor, 0)
     server.log_in()
     assert server.heard() == PIPELINED + b"M5 COMPRESS DEFLATE\r\n"
@@ -119,7 +119,7 @@ def test_a_refused_enable_still_lists(tmp_path: Path, caplog: pytest.LogCaptureF
 
 @pytest.mark.parametrize("status", [b"NO", b"BAD"])
 def test_a_refused_namespace_fails_discovery_with_the_servers_words(tmp_path: Path, status: bytes) -> None:
-    reactor, pool, found = start(tmp_path)
+    reactor, _pool, found = start(tmp_path)
     server = Server(reactor, 0)
     server.log_in()
     assert server.heard() == PIPELINED
@@ -149,7 +149,7 @@ def unhandled() -> Any:
 
 
 def test_a_connection_dropped_between_them_is_retried_on_a_new_one(tmp_path: Path, unhandled: Any) -> None:
-    reactor, pool, found = start(tmp_path)
+    reactor, _pool, found = start(tmp_path)
     first = Server(reactor, 0)
     first.log_in()
     assert first.heard() == PIPELINED
@@ -166,7 +166,7 @@ def test_a_connection_dropped_between_them_is_retried_on_a_new_one(tmp_path: Pat
 
 
 def test_a_connection_dropped_before_enable_answers_is_retried_too(tmp_path: Path, unhandled: Any) -> None:
-    reactor, pool, found = start(tmp_path)
+    reactor, _pool, found = start(tmp_path)
     first = Server(reactor, 0)
     first.log_in()
     assert first.heard() == PIPELINED

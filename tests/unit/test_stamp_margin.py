@@ -16,7 +16,12 @@ import pytest
 from twisted.internet import defer, task
 
 from mirrord.sync import stamp
-from mirrord.sync.stamp import FINE_MARGIN_NS, STAMP_MARGIN_NS, maildir_stamp, settled_stamp
+from mirrord.sync.stamp import (
+    FINE_MARGIN_NS,
+    STAMP_MARGIN_NS,
+    maildir_stamp,
+    settled_stamp,
+)
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the coarse clock is Linux's")
 
@@ -52,7 +57,7 @@ def test_a_fresh_stamp_is_waited_out_for_the_fine_margin_only(tmp_path: Path) ->
     folder = maildir(tmp_path / "box")
     (folder / "new" / "m1").write_bytes(b"x")
     clock = task.Clock()
-    d = defer.Deferred.fromCoroutine(settled_stamp(folder, lambda: [], clock, None, time.time_ns()))
+    d = defer.Deferred.fromCoroutine(settled_stamp(folder, list, clock, None, time.time_ns()))
     [wait] = clock.getDelayedCalls()
     assert 0 < wait.getTime() <= FINE_MARGIN_NS / 1e9
     d.cancel()
@@ -83,6 +88,6 @@ def test_a_stamp_older_than_the_margin_is_taken_without_waiting(tmp_path: Path) 
         os.utime(folder / sub, ns=(old, old))
     current = maildir_stamp(folder)
     clock = task.Clock()
-    d = defer.Deferred.fromCoroutine(settled_stamp(folder, lambda: [], clock, current, time.time_ns()))
+    d = defer.Deferred.fromCoroutine(settled_stamp(folder, list, clock, current, time.time_ns()))
     assert clock.getDelayedCalls() == []
     assert d.result == (current, False)
