@@ -87,7 +87,10 @@ def _past(stamp: tuple[int, int]) -> bool:
         return True
     if FINE_MARGIN_NS >= STAMP_MARGIN_NS or age < FINE_MARGIN_NS or not any(t % 1_000_000_000 for t in stamp):
         return False
-    return time.clock_gettime_ns(_CLOCK_REALTIME_COARSE) > newest
+    try:
+        return time.clock_gettime_ns(_CLOCK_REALTIME_COARSE) > newest
+    except OSError:
+        return False
 
 
 async def settled_stamp(
