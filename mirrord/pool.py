@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 
 from mirrord.protocol.client import MailboxStatus, MirrordIMAP4Client
 from mirrord.protocol.connect import ServerSettings, open_session
+from mirrord.protocol.early import EarlyConnection
 from mirrord.protocol.errors import ConnectFailed, LoginFailed, ProtocolError, TLSFailed, describe_failure
 
 log = logging.getLogger("mirrord.pool")
@@ -44,8 +45,14 @@ class Worker:
         self.selected: bytes | None = None
         self.status: MailboxStatus | None = None
 
-    async def connection(self) -> MirrordIMAP4Client:
-        """The worker's logged-in connection, opened (or joined, if opening) as needed."""
+    async def connection(self, then: Callable[[MirrordIMAP4Client], None] | None = None) -> MirrordIMAP4Client:
+        """The worker's logged-in connection, opened (or joined, if opening) as needed.
+
+        ``then``: when this call opens the connection, the first commands to
+        send with the session's set-up, in its last round trip (see
+        ``open_session``); it is not called otherwise, and the caller then
+        sends them itself.
+        """
         if self.client is not None and not self.client.connected_transport_lost:
             return self.client
         waiter: defer.Deferred[MirrordIMAP4Client] = defer.Deferred()
@@ -53,7 +60,7 @@ class Worker:
         if len(self._opening) == 1:
             self.client = None
             self.selected = None
-            defer.Deferred.fromCoroutine(self.pool.connect(self.label)).addBoth(self._opened)
+            defer.Deferred.fromCoroutine(self.pool.connect(self.label, then)).addBoth(self._opened)
         return await waiter
 
     def _opened(self, result: MirrordIMAP4Client | Failure) -> None:
@@ -157,9 +164,11 @@ class WorkerPool:
         *,
         connect: Callable[[str], Awaitable[MirrordIMAP4Client]] | None = None,
         ahead: int | None = None,
+        early: EarlyConnection | None = None,
     ) -> None:
         """``ahead``: how many workers to have logged in after the first login
-        (default: all); see :meth:`_connected`."""
+        (default: all); see :meth:`_connected`. ``early``: a connection to the
+        server begun at start-up, for the first worker to log in on."""
         self.reactor = reactor
         self._ahead = size if ahead is None else max(1, min(size, ahead))
         self.account = account
@@ -172,15 +181,20 @@ class WorkerPool:
         self._drained: list[defer.Deferred[None]] = []
         self._closed = False
         self._warmed = False
+        self._early = early
 
     @property
     def size(self) -> int:
         return len(self._all)
 
-    async def connect(self, label: str) -> MirrordIMAP4Client:
+    async def connect(self, label: str, then: Callable[[MirrordIMAP4Client], None] | None = None) -> MirrordIMAP4Client:
+        """A new logged-in connection; ``then``: see :meth:`Worker.connection` (not called by a custom ``connect``)."""
         if self._connect is not None:
             return await self._connect(label)
-        return await open_session(self.reactor, self.account, self._password, label=label, bulk=True)
+        sock = self._early.take() if self._early is not None else None
+        return await open_session(
+            self.reactor, self.account, self._password, label=label, bulk=True, early=sock, then=then
+        )
 
     def _connected(self) -> None:
         """A login worked: log the other workers in now, in parallel, once.
@@ -289,7 +303,19 @@ class WorkerPool:
 
     async def close(self) -> None:
         """Log out every connection; waiters get an error."""
+        await (await self.stop())
+
+    async def stop(self) -> defer.Deferred[Any]:
+        """Close the pool as :meth:`close` does, but return as soon as no job
+        runs and the LOGOUTs are sent; the Deferred returned fires when the
+        servers have answered them.
+
+        ``run --once`` closes its state database meanwhile: nothing it has
+        to do waits for those answers, only the exit does.
+        """
         self._closed = True
+        if self._early is not None:
+            self._early.close()  # never needed (no job ran)
         for waiter in self._waiters:
             waiter.errback(RuntimeError("the worker pool is closed"))
         self._waiters.clear()
@@ -301,6 +327,6 @@ class WorkerPool:
             drained: defer.Deferred[None] = defer.Deferred()
             self._drained.append(drained)
             await drained
-        await defer.DeferredList(
+        return defer.DeferredList(
             [defer.Deferred.fromCoroutine(w.close()) for w in self._all], consumeErrors=True
         )

@@ -12,14 +12,22 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
+import os
 import re
+import select
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from OpenSSL import SSL
 from twisted.internet import defer, ssl, threads
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.error import (
     ConnectError,
     ConnectionLost,
@@ -28,6 +36,7 @@ from twisted.internet.error import (
 )
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from mirrord.protocol import sasl
@@ -164,8 +173,20 @@ async def open_session(
     label: str,
     clock: IReactorTime | None = None,
     bulk: bool = False,
+    early: socket.socket | None = None,
+    then: Callable[[MirrordIMAP4Client], None] | None = None,
 ) -> MirrordIMAP4Client:
     """Connect, secure, greet and log in; the result is ready for commands.
+
+    ``early``: a socket already connecting (or connected) to the server
+    (:mod:`mirrord.protocol.early`), taken instead of a new connection; if
+    its connect failed, a new connection is made as usual.
+
+    ``then``: starts the caller's first commands (by calling their
+    coroutines, e.g. NAMESPACE and LIST) so that they go out with ENABLE, in
+    the same round trip, once the login succeeded; it is called only then,
+    and at most once. The caller awaits their results itself, and must
+    consume their errors if this raises (they fail with the connection).
 
     ``bulk``: the connection will carry message bodies (a worker), so it is
     compressed when the account asks for it and the server offers
@@ -177,17 +198,21 @@ async def open_session(
     """
     where = f"{account.host}:{account.port}"
     options = tls_options(account.host, account.ca_file) if account.tls != "none" else None
-    endpoint: Any = HostnameEndpoint(reactor, account.host, account.port, timeout=CONNECT_TIMEOUT)
+    endpoint: Any = tcp_endpoint(reactor, account.host, account.port)
     if account.tls == "implicit":
         endpoint = wrapClientTLS(options, endpoint)
 
     def build() -> MirrordIMAP4Client:
         return MirrordIMAP4Client(label=label, clock=clock or reactor)
 
-    try:
-        client: MirrordIMAP4Client = await endpoint.connect(Factory.forProtocol(build))
-    except (ConnectError, DNSLookupError, TimeoutError) as e:
-        raise ConnectFailed(f"cannot connect to {where}: {e}") from None
+    client: MirrordIMAP4Client | None = None
+    if early is not None:
+        client = await _adopt(reactor, early, build, options if account.tls == "implicit" else None, label)
+    if client is None:
+        try:
+            client = await endpoint.connect(Factory.forProtocol(build))
+        except (ConnectError, DNSLookupError, TimeoutError) as e:
+            raise ConnectFailed(f"cannot connect to {where}: {e}") from None
 
     try:
         await _greeting(client, clock or reactor, account, where)
@@ -204,10 +229,16 @@ async def open_session(
         if compress and "COMPRESS=DEFLATE" not in client.capabilities:
             log.debug("%s: %s does not offer COMPRESS=DEFLATE", label, where)
             compress = False
-        # ENABLE and COMPRESS in one round trip: COMPRESS may follow another
-        # command, only nothing may follow it before its OK (RFC 4978).
+        # ENABLE, the caller's first commands and COMPRESS in one round trip.
+        # A server runs pipelined commands in order (RFC 3501 5.5), so
+        # ENABLE is in force for all that follows (RFC 5161); the caller's
+        # commands must not depend on its outcome (NAMESPACE and LIST do
+        # not; an EXAMINE with QRESYNC would). COMPRESS may follow other
+        # commands, only nothing may follow it before its OK (RFC 4978).
         with client.pipeline():
             enabled = defer.Deferred.fromCoroutine(enable_resync(client))
+            if then is not None:
+                then(client)
             compressed = defer.Deferred.fromCoroutine(client.compress()) if compress else defer.succeed(None)
         try:
             await compressed
@@ -239,6 +270,101 @@ async def open_session(
         label, where, client.auth_mechanism, " ".join(sorted(client.capabilities)),
     )
     return client
+
+
+class _Writable:
+    """Fires ``done`` when a connecting socket becomes writable (its connect ended)."""
+
+    def __init__(self, reactor: Any, sock: socket.socket, done: defer.Deferred[None]) -> None:
+        self._reactor = reactor
+        self._sock = sock
+        self.done = done
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def logPrefix(self) -> str:
+        return "early connection"
+
+    def doWrite(self) -> None:
+        self._finish()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._finish()
+
+    def _finish(self) -> None:
+        self._reactor.removeWriter(self)
+        if not self.done.called:
+            self.done.callback(None)
+
+
+async def _adopt(
+    reactor: Any,
+    sock: socket.socket,
+    build: Callable[[], MirrordIMAP4Client],
+    tls: Any,
+    label: str,
+) -> MirrordIMAP4Client | None:
+    """The client on ``sock`` (see ``open_session``'s ``early``), or None if its connect failed.
+
+    A connect still under way is waited for (at most :data:`CONNECT_TIMEOUT`);
+    one that failed is dropped quietly: the caller connects anew, and it is
+    that attempt whose failure, if any, is reported. ``tls``: the client TLS
+    options for ``implicit`` TLS, put between the socket and the client.
+    """
+    try:
+        if not select.select([], [sock], [], 0)[1]:
+            writable: defer.Deferred[None] = defer.Deferred()
+            watcher = _Writable(reactor, sock, writable)
+            timer = reactor.callLater(CONNECT_TIMEOUT, watcher._finish)
+            reactor.addWriter(watcher)
+            try:
+                await writable
+            finally:
+                if timer.active():
+                    timer.cancel()
+        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            log.debug("%s: the connection begun early failed (%s); connecting anew", label, os.strerror(code))
+            return None
+        sock.getpeername()  # not connected yet (timed out): OSError
+        built: list[MirrordIMAP4Client] = []
+
+        def keep() -> MirrordIMAP4Client:
+            built.append(build())
+            return built[0]
+
+        factory: Any = Factory.forProtocol(keep)
+        if tls is not None:
+            factory = TLSMemoryBIOFactory(tls, True, factory)
+        # Twisted takes a duplicate of the descriptor; ours is closed below.
+        reactor.adoptStreamConnection(sock.fileno(), sock.family, factory)
+        return built[0] if built else None
+    except (OSError, ValueError) as e:  # ValueError: select() and a descriptor above its limit
+        log.debug("%s: the connection begun early is unusable (%s); connecting anew", label, e)
+        return None
+    finally:
+        sock.close()
+
+
+def tcp_endpoint(reactor: Any, host: str, port: int) -> Any:
+    """Where to connect: an IP address straight, a host name through the resolver.
+
+    ``HostnameEndpoint`` resolves even an IP address with ``getaddrinfo`` in
+    the reactor's thread pool, whose start (a thread) and stop at exit (a
+    join) cost a ``run --once`` catch-up a few milliseconds out of some
+    thirty. An address needs no resolving, nor the racing of several
+    addresses that ``HostnameEndpoint`` does for a name.
+    """
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    if ip is None or "%" in host:  # a name, or a scoped IPv6 address (getaddrinfo knows the scope)
+        return HostnameEndpoint(reactor, host, port, timeout=CONNECT_TIMEOUT)
+    if isinstance(ip, ipaddress.IPv6Address):
+        return TCP6ClientEndpoint(reactor, host, port, timeout=CONNECT_TIMEOUT)
+    return TCP4ClientEndpoint(reactor, host, port, timeout=CONNECT_TIMEOUT)
 
 
 def uses_oauth(account: ServerSettings) -> bool:

@@ -20,7 +20,8 @@ from mirrord.config import Account
 from mirrord.oserrors import explain
 from mirrord.pool import Worker, WorkerPool
 from mirrord.progress import Progress
-from mirrord.protocol.client import ListEntry, Namespace
+from mirrord.protocol.client import ListEntry, MirrordIMAP4Client, Namespace
+from mirrord.protocol.early import EarlyConnection
 from mirrord.store.maildir import trash_for
 from mirrord.store.state import StateDB
 from mirrord.sync.folders import MassFolderRemoval, adopt_renamed, set_aside_gone
@@ -105,13 +106,26 @@ def choose_mailboxes(account: Account, entries: list[ListEntry], namespace: Name
 
 async def discover(pool: WorkerPool, account: Account) -> Discovery:
     async def job(worker: Worker) -> Discovery:
-        client = await worker.connection()
-        # Neither depends on the other: one round trip for both.
-        with client.pipeline():
-            d_namespace = defer.Deferred.fromCoroutine(client.namespace())
-            d_entries = defer.Deferred.fromCoroutine(client.list_mailboxes("", "*"))
+        asked: list[defer.Deferred[Any]] = []
+
+        def ask(client: MirrordIMAP4Client) -> None:
+            # Neither depends on the other: one round trip for both.
+            with client.pipeline():
+                asked.append(defer.Deferred.fromCoroutine(client.namespace()))
+                asked.append(defer.Deferred.fromCoroutine(client.list_mailboxes("", "*")))
+
         try:
-            namespace, entries = await defer.gatherResults([d_namespace, d_entries], consumeErrors=True)
+            # On a new connection they go out with its ENABLE: the login's
+            # last round trip also lists the mailboxes.
+            client = await worker.connection(then=ask)
+        except BaseException:
+            for d in asked:
+                d.addErrback(lambda _: None)  # failed with the connection, which is the error
+            raise
+        if not asked:
+            ask(client)
+        try:
+            namespace, entries = await defer.gatherResults(asked, consumeErrors=True)
         except defer.FirstError as e:
             e.subFailure.raiseException()  # the error itself, for the pool's retry and the log
         discovery = choose_mailboxes(account, entries, namespace)
@@ -133,13 +147,22 @@ async def sync_account(
     password: str,
     progress: Progress | None = None,
     allow_delete: frozenset[str] = frozenset(),
+    early: EarlyConnection | None = None,
+    logging_out: list[defer.Deferred[Any]] | None = None,
 ) -> AccountResult:
-    """Sync every wanted mailbox of ``account`` once; never raises for server trouble."""
+    """Sync every wanted mailbox of ``account`` once; never raises for server trouble.
+
+    ``early``: a connection to the server begun at start-up
+    (:mod:`mirrord.protocol.early`), for the first worker. ``logging_out``:
+    if given, return once every job has ended and the LOGOUTs are sent,
+    leaving here what fires when the server has answered them
+    (:meth:`WorkerPool.stop`); else wait for the answers.
+    """
     result = AccountResult(account.name)
     # As many connections ahead as there were mailboxes last time: a catch-up
     # of one mailbox logs in once. A first sync (nothing recorded) warms them all.
     recorded = len(state.mailboxes(account.name))
-    pool = WorkerPool(reactor, account, password, account.workers, ahead=recorded or None)
+    pool = WorkerPool(reactor, account, password, account.workers, ahead=recorded or None, early=early)
     try:
         discovery = await discover(pool, account)
         for reason in discovery.skipped:
@@ -186,7 +209,11 @@ async def sync_account(
         log.error("%s: %s", account.name, result.error)
         log.debug("%s: account sync failed", account.name, exc_info=True)
     finally:
-        await pool.close()
+        logged_out = await pool.stop()
+        if logging_out is None:
+            await logged_out
+        else:
+            logging_out.append(logged_out)
     return result
 
 

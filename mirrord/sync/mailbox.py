@@ -25,27 +25,31 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from twisted.internet import defer
 
 from mirrord._fs import default_syncer
+from mirrord.config import Account
 from mirrord.flags import Flags
+from mirrord.oserrors import explain
 from mirrord.pool import Worker, WorkerPool
 from mirrord.progress import Progress
-from mirrord.protocol.client import FetchedMessage, ListEntry, ListingEntry, MirrordIMAP4Client
+from mirrord.protocol.client import (
+    FetchedMessage,
+    ListEntry,
+    ListingEntry,
+    MirrordIMAP4Client,
+)
 from mirrord.protocol.errors import LoginFailed
-from mirrord.config import Account
-from mirrord.oserrors import explain
-from mirrord.units import plural, size
 from mirrord.store.maildir import LocalFile, Maildir, Trash, trash_for
 from mirrord.store.state import MailboxRecord, MessageRecord, StateDB
-from mirrord.sync.names import maildir_path
 from mirrord.sync.engine import (
     KnownMessage,
     LocalSnapshot,
     LocalSummary,
+    MassRemoval,
     ServerChanges,
     ServerListing,
     SyncPlan,
-    MassRemoval,
     UidValidityChanged,
     check_removal,
     plan_catchup,
@@ -62,9 +66,11 @@ from mirrord.sync.fetching import (  # noqa: F401 - BATCH_*, batches: imported f
 )
 from mirrord.sync.listing import CompactListing, ServerView, look
 from mirrord.sync.listing import listing_after_examine as _listing_after_examine  # noqa: F401 - old name
+from mirrord.sync.names import maildir_path
 from mirrord.sync.renumber import renumber
 from mirrord.sync.stamp import files_in_place, maildir_stamp, settled_stamp
 from mirrord.sync.twoway import merge_flags, server_only_part
+from mirrord.units import plural, size
 
 log = logging.getLogger("mirrord.sync")
 
@@ -296,25 +302,36 @@ class MailboxSync(FetchPipeline):
         self._fresh.clear()
         self.recover()
         record = self.state.mailbox(self.account, self.name)
-        count, highest = self.state.summary(self.account, self.name)
+        highest = self.state.highest_uid(self.account, self.name) or 0
         # Read before anything looks at the files: a change made after this
         # moment shows as a different stamp next time.
         stamp = maildir_stamp(self.maildir.path)
         stamp_read = time.time_ns()
         trust_files = record is not None and record.maildir_stamp is not None and stamp == record.maildir_stamp
+        # The look goes out first: what follows runs while the server answers.
+        looking = defer.Deferred.fromCoroutine(self.pool.run(
+            lambda worker: self._look(worker, record, highest), f"listing {self.label}"
+        ))
         checked = False
-        if not trust_files and record is not None and count and stamp is not None:
-            # The directories moved since the last complete sync (live fetches
-            # and flag changes do not record a stamp): if every row's file is
-            # still where and as we put it, the plan may trust the rows as a
-            # stamp would let it, without the listing and every row in memory
-            # (at 100,000 messages some 70 MB; this check holds the names).
-            checked = trust_files = bool(
-                files_in_place(self.maildir.path, self.state.iter_keys(self.account, self.name))
-            )
+        try:
+            # An index scan, a millisecond at 10,000 rows. Nothing else
+            # writes this mailbox's rows meanwhile.
+            count = self.state.count(self.account, self.name)
+            if not trust_files and record is not None and count and stamp is not None:
+                # The directories moved since the last complete sync (live fetches
+                # and flag changes do not record a stamp): if every row's file is
+                # still where and as we put it, the plan may trust the rows as a
+                # stamp would let it, without the listing and every row in memory
+                # (at 100,000 messages some 70 MB; this check holds the names).
+                checked = trust_files = bool(
+                    files_in_place(self.maildir.path, self.state.iter_keys(self.account, self.name))
+                )
+        except BaseException:
+            looking.addErrback(lambda _: None)
+            raise
         # The pull's listing, rows and plan are gone once it returns: the
         # stamp check below lists the Maildir, and should not hold both.
-        pulled = await self._pull(result, record, count, highest, trust_files)
+        pulled = await self._pull(result, record, count, highest, trust_files, looking)
         # The stamp on record vouches for itself; one the check above vouched
         # for is read afresh (it may be too new to trust, and exact or not).
         exact = (pulled.record is not None and pulled.record.maildir_exact and trust_files and not checked
@@ -344,12 +361,17 @@ class MailboxSync(FetchPipeline):
         result.messages = self.state.count(self.account, self.name) if pulled.changing else pulled.count
 
     async def _pull(
-        self, result: MailboxResult, record: MailboxRecord | None, count: int, highest: int, trust_files: bool
+        self,
+        result: MailboxResult,
+        record: MailboxRecord | None,
+        count: int,
+        highest: int,
+        trust_files: bool,
+        looking: defer.Deferred[ServerView],
     ) -> _Pulled:
-        """Look at the server, plan, apply and fetch: the sync up to its closing stamp."""
-        view = await self.pool.run(
-            lambda worker: self._look(worker, record, highest), f"listing {self.label}"
-        )
+        """Plan, apply and fetch on what ``looking`` (the look at the server, already sent)
+        brings: the sync up to its closing stamp."""
+        view = await looking
         self._fresh.add(view.worker)
         uidvalidity = view.status.uidvalidity
         plan: SyncPlan | None = None

@@ -151,3 +151,24 @@ def test_a_connection_that_opens_after_the_pool_closed_is_dropped() -> None:
     connector.pending.pop(0)[1].callback(late)
     assert aborted == [True]
     assert pool._all[1].client is None
+
+
+def test_stop_returns_with_the_logouts_sent_and_fires_when_they_are_answered() -> None:
+    """`run --once` closes its state while the servers answer LOGOUT (issue #15)."""
+    answered: list[defer.Deferred[None]] = []
+
+    class SlowLogout(FakeClient):
+        async def logout(self) -> None:
+            d: defer.Deferred[None] = defer.Deferred()
+            answered.append(d)
+            await d
+
+    pool, connector = make(size=2, ahead=1)
+    job = defer.Deferred.fromCoroutine(pool.run(_uses))
+    connector.pending.pop(0)[1].callback(SlowLogout())
+    assert job.result == 1
+    stopping = defer.Deferred.fromCoroutine(pool.stop())
+    logged_out = stopping.result  # returned at once: no job runs
+    assert len(answered) == 1 and not logged_out.called  # LOGOUT sent, not answered yet
+    answered[0].callback(None)
+    assert logged_out.called
