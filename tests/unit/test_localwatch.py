@@ -119,20 +119,13 @@ def test_a_delivery_announced_by_key_asks_for_no_look(setup: Any) -> None:
     assert seen == ["INBOX", "INBOX"]
 
 
-def test_an_announcement_nobody_used_expires(setup: Any) -> None:
+@pytest.mark.parametrize(("announce", "event"), [("ours", IN_CREATE), ("delivering", IN_MOVED_TO)])
+def test_an_announcement_nobody_used_expires(setup: Any, announce: str, event: int) -> None:
+    """Names (``ours``) and delivery keys (``delivering``) alike: a stale one hides no reader's change."""
     clock, notifier, watcher, seen, inbox = setup
-    watcher.ours("INBOX", ["k2"])
+    getattr(watcher, announce)("INBOX", ["k2"])
     clock.advance(60)
-    notifier.fire(inbox / "new", "k2", IN_CREATE)
-    clock.advance(1)
-    assert seen == ["INBOX"]
-
-
-def test_an_announced_delivery_nobody_used_expires(setup: Any) -> None:
-    clock, notifier, watcher, seen, inbox = setup
-    watcher.delivering("INBOX", ["k8"])
-    clock.advance(60)
-    notifier.fire(inbox / "new", "k8", IN_MOVED_TO)
+    notifier.fire(inbox / "new", "k2", event)
     clock.advance(1)
     assert seen == ["INBOX"]
 
