@@ -58,7 +58,6 @@ class AdoptingReactor(MemoryReactorClock):
     "host, kind",
     [
         ("127.0.0.1", TCP4ClientEndpoint),
-        ("192.0.2.7", TCP4ClientEndpoint),
         ("::1", TCP6ClientEndpoint),
         ("imap.example.org", HostnameEndpoint),
         ("fe80::1%eth0", HostnameEndpoint),
