@@ -1329,7 +1329,13 @@ class MirrordIMAP4Client(IMAP4Client):
         await self._run(self._simple("NOOP"))
 
     async def logout(self) -> None:
-        """Say goodbye; the server's BYE here is expected, not an error."""
+        """Say goodbye; the server's BYE here is expected, not an error.
+
+        A stop waits for the answer, so a server that gives none is cut
+        after ``LOGOUT_GRACE``, not the two minutes a fetch may take.
+        """
+        if self.command_timeout > 0:
+            self.command_timeout = min(self.command_timeout, LOGOUT_GRACE)
         command = self._simple("LOGOUT", wants=["BYE"])
         try:
             await self._run(command)
@@ -1532,6 +1538,7 @@ class IdleSession:
         return self.idling.called and not self.done_sent and not self._ended_flag
 
     _ended_flag = False
+    _done_wanted = False
 
     def _continued(self, text: str) -> None:
         if self.idling.called:
@@ -1541,6 +1548,8 @@ class IdleSession:
         self._command.quiet = True
         self._client._arm_deadline()
         self.idling.callback(True)
+        if self._done_wanted:
+            self.done()
 
     def _ended(self, result: Any) -> Any:
         self._ended_flag = True
@@ -1558,13 +1567,11 @@ class IdleSession:
         if self.done_sent or self._ended_flag:
             return
         if not self.idling.called:
-            # DONE before the continuation would be read as a new command.
-            def then(idling: bool) -> bool:
-                if idling:
-                    self.done()
-                return idling
-
-            self.idling.addCallback(then)
+            # DONE before the continuation would be read as a new command:
+            # it goes when the '+' comes (see _continued). Not as a callback
+            # on ``idling``: whoever awaits it already takes its result, and
+            # a later callback would see None and never send DONE.
+            self._done_wanted = True
             return
         self.done_sent = True
         assert self._command is not None

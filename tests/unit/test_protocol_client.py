@@ -258,6 +258,19 @@ def test_silent_server_is_dropped_after_the_command_timeout() -> None:
     assert aborted
 
 
+def test_a_logout_the_server_leaves_unanswered_is_cut_after_the_grace_not_the_command_timeout() -> None:
+    # A stop (SIGTERM) waits for the LOGOUTs: a silent server must not hold
+    # it for the two minutes a fetch may take, nor past systemd's stop timeout.
+    from mirrord.protocol.client import DEADLINE_GRID, LOGOUT_GRACE
+
+    client, transport, clock = connected()
+    transport.abortConnection = lambda: client.connectionLost(Failure(ConnectionError("aborted")))  # type: ignore[method-assign]
+    d = run(client.logout())
+    assert sent(transport) == b"M1 LOGOUT\r\n"
+    clock.advance(LOGOUT_GRACE + DEADLINE_GRID + 0.1)
+    assert result_of(d) is None
+
+
 def test_no_deadline_while_nothing_is_outstanding() -> None:
     client, transport, clock = connected()
     aborted = []

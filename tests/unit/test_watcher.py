@@ -325,6 +325,35 @@ def test_stop_leaves_idle() -> None:
     assert watcher.state == "stopped"
 
 
+def test_stop_before_the_continuation_still_leaves_idle() -> None:
+    # SIGINT right after the first sync once left the daemon hanging: the
+    # stop came between IDLE and the server's "+", and the DONE promised for
+    # the "+" was never sent (the watcher, awaiting the "+" first, had the
+    # Deferred's result to itself).
+    server = Server()
+    watcher, done = server.start()
+    tag = idle_tag(server)
+    defer.Deferred.fromCoroutine(watcher.stop())
+    assert server.sent() == [], "DONE before the + would be read as a command"
+    server.say(b"+ idling")
+    assert server.sent() == [b"DONE"]
+    server.say(tag + b" OK")
+    assert done.called
+    assert watcher.state == "stopped"
+
+
+def test_new_mail_announced_before_the_continuation_still_leaves_idle_to_learn_its_uid() -> None:
+    server = Server()
+    watcher, _ = server.start()
+    tag = idle_tag(server)
+    server.say(b"* 4 EXISTS")
+    assert server.events.log[-1] == ("new",)
+    server.say(b"+ idling")
+    assert server.sent() == [b"DONE"], "the new UID is learned now, not at the renewal"
+    server.say(tag + b" OK")
+    assert server.sent() == [b"M4 FETCH 4:* (UID FLAGS)"]
+
+
 # -- the sequence map on its own -------------------------------------------------
 
 
