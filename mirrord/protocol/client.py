@@ -369,6 +369,9 @@ class MirrordIMAP4Client(IMAP4Client):
     """One IMAP connection; see the module docstring."""
 
     command_timeout = COMMAND_TIMEOUT
+    adopted = False
+    """Whether the connection runs on a socket connected before the reactor
+    started (:mod:`mirrord.protocol.early`), which Twisted adopted."""
 
     def __init__(self, label: str = "", clock: IReactorTime | None = None) -> None:
         super().__init__()
@@ -584,7 +587,14 @@ class MirrordIMAP4Client(IMAP4Client):
         self._arm_deadline()
         if response.status == "OK":
             if command.on_ok is not None:
-                command.on_ok()
+                try:
+                    command.on_ok()
+                except Exception:
+                    # The connection is dropped for this (dataReceived): the
+                    # command fails with it, as every command in flight does.
+                    # Out of the in-flight table its caller would wait forever.
+                    self._in_flight[response.tag] = command
+                    raise
             command.deferred.callback(CommandResult(command.untagged, response))
         else:
             command.deferred.errback(
@@ -765,7 +775,10 @@ class MirrordIMAP4Client(IMAP4Client):
             self._reader.split_after_line()
             self._starttls_switch = True
             self.capabilities = frozenset()
-            self.transport.startTLS(options)
+            # On a socket adopted from protocol/early.py Twisted's transport
+            # takes itself for the accepting side; normal=False makes it
+            # the TLS client all the same (it is one).
+            self.transport.startTLS(options, not self.adopted)
 
         await self._run(self._simple("STARTTLS", on_ok=switch))
         self.capabilities = frozenset()

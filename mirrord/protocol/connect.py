@@ -331,14 +331,18 @@ async def _adopt(
         built: list[MirrordIMAP4Client] = []
 
         def keep() -> MirrordIMAP4Client:
-            built.append(build())
-            return built[0]
+            client = build()
+            client.adopted = True
+            built.append(client)
+            return client
 
         factory: Any = Factory.forProtocol(keep)
         if tls is not None:
             factory = TLSMemoryBIOFactory(tls, True, factory)
         # Twisted takes a duplicate of the descriptor; ours is closed below.
         reactor.adoptStreamConnection(sock.fileno(), sock.family, factory)
+        if built:
+            log.debug("%s: on the connection begun at start-up", label)
         return built[0] if built else None
     except (OSError, ValueError) as e:  # ValueError: select() and a descriptor above its limit
         log.debug("%s: the connection begun early is unusable (%s); connecting anew", label, e)

@@ -165,13 +165,20 @@ def test_config_after_subcommand_is_accepted(imap_account: ImapAccount, tmp_path
     assert len(local_messages(tmp_path / "Mail" / "INBOX")) == 1
 
 
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1"])
 @pytest.mark.parametrize("tls", ["implicit", "starttls"])
-def test_verified_tls_both_ways(imap_account: ImapAccount, tmp_path: Path, tls: str) -> None:
+def test_verified_tls_both_ways(imap_account: ImapAccount, tmp_path: Path, tls: str, host: str) -> None:
+    # The first connection is begun before the imports (protocol/early.py)
+    # for a name as for an address; Twisted adopts it as the accepting side,
+    # and a STARTTLS on it once hung the run with a TypeError.
     imap_account.client.append("INBOX", make_message(1), ())
-    run = mirrord("-c", str(write_config(tmp_path, imap_account, tls=tls)), "run", "--once", "-v")
+    run = mirrord("-c", str(write_config(tmp_path, imap_account, tls=tls, host=host)), "run", "--once", "-v",
+                  timeout=30)
     assert run.status == 0, run.stderr
+    assert "worker 1: on the connection begun at start-up" in run.stderr
+    assert len(local_messages(tmp_path / "Mail" / "INBOX")) == 1
     if tls == "starttls":
-        assert "C: M1 STARTTLS" in run.stderr or "STARTTLS" in run.stderr
+        assert "C: M1 STARTTLS" in run.stderr
 
 
 def test_plaintext_to_loopback_works(imap_account: ImapAccount, tmp_path: Path) -> None:

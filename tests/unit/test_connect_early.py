@@ -165,18 +165,89 @@ def _writable(sock: socket.socket) -> bool:
     return bool(select.select([], [sock], [], 0.2)[1])
 
 
-def test_early_connections_are_begun_for_addresses_only() -> None:
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(4)
+def test_early_connections_are_begun_for_addresses_and_names(listener: socket.socket) -> None:
     port = listener.getsockname()[1]
+    early = begin_all([Settings(name="a", port=port), Settings(name="b", host="localhost", port=port)])
+    assert list(early) == ["a", "b"]
+    early["a"].close()
+    assert early["a"].take() is None
+    assert early["b"].wait(5)
+    early["b"].close()
+
+
+def _refused_port() -> int:
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens there now
+    return port
+
+
+def _resolving_to(*ports: int) -> Any:
+    def resolve(host: str, port: int, **kw: Any) -> list[tuple[Any, ...]]:
+        assert host == "imap.test" and kw == {"type": socket.SOCK_STREAM}
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", p)) for p in ports]
+
+    return resolve
+
+
+def test_a_host_name_is_looked_up_in_a_thread_and_its_first_accepting_address_connected(
+    listener: socket.socket,
+) -> None:
+    port = listener.getsockname()[1]
+    # The resolver's first address refuses (as ::1 does for a server on
+    # 127.0.0.1 only); the next one is taken, as a plain client would.
+    early = EarlyConnection.begin("imap.test", port, resolve=_resolving_to(_refused_port(), port))
+    assert early is not None
+    assert early.wait(5)
+    sock = early.take()
+    assert sock is not None
     try:
-        early = begin_all([Settings(name="a", port=port), Settings(name="b", host="localhost", port=port)])
-        assert list(early) == ["a"]
-        early["a"].close()
-        assert early["a"].take() is None
+        assert sock.getpeername()[1] == port
+        assert not sock.getblocking()  # ready for the reactor
     finally:
-        listener.close()
+        sock.close()
+    assert early.take() is None  # given out once
+
+
+def test_a_worker_does_not_wait_for_a_host_name_still_being_looked_up(listener: socket.socket) -> None:
+    import threading
+
+    port = listener.getsockname()[1]
+    answer = threading.Event()
+
+    def slow(host: str, port_: int, **kw: Any) -> list[tuple[Any, ...]]:
+        answer.wait(5)
+        return _resolving_to(port)(host, port_, **kw)
+
+    early = EarlyConnection.begin("imap.test", port, resolve=slow)
+    assert early is not None
+    assert early.take() is None, "the ordinary path connects; nobody waits for the lookup"
+    answer.set()
+    assert early.wait(5)
+    assert early.take() is None
+    import select
+
+    # The thread has finished: had it connected, the connection would be queued by now.
+    assert select.select([listener], [], [], 0)[0] == [], "no needless connection to the server"
+
+
+@pytest.mark.parametrize("error", [socket.gaierror(socket.EAI_NONAME, "unknown name"), UnicodeError("label too long")])
+def test_a_name_that_cannot_be_looked_up_is_left_to_the_ordinary_path(error: Exception) -> None:
+    def failing(host: str, port: int, **kw: Any) -> list[tuple[Any, ...]]:
+        raise error
+
+    early = EarlyConnection.begin("imap.test", 143, resolve=failing)
+    assert early is not None
+    assert early.wait(5)
+    assert early.take() is None
+
+
+def test_a_name_whose_every_address_refuses_is_left_to_the_ordinary_path() -> None:
+    early = EarlyConnection.begin("imap.test", 143, resolve=_resolving_to(_refused_port(), _refused_port()))
+    assert early is not None
+    assert early.wait(5)
+    assert early.take() is None
 
 
 def test_the_pool_gives_the_early_socket_to_its_first_connection_only(monkeypatch: pytest.MonkeyPatch) -> None:

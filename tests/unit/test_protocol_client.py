@@ -271,6 +271,27 @@ def test_a_logout_the_server_leaves_unanswered_is_cut_after_the_grace_not_the_co
     assert result_of(d) is None
 
 
+def test_a_command_whose_switch_fails_fails_with_the_dropped_connection(caplog: pytest.LogCaptureFixture) -> None:
+    # STARTTLS on an adopted socket once raised inside the OK's handling: the
+    # connection was dropped, but the command had left the in-flight table and
+    # its caller (the login) waited forever instead of retrying.
+    from twisted.internet.error import ConnectionLost
+
+    client, transport, _ = connected(b"* OK [CAPABILITY IMAP4rev1 STARTTLS] ready\r\n")
+
+    def broken_start_tls(options: Any, normal: bool = True) -> None:
+        raise TypeError("not a client context")
+
+    transport.startTLS = broken_start_tls  # type: ignore[attr-defined]
+    transport.abortConnection = lambda: client.connectionLost(Failure(ConnectionLost("aborted")))  # type: ignore[method-assign]
+    d = run(client.starttls(object()))
+    assert sent(transport) == b"M1 STARTTLS\r\n"
+    with caplog.at_level(logging.ERROR):
+        client.dataReceived(b"M1 OK begin\r\n")
+    with pytest.raises(ConnectionLost):
+        result_of(d)
+
+
 def test_no_deadline_while_nothing_is_outstanding() -> None:
     client, transport, clock = connected()
     aborted = []
