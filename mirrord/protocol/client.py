@@ -775,10 +775,13 @@ class MirrordIMAP4Client(IMAP4Client):
             self._reader.split_after_line()
             self._starttls_switch = True
             self.capabilities = frozenset()
-            # On a socket adopted from protocol/early.py Twisted's transport
-            # takes itself for the accepting side; normal=False makes it
-            # the TLS client all the same (it is one).
-            self.transport.startTLS(options, not self.adopted)
+            if self.adopted:
+                # On a socket adopted from protocol/early.py Twisted's
+                # transport takes itself for the accepting side; its
+                # normal=False makes it the TLS client all the same.
+                self.transport.startTLS(options, False)
+            else:
+                self.transport.startTLS(options)
 
         await self._run(self._simple("STARTTLS", on_ok=switch))
         self.capabilities = frozenset()
