@@ -9,6 +9,8 @@ decides whether a local file name must change.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 Flags = frozenset[str]
 """A message's IMAP flags, spelled as the server sends them (``\\Seen``, ``$Junk``)."""
 
@@ -36,8 +38,15 @@ def maildir_info(flags: Flags) -> str:
     )
 
 
+@lru_cache(maxsize=256)
 def flags_from_info(info: str) -> Flags:
-    """The IMAP system flags that ``info`` letters stand for; unknown letters are ignored."""
+    """The IMAP system flags that ``info`` letters stand for; unknown letters are ignored.
+
+    Cached: a scan of a Maildir asks this for every file, and a mailbox has
+    a handful of distinct info strings. Sharing one frozenset per string
+    keeps a 100,000-message scan ~20 MB smaller (the set is immutable, so
+    sharing it is safe; the cache is bounded against odd file names).
+    """
     return frozenset(_FLAG_FOR_LETTER[c] for c in info if c in _FLAG_FOR_LETTER)
 
 

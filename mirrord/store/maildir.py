@@ -121,7 +121,7 @@ def _reserved_release(n: int) -> None:
         _reserved_count -= n
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LocalFile:
     """A message file found in ``new/`` or ``cur/``."""
 
