@@ -384,6 +384,8 @@ def run_once(config: Config, allow_delete: frozenset[str] = frozenset(), early: 
     ``early``: connections begun at start-up, by account name
     (:func:`mirrord.protocol.early.begin_all`), each for its account's first worker.
     """
+    import gc
+
     from twisted.internet import defer, task, threads
 
     from mirrord.service import STATE_DB_NAME, LockHeld, lock_accounts
@@ -475,6 +477,11 @@ def run_once(config: Config, allow_delete: frozenset[str] = frozenset(), early: 
             except OSError as e:
                 log.warning("%s", explain(e, "cannot record this run's outcome for `mirrord status`"))
 
+    # What start-up made (modules, classes, the config: some 50,000 objects)
+    # lives to the end; frozen, the collector no longer walks it each time a
+    # first sync's per-message garbage sets off a collection (a 10,000-message
+    # first sync: 20 ms of its CPU).
+    gc.freeze()
     try:
         task.react(lambda reactor: defer.Deferred.fromCoroutine(main(reactor)))
     except SystemExit as e:
