@@ -51,9 +51,13 @@ class ProtocolError(Exception):
 
 
 class LiteralSink(Protocol):
-    """Where a streamed literal's bytes go (a Maildir tmp file, in practice)."""
+    """Where a streamed literal's bytes go (a Maildir tmp file, in practice).
 
-    def write(self, data: bytes) -> None: ...
+    ``write`` gets bytes or a memoryview of the read; one it keeps must be
+    copied (the view's memory is the reader's).
+    """
+
+    def write(self, data: bytes | memoryview) -> None: ...
 
     def abort(self) -> None: ...
 
@@ -287,8 +291,9 @@ class ResponseReader:
     def _feed_literal(self, data: bytes, pos: int) -> int:
         take = min(self._literal_left, len(data) - pos)
         if self._literal_sink is not None:
-            # A read the literal takes whole goes to the sink as it is.
-            self._literal_sink.write(data if take == len(data) else data[pos : pos + take])
+            # A read the literal takes whole goes to the sink as it is; a part
+            # of one as a view, not a copy (most reads hold several messages).
+            self._literal_sink.write(data if take == len(data) else memoryview(data)[pos : pos + take])
         else:
             assert self._literal_memory is not None
             self._literal_memory += memoryview(data)[pos : pos + take]
