@@ -1204,6 +1204,8 @@ class MirrordIMAP4Client(IMAP4Client):
     ) -> None:
         delivered: set[int] = set()
         failure: list[BaseException] = []
+        # A batch has few distinct flag lists: each is decoded once.
+        flag_sets: dict[bytes, Flags] = {}
 
         def wanted(uid: int) -> bool:
             return accept(uid) and uid not in delivered
@@ -1211,9 +1213,12 @@ class MirrordIMAP4Client(IMAP4Client):
         def choose_sink(response: Untagged, target: list[Any], size: int) -> LiteralSink | None:
             if response.kind != "FETCH" or not response.data or target is not response.data[0]:
                 return None
-            if not target or not isinstance(target[-1], bytes) or target[-1].upper() != b"BODY[]":
+            if response.body is not None:
+                known_uid: int | None = response.body.uid  # the reader's fast path: BODY[] and UID read
+            elif not target or not isinstance(target[-1], bytes) or target[-1].upper() != b"BODY[]":
                 return None
-            known_uid = _uid_so_far(target)
+            else:
+                known_uid = _uid_so_far(target)
             if known_uid is not None and not wanted(known_uid):
                 # Not ours (``n:*`` also returns the last message): skip its
                 # bytes. In memory, a message over the literal limit would
@@ -1230,6 +1235,31 @@ class MirrordIMAP4Client(IMAP4Client):
         def claim(response: Untagged) -> bool:
             if response.kind != "FETCH":
                 return False
+            fast = response.body
+            if fast is not None and not isinstance(response.data[0][7], bytes):
+                # UID FLAGS RFC822.SIZE BODY[] and nothing more, read by the reader
+                # already, the body streamed to a sink (the usual message).
+                body = response.data[0][7]
+                uid = fast.uid
+                if not wanted(uid):
+                    return False
+                delivered.add(uid)
+                if failure:
+                    if not isinstance(body, bytes):
+                        body.abort()
+                    return True
+                if isinstance(body, _GuardedSink):
+                    if body.failed:
+                        return True
+                    body = body.sink
+                try:
+                    flags = flag_sets[fast.flags]
+                except KeyError:
+                    flags = flag_sets[fast.flags] = message_flags(
+                        frozenset(fast.flags.decode("ascii", "replace").split())
+                    )
+                deliver(FetchedMessage(uid=uid, flags=flags, size=fast.size, body=body))
+                return True
             items = fetch_items(response)
             body = items.get("BODY[]")
             if body is None or "UID" not in items:
@@ -1258,21 +1288,23 @@ class MirrordIMAP4Client(IMAP4Client):
                     return True
                 body = body.sink
             size = items.get("RFC822.SIZE")
-            message = FetchedMessage(
+            deliver(FetchedMessage(
                 uid=uid,
                 flags=message_flags(as_flags(items.get("FLAGS", []))),
                 size=as_int(size, "RFC822.SIZE") if size is not None else None,
                 body=body,
-            )
+            ))
+            return True
+
+        def deliver(message: FetchedMessage) -> None:
             try:
                 on_message(message)
             except Exception as e:  # noqa: BLE001 - reported once the command ends
                 failure.append(e)
                 try:
-                    body.abort()
+                    message.body.abort()
                 except Exception:  # noqa: BLE001
                     pass
-            return True
 
         command = self._simple(
             "UID FETCH",
