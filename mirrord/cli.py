@@ -247,6 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USAGE
     if not args.once:
         return run(config, once=False)
+    without_tls(config)
     # The servers greet while Twisted is imported (mirrord.protocol.early).
     from mirrord.protocol.early import begin_all, close_all
 
@@ -255,6 +256,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_once(config, frozenset(args.allow_delete), early)
     finally:
         close_all(early)
+
+
+def without_tls(config: Config) -> bool:
+    """Keep the TLS stack out of a one-shot run whose accounts all use ``tls: none``.
+
+    Twisted's reactor imports pyOpenSSL (and with it cryptography and
+    service_identity) whether or not a connection will use it: 35 ms of a
+    start-up's CPU, for accounts that the config allows only on loopback.
+    Marked absent, Twisted goes without it (its TLS support is optional),
+    and mirrord imports it only for an account that needs it
+    (``protocol.connect.tls_options``), which this run has none of. Only
+    in a process that has not imported Twisted yet: one that has may be
+    about to use TLS. Returns whether it did.
+    """
+    if not config.accounts or any(account.tls != "none" for account in config.accounts):
+        return False
+    if any(name in sys.modules for name in ("twisted.internet.reactor", "twisted.internet.tcp", "OpenSSL")):
+        return False
+    sys.modules["OpenSSL"] = None  # type: ignore[assignment]  # an import of it raises ImportError
+    return True
 
 
 def entry() -> None:
