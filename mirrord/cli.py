@@ -409,8 +409,8 @@ def run_once(config: Config, allow_delete: frozenset[str] = frozenset(), early: 
 
     from twisted.internet import defer, task, threads
 
-    from mirrord.service import STATE_DB_NAME, LockHeld, lock_accounts
-    from mirrord.status import RunOutcome, write_last_run
+    from mirrord.locks import LockHeld, lock_accounts
+    from mirrord.status import STATE_DB_NAME, RunOutcome, write_last_run
     from mirrord.store.state import StateDB
     from mirrord.sync.account import sync_account
 
