@@ -325,8 +325,13 @@ def _ordered_uids(token: Any) -> list[int]:
     return out
 
 
-READ_SIZE = 256 * 1024
-"""Most bytes taken from the socket per read (Twisted's default is 64 KB)."""
+READ_SIZE = 512 * 1024
+"""Most bytes taken from the socket per read (Twisted's default is 64 KB).
+
+A first sync's reads come full: each costs a reactor turn, a pass of the
+parser and a hand-over of the interpreter lock whatever its size. 512 KB
+rather than 256 KB: a 10,000-message first sync 0.1-0.2 s less CPU (of
+about 3), for 1 MB more peak memory; 1 MB reads saved no more and held 3 MB."""
 
 
 def _tcp_handle(transport: Any) -> Any:
