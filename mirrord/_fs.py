@@ -183,7 +183,7 @@ class InlineSyncer:
 def give_back_free_memory() -> None:
     """Hand the C heap's free pages back to the system, where the C library can (glibc).
 
-    A first sync's bodies pass through the heap in pieces of up to 256 KB;
+    A first sync's bodies pass through the heap in pieces of up to 512 KB (a read);
     once they are freed, glibc keeps the pages unless they are at its very
     top, and what Python allocates next (small objects, in arenas of their
     own) cannot use them. Given back after a mailbox's fetch, they no

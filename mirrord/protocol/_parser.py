@@ -51,9 +51,13 @@ class ProtocolError(Exception):
 
 
 class LiteralSink(Protocol):
-    """Where a streamed literal's bytes go (a Maildir tmp file, in practice)."""
+    """Where a streamed literal's bytes go (a Maildir tmp file, in practice).
 
-    def write(self, data: bytes) -> None: ...
+    ``write`` gets bytes or a memoryview of the read; one it keeps must be
+    copied (the view's memory is the reader's).
+    """
+
+    def write(self, data: bytes | memoryview) -> None: ...
 
     def abort(self) -> None: ...
 
@@ -85,6 +89,21 @@ class Untagged:
     data: list[Any] = field(default_factory=list)
     code: list[Any] | None = None
     text: str = ""
+    body: FetchBody | None = field(default=None, compare=False)
+    """Set on a message's FETCH in the form :data:`_FETCH_BODY` matches whose
+    response ended right after the body: its UID, size and flags, read and
+    checked already, so that a consumer need not pick ``data`` apart again.
+    ``data`` holds the same items all the same."""
+
+
+@dataclass(frozen=True, slots=True)
+class FetchBody:
+    """The items of ``* n FETCH (UID u FLAGS (...) RFC822.SIZE s BODY[] {size}...)`` and nothing else."""
+
+    uid: int
+    flags: bytes
+    """The flag list's inside, as sent (atoms, no NIL): e.g. ``\\Seen \\Flagged``."""
+    size: int
 
 
 @dataclass
@@ -145,6 +164,8 @@ class _Pending:
         self.stack: list[list[Any]] = [self.top]
         self.memory_bytes = 0
         """In-memory literal bytes so far, against MAX_MEMORY_LITERALS_PER_RESPONSE."""
+        self.body: FetchBody | None = None
+        """Set by the fast path (``_fetch_body``); kept only if the response ends after the body."""
 
     @property
     def current(self) -> list[Any]:
@@ -153,7 +174,7 @@ class _Pending:
     def finish(self) -> Untagged:
         if len(self.stack) != 1:
             raise ProtocolError("unbalanced parentheses in response")
-        return Untagged(self.kind, self.number, self.top)
+        return Untagged(self.kind, self.number, self.top, body=self.body)
 
 
 SinkChooser = Callable[[Untagged, list[Any], int], "LiteralSink | None"]
@@ -287,8 +308,9 @@ class ResponseReader:
     def _feed_literal(self, data: bytes, pos: int) -> int:
         take = min(self._literal_left, len(data) - pos)
         if self._literal_sink is not None:
-            # A read the literal takes whole goes to the sink as it is.
-            self._literal_sink.write(data if take == len(data) else data[pos : pos + take])
+            # A read the literal takes whole goes to the sink as it is; a part
+            # of one as a view, not a copy (most reads hold several messages).
+            self._literal_sink.write(data if take == len(data) else memoryview(data)[pos : pos + take])
         else:
             assert self._literal_memory is not None
             self._literal_memory += memoryview(data)[pos : pos + take]
@@ -330,8 +352,16 @@ class ResponseReader:
     def _line(self, line: bytes) -> None:
         if self._on_line is not None:
             self._on_line(line)
-        if self._pending is not None:
-            self._tokens(line, self._pending)
+        pending = self._pending
+        if pending is not None:
+            if line == b")" and len(pending.stack) == 2:
+                # The usual end of a message's FETCH: what _tokens would do, without the tokenizer.
+                pending.stack.pop()
+                self._pending = None
+                self._emit(Untagged(pending.kind, pending.number, pending.top, body=pending.body))
+                return
+            pending.body = None  # more items follow the body: the general way reads them all
+            self._tokens(line, pending)
             return
         if self.fast_line is not None and self.fast_line(line):
             return
@@ -378,14 +408,17 @@ class ResponseReader:
         :meth:`_untagged` and :meth:`_tokens` would do with it, without the tokenizer."""
         number, uid, flags, size, literal = m.groups()
         pending = _Pending("FETCH", int(number))
+        tokens = [None if f == b"NIL" else f for f in flags.split(b" ")] if flags else []
         items: list[Any] = [
             b"UID", uid,
-            b"FLAGS", [None if f == b"NIL" else f for f in flags.split(b" ")] if flags else [],
+            b"FLAGS", tokens,
             b"RFC822.SIZE", size,
             b"BODY[]",
         ]
         pending.top.append(items)
         pending.stack.append(items)
+        if None not in tokens:
+            pending.body = FetchBody(int(uid), flags, int(size))
         self._pending = pending
         self._start_literal(pending, int(literal))
 
@@ -409,7 +442,7 @@ class ResponseReader:
         target = pending.current
         sink = None
         if self._choose_sink is not None:
-            sink = self._choose_sink(Untagged(pending.kind, pending.number, pending.top), target, size)
+            sink = self._choose_sink(Untagged(pending.kind, pending.number, pending.top, body=pending.body), target, size)
         if sink is None:
             if size > self._max_memory_literal:
                 raise ProtocolError(f"literal of {size} bytes is too large (limit {self._max_memory_literal})")

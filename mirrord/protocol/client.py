@@ -325,8 +325,13 @@ def _ordered_uids(token: Any) -> list[int]:
     return out
 
 
-READ_SIZE = 256 * 1024
-"""Most bytes taken from the socket per read (Twisted's default is 64 KB)."""
+READ_SIZE = 512 * 1024
+"""Most bytes taken from the socket per read (Twisted's default is 64 KB).
+
+A first sync's reads come full: each costs a reactor turn, a pass of the
+parser and a hand-over of the interpreter lock whatever its size. 512 KB
+rather than 256 KB: a 10,000-message first sync 0.1-0.2 s less CPU (of
+about 3), for 1 MB more peak memory; 1 MB reads saved no more and held 3 MB."""
 
 
 def _tcp_handle(transport: Any) -> Any:
@@ -1220,6 +1225,8 @@ class MirrordIMAP4Client(IMAP4Client):
     ) -> None:
         delivered: set[int] = set()
         failure: list[BaseException] = []
+        # A batch has few distinct flag lists: each is decoded once.
+        flag_sets: dict[bytes, Flags] = {}
 
         def wanted(uid: int) -> bool:
             return accept(uid) and uid not in delivered
@@ -1227,9 +1234,12 @@ class MirrordIMAP4Client(IMAP4Client):
         def choose_sink(response: Untagged, target: list[Any], size: int) -> LiteralSink | None:
             if response.kind != "FETCH" or not response.data or target is not response.data[0]:
                 return None
-            if not target or not isinstance(target[-1], bytes) or target[-1].upper() != b"BODY[]":
+            if response.body is not None:
+                known_uid: int | None = response.body.uid  # the reader's fast path: BODY[] and UID read
+            elif not target or not isinstance(target[-1], bytes) or target[-1].upper() != b"BODY[]":
                 return None
-            known_uid = _uid_so_far(target)
+            else:
+                known_uid = _uid_so_far(target)
             if known_uid is not None and not wanted(known_uid):
                 # Not ours (``n:*`` also returns the last message): skip its
                 # bytes. In memory, a message over the literal limit would
@@ -1246,6 +1256,31 @@ class MirrordIMAP4Client(IMAP4Client):
         def claim(response: Untagged) -> bool:
             if response.kind != "FETCH":
                 return False
+            fast = response.body
+            if fast is not None and not isinstance(response.data[0][7], bytes):
+                # UID FLAGS RFC822.SIZE BODY[] and nothing more, read by the reader
+                # already, the body streamed to a sink (the usual message).
+                body = response.data[0][7]
+                uid = fast.uid
+                if not wanted(uid):
+                    return False
+                delivered.add(uid)
+                if failure:
+                    if not isinstance(body, bytes):
+                        body.abort()
+                    return True
+                if isinstance(body, _GuardedSink):
+                    if body.failed:
+                        return True
+                    body = body.sink
+                try:
+                    flags = flag_sets[fast.flags]
+                except KeyError:
+                    flags = flag_sets[fast.flags] = message_flags(
+                        frozenset(fast.flags.decode("ascii", "replace").split())
+                    )
+                deliver(FetchedMessage(uid=uid, flags=flags, size=fast.size, body=body))
+                return True
             items = fetch_items(response)
             body = items.get("BODY[]")
             if body is None or "UID" not in items:
@@ -1274,21 +1309,23 @@ class MirrordIMAP4Client(IMAP4Client):
                     return True
                 body = body.sink
             size = items.get("RFC822.SIZE")
-            message = FetchedMessage(
+            deliver(FetchedMessage(
                 uid=uid,
                 flags=message_flags(as_flags(items.get("FLAGS", []))),
                 size=as_int(size, "RFC822.SIZE") if size is not None else None,
                 body=body,
-            )
+            ))
+            return True
+
+        def deliver(message: FetchedMessage) -> None:
             try:
                 on_message(message)
             except Exception as e:  # noqa: BLE001 - reported once the command ends
                 failure.append(e)
                 try:
-                    body.abort()
+                    message.body.abort()
                 except Exception:  # noqa: BLE001
                     pass
-            return True
 
         command = self._simple(
             "UID FETCH",

@@ -16,12 +16,12 @@ import os
 import re
 import select
 import socket
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from OpenSSL import SSL
-from twisted.internet import defer, ssl, threads
+from twisted.internet import defer, threads
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
@@ -36,7 +36,6 @@ from twisted.internet.error import (
 )
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from mirrord.protocol import sasl
@@ -99,6 +98,8 @@ def load_ca_bundle(path: Path) -> list[Any]:
     (``Certificate.loadPEM`` reads only the first one, so a bundle with an
     unrelated CA first failed as "not trusted".)
     """
+    from twisted.internet import ssl
+
     blocks = _PEM_CERTIFICATE.findall(path.read_bytes())
     if not blocks:
         raise ValueError(f"{path} holds no PEM certificate")
@@ -106,7 +107,14 @@ def load_ca_bundle(path: Path) -> list[Any]:
 
 
 def tls_options(host: str, ca_file: Path | None) -> Any:
-    """Client TLS options that verify ``host`` against ``ca_file`` or the system store."""
+    """Client TLS options that verify ``host`` against ``ca_file`` or the system store.
+
+    The TLS stack (pyOpenSSL, cryptography) is imported here, when an
+    account first needs it: a run whose accounts all use ``tls: none`` never
+    loads it (see ``mirrord.cli.without_tls``).
+    """
+    from twisted.internet import ssl
+
     if ca_file is not None:
         trust: Any = ssl.trustRootFromCertificates(load_ca_bundle(Path(ca_file)))
     else:
@@ -117,7 +125,8 @@ def tls_options(host: str, ca_file: Path | None) -> Any:
 def _tls_reason(failure: Failure) -> str | None:
     """A person's explanation of a TLS failure, or None if it was not TLS."""
     error = failure.value
-    if isinstance(error, SSL.Error):
+    SSL = sys.modules.get("OpenSSL.SSL")  # not loaded: the error cannot be one of its
+    if SSL is not None and isinstance(error, SSL.Error):
         text = str(error)
         if "certificate verify failed" in text:
             return "the server's certificate is not trusted (set ca_file to the CA that signed it)"
@@ -338,6 +347,8 @@ async def _adopt(
 
         factory: Any = Factory.forProtocol(keep)
         if tls is not None:
+            from twisted.protocols.tls import TLSMemoryBIOFactory
+
             factory = TLSMemoryBIOFactory(tls, True, factory)
         # Twisted takes a duplicate of the descriptor; ours is closed below.
         reactor.adoptStreamConnection(sock.fileno(), sock.family, factory)

@@ -54,7 +54,7 @@ _LF_ONLY = (None, "\n", "\r\n", ("\n", "\r\n"))
 """What IncrementalNewlineDecoder.newlines may say when no line ended in a lone CR."""
 
 
-def _crlf_to_lf(data: bytes) -> bytes:
+def _crlf_to_lf(data: bytes | memoryview) -> bytes:
     """``data`` with every CRLF turned into LF (a lone CR or LF stays as it is).
 
     Through Latin-1 and the io module's newline translation, a C loop that
@@ -65,7 +65,7 @@ def _crlf_to_lf(data: bytes) -> bytes:
     (``newlines``): then the exact, slower substitution is used instead.
     """
     decoder = io.IncrementalNewlineDecoder(None, translate=True)
-    text = decoder.decode(data.decode("latin-1"), final=True)
+    text = decoder.decode(str(data, "latin-1"), final=True)
     if decoder.newlines in _LF_ONLY:
         return text.encode("latin-1")
     return _CRLF_SUB(b"\n", data)
@@ -283,18 +283,20 @@ class TmpMessage:
         if self._state != "delivered":
             self.abort()
 
-    def write(self, data: bytes) -> None:
-        """Append a chunk; on a disk error the file is aborted and the OSError raised."""
+    def write(self, data: bytes | memoryview) -> None:
+        """Append a chunk; on a disk error the file is aborted and the OSError raised.
+
+        A memoryview (of the network read, by the protocol reader) is read
+        in place: the converted copy is the only one made of a body's bytes.
+        """
         if self._state != "open":
             raise ValueError(f"write to a {self._state} message {self.key}")
         if not data:
             return
-        if not isinstance(data, bytes):
-            data = bytes(data)
         if self._held_cr:
             data = b"\r" + data
             self._held_cr = False
-        if data.endswith(b"\r"):
+        if data[-1] == 13:  # a CR: the LF that may follow is in the next chunk
             self._held_cr = True
             data = data[:-1]
         # Every piece handed on ends in a byte other than CR (the held one

