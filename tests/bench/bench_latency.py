@@ -64,7 +64,12 @@ correctly, 1 otherwise.
 
 ``--mirrord-log watcher`` also logs, on the same monotonic clock, when
 mirrord's INBOX watcher reads each EXISTS, and adds the row "watcher EXISTS ->
-file": mirrord's own share, free of the phase noise. ``full`` keeps the whole
+file": mirrord's own share, free of the phase noise, and "watcher EXISTS -
+floor's IDLE EXISTS" (per message: how much later mirrord's watcher heard of
+it than the floor's IDLE session; each session's 500 ms timer and rescans run
+at its own phase, so this swings both ways). The row "floor's IDLE EXISTS ->
+body" (always printed) is the floor's own share, to set beside mirrord's.
+``full`` keeps the whole
 ``-v`` trace (which slows mirrord by milliseconds per message under load).
 Both keep the logs; ``--per-message`` prints every message's times.
 Linux only; nothing beyond mirrord's test dependencies.
@@ -339,6 +344,7 @@ def _two_session_main(host: str, port: int, user: str, password: str, stop: Even
     fetcher.command(b'EXAMINE "INBOX"')
     watch.start_idle("INBOX")
     bodies: list[tuple[int, float]] = []
+    heard: list[tuple[float, int]] = []
     sel = selectors.DefaultSelector()
     watch.sock.setblocking(False)
     sel.register(watch.sock, selectors.EVENT_READ)
@@ -346,18 +352,20 @@ def _two_session_main(host: str, port: int, user: str, password: str, stop: Even
     watch.buf = b""
     started.set()
     try:
-        _two_session_loop(watch, fetcher, sel, pending, next_uid, stop, bodies)
+        _two_session_loop(watch, fetcher, sel, pending, next_uid, stop, bodies, heard)
     except (OSError, RuntimeError) as e:  # reported with what was measured until then
         print(f"  two-session floor client stopped: {e}", file=sys.stderr, flush=True)
     sel.close()
     watch.close()
     fetcher.close()
-    results.send(bodies)
+    results.send((bodies, heard))
     results.close()
 
 
 def _two_session_loop(watch: RawImap, fetcher: RawImap, sel: selectors.BaseSelector, pending: bytes,
-                      next_uid: int, stop: EventType, bodies: list[tuple[int, float]]) -> None:
+                      next_uid: int, stop: EventType, bodies: list[tuple[int, float]],
+                      heard: list[tuple[float, int]]) -> None:
+    """Fetch on each EXISTS that grew; ``heard`` gets (time, N) of those EXISTS, the IDLE session's own times."""
     count = 0
     while not stop.is_set():
         if not sel.select(0.2):
@@ -366,6 +374,7 @@ def _two_session_loop(watch: RawImap, fetcher: RawImap, sel: selectors.BaseSelec
             data = watch.sock.recv(1 << 16)
         except BlockingIOError:
             continue
+        now = time.monotonic()
         if not data:
             break
         pending += data
@@ -377,6 +386,7 @@ def _two_session_loop(watch: RawImap, fetcher: RawImap, sel: selectors.BaseSelec
                 count, grew = int(match.group(1)), True
         if not grew:
             continue
+        heard.append((now, count))
         for _attempt in range(3):
             # The tagged OK follows the last body at once: its time is the bodies'.
             untagged, _, done = fetcher.command(b"UID FETCH %d:* (UID BODY.PEEK[])" % next_uid)
@@ -495,6 +505,10 @@ class Outcome:
     notes: list[str] = field(default_factory=list)
     internal_ms: list[float] = field(default_factory=list)
     """--mirrord-log watcher/full only: mirrord's watcher reading the EXISTS -> file visible."""
+    two_internal_ms: list[float] = field(default_factory=list)
+    """The two-session floor's own share: its IDLE session reading the EXISTS -> body."""
+    watcher_late_ms: list[float] = field(default_factory=list)
+    """--mirrord-log watcher/full only: mirrord's watcher EXISTS - the floor's IDLE session's EXISTS."""
     trace: list[tuple[int, int, float, float | None, float | None, float | None]] = field(default_factory=list)
 
     def over_two(self, p: float) -> float:
@@ -632,7 +646,9 @@ def run_scenario(server: PrivateDovecot, scenario: Scenario, args: argparse.Name
         time.sleep(0.5)
         collector.stop()
         stop_two.set()
-        two_bodies = dict(two_results.recv()) if two_results.poll(30) else {}
+        two_got = two_results.recv() if two_results.poll(30) else ([], [])
+        two_bodies = dict(two_got[0])
+        two_heard = list(two_got[1])
         two_proc.join(10)
         if not two_bodies:
             out.notes.append("the two-session floor client reported nothing")
@@ -647,7 +663,8 @@ def run_scenario(server: PrivateDovecot, scenario: Scenario, args: argparse.Name
         if collector.floor_lost:
             out.notes.append(f"the floor client lost its connection: {collector.floor_lost}")
 
-        _evaluate(out, account, collector, sent, inbox, daemon if args.mirrord_log != "plain" else None, two_bodies)
+        _evaluate(out, account, collector, sent, inbox, daemon if args.mirrord_log != "plain" else None, two_bodies,
+                  two_heard)
     finally:
         # Each step on its own: one failing must not leave mirrord or the load running.
         if stop_load is not None:
@@ -696,7 +713,8 @@ def _first_covering(events: list[tuple[float, int]], seq: int) -> float | None:
 
 def _evaluate(out: Outcome, account: ImapAccount, collector: Collector,
               sent: list[tuple[int, int, float]], inbox: Path, traced: Mirrord | None,
-              two_bodies: dict[int, float] | None = None) -> None:
+              two_bodies: dict[int, float] | None = None,
+              two_heard: list[tuple[float, int]] | None = None) -> None:
     out.measured = len(sent)
     watcher_events = _watcher_exists(traced.log()) if traced is not None else []
 
@@ -746,6 +764,11 @@ def _evaluate(out: Outcome, account: ImapAccount, collector: Collector,
         if file_t is not None and floor_t is not None:
             out.overhead_ms.append((file_t - floor_t) * 1000)
         two_t = two_bodies.get(uid) if two_bodies else None
+        two_heard_t = _first_covering(two_heard, seq) if two_heard and seq is not None else None
+        if two_t is not None and two_heard_t is not None:
+            out.two_internal_ms.append((two_t - two_heard_t) * 1000)
+        if watcher_t is not None and two_heard_t is not None:
+            out.watcher_late_ms.append((watcher_t - two_heard_t) * 1000)
         if two_t is not None:
             out.two_ms.append((two_t - t_ok) * 1000)
             if file_t is not None:
@@ -796,6 +819,10 @@ def report(out: Outcome, args: argparse.Namespace) -> None:
     print(_row(f"per message: file - bare EXISTS (n={len(out.overhead_ms)})", out.overhead_ms))
     if out.internal_ms:
         print(_row(f"watcher EXISTS -> file (n={len(out.internal_ms)})", out.internal_ms))
+    if out.two_internal_ms:
+        print(_row(f"floor's IDLE EXISTS -> body (n={len(out.two_internal_ms)})", out.two_internal_ms))
+    if out.watcher_late_ms:
+        print(_row(f"watcher EXISTS - floor's IDLE EXISTS (n={len(out.watcher_late_ms)})", out.watcher_late_ms))
     if out.two_ms and out.mirrord_ms:
         med, p99 = out.over_two(50), out.over_two(99)
         print(f"  target (c)-(b): median <= {TARGET_MEDIAN_MS:g} ms: {'PASS' if med <= TARGET_MEDIAN_MS else 'FAIL'} "

@@ -280,6 +280,95 @@ def test_a_message_that_cannot_be_made_durable_costs_only_itself(
     assert tmp_files(sync) == [], "the failed file is removed"
 
 
+def test_new_mail_is_fsynced_renamed_and_recorded_in_one_hand_off(
+    sync: MailboxSync, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: on the push path a lone new message costs one syncer call
+    (fsync, rename, directory fsync), not an fsync call and then a delivery
+    call, each a hand-off to a thread and a wake-up of the reactor. The
+    pending row is committed before that call; the file is fsynced before
+    its rename and the row made real after the directory fsync."""
+    from twisted.internet import task
+
+    events: list[str] = []
+    real_fsync, real_rename = os.fsync, os.rename
+    real_add, real_promote = sync.state.add_pending, sync.state.promote_pending
+
+    def fsync(fd: int) -> None:
+        events.append("fsync")
+        real_fsync(fd)
+
+    def rename(src: Any, dst: Any) -> None:
+        events.append("rename")
+        real_rename(src, dst)
+
+    def fsync_dir(path: Path) -> None:
+        events.append("fsync_dir")
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            real_fsync(fd)
+        finally:
+            os.close(fd)
+
+    def add(*a: Any) -> Any:
+        events.append("pending")
+        return real_add(*a)
+
+    def promote(*a: Any) -> None:
+        events.append("commit")
+        real_promote(*a)
+
+    monkeypatch.setattr(maildir_mod.os, "fsync", fsync)
+    monkeypatch.setattr(maildir_mod.os, "rename", rename)
+    monkeypatch.setattr(maildir_mod, "_fsync_dir", fsync_dir)
+    monkeypatch.setattr(sync.state, "add_pending", add)
+    monkeypatch.setattr(sync.state, "promote_pending", promote)
+    clock = task.Clock()
+    result = MailboxResult("acct", "INBOX")
+    d = defer.Deferred.fromCoroutine(sync._receive(fake_fetch(sync, 1), result, flush_every=1, flush_soon=clock))
+    assert len(sync.syncer.calls) == 1  # type: ignore[attr-defined]
+    assert events == ["pending"] and sync.maildir.scan() == {}
+    sync.syncer._release_once(None)  # type: ignore[attr-defined]
+    assert sync.syncer.calls == []  # type: ignore[attr-defined]
+    d.result  # noqa: B018 - raises if it failed
+    assert events == ["pending", "fsync", "rename", "fsync_dir", "commit"]
+    assert result.fetched == 1 and len(sync.maildir.scan()) == 1
+    assert sync.state.count("acct", "INBOX") == 1 and sync.state.pending("acct", "INBOX") == {}
+
+
+def test_new_mail_that_cannot_be_made_durable_costs_only_itself(
+    sync: MailboxSync, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The push path's one-call delivery keeps the rule: a failed fsync drops
+    that message (no file, no row, no tmp/ file) and fails the command; the
+    others of its group are in place and recorded."""
+    from twisted.internet import task
+
+    calls: list[int] = []
+    real_fsync = maildir_mod.os.fsync
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 2:  # the second message's file
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(maildir_mod.os, "fsync", fsync)
+    recorded: set[int] = set()
+    d = defer.Deferred.fromCoroutine(
+        sync._receive(fake_fetch(sync, 3), MailboxResult("acct", "INBOX"), flush_every=1,
+                      recorded=recorded, flush_soon=task.Clock())
+    )
+    sync.syncer.release()  # type: ignore[attr-defined]
+    failure = d.result
+    d.addErrback(lambda _: None)
+    assert failure.value.errno == errno.ENOSPC
+    assert recorded == {1, 3}
+    assert sync.state.count("acct", "INBOX") == 2 and len(sync.maildir.scan()) == 2
+    assert sync.state.pending("acct", "INBOX") == {}
+    assert tmp_files(sync) == []
+
+
 # -- the tmp/ reserve -----------------------------------------------------------
 
 
