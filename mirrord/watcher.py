@@ -507,7 +507,7 @@ class IdleWatcher:
             if self.map.exists(response.number):
                 self.listener.new_messages()
                 # Learn the new UIDs soon, so a later EXPUNGE can be named;
-                # not at once, while a worker fetches the message (see LEARN_DELAY).
+                # not at once, while a worker fetches the message (see LEARN_CAP).
                 self._learn_soon()
         elif kind == "EXPUNGE" and response.number is not None:
             self._expunge_epoch += 1
