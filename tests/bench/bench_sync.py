@@ -1126,8 +1126,18 @@ class Floor(Tool):
         seen: set[str] = set()
         self.modules = [m for m in imported if m not in seen and not seen.add(m)  # type: ignore[func-returns-value]
                         and m not in ("__main__", "mirrord.__main__", "site") and not m.startswith("encodings")]
+        # Only those modules: a module of the list may try to import more
+        # than mirrord let it (run --once keeps the TLS stack out for
+        # tls: none accounts, cli.without_tls); the floor must not pay for it.
         (self.workdir / "floor.py").write_text(
-            "import importlib\n"
+            "import importlib, sys\n"
+            f"allowed = set({self.modules!r})\n"
+            "class OnlyThose:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name not in allowed:\n"
+            "            raise ModuleNotFoundError(name)\n"
+            "        return None\n"
+            "sys.meta_path.insert(0, OnlyThose())\n"
             f"for name in {self.modules!r}:\n"
             "    try:\n"
             "        importlib.import_module(name)\n"
