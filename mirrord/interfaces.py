@@ -9,12 +9,9 @@ code that keeps a mailbox's local copy current.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from mirrord.flags import Flags
-
-if TYPE_CHECKING:
-    from twisted.internet.defer import Deferred
 
 
 class MailboxEvents(Protocol):
@@ -41,10 +38,3 @@ class MailboxEvents(Protocol):
 
     def disconnected(self, reason: str) -> None:
         """The watcher lost its connection and will reconnect by itself."""
-
-    def when_idle(self) -> Deferred[None]:
-        """Fires when the work the events so far started is done.
-
-        The watcher learns new UIDs only then, off the path of the fetch
-        that the EXISTS started (see ``watcher.LEARN_CAP``).
-        """

@@ -54,16 +54,6 @@ log = logging.getLogger("mirrord.watcher")
 DONE_TIMEOUT = 30.0
 """Seconds to wait for the tagged OK after DONE before calling the connection dead."""
 
-LEARN_CAP = 2.0
-"""Most seconds from an EXISTS to leaving IDLE to learn the new UIDs, should the listener stay busy.
-
-The watcher learns new UIDs (DONE, ``FETCH n:* (UID)``, IDLE) once the
-listener's work is done (its ``when_idle``), not at once: just then a
-worker fetches the new message, and the watcher's three commands made the
-server and the reactor serve both at the same moment (issue #15). Until the
-UIDs are learned an EXPUNGE of a brand-new message cannot be named and asks
-for a full sync; servers with QRESYNC name the UIDs themselves."""
-
 NO_PUSH_RENEW = 5.0
 """Seconds between IDLE re-entries on a server whose IDLE does not push.
 
@@ -223,7 +213,6 @@ class IdleWatcher:
         self._state = "starting"
         self._session: Any = None
         self._renewal: IDelayedCall | None = None
-        self._learning: IDelayedCall | None = None
         self._stopping = False
         self._poll_wait: defer.Deferred[None] | None = None
         self._rebuild = False
@@ -285,7 +274,6 @@ class IdleWatcher:
                     await session.finished
                 finally:
                     self._cancel_renewal()
-                    self._cancel_learning()  # the learning below is the one it asked for
                     self._session = None
                 self.state = "renewing"
             else:
@@ -425,26 +413,9 @@ class IdleWatcher:
             self._building = None
         raise ProtocolError("the mailbox kept changing while the watcher listed it")
 
-    def _learn_soon(self) -> None:
-        """Leave IDLE to learn new UIDs once the listener is done (within LEARN_CAP); one round for all."""
-        if self._learning is not None:
-            return
-        cap = self._learning = self.clock.callLater(LEARN_CAP, self._learn_now)
-        self.listener.when_idle().addCallback(lambda _: self._learn_now() if self._learning is cap else None)
-
-    def _learn_now(self) -> None:
-        self._cancel_learning()
-        self._end_idle()
-
-    def _cancel_learning(self) -> None:
-        if self._learning is not None and self._learning.active():
-            self._learning.cancel()
-        self._learning = None
-
     def _end_idle(self) -> None:
-        """Send DONE; a renewal or a learning round still pending is moot and cancelled."""
+        """Send DONE; a renewal still pending is moot and cancelled."""
         self._cancel_renewal()
-        self._cancel_learning()
         if self._session is not None:
             self._session.done()
 
@@ -506,9 +477,8 @@ class IdleWatcher:
         if kind == "EXISTS" and response.number is not None:
             if self.map.exists(response.number):
                 self.listener.new_messages()
-                # Learn the new UIDs soon, so a later EXPUNGE can be named;
-                # not at once, while a worker fetches the message (see LEARN_CAP).
-                self._learn_soon()
+                # Learn the new UIDs now, so a later EXPUNGE can be named.
+                self._end_idle()
         elif kind == "EXPUNGE" and response.number is not None:
             self._expunge_epoch += 1
             uid = self.map.expunge(response.number)

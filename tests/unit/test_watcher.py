@@ -32,7 +32,6 @@ class Events:
 
     def __init__(self) -> None:
         self.log: list[tuple[Any, ...]] = []
-        self.busy: defer.Deferred[None] | None = None
 
     def watching(self) -> None:
         self.log.append(("watching",))
@@ -51,12 +50,6 @@ class Events:
 
     def disconnected(self, reason: str) -> None:
         self.log.append(("disconnected", reason))
-
-    def when_idle(self) -> defer.Deferred[None]:
-        """Idle unless a test holds it busy (``busy``), as a worker's fetch does."""
-        if self.busy is None:
-            return defer.succeed(None)
-        return self.busy
 
 
 class Server:
@@ -224,39 +217,6 @@ def test_renewal_is_cancelled_when_idle_ends_early() -> None:
     assert server.sent() == [], "the old renewal did not fire"
     server.clock.advance(RENEW / 2)
     assert server.sent() == [b"DONE"]
-
-
-def test_new_uids_are_learned_once_the_fetch_is_done_not_while_it_runs() -> None:
-    """Issue 15: the EXISTS starts a worker's fetch; the watcher's DONE, FETCH
-    (UID) and IDLE wait until the listener is idle, so the server and the
-    reactor serve the fetch alone; LEARN_CAP bounds the wait."""
-    from mirrord.watcher import LEARN_CAP
-
-    server = Server()
-    watcher, _ = server.start(uids=[1, 2, 3])
-    tag = idle_tag(server)
-    server.events.busy = defer.Deferred()
-    server.say(b"+ idling", b"* 4 EXISTS")
-    assert server.events.log[-1] == ("new",)
-    assert server.sent() == [], "no DONE while the fetch runs"
-    server.say(b"* 5 EXISTS")  # one learning round covers both
-    server.events.busy.callback(None)
-    assert server.sent() == [b"DONE"]
-    server.say(tag + b" OK")
-    learn = server.sent()
-    assert learn[0].endswith(b"FETCH 4:* (UID FLAGS)")
-    server.say(b"* 4 FETCH (UID 7 FLAGS ())", b"* 5 FETCH (UID 8 FLAGS ())", server.tag(learn[0]) + b" OK")
-    tag = idle_tag(server)
-    assert watcher.map.uids() == [1, 2, 3, 7, 8]
-    # A listener that stays busy holds the learning back LEARN_CAP at most.
-    server.events.busy = defer.Deferred()
-    server.say(b"+ idling", b"* 6 EXISTS")
-    server.clock.advance(LEARN_CAP - 0.01)
-    assert server.sent() == []
-    server.clock.advance(0.01)
-    assert server.sent() == [b"DONE"]
-    server.events.busy.callback(None)  # late: nothing more
-    assert server.sent() == []
 
 
 def test_done_without_tagged_ok_drops_the_connection() -> None:
