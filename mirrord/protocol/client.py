@@ -1253,6 +1253,17 @@ class MirrordIMAP4Client(IMAP4Client):
                 failure.append(e)
                 return _Discard()
 
+        def passed_over(uid: int, body: Any) -> bool | None:
+            """claim's answer for a body not to be delivered; None: deliver it."""
+            if not wanted(uid):
+                return False
+            delivered.add(uid)
+            if failure:
+                if not isinstance(body, bytes):
+                    body.abort()
+                return True
+            return None
+
         def claim(response: Untagged) -> bool:
             if response.kind != "FETCH":
                 return False
@@ -1262,13 +1273,9 @@ class MirrordIMAP4Client(IMAP4Client):
                 # already, the body streamed to a sink (the usual message).
                 body = response.data[0][7]
                 uid = fast.uid
-                if not wanted(uid):
-                    return False
-                delivered.add(uid)
-                if failure:
-                    if not isinstance(body, bytes):
-                        body.abort()
-                    return True
+                answer = passed_over(uid, body)
+                if answer is not None:
+                    return answer
                 if isinstance(body, _GuardedSink):
                     if body.failed:
                         return True
@@ -1286,13 +1293,9 @@ class MirrordIMAP4Client(IMAP4Client):
             if body is None or "UID" not in items:
                 return False
             uid = as_int(items["UID"], "UID")
-            if not wanted(uid):
-                return False
-            delivered.add(uid)
-            if failure:
-                if not isinstance(body, bytes):
-                    body.abort()
-                return True
+            answer = passed_over(uid, body)
+            if answer is not None:
+                return answer
             if isinstance(body, bytes):
                 # Sent as a quoted string, not a literal (some servers do so
                 # for an empty message): still the message, so write it out

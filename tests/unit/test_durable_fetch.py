@@ -252,21 +252,26 @@ def test_failure_of_one_group_discards_the_rest_of_the_command(sync: MailboxSync
     assert sync.maildir.scan() == {} and tmp_files(sync) == []
 
 
-def test_a_message_that_cannot_be_made_durable_costs_only_itself(
-    sync: MailboxSync, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A full disk fails some files of a group, not the group: the others are kept, so a
-    first sync on a nearly full disk makes progress instead of starting over each time."""
+def _disk_full_at_fsync(nth: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ``nth`` fsync of the store fails as on a full disk; the others are real."""
     calls: list[int] = []
     real_fsync = maildir_mod.os.fsync
 
     def fsync(fd: int) -> None:
         calls.append(fd)
-        if len(calls) == 4:  # the fourth message's file
+        if len(calls) == nth:
             raise OSError(errno.ENOSPC, "No space left on device")
         real_fsync(fd)
 
     monkeypatch.setattr(maildir_mod.os, "fsync", fsync)
+
+
+def test_a_message_that_cannot_be_made_durable_costs_only_itself(
+    sync: MailboxSync, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk fails some files of a group, not the group: the others are kept, so a
+    first sync on a nearly full disk makes progress instead of starting over each time."""
+    _disk_full_at_fsync(4, monkeypatch)  # the fourth message's file
     recorded: set[int] = set()
     d = defer.Deferred.fromCoroutine(
         sync._receive(fake_fetch(sync, 6), MailboxResult("acct", "INBOX"), flush_every=6, recorded=recorded)
@@ -344,16 +349,7 @@ def test_new_mail_that_cannot_be_made_durable_costs_only_itself(
     others of its group are in place and recorded."""
     from twisted.internet import task
 
-    calls: list[int] = []
-    real_fsync = maildir_mod.os.fsync
-
-    def fsync(fd: int) -> None:
-        calls.append(fd)
-        if len(calls) == 2:  # the second message's file
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_fsync(fd)
-
-    monkeypatch.setattr(maildir_mod.os, "fsync", fsync)
+    _disk_full_at_fsync(2, monkeypatch)  # the second message's file
     recorded: set[int] = set()
     d = defer.Deferred.fromCoroutine(
         sync._receive(fake_fetch(sync, 3), MailboxResult("acct", "INBOX"), flush_every=1,

@@ -113,8 +113,8 @@ def fetch_response(seq: int, uid: int, body: bytes, flags: bytes = b"\\Seen") ->
     )
 
 
-def test_fetch_literal_split_across_many_reads_streams_to_sink() -> None:
-    client, transport, _ = connected()
+def fetching(client: MirrordIMAP4Client, uids: list[int]) -> tuple[list[MemorySink], list[FetchedMessage], defer.Deferred[Any]]:
+    """A UID FETCH of ``uids``' bodies begun: the sinks it opens, the messages it delivers, its result."""
     sinks: list[MemorySink] = []
     messages: list[FetchedMessage] = []
 
@@ -122,7 +122,12 @@ def test_fetch_literal_split_across_many_reads_streams_to_sink() -> None:
         sinks.append(MemorySink())
         return sinks[-1]
 
-    d = run(client.uid_fetch_bodies([7, 8], open_sink, messages.append))
+    return sinks, messages, run(client.uid_fetch_bodies(uids, open_sink, messages.append))
+
+
+def test_fetch_literal_split_across_many_reads_streams_to_sink() -> None:
+    client, transport, _ = connected()
+    sinks, messages, d = fetching(client, [7, 8])
     assert sent(transport) == b"M1 UID FETCH 7:8 (UID FLAGS RFC822.SIZE BODY.PEEK[])\r\n"
     body7 = b"Subject: a\r\n\r\n" + b"x" * 100_000 + b"\r\n"
     body8 = b"Subject: b\r\n\r\n)\r\n* 9 EXISTS\r\nM1 OK fake\r\n"
@@ -615,14 +620,7 @@ def test_fetch_with_items_after_the_body_is_read_the_general_way() -> None:
     # after the body; items after it still count, and a second UID there
     # must still be seen (and refused: which of the two names the body?).
     client, transport, _ = connected()
-    sinks: list[MemorySink] = []
-    messages: list[FetchedMessage] = []
-
-    def open_sink() -> MemorySink:
-        sinks.append(MemorySink())
-        return sinks[-1]
-
-    d = run(client.uid_fetch_bodies([7, 8], open_sink, messages.append))
+    sinks, messages, d = fetching(client, [7, 8])
     sent(transport)
     client.dataReceived(b"* 1 FETCH (UID 7 FLAGS (\\Seen) RFC822.SIZE 3 BODY[] {3}\r\nabc MODSEQ (5))\r\n")
     assert [(m.uid, m.flags, m.size) for m in messages] == [(7, {"\\Seen"}, 3)]
