@@ -353,7 +353,8 @@ def run(config: Config, *, once: bool, allow_delete: frozenset[str] = frozenset(
         return run_once(config, allow_delete)
     from twisted.internet import defer, task
 
-    from mirrord.service import LockHeld, Service
+    from mirrord.locks import LockHeld
+    from mirrord.service import Service
 
     route_twisted_logs()
 

@@ -33,7 +33,7 @@ from twisted.internet import defer, task
 from mirrord.config import Account, Config, ConfigError, load_config
 from mirrord.daemon import AccountDaemon
 from mirrord.hooks import NewMailHook
-from mirrord.locks import AccountLock, LockHeld, lock_accounts  # noqa: F401 - where they were
+from mirrord.locks import AccountLock, lock_accounts
 from mirrord.sdnotify import Notifier, start_watchdog
 from mirrord.watcher import ClockJumpDetector
 from mirrord.status import STATE_DB_NAME, AccountStatus, ChangePublisher, DaemonStatus, MailboxStatus, StatusFile

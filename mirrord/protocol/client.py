@@ -1276,17 +1276,13 @@ class MirrordIMAP4Client(IMAP4Client):
                 answer = passed_over(uid, body)
                 if answer is not None:
                     return answer
-                if isinstance(body, _GuardedSink):
-                    if body.failed:
-                        return True
-                    body = body.sink
                 try:
                     flags = flag_sets[fast.flags]
                 except KeyError:
                     flags = flag_sets[fast.flags] = message_flags(
                         frozenset(fast.flags.decode("ascii", "replace").split())
                     )
-                deliver(FetchedMessage(uid=uid, flags=flags, size=fast.size, body=body))
+                deliver(uid, flags, fast.size, body)
                 return True
             items = fetch_items(response)
             body = items.get("BODY[]")
@@ -1307,20 +1303,21 @@ class MirrordIMAP4Client(IMAP4Client):
                     failure.append(e)
                     return True
                 body = sink
-            if isinstance(body, _GuardedSink):
-                if body.failed:
-                    return True
-                body = body.sink
             size = items.get("RFC822.SIZE")
-            deliver(FetchedMessage(
-                uid=uid,
-                flags=message_flags(as_flags(items.get("FLAGS", []))),
-                size=as_int(size, "RFC822.SIZE") if size is not None else None,
-                body=body,
-            ))
+            deliver(
+                uid,
+                message_flags(as_flags(items.get("FLAGS", []))),
+                as_int(size, "RFC822.SIZE") if size is not None else None,
+                body,
+            )
             return True
 
-        def deliver(message: FetchedMessage) -> None:
+        def deliver(uid: int, flags: Flags, size: int | None, body: Any) -> None:
+            if isinstance(body, _GuardedSink):
+                if body.failed:
+                    return  # its write error fails the command when it ends
+                body = body.sink
+            message = FetchedMessage(uid=uid, flags=flags, size=size, body=body)
             try:
                 on_message(message)
             except Exception as e:  # noqa: BLE001 - reported once the command ends

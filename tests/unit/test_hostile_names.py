@@ -209,7 +209,7 @@ def test_trash_left_open_by_an_older_version_is_made_private(tmp_path: Path, uma
 
 
 def test_account_lock_dir_and_missing_state_dir_are_private(tmp_path: Path, umask022: None) -> None:
-    from mirrord.service import AccountLock
+    from mirrord.locks import AccountLock
 
     state = tmp_path / "new" / "state"
     lock = AccountLock(state, "acct")
