@@ -15,22 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings as _hypothesis_settings
 
 from mirrord import testing
 from mirrord.testing import ImapAccount, PrivateDovecot
-
-
-def _under_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
+from tests._needs import missing, under_ci
 
 # Property tests explore new examples on every developer run (that is how they
 # find bugs), but CI replays a fixed set: a landing must not depend on the luck
 # of the draw. Anything a developer run finds becomes an explicit test.
-from hypothesis import settings as _hypothesis_settings  # noqa: E402
-
 _hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
-if _under_ci():
+if under_ci():
     _hypothesis_settings.load_profile("ci")
 
 
@@ -42,10 +37,7 @@ def _require_dovecot() -> None:
     """
     if PrivateDovecot.available():
         return
-    message = f"Dovecot is not installed ({testing.DOVECOT}); run `apt-get install dovecot-imapd`"
-    if _under_ci():
-        pytest.fail(f"{message}. CI is set, so this is an error, not a skip.", pytrace=False)
-    pytest.skip(message)
+    missing(f"Dovecot is not installed ({testing.DOVECOT}); run `apt-get install dovecot-imapd`")
 
 
 class _Roots:

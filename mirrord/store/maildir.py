@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import collections
 import errno
-import io
 import itertools
 import logging
 import os
-import re
 import shutil
 import socket
 import stat
@@ -36,6 +34,7 @@ from types import TracebackType
 from mirrord._dirs import make_private_dirs
 from mirrord.flags import Flags, flags_from_info, is_seen, maildir_info
 from mirrord.headers import message_id
+from mirrord.store.newlines import crlf_to_lf
 from mirrord.sync.names import NAME_MAX, flat_name, visible
 
 log = logging.getLogger("mirrord.store")
@@ -49,26 +48,6 @@ _SUBDIRS = ("cur", "new", "tmp")
 # them saves syscalls without holding much memory.
 _WRITE_BUFFER = 64 * 1024
 _IOV_MAX = 512
-_CRLF_SUB = re.compile(b"\r\n").sub
-_LF_ONLY = (None, "\n", "\r\n", ("\n", "\r\n"))
-"""What IncrementalNewlineDecoder.newlines may say when no line ended in a lone CR."""
-
-
-def _crlf_to_lf(data: bytes | memoryview) -> bytes:
-    """``data`` with every CRLF turned into LF (a lone CR or LF stays as it is).
-
-    Through Latin-1 and the io module's newline translation, a C loop that
-    does not stop at each line: a fifth of the CPU of a first sync went to
-    ``re.sub``'s search, which costs a call and a list entry per line
-    (this is 1.3x its speed, measured on mail with 64 KB and 256 KB pieces).
-    The decoder also turns a lone CR into LF, but says it saw one
-    (``newlines``): then the exact, slower substitution is used instead.
-    """
-    decoder = io.IncrementalNewlineDecoder(None, translate=True)
-    text = decoder.decode(str(data, "latin-1"), final=True)
-    if decoder.newlines in _LF_ONLY:
-        return text.encode("latin-1")
-    return _CRLF_SUB(b"\n", data)
 
 # Per-process part of unique names. A forked child that inherits the counter
 # still produces different names: its pid and random bits are read anew (_after_fork).
@@ -301,7 +280,7 @@ class TmpMessage:
             data = data[:-1]
         # Every piece handed on ends in a byte other than CR (the held one
         # starts the next piece), so no CRLF can straddle two pieces.
-        out = _crlf_to_lf(data)
+        out = crlf_to_lf(data)
         if not out:
             return
         if self._head is not None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from mirrord.testing import ImapAccount, make_message
+from tests._needs import missing
 from tests.integration._mirrord import DaemonProcess, mirrord, tmpfs, write_config
 
 
@@ -367,9 +368,7 @@ def _verify(units: list[Path], env: dict[str, str]) -> str:
 
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
-        if os.environ.get("CI"):
-            pytest.fail("systemd-analyze not found (apt-get install systemd); CI is set")
-        pytest.skip("systemd-analyze not found")
+        missing("systemd-analyze not found; run `apt-get install systemd`")
     result = subprocess.run([analyze, "--user", "--man=no", "verify", *map(str, units)], capture_output=True,
                             text=True, env=env, stdin=subprocess.DEVNULL, timeout=60)
     output = (result.stdout + result.stderr).strip()
@@ -460,9 +459,7 @@ def test_the_readme_install_section_works_line_by_line(imap_account: ImapAccount
     import shutil
 
     if shutil.which("pipx") is None:
-        if os.environ.get("CI"):
-            pytest.fail("pipx is not installed (apt-get install pipx); CI is set")
-        pytest.skip("pipx is not installed")
+        missing("pipx is not installed; run `apt-get install pipx`")
     home = tmp_path / "home"
     home.mkdir()
     env = _user_env(home)
