@@ -92,32 +92,17 @@ class Worker:
         self.selected = raw_name
         return self.status
 
-    async def ensure_selected(self, raw_name: bytes) -> MailboxStatus:
-        """Have ``raw_name`` selected with an up-to-date view of it.
-
-        A session sees mail that arrived since its last command only after a
-        command syncs its view, and Dovecot answers ``UID FETCH`` from the
-        old view (no error, just nothing) even when the FETCH is pipelined
-        behind a NOOP. So a selection that is re-used gets a NOOP first, one
-        round trip, cheaper than a new EXAMINE. Where a single command follows,
-        :meth:`examine_then` does both in one round trip.
-        """
-        if self.selected == raw_name and self.status is not None and self.client is not None:
-            if not self.client.connected_transport_lost:
-                await self.client.noop()
-                return self.status
-        return await self.examine(raw_name)
-
     async def examine_then(
         self, raw_name: bytes, then: Callable[[MirrordIMAP4Client], Awaitable[T]], **params: Any
     ) -> tuple[MailboxStatus, T]:
         """EXAMINE ``raw_name`` and run ``then``'s command pipelined behind it: one round trip.
 
-        This is how new mail is fetched the moment a watcher hears of it. A
-        NOOP (what :meth:`ensure_selected` sends) would cost a round trip of
-        its own: Dovecot runs a UID command pipelined behind a NOOP in
-        parallel with it, on the view from before the NOOP, and answers
-        without the new mail. A command after EXAMINE must run in the mailbox
+        This is how new mail is fetched the moment a watcher hears of it.
+        Re-using a selection would not save the round trip: a session sees
+        mail that arrived since its last command only after a command syncs
+        its view, Dovecot answers ``UID FETCH`` from the old view (no error,
+        just nothing), and it runs a UID command pipelined behind a NOOP in
+        parallel with the NOOP, on the view from before it. A command after EXAMINE must run in the mailbox
         EXAMINE opened, on every server (RFC 3501 5.5), and EXAMINE's view is
         fresh. ``then`` must send its one command as soon as it is called.
 
