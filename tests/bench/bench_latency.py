@@ -84,7 +84,7 @@ M F ... M F, K mirrord-only ones, half the messages each side, the floor's
 first and last phases half as long so that both sides' messages sit at the
 same mean time (a drift linear in time cancels). In a floor-only phase
 mirrord is stopped (SIGTERM) and the two-session floor client is connected;
-in a mirrord-only phase the floor client has logged out and ``mirrord run``
+in a mirrord-only phase the floor client has closed its sessions and ``mirrord run``
 is restarted, and each phase's first APPEND waits until mirrord has caught up
 with what the floor phase brought (first sync done and every server message
 on disk). (a) is then the floor client's own IDLE session, not a third one:
