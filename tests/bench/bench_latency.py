@@ -5,7 +5,7 @@ Usage (from the repository root, Dovecot installed as for the integration tests)
     python3 tests/bench/bench_latency.py [--scenario NAME ...] [--messages 200]
         [--gap-min 0.6] [--gap-max 1.2] [--load-rate 50] [--load-prefill 200]
         [--prefill-in cur|new] [--workers 4] [--mirrord-log plain|watcher|full]
-        [--per-message] [--keep]
+        [--phased K] [--per-message] [--keep]
 
 A quick run: ``--scenario prefill-200 --messages 20``. All four scenarios
 with ``--messages 30`` take about 5 minutes; with the default 200 about 25
@@ -72,6 +72,31 @@ body" (always printed) is the floor's own share, to set beside mirrord's.
 ``full`` keeps the whole
 ``-v`` trace (which slows mirrord by milliseconds per message under load).
 Both keep the logs; ``--per-message`` prints every message's times.
+
+``--phased K``: the sides take turns instead of timing every message
+together. By default (concurrent) the floor client's three sessions and
+mirrord's share Dovecot throughout; with 10,000 messages its maildir backend
+rescans the folder for every IDLE session on each change, and on 2 cores it
+serves the sessions in an order that stays fixed for a run, so "(c) - (b)"
+moved by +-10 ms between runs with nothing changed in mirrord. Phased, the
+measured messages go in floor-only and mirrord-only phases, alternating: F
+M F ... M F, K mirrord-only ones, half the messages each side, the floor's
+first and last phases half as long so that both sides' messages sit at the
+same mean time (a drift linear in time cancels). In a floor-only phase
+mirrord is stopped (SIGTERM) and the two-session floor client is connected;
+in a mirrord-only phase the floor client has closed its sessions and ``mirrord run``
+is restarted, and each phase's first APPEND waits until mirrord has caught up
+with what the floor phase brought (first sync done and every server message
+on disk). (a) is then the floor client's own IDLE session, not a third one:
+each side faces Dovecot alone with one IDLE session and its fetching one(s)
+(mirrord's ``--workers``). The floor's code is the same in both modes. What
+differs in the figures: (a)/(b) and (c) time different messages, so they are
+unpaired distributions compared only by their percentiles ("(c) - (b)" is
+already that in both modes); the per-message rows need both sides on one
+message and are not printed; ``--mirrord-log watcher`` adds "mirrord's
+watcher: OK -> EXISTS", to set beside (a), and "watcher EXISTS -> file", to
+set beside "floor's IDLE EXISTS -> body". The Maildir is checked
+byte-identical after a last run of mirrord (the last phase is the floor's).
 Linux only; nothing beyond mirrord's test dependencies.
 """
 
@@ -227,10 +252,11 @@ class Collector(threading.Thread):
 
     One thread for both, blocked in select() most of the time, so that a
     timestamp is taken as soon as the kernel has something, with no other
-    Python thread of ours competing for the interpreter.
+    Python thread of ours competing for the interpreter. ``floor`` None
+    (``--phased``' mirrord phases): inotify alone.
     """
 
-    def __init__(self, inotify: Inotify, floor: RawImap) -> None:
+    def __init__(self, inotify: Inotify, floor: RawImap | None) -> None:
         super().__init__(name="collector", daemon=True)
         self.inotify = inotify
         self.floor = floor
@@ -245,14 +271,16 @@ class Collector(threading.Thread):
     def run(self) -> None:
         sel = selectors.DefaultSelector()
         sel.register(self.inotify.fd, selectors.EVENT_READ, "inotify")
-        self.floor.sock.setblocking(False)
-        sel.register(self.floor.sock, selectors.EVENT_READ, "floor")
         sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-        pending, self.floor.buf = self.floor.buf, b""
-        cut = pending.rfind(b"\r\n")
-        if cut >= 0:  # read along with the "+ idling" line
-            self._floor_lines(pending[: cut + 2], time.monotonic())
-            pending = pending[cut + 2 :]
+        pending = b""
+        if self.floor is not None:
+            self.floor.sock.setblocking(False)
+            sel.register(self.floor.sock, selectors.EVENT_READ, "floor")
+            pending, self.floor.buf = self.floor.buf, b""
+            cut = pending.rfind(b"\r\n")
+            if cut >= 0:  # read along with the "+ idling" line
+                self._floor_lines(pending[: cut + 2], time.monotonic())
+                pending = pending[cut + 2 :]
         while not self._stopping:
             for key, _ in sel.select():
                 now = time.monotonic()
@@ -260,7 +288,7 @@ class Collector(threading.Thread):
                     for _, _, name in self.inotify.read():
                         if name:
                             self.arrivals.setdefault(name.split(":", 1)[0], now)
-                elif key.data == "floor":
+                elif key.data == "floor" and self.floor is not None:
                     try:
                         data = self.floor.sock.recv(1 << 16)
                     except BlockingIOError:
@@ -314,6 +342,23 @@ def _load_main(host: str, port: int, user: str, password: str, rate: float,
         k += 1
         count.value = k
     client.close()
+
+
+def _start_load(ctx: Any, account: ImapAccount,
+                scenario: Scenario) -> tuple[multiprocessing.process.BaseProcess, EventType, Any]:
+    """Fork the background load client (no thread of ours may run); (process, stop event, count sent)."""
+    stop_load, started = ctx.Event(), ctx.Event()
+    load_count = ctx.Value("l", 0)
+    load_proc = ctx.Process(
+        target=_load_main,
+        args=(account.host, account.port, account.user, account.password,
+              scenario.load_rate, stop_load, started, load_count),
+        daemon=True,
+    )
+    load_proc.start()
+    if not started.wait(30):
+        raise RuntimeError("the background load client did not log in")
+    return load_proc, stop_load, load_count
 
 
 # --------------------------------------------------------------------------
@@ -400,6 +445,32 @@ def _two_session_loop(watch: RawImap, fetcher: RawImap, sel: selectors.BaseSelec
                 next_uid = got + 1
             if not any(_EXISTS.match(line) for line in untagged):
                 break  # the view did not grow during the command: nothing more to see
+
+
+def _start_two_session(ctx: Any, account: ImapAccount) -> tuple[multiprocessing.process.BaseProcess, EventType, Any]:
+    """Fork the two-session floor client (no thread of ours may run); (process, stop event, results pipe)
+    once its IDLE session is idling."""
+    stop_two, two_started = ctx.Event(), ctx.Event()
+    two_results, two_send = ctx.Pipe(duplex=False)
+    two_proc = ctx.Process(
+        target=_two_session_main,
+        args=(account.host, account.port, account.user, account.password, stop_two, two_started, two_send),
+        daemon=True,
+    )
+    two_proc.start()
+    two_send.close()
+    if not two_started.wait(60):
+        raise RuntimeError("the two-session floor client did not start")
+    return two_proc, stop_two, two_results
+
+
+def _stop_two_session(two_proc: multiprocessing.process.BaseProcess, stop_two: EventType,
+                      two_results: Any) -> tuple[dict[int, float], list[tuple[float, int]]]:
+    """Stop the two-session floor client (its sessions close); (uid -> body time, its IDLE session's EXISTS)."""
+    stop_two.set()
+    two_got = two_results.recv() if two_results.poll(30) else ([], [])
+    two_proc.join(10)
+    return dict(two_got[0]), list(two_got[1])
 
 
 # --------------------------------------------------------------------------
@@ -509,6 +580,10 @@ class Outcome:
     """The two-session floor's own share: its IDLE session reading the EXISTS -> body."""
     watcher_late_ms: list[float] = field(default_factory=list)
     """--mirrord-log watcher/full only: mirrord's watcher EXISTS - the floor's IDLE session's EXISTS."""
+    watcher_ms: list[float] = field(default_factory=list)
+    """--mirrord-log watcher/full only: APPEND OK -> mirrord's watcher reading the EXISTS."""
+    phases: str = ""
+    """--phased only: the phases run, e.g. "F5 M10 F10 M10 F5" (F floor-only, M mirrord-only; messages)."""
     trace: list[tuple[int, int, float, float | None, float | None, float | None]] = field(default_factory=list)
 
     def over_two(self, p: float) -> float:
@@ -534,31 +609,37 @@ def _write_config(directory: Path, account: ImapAccount, workers: int) -> Path:
 
 
 
+def _prefill(account: ImapAccount, scenario: Scenario, args: argparse.Namespace) -> None:
+    """The messages already in INBOX before mirrord starts (see the module docstring)."""
+    if not scenario.prefill:
+        return
+    filling = time.monotonic()
+    if scenario.prefill >= TINY_FROM:
+        messages = (b"X-Mirrord-Test-Index: %d\r\nSubject: prefill %d\r\n\r\nx\r\n" % (i, i)
+                    for i in range(1, scenario.prefill + 1))
+    else:
+        messages = (make_message(i, size=MESSAGE_SIZE) for i in range(1, scenario.prefill + 1))
+    if args.prefill_in == "cur" and scenario.prefill >= TINY_FROM:
+        # Straight into cur/ (as \Seen): no SELECT has to move them there.
+        account.fill("INBOX", messages, flags=("\\Seen",))
+    else:
+        account.fill("INBOX", messages)
+    print(f"  {scenario.name}: filled {scenario.prefill} messages in {time.monotonic() - filling:.1f} s", flush=True)
+    if args.prefill_in == "cur" and scenario.prefill < TINY_FROM:
+        # One read-write SELECT: Dovecot moves the files from new/ to cur/
+        # (flags unchanged), as happens once any mail client opens the mailbox.
+        opener = RawImap(account.host, account.port)
+        opener.login(account.user, account.password)
+        opener.command(b'SELECT "INBOX"')
+        opener.close()
+
+
 def run_scenario(server: PrivateDovecot, scenario: Scenario, args: argparse.Namespace, root: Path) -> Outcome:
     out = Outcome(scenario)
     work = root / scenario.name
     work.mkdir()
     account = server.new_account(f"latency-{scenario.name}")
-    if scenario.prefill:
-        filling = time.monotonic()
-        if scenario.prefill >= TINY_FROM:
-            messages = (b"X-Mirrord-Test-Index: %d\r\nSubject: prefill %d\r\n\r\nx\r\n" % (i, i)
-                        for i in range(1, scenario.prefill + 1))
-        else:
-            messages = (make_message(i, size=MESSAGE_SIZE) for i in range(1, scenario.prefill + 1))
-        if args.prefill_in == "cur" and scenario.prefill >= TINY_FROM:
-            # Straight into cur/ (as \Seen): no SELECT has to move them there.
-            account.fill("INBOX", messages, flags=("\\Seen",))
-        else:
-            account.fill("INBOX", messages)
-        print(f"  {scenario.name}: filled {scenario.prefill} messages in {time.monotonic() - filling:.1f} s", flush=True)
-        if args.prefill_in == "cur" and scenario.prefill < TINY_FROM:
-            # One read-write SELECT: Dovecot moves the files from new/ to cur/
-            # (flags unchanged), as happens once any mail client opens the mailbox.
-            opener = RawImap(account.host, account.port)
-            opener.login(account.user, account.password)
-            opener.command(b'SELECT "INBOX"')
-            opener.close()
+    _prefill(account, scenario, args)
     config = _write_config(work, account, args.workers)
     daemon = Mirrord(config, work / "mirrord.log", log_mode=args.mirrord_log)
     inbox = work / "Mail" / "INBOX"
@@ -591,30 +672,10 @@ def run_scenario(server: PrivateDovecot, scenario: Scenario, args: argparse.Name
 
         # Forked before any thread of ours exists.
         ctx = multiprocessing.get_context("fork")
-        stop_two, two_started = ctx.Event(), ctx.Event()
-        two_results, two_send = ctx.Pipe(duplex=False)
-        two_proc = ctx.Process(
-            target=_two_session_main,
-            args=(account.host, account.port, account.user, account.password, stop_two, two_started, two_send),
-            daemon=True,
-        )
-        two_proc.start()
-        two_send.close()
-        if not two_started.wait(60):
-            raise RuntimeError("the two-session floor client did not start")
+        two_proc, stop_two, two_results = _start_two_session(ctx, account)
 
         if scenario.load_rate > 0:
-            stop_load, started = ctx.Event(), ctx.Event()
-            load_count = ctx.Value("l", 0)
-            load_proc = ctx.Process(
-                target=_load_main,
-                args=(account.host, account.port, account.user, account.password,
-                      scenario.load_rate, stop_load, started, load_count),
-                daemon=True,
-            )
-            load_proc.start()
-            if not started.wait(30):
-                raise RuntimeError("the background load client did not log in")
+            load_proc, stop_load, load_count = _start_load(ctx, account, scenario)
             load_began = time.monotonic()
             time.sleep(2.0)  # let mirrord settle into the load before measuring
 
@@ -645,11 +706,7 @@ def run_scenario(server: PrivateDovecot, scenario: Scenario, args: argparse.Name
             out.notes.append("mirrord did not catch up within 120 s of the last APPEND")
         time.sleep(0.5)
         collector.stop()
-        stop_two.set()
-        two_got = two_results.recv() if two_results.poll(30) else ([], [])
-        two_bodies = dict(two_got[0])
-        two_heard = list(two_got[1])
-        two_proc.join(10)
+        two_bodies, two_heard = _stop_two_session(two_proc, stop_two, two_results)
         if not two_bodies:
             out.notes.append("the two-session floor client reported nothing")
         out.peak_rss_mb = daemon.peak_rss_mb()
@@ -693,6 +750,194 @@ def run_scenario(server: PrivateDovecot, scenario: Scenario, args: argparse.Name
 
 
 
+# --------------------------------------------------------------------------
+# --phased: each side alone with Dovecot, in alternating phases
+
+PHASE_SETTLE = 1.0
+"""Seconds between a phase's sessions being up (mirrord idling and caught up, or the floor
+client idling) and its first APPEND, and after its last APPEND's gap before they go."""
+
+
+def _phase_plan(messages: int, per_side: int) -> list[tuple[str, int]]:
+    """F M F ... M F: ``per_side`` mirrord-only phases between ``per_side + 1`` floor-only ones.
+
+    The floor's first and last phases are half as long as the others, so each
+    side gets half the messages and both sides' messages sit at the same mean
+    time: a drift linear in time (the machine's other load, Dovecot's caches)
+    cancels between them. Returns (side, number of messages) per phase.
+    """
+    def split(total: int, parts: int) -> list[int]:
+        return [total * (i + 1) // parts - total * i // parts for i in range(parts)]
+
+    ours = split(messages // 2, per_side)
+    halves = split(messages - messages // 2, 2 * per_side)  # the floor's, in half-phases
+    floors = [halves[0]] + [halves[2 * i - 1] + halves[2 * i] for i in range(1, per_side)] + [halves[-1]]
+    plan = [("floor", floors[0])]
+    for i in range(per_side):
+        plan += [("mirrord", ours[i]), ("floor", floors[i + 1])]
+    return plan
+
+
+def _caught_up(appender: RawImap, inbox: Path, timeout: float) -> bool:
+    """Whether every message the server has now is in the Maildir within ``timeout`` s."""
+    status = appender.command(b'STATUS "INBOX" (MESSAGES)')[0]
+    count = int(re.search(rb"MESSAGES (\d+)", b" ".join(status)).group(1))  # type: ignore[union-attr]
+    return _wait(lambda: len(_local_files(inbox)) >= count, timeout, 0.1)
+
+
+def _stop_mirrord(daemon: Mirrord, out: Outcome, what: str) -> None:
+    """Stop ``mirrord run`` (SIGTERM: it logs out); its peak RSS and any failure go to ``out``."""
+    rss = daemon.peak_rss_mb()
+    if rss is not None:
+        out.peak_rss_mb = max(out.peak_rss_mb or 0.0, rss)
+    if not daemon.alive():
+        out.notes.append(f"mirrord exited early ({what}):\n{daemon.log_tail()}")
+    status_code = daemon.stop()
+    if status_code not in (0, None):
+        out.notes.append(f"mirrord exited with status {status_code} ({what})")
+
+
+def run_phased(server: PrivateDovecot, scenario: Scenario, args: argparse.Namespace, root: Path) -> Outcome:
+    """One scenario in ``--phased`` mode: floor-only and mirrord-only phases, alternating.
+
+    In a floor-only phase mirrord does not run and the two-session floor
+    client is connected; in a mirrord-only phase the floor client has no
+    session and ``mirrord run``, restarted, has caught up with what the floor
+    phase brought before the phase's first APPEND. Each side thus faces
+    Dovecot alone with one IDLE session; (a) is the floor client's own IDLE
+    session (a third session would cost Dovecot a rescan per change that
+    mirrord's phases do not pay).
+    """
+    out = Outcome(scenario)
+    work = root / scenario.name
+    work.mkdir()
+    account = server.new_account(f"latency-{scenario.name}")
+    _prefill(account, scenario, args)
+    config = _write_config(work, account, args.workers)
+    inbox = work / "Mail" / "INBOX"
+    rng = random.Random(args.seed)
+    gaps = scenario.gaps(args)
+    plan = _phase_plan(args.messages, args.phased)
+    out.phases = " ".join(f"{side[0].upper()}{n}" for side, n in plan)
+    ctx = multiprocessing.get_context("fork")
+    daemon = Mirrord(config, work / "mirrord.log", log_mode=args.mirrord_log)
+    inotify: Inotify | None = None
+    appender: RawImap | None = None
+    collector: Collector | None = None
+    load_proc: multiprocessing.process.BaseProcess | None = None
+    stop_load: EventType | None = None
+    two_proc: multiprocessing.process.BaseProcess | None = None
+    stop_two: EventType | None = None
+    sent: list[tuple[int, int, float]] = []  # (k, uid, t_ok)
+    sides: dict[int, str] = {}
+    seen = Sightings()
+    two_bodies: dict[int, float] = {}
+    two_heard: list[tuple[float, int]] = []
+    watcher_events: list[tuple[float, int]] = []
+    load_count: Any = None
+    load_began = 0.0
+    try:
+        out.first_sync_s = daemon.start(timeout=args.first_sync_timeout)
+        if not _wait(lambda: len(_local_files(inbox)) >= scenario.prefill, 60):
+            out.notes.append(f"after the first sync only {len(_local_files(inbox))} of {scenario.prefill} files")
+        _stop_mirrord(daemon, out, "first sync")
+
+        inotify = Inotify()
+        for sub in ("new", "cur"):
+            inotify.watch(inbox / sub)
+        appender = RawImap(account.host, account.port)
+        appender.login(account.user, account.password)
+        if scenario.load_rate > 0:
+            load_proc, stop_load, load_count = _start_load(ctx, account, scenario)
+            load_began = time.monotonic()
+
+        print(f"  {scenario.name}: measuring {args.messages} messages in phases {out.phases} ...", flush=True)
+        k = 0
+        for number, (side, count) in enumerate(plan, 1):
+            if side == "mirrord":
+                daemon = Mirrord(config, work / f"mirrord-phase{number}.log", log_mode=args.mirrord_log)
+                daemon.start(timeout=args.first_sync_timeout)
+                if not _caught_up(appender, inbox, 120):
+                    out.notes.append(f"phase {number}: mirrord had not caught up within 120 s of its start")
+                collector = Collector(inotify, None)
+                collector.start()
+            else:
+                # Forked with no thread of ours running: the collector is stopped between phases.
+                two_proc, stop_two, two_results = _start_two_session(ctx, account)
+            time.sleep(PHASE_SETTLE)
+            for _ in range(count):
+                if side == "mirrord" and not daemon.alive():
+                    raise RuntimeError(f"mirrord died:\n{daemon.log_tail()}")
+                uid, t_ok = appender.append("INBOX", make_message(MEASURED_BASE + k, size=MESSAGE_SIZE))
+                sent.append((k, uid, t_ok))
+                sides[k] = side
+                k += 1
+                if args.progress and k % args.progress == 0:
+                    print(f"    {k}/{args.messages}", flush=True)
+                time.sleep(rng.uniform(*gaps))
+            time.sleep(PHASE_SETTLE)
+            if side == "mirrord" and collector is not None:
+                if not _caught_up(appender, inbox, 120):
+                    out.notes.append(f"phase {number}: mirrord did not catch up within 120 s of its last APPEND")
+                collector.stop()
+                for name, t in collector.arrivals.items():
+                    seen.arrivals.setdefault(name, t)
+                collector = None
+                if args.mirrord_log != "plain":
+                    watcher_events += _watcher_exists(daemon.log())
+                _stop_mirrord(daemon, out, f"phase {number}")
+            elif two_proc is not None and stop_two is not None:
+                bodies, heard = _stop_two_session(two_proc, stop_two, two_results)
+                two_proc = stop_two = None
+                if not bodies:
+                    out.notes.append(f"phase {number}: the two-session floor client reported nothing")
+                two_bodies.update(bodies)
+                two_heard += heard
+
+        if load_proc is not None and stop_load is not None:
+            stop_load.set()
+            load_proc.join(30)
+            out.load_sent = int(load_count.value)
+            out.load_seconds = time.monotonic() - load_began
+
+        # The last phase was the floor's: one more run of mirrord brings the Maildir up to the server.
+        daemon = Mirrord(config, work / "mirrord-final.log", log_mode=args.mirrord_log)
+        daemon.start(timeout=args.first_sync_timeout)
+        if not _caught_up(appender, inbox, 120):
+            out.notes.append("mirrord's final run did not catch up within 120 s")
+        _stop_mirrord(daemon, out, "final catch-up")
+        if inotify.overflowed:
+            out.notes.append("inotify queue overflowed: some arrival times are missing")
+
+        # (a) is the floor client's own IDLE session: the first EXISTS it read covering each message.
+        seen.exists = two_heard
+        _evaluate(out, account, seen, sent, inbox, None, two_bodies, two_heard, sides=sides,
+                  watcher_events=watcher_events if args.mirrord_log != "plain" else None)
+    finally:
+        # Each step on its own: one failing must not leave mirrord, the floor client or the load running.
+        if stop_load is not None:
+            stop_load.set()
+        if stop_two is not None:
+            stop_two.set()
+        if two_proc is not None:
+            two_proc.join(10)
+            if two_proc.is_alive():
+                two_proc.kill()
+        _quietly(daemon.stop)
+        if load_proc is not None:
+            load_proc.join(10)
+            if load_proc.is_alive():
+                load_proc.kill()
+        if collector is not None and collector.is_alive():
+            _quietly(collector.stop)
+        if appender is not None:
+            appender.close()
+        if inotify is not None:
+            _quietly(inotify.close)
+        _quietly(account.close)
+    return out
+
+
 def _watcher_exists(log: str) -> list[tuple[float, int]]:
     """(CLOCK_MONOTONIC, N) of every ``* N EXISTS`` mirrord's INBOX watcher read (--mirrord-log watcher/full)."""
     found = []
@@ -711,12 +956,25 @@ def _first_covering(events: list[tuple[float, int]], seq: int) -> float | None:
     return None
 
 
-def _evaluate(out: Outcome, account: ImapAccount, collector: Collector,
+@dataclass
+class Sightings:
+    """What the collector(s) saw, gathered over ``--phased``' phases: file arrivals and the floor's EXISTS."""
+
+    arrivals: dict[str, float] = field(default_factory=dict)
+    exists: list[tuple[float, int]] = field(default_factory=list)
+
+
+def _evaluate(out: Outcome, account: ImapAccount, collector: Collector | Sightings,
               sent: list[tuple[int, int, float]], inbox: Path, traced: Mirrord | None,
               two_bodies: dict[int, float] | None = None,
-              two_heard: list[tuple[float, int]] | None = None) -> None:
+              two_heard: list[tuple[float, int]] | None = None,
+              sides: dict[int, str] | None = None,
+              watcher_events: list[tuple[float, int]] | None = None) -> None:
+    """Fill ``out`` from what was seen. ``sides`` (``--phased``): message k -> "floor" or "mirrord",
+    the only side timed for it; ``watcher_events`` then replaces ``traced``'s log (one log per phase)."""
     out.measured = len(sent)
-    watcher_events = _watcher_exists(traced.log()) if traced is not None else []
+    if watcher_events is None:
+        watcher_events = _watcher_exists(traced.log()) if traced is not None else []
 
     # The floor: the first EXISTS whose count covers the measured UID's sequence number.
     reader = RawImap(account.host, account.port)
@@ -742,20 +1000,25 @@ def _evaluate(out: Outcome, account: ImapAccount, collector: Collector,
                 file_time[index - MEASURED_BASE] = arrived
 
     for k, uid, t_ok in sent:
+        side = sides.get(k) if sides is not None else None
+        timed_floor, timed_mirrord = side != "mirrord", side != "floor"
         seq = seq_of.get(uid)
         floor_t: float | None = None
-        if seq is not None:
+        if seq is not None and timed_floor:
             i = bisect.bisect_left(running_max, seq)
             if i < len(running_max):
                 floor_t = exists_times[i]
-        file_t = file_time.get(k)
-        watcher_t = _first_covering(watcher_events, seq) if watcher_events and seq is not None else None
+        file_t = file_time.get(k) if timed_mirrord else None
+        watcher_t = (_first_covering(watcher_events, seq)
+                     if watcher_events and seq is not None and timed_mirrord else None)
         out.trace.append((k, uid, t_ok, floor_t, watcher_t, file_t))
+        if watcher_t is not None:
+            out.watcher_ms.append((watcher_t - t_ok) * 1000)
         if watcher_t is not None and file_t is not None:
             out.internal_ms.append((file_t - watcher_t) * 1000)
-        if file_t is None:
+        if file_t is None and timed_mirrord:
             out.missing += 1
-        if floor_t is None:
+        if floor_t is None and timed_floor:
             out.no_floor += 1
         if file_t is not None:
             out.mirrord_ms.append((file_t - t_ok) * 1000)
@@ -763,8 +1026,8 @@ def _evaluate(out: Outcome, account: ImapAccount, collector: Collector,
             out.floor_ms.append((floor_t - t_ok) * 1000)
         if file_t is not None and floor_t is not None:
             out.overhead_ms.append((file_t - floor_t) * 1000)
-        two_t = two_bodies.get(uid) if two_bodies else None
-        two_heard_t = _first_covering(two_heard, seq) if two_heard and seq is not None else None
+        two_t = two_bodies.get(uid) if two_bodies and timed_floor else None
+        two_heard_t = _first_covering(two_heard, seq) if two_heard and seq is not None and timed_floor else None
         if two_t is not None and two_heard_t is not None:
             out.two_internal_ms.append((two_t - two_heard_t) * 1000)
         if watcher_t is not None and two_heard_t is not None:
@@ -807,6 +1070,11 @@ def report(out: Outcome, args: argparse.Namespace) -> None:
     gap_min, gap_max = s.gaps(args)
     print(f"   measured APPENDs: {out.measured}, gaps uniform {gap_min:g}-{gap_max:g} s, "
           f"{MESSAGE_SIZE}-byte messages; mirrord workers {args.workers}; first sync {out.first_sync_s:.1f} s")
+    if out.phases:
+        print(f"   PHASED: {out.phases} (F: floor client alone, M: mirrord alone; messages per phase). (a)/(b) and")
+        print("   (c) time different messages: unpaired distributions, compared by their percentiles only; the")
+        print("   alternation (floor's first and last phases half as long) cancels a linear drift between them.")
+        print("   (a) is the floor client's own IDLE session (each side: 1 IDLE session + its fetching ones).")
     print(f"  {'latency (ms)':<44}{'median':>10}{'p90':>10}{'p99':>10}{'max':>10}")
     print(_row(f"(a) bare IDLE floor: OK -> EXISTS (n={len(out.floor_ms)})", out.floor_ms))
     print(_row(f"(b) two-session floor: OK -> body (n={len(out.two_ms)})", out.two_ms))
@@ -815,8 +1083,11 @@ def report(out: Outcome, args: argparse.Namespace) -> None:
         diff = [out.over_two(p) for p in (50, 90, 99)]
         diff.append(max(out.mirrord_ms) - max(out.two_ms))
         print(f"  {'(c) - (b): mirrord pXX - two-session pXX':<44}" + "".join(f"{c:>10.1f}" for c in diff))
-    print(_row(f"per message: file - two-session body (n={len(out.over_two_ms)})", out.over_two_ms))
-    print(_row(f"per message: file - bare EXISTS (n={len(out.overhead_ms)})", out.overhead_ms))
+    if not out.phases:  # phased: no message is timed by both sides
+        print(_row(f"per message: file - two-session body (n={len(out.over_two_ms)})", out.over_two_ms))
+        print(_row(f"per message: file - bare EXISTS (n={len(out.overhead_ms)})", out.overhead_ms))
+    if out.watcher_ms:
+        print(_row(f"mirrord's watcher: OK -> EXISTS (n={len(out.watcher_ms)})", out.watcher_ms))
     if out.internal_ms:
         print(_row(f"watcher EXISTS -> file (n={len(out.internal_ms)})", out.internal_ms))
     if out.two_internal_ms:
@@ -881,6 +1152,10 @@ def main() -> int:
                         help="plain: mirrord's normal log; watcher: also log (monotonic clock) when its INBOX "
                              "watcher reads each EXISTS, and report watcher EXISTS -> file; full: the whole "
                              "-v protocol trace on the monotonic clock (slows mirrord under load)")
+    parser.add_argument("--phased", type=int, default=0, metavar="K",
+                        help="instead of timing both sides on every message, alternate floor-only and "
+                             "mirrord-only phases, K of mirrord's (K >= 2; needs --messages >= 4K): each side "
+                             "alone with Dovecot; unpaired distributions (see the module docstring)")
     parser.add_argument("--per-message", action="store_true", help="print every measured message's times")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, Maildirs)")
     args = parser.parse_args()
@@ -888,6 +1163,8 @@ def main() -> int:
         parser.error("need --messages >= 1 and 0 <= --gap-min <= --gap-max")
     if not sys.platform.startswith("linux"):
         parser.error("inotify is Linux only")
+    if args.phased and (args.phased < 2 or args.messages < 4 * args.phased):
+        parser.error("--phased K needs K >= 2 and --messages >= 4K")
 
     print("command: " + shlex.join([sys.executable, *sys.argv]), flush=True)
     scenarios = [SCENARIOS[name](args) for name in (args.scenario or ["prefill-200", "prefill-10000", "prefill-100000", "load"])]
@@ -900,18 +1177,19 @@ def main() -> int:
     try:
         server.start()
         for scenario in scenarios:
-            outcome = run_scenario(server, scenario, args, root)
+            outcome = (run_phased if args.phased else run_scenario)(server, scenario, args, root)
             outcomes.append(outcome)
             report(outcome, args)
     finally:
         server.stop()
         if args.keep or args.mirrord_log != "plain":
-            print(f"\nkept {root} (mirrord logs: {root}/<scenario>/mirrord.log)")
+            print(f"\nkept {root} (mirrord logs: {root}/<scenario>/mirrord*.log)")
         else:
             shutil.rmtree(root, ignore_errors=True)
 
     print()
-    print("summary (ms; (a) bare IDLE floor, (b) two-session floor, (c) mirrord; median / p90 / p99):")
+    mode = f"phased, {args.phased} mirrord-only phases: unpaired" if args.phased else "concurrent"
+    print(f"summary ({mode}; ms; (a) bare IDLE floor, (b) two-session floor, (c) mirrord; median / p90 / p99):")
     print(f"  {'scenario':<16}{'(a)':>22}{'(b)':>22}{'(c)':>22}{'(c)-(b)':>22}")
     for o in outcomes:
         if o.mirrord_ms and o.two_ms and o.floor_ms:
