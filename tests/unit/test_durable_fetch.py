@@ -365,6 +365,97 @@ def test_new_mail_that_cannot_be_made_durable_costs_only_itself(
     assert tmp_files(sync) == []
 
 
+def test_a_burst_of_new_mail_commits_its_pending_rows_while_its_fsyncs_run(
+    sync: MailboxSync, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15, 50 arrivals a second: one EXISTS brings a burst, whose bodies
+    go to the syncer's threads in small chunks as they arrive. The pending
+    rows are committed while those fsyncs run, not after them (the commit
+    has an fsync of its own); still no file is renamed before every fsync of
+    the group is done, and the rows are made real after the directory fsync."""
+    from twisted.internet import task
+
+    from mirrord.sync.fetching import NEW_MAIL_SYNC_CHUNK
+
+    events: list[str] = []
+    real_fsync, real_rename = os.fsync, os.rename
+    real_add, real_promote = sync.state.add_pending, sync.state.promote_pending
+    monkeypatch.setattr(maildir_mod.os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(maildir_mod.os, "rename", lambda a, b: (events.append("rename"), real_rename(a, b))[1])
+    monkeypatch.setattr(maildir_mod, "_fsync_dir", lambda path: events.append("fsync_dir"))
+    monkeypatch.setattr(sync.state, "add_pending", lambda *a: (events.append("pending"), real_add(*a))[1])
+    monkeypatch.setattr(sync.state, "promote_pending", lambda *a: (events.append("commit"), real_promote(*a))[1])
+    early = 2 * NEW_MAIL_SYNC_CHUNK
+    count = early + 1  # two chunks go ahead; the last body is fsynced by the delivering call
+    result = MailboxResult("acct", "INBOX")
+    d = defer.Deferred.fromCoroutine(
+        sync._receive(fake_fetch(sync, count), result, flush_every=1, flush_soon=task.Clock())
+    )
+    # The chunks' fsyncs are under way (held); the rows are committed already.
+    assert len(sync.syncer.calls) == 2  # type: ignore[attr-defined]
+    assert events == ["pending"]
+    assert sync.state.pending("acct", "INBOX").keys() == set(range(1, count + 1))
+    sync.syncer._release_once(None)  # type: ignore[attr-defined]
+    assert events == ["pending"] + ["fsync"] * early
+    assert sync.maildir.scan() == {}  # the rest of the group is not durable yet
+    sync.syncer.release()  # type: ignore[attr-defined]
+    d.result  # noqa: B018 - raises if it failed
+    # Both new/ and cur/ got files (read and unread mail): two directory fsyncs.
+    assert events == ["pending"] + ["fsync"] * count + ["rename"] * count + ["fsync_dir"] * 2 + ["commit"]
+    assert result.fetched == count and len(sync.maildir.scan()) == count
+    assert sync.state.count("acct", "INBOX") == count and sync.state.pending("acct", "INBOX") == {}
+
+
+@pytest.mark.parametrize("nth", [2, 5], ids=["in-an-early-chunk", "in-the-delivering-call"])
+def test_a_burst_of_new_mail_that_cannot_all_be_made_durable_keeps_the_rest(
+    sync: MailboxSync, monkeypatch: pytest.MonkeyPatch, nth: int
+) -> None:
+    """A failed fsync in a burst drops that message (no file, no row, no
+    tmp/ file) whether it failed in a chunk that ran beside the commit of
+    the pending rows or in the call that delivers; the command fails with
+    the disk's error, and every other message is in place and recorded."""
+    from twisted.internet import task
+
+    from mirrord.sync.fetching import NEW_MAIL_SYNC_CHUNK
+
+    count = 2 * NEW_MAIL_SYNC_CHUNK + 1  # the 5th fsync belongs to the delivering call
+    assert count == 5
+    _disk_full_at_fsync(nth, monkeypatch)
+    recorded: set[int] = set()
+    d = defer.Deferred.fromCoroutine(
+        sync._receive(fake_fetch(sync, count), MailboxResult("acct", "INBOX"), flush_every=1,
+                      recorded=recorded, flush_soon=task.Clock())
+    )
+    sync.syncer.release()  # type: ignore[attr-defined]
+    failure = d.result
+    d.addErrback(lambda _: None)
+    assert failure.value.errno == errno.ENOSPC
+    assert recorded == set(range(1, count + 1)) - {nth}
+    assert sync.state.count("acct", "INBOX") == count - 1 and len(sync.maildir.scan()) == count - 1
+    assert sync.state.pending("acct", "INBOX") == {}
+    assert tmp_files(sync) == []
+
+
+def test_a_burst_whose_fsync_call_breaks_leaves_no_row_and_no_file(sync: MailboxSync) -> None:
+    """Not a disk error of one file but the call itself failing (a bug, a
+    thread gone): the pending rows committed beside it are dropped, no file
+    is in place, and the command fails with that error."""
+    from twisted.internet import task
+
+    d = defer.Deferred.fromCoroutine(
+        sync._receive(fake_fetch(sync, 5), MailboxResult("acct", "INBOX"), flush_every=1,
+                      flush_soon=task.Clock())
+    )
+    sync.syncer._release_once(RuntimeError("the fsync thread broke"))  # type: ignore[attr-defined]
+    sync.syncer.release()  # type: ignore[attr-defined]
+    failure = d.result
+    d.addErrback(lambda _: None)
+    assert isinstance(failure.value, RuntimeError)
+    assert sync.state.count("acct", "INBOX") == 0 and sync.state.pending("acct", "INBOX") == {}
+    assert sync.maildir.scan() == {}
+    assert tmp_files(sync) == []
+
+
 # -- the tmp/ reserve -----------------------------------------------------------
 
 
