@@ -425,31 +425,21 @@ class FetchPipeline:
                 if crash is not None:
                     raise crash
                 early = [pair for ok, pairs in outcomes if ok for pair in pairs]
-                if early:
-                    bad = {id(body) for body, _ in early}
-                    self.state.drop_pending(self.account, self.name, [m.uid for m in messages if id(m.body) in bad])
-                    for body, _ in early:
-                        body.abort()
-                    messages = [m for m in messages if id(m.body) not in bad]
-                    uids = [m.uid for m in messages]
-                    if not messages:
-                        return early
+                messages = self._drop_failed(messages, early)
+                uids = [m.uid for m in messages]
+                if not messages:
+                    return early
             failed = await self.syncer.run(
                 functools.partial(_sync_and_deliver, self.maildir, [(m.body, m.flags) for m in messages])
             )
         except BaseException:
             self.state.drop_pending(self.account, self.name, uids)
             raise
-        if failed:
-            bad = {id(body) for body, _ in failed}
-            self.state.drop_pending(self.account, self.name, [m.uid for m in messages if id(m.body) in bad])
-            for body, _ in failed:
-                body.abort()
-            messages = [m for m in messages if id(m.body) not in bad]
-            uids = [m.uid for m in messages]
-            if not messages:
-                return early + failed
+        messages = self._drop_failed(messages, failed)
+        uids = [m.uid for m in messages]
         failed = early + failed
+        if not messages:
+            return failed
         self.state.promote_pending(self.account, self.name, uids)
         if recorded is not None:
             recorded.update(uids)
@@ -459,6 +449,18 @@ class FetchPipeline:
         if self.progress is not None:
             self.progress.done(len(messages), sum(m.size or m.body.size for m in messages))
         return failed
+
+    def _drop_failed(
+        self, messages: list[FetchedMessage], failed: list[tuple[Any, OSError]]
+    ) -> list[FetchedMessage]:
+        """``messages`` less those whose body could not be made durable: their pending rows and tmp/ files go."""
+        if not failed:
+            return messages
+        bad = {id(body) for body, _ in failed}
+        self.state.drop_pending(self.account, self.name, [m.uid for m in messages if id(m.body) in bad])
+        for body, _ in failed:
+            body.abort()
+        return [m for m in messages if id(m.body) not in bad]
 
     async def _receive(
         self,

@@ -634,16 +634,20 @@ def _prefill(account: ImapAccount, scenario: Scenario, args: argparse.Namespace)
         opener.close()
 
 
-def run_scenario(server: PrivateDovecot, scenario: Scenario, args: argparse.Namespace, root: Path) -> Outcome:
-    out = Outcome(scenario)
+def _set_up(server: PrivateDovecot, scenario: Scenario, args: argparse.Namespace,
+            root: Path) -> tuple[Outcome, Path, ImapAccount, Path, Path, random.Random]:
+    """A scenario's account, prefilled, and mirrord's config: (outcome, work dir, account, config, INBOX, rng)."""
     work = root / scenario.name
     work.mkdir()
     account = server.new_account(f"latency-{scenario.name}")
     _prefill(account, scenario, args)
     config = _write_config(work, account, args.workers)
+    return Outcome(scenario), work, account, config, work / "Mail" / "INBOX", random.Random(args.seed)
+
+
+def run_scenario(server: PrivateDovecot, scenario: Scenario, args: argparse.Namespace, root: Path) -> Outcome:
+    out, work, account, config, inbox, rng = _set_up(server, scenario, args, root)
     daemon = Mirrord(config, work / "mirrord.log", log_mode=args.mirrord_log)
-    inbox = work / "Mail" / "INBOX"
-    rng = random.Random(args.seed)
     load_proc: multiprocessing.process.BaseProcess | None = None
     stop_load: EventType | None = None
     inotify: Inotify | None = None
@@ -723,29 +727,37 @@ def run_scenario(server: PrivateDovecot, scenario: Scenario, args: argparse.Name
         _evaluate(out, account, collector, sent, inbox, daemon if args.mirrord_log != "plain" else None, two_bodies,
                   two_heard)
     finally:
-        # Each step on its own: one failing must not leave mirrord or the load running.
-        if stop_load is not None:
-            stop_load.set()
-        if stop_two is not None:
-            stop_two.set()
-        if two_proc is not None:
-            two_proc.join(10)
-            if two_proc.is_alive():
-                two_proc.kill()
-        _quietly(daemon.stop)
-        if load_proc is not None:
-            load_proc.join(10)
-            if load_proc.is_alive():
-                load_proc.kill()
-        if collector is not None and collector.is_alive():
-            _quietly(collector.stop)
-        for client in (floor, appender):
-            if client is not None:
-                client.close()
-        if inotify is not None:
-            _quietly(inotify.close)
-        _quietly(account.close)
+        _tear_down(daemon, (stop_load, load_proc), (stop_two, two_proc), collector, (floor, appender), inotify, account)
     return out
+
+
+def _tear_down(daemon: Mirrord, load: tuple[Any, Any], two: tuple[Any, Any], collector: Collector | None,
+               clients: tuple[RawImap | None, ...], inotify: Inotify | None, account: ImapAccount) -> None:
+    """Stop what a scenario started, each step on its own: one failing must not
+    leave mirrord, the floor client or the load running. ``load`` and ``two``:
+    (stop event, process) of the load and the two-session floor client."""
+    (stop_load, load_proc), (stop_two, two_proc) = load, two
+    if stop_load is not None:
+        stop_load.set()
+    if stop_two is not None:
+        stop_two.set()
+    if two_proc is not None:
+        two_proc.join(10)
+        if two_proc.is_alive():
+            two_proc.kill()
+    _quietly(daemon.stop)
+    if load_proc is not None:
+        load_proc.join(10)
+        if load_proc.is_alive():
+            load_proc.kill()
+    if collector is not None and collector.is_alive():
+        _quietly(collector.stop)
+    for client in clients:
+        if client is not None:
+            client.close()
+    if inotify is not None:
+        _quietly(inotify.close)
+    _quietly(account.close)
 
 
 
@@ -808,14 +820,7 @@ def run_phased(server: PrivateDovecot, scenario: Scenario, args: argparse.Namesp
     session (a third session would cost Dovecot a rescan per change that
     mirrord's phases do not pay).
     """
-    out = Outcome(scenario)
-    work = root / scenario.name
-    work.mkdir()
-    account = server.new_account(f"latency-{scenario.name}")
-    _prefill(account, scenario, args)
-    config = _write_config(work, account, args.workers)
-    inbox = work / "Mail" / "INBOX"
-    rng = random.Random(args.seed)
+    out, work, account, config, inbox, rng = _set_up(server, scenario, args, root)
     gaps = scenario.gaps(args)
     plan = _phase_plan(args.messages, args.phased)
     out.phases = " ".join(f"{side[0].upper()}{n}" for side, n in plan)
@@ -914,27 +919,7 @@ def run_phased(server: PrivateDovecot, scenario: Scenario, args: argparse.Namesp
         _evaluate(out, account, seen, sent, inbox, None, two_bodies, two_heard, sides=sides,
                   watcher_events=watcher_events if args.mirrord_log != "plain" else None)
     finally:
-        # Each step on its own: one failing must not leave mirrord, the floor client or the load running.
-        if stop_load is not None:
-            stop_load.set()
-        if stop_two is not None:
-            stop_two.set()
-        if two_proc is not None:
-            two_proc.join(10)
-            if two_proc.is_alive():
-                two_proc.kill()
-        _quietly(daemon.stop)
-        if load_proc is not None:
-            load_proc.join(10)
-            if load_proc.is_alive():
-                load_proc.kill()
-        if collector is not None and collector.is_alive():
-            _quietly(collector.stop)
-        if appender is not None:
-            appender.close()
-        if inotify is not None:
-            _quietly(inotify.close)
-        _quietly(account.close)
+        _tear_down(daemon, (stop_load, load_proc), (stop_two, two_proc), collector, (appender,), inotify, account)
     return out
 
 
