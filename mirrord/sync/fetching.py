@@ -403,6 +403,9 @@ class FetchPipeline:
         """
         if not messages:
             return []
+        # Gathered at once: however this ends (a refused row, a failed
+        # commit), the calls' own failures are consumed, never left unhandled.
+        gathered = defer.DeferredList(syncing, consumeErrors=True) if syncing else None
         records = [MessageRecord(m.uid, m.body.key, m.flags, m.size, m.body.message_id) for m in messages]
         refused = self.state.add_pending(self.account, self.name, records)
         if refused:
@@ -419,8 +422,8 @@ class FetchPipeline:
         uids = [m.uid for m in messages]
         early: list[tuple[Any, OSError]] = []
         try:
-            if syncing:
-                outcomes = await defer.DeferredList(syncing, consumeErrors=True)
+            if gathered is not None:
+                outcomes = await gathered
                 crash = next((f.value for ok, f in outcomes if not ok), None)
                 if crash is not None:
                     raise crash

@@ -436,6 +436,33 @@ def test_a_burst_of_new_mail_that_cannot_all_be_made_durable_keeps_the_rest(
     assert tmp_files(sync) == []
 
 
+def test_a_burst_whose_pending_rows_cannot_be_committed_leaves_no_file(
+    sync: MailboxSync, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit fails (a full disk under the state DB) while the burst's
+    fsyncs are still running: every body is discarded, nothing reaches new/
+    or cur/, and the command fails with the commit's error."""
+    import sqlite3
+
+    from twisted.internet import task
+
+    def no_space(*a: Any) -> Any:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(sync.state, "add_pending", no_space)
+    d = defer.Deferred.fromCoroutine(
+        sync._receive(fake_fetch(sync, 5), MailboxResult("acct", "INBOX"), flush_every=1,
+                      flush_soon=task.Clock())
+    )
+    sync.syncer.release()  # type: ignore[attr-defined]
+    failure = d.result
+    d.addErrback(lambda _: None)
+    assert isinstance(failure.value, sqlite3.OperationalError)
+    assert sync.state.count("acct", "INBOX") == 0 and sync.state.pending("acct", "INBOX") == {}
+    assert sync.maildir.scan() == {}
+    assert tmp_files(sync) == []
+
+
 def test_a_burst_whose_fsync_call_breaks_leaves_no_row_and_no_file(sync: MailboxSync) -> None:
     """Not a disk error of one file but the call itself failing (a bug, a
     thread gone): the pending rows committed beside it are dropped, no file
