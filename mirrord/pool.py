@@ -102,9 +102,10 @@ class Worker:
         mail that arrived since its last command only after a command syncs
         its view, Dovecot answers ``UID FETCH`` from the old view (no error,
         just nothing), and it runs a UID command pipelined behind a NOOP in
-        parallel with the NOOP, on the view from before it. A command after EXAMINE must run in the mailbox
-        EXAMINE opened, on every server (RFC 3501 5.5), and EXAMINE's view is
-        fresh. ``then`` must send its one command as soon as it is called.
+        parallel with the NOOP, on the view from before it. A command after
+        EXAMINE must run in the mailbox EXAMINE opened, on every server
+        (RFC 3501 5.5), and EXAMINE's view is fresh. ``then`` must send its
+        one command as soon as it is called.
 
         :attr:`status` and :attr:`selected` are set the moment EXAMINE's OK is
         read, before any response to ``then``'s command, so a callback

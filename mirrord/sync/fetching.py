@@ -5,9 +5,9 @@ a time; a catch-up's handful goes in one command on the worker that listed
 (:meth:`FetchPipeline._fetch_few`). While a batch streams in, the syncer's
 threads keep empty tmp/ files made ahead (the reserve) and fsync each body
 as it completes, a few per thread call; every FLUSH_MESSAGES / FLUSH_BYTES
-the fsynced bodies form a group that is recorded pending, renamed into
-place with one directory fsync, and promoted (``_receive`` -> ``_settle`` ->
-``_record``). A retry after a cut connection fetches only what the state
+the bodies form a group that is recorded pending while their fsyncs run,
+then renamed into place with one directory fsync, and promoted (``_receive``
+-> ``_settle`` -> ``_record``). A retry after a cut connection fetches only what the state
 does not have yet, and the state refuses a second file for one UID
 (invariant 7): a body it refuses is aborted, never renamed into place.
 """
@@ -50,10 +50,9 @@ SYNC_CHUNK = 8
 NEW_MAIL_SYNC_CHUNK = 2
 """The same for a burst of new mail, where each millisecond is latency: more,
 smaller calls spread its fsyncs over more of the syncer's threads. With the
-pending rows committed beside them (``_settle``'s ``overlap``), a watcher's
-EXISTS to the file under 50 arrivals a second went from 19.0-19.9 ms median
-to 14.0-14.8 (``bench_latency.py --scenario load``); either change alone
-made 17.5 and 19.9."""
+pending rows committed beside them (``_settle``), a watcher's EXISTS to the
+file under 50 arrivals a second went from 19.0-19.9 ms median to 14.0-14.8
+(``bench_latency.py --scenario load``); either change alone made 17.5 and 19.9."""
 DEFER_TAIL_BYTES = 1024 * 1024
 """A body's last buffered bytes (its tail, under 64 KB) are written by the
 thread that fsyncs it rather than by the reactor thread, while the tails
@@ -398,8 +397,8 @@ class FetchPipeline:
         is fsynced in the same syncer call, before its rename; one whose
         write or fsync fails is left out, its pending row dropped, and
         returned with why. ``syncing``: fsync calls already running for some
-        of the bodies (new mail in a burst); the pending rows are committed
-        while they run, and nothing is renamed before they are done.
+        of the bodies; the pending rows are committed while they run, and
+        nothing is renamed before they are done.
         """
         if not messages:
             return []
@@ -408,30 +407,30 @@ class FetchPipeline:
         gathered = defer.DeferredList(syncing, consumeErrors=True) if syncing else None
         records = [MessageRecord(m.uid, m.body.key, m.flags, m.size, m.body.message_id) for m in messages]
         refused = self.state.add_pending(self.account, self.name, records)
-        if refused:
-            # The state has a file for these already (a retry or a race
-            # fetched them again): the new bodies never reach new/ or cur/.
-            for m in messages:
-                if m.uid in refused:
-                    m.body.abort()
+        # The state has a file for these already (a retry or a race fetched
+        # them again): the new bodies never reach new/ or cur/. They are
+        # discarded once no fsync call is at work on them: aborted under a
+        # call that has not reached them yet, they would fail it, and with
+        # it the bodies it shares with others.
+        again = [m for m in messages if m.uid in refused]
+        if again:
             log.warning("%s: UIDs %s fetched again but already on disk; second copies discarded",
                         self.label, ",".join(map(str, sorted(refused))))
             messages = [m for m in messages if m.uid not in refused]
-            if not messages:
-                return []
         uids = [m.uid for m in messages]
         early: list[tuple[Any, OSError]] = []
         try:
-            if gathered is not None:
-                outcomes = await gathered
-                crash = next((f.value for ok, f in outcomes if not ok), None)
-                if crash is not None:
-                    raise crash
-                early = [pair for ok, pairs in outcomes if ok for pair in pairs]
-                messages = self._drop_failed(messages, early)
-                uids = [m.uid for m in messages]
-                if not messages:
-                    return early
+            outcomes = await gathered if gathered is not None else []
+            for m in again:
+                m.body.abort()
+            crash = next((f.value for ok, f in outcomes if not ok), None)
+            if crash is not None:
+                raise crash
+            early = [pair for ok, pairs in outcomes if ok for pair in pairs]
+            messages = self._drop_failed(messages, early)
+            uids = [m.uid for m in messages]
+            if not messages:
+                return early
             failed = await self.syncer.run(
                 functools.partial(_sync_and_deliver, self.maildir, [(m.body, m.flags) for m in messages])
             )
@@ -525,8 +524,7 @@ class FetchPipeline:
             # are committed: one hand-off to a thread and back, not two.
             if group:
                 settled = defer.Deferred.fromCoroutine(
-                    self._settle(list(group), list(group_syncs), result, failure, recorded,
-                                 overlap=flush_soon is not None)
+                    self._settle(list(group), list(group_syncs), result, failure, recorded)
                 )
                 if chunk_tails:
                     _tails.hold(settled, chunk_tails)
@@ -588,52 +586,27 @@ class FetchPipeline:
         result: MailboxResult,
         failure: list[BaseException],
         recorded: set[int] | None,
-        overlap: bool = False,
     ) -> None:
-        """Wait for a group's fsyncs, then deliver and record the messages made durable.
+        """Record a group pending while its fsyncs run, then deliver and record what was made durable.
+
+        The pending rows are committed beside the fsyncs, not after them:
+        a pending row may name a file that is not durable yet (recovery
+        drops a row whose file never reached new/ or cur/), and nothing is
+        renamed before both are done. Under 50 arrivals a second, a burst
+        of 25 waited for its fsyncs and then for the commit's own fsync,
+        one after the other.
 
         A message whose own write or fsync failed is dropped (its tmp/ file
         removed) and the error reported when the command ends; the rest of
         the group is kept. Anything else going wrong aborts the whole group.
-
-        ``overlap`` (new mail): the group's pending rows are committed while
-        its fsyncs run, not after them. A pending row may name a file that
-        is not durable yet (recovery drops a row whose file never reached
-        new/ or cur/); nothing is renamed before both are done. Under 50
-        arrivals a second, a burst of 25 waited for the fsyncs and then for
-        the commit's own fsync, one after the other.
         """
-        if overlap:
-            try:
-                late = await self._record(group, result, recorded, syncing=syncs)
-            except BaseException as e:  # noqa: BLE001 - reported when the command ends
-                for message in group:
-                    message.body.abort()
-                failure.append(e)
-                return
-            if late:
-                failure.append(late[0][1])
+        try:
+            late = await self._record(group, result, recorded, syncing=syncs)
+        except BaseException as e:  # noqa: BLE001 - reported when the command ends
+            for message in group:
+                message.body.abort()
+            failure.append(e)
             return
-        outcomes = await defer.DeferredList(syncs, consumeErrors=True)
-        error: BaseException | None = next((f.value for ok, f in outcomes if not ok), None)
-        if error is None:
-            failed = [pair for ok, pairs in outcomes if ok for pair in pairs]
-            if failed:
-                bad = {body for body, _ in failed}
-                for body in bad:
-                    body.abort()
-                group = [m for m in group if m.body not in bad]
-                error = failed[0][1]
-            try:
-                late = await self._record(group, result, recorded)
-                if error is None and late:
-                    error = late[0][1]
-                if error is None:
-                    return
-                group = []
-            except BaseException as e:  # noqa: BLE001 - reported when the command ends
-                error = e
-        for message in group:
-            message.body.abort()
-        failure.append(error)
+        if late:
+            failure.append(late[0][1])
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mirrord.flags import Flags, representable
@@ -232,32 +232,8 @@ def test_tmp_of_another_maildir_is_refused(tmp_path: Path) -> None:
 
 # -- CRLF -> LF ----------------------------------------------------------------------
 
-# Bytes rich in CR and LF, so that chunk boundaries fall between them often.
-crlf_bytes = st.one_of(
-    st.binary(max_size=300),
-    st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"x", b"\x00", b"\r\r\n"]), max_size=80).map(
-        b"".join
-    ),
-)
-
-
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=crlf_bytes, cuts=st.lists(st.integers(min_value=0, max_value=300), max_size=20), views=st.booleans())
-def test_crlf_conversion_any_chunking(md: Maildir, data: bytes, cuts: list[int], views: bool) -> None:
-    # ``views``: pieces of one buffer, as the protocol reader hands out the parts of a read.
-    points = sorted({min(c, len(data)) for c in cuts})
-    whole = memoryview(data) if views else data
-    chunks = [whole[a:b] for a, b in zip([0, *points], [*points, len(data)])]
-    assert b"".join(chunks) == data
-    tmp = md.open_tmp()
-    for chunk in chunks:
-        tmp.write(chunk)
-    key = md.deliver(tmp, frozenset())
-    expected = data.replace(b"\r\n", b"\n")
-    path = md.path / "new" / key
-    assert path.read_bytes() == expected
-    assert tmp.size == len(expected)
-    md.remove(key)
+# Any chunking of any bytes, through both CRLF -> LF implementations:
+# tests/unit/test_newlines.py::test_a_message_written_in_any_pieces_is_the_exact_conversion.
 
 
 def test_cr_held_across_chunks(md: Maildir) -> None:

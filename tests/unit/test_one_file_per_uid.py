@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from twisted.internet import defer
+import pytest
+from twisted.internet import defer, task
 
 from mirrord.flags import Flags
 from mirrord.store.maildir import Maildir, Trash
@@ -22,7 +23,8 @@ from tests.unit.test_durable_fetch import fake_fetch, sync, tmp_files  # noqa: F
 A, INBOX = "acct", "INBOX"
 
 
-def test_a_refetched_body_is_discarded_and_the_first_copy_kept(sync: MailboxSync) -> None:  # noqa: F811
+@pytest.mark.parametrize("new_mail", [False, True], ids=["batch", "burst-of-new-mail"])
+def test_a_refetched_body_is_discarded_and_the_first_copy_kept(sync: MailboxSync, new_mail: bool) -> None:  # noqa: F811
     first = defer.Deferred.fromCoroutine(sync._receive(fake_fetch(sync, 2), MailboxResult(A, INBOX)))
     sync.syncer.release()  # type: ignore[attr-defined]
     first.result  # noqa: B018 - raises if it failed
@@ -30,20 +32,23 @@ def test_a_refetched_body_is_discarded_and_the_first_copy_kept(sync: MailboxSync
     files_before = sync.maildir.scan()
     assert len(files_before) == 2
 
-    # A retry that (wrongly) fetches messages 1..3 again: only 3 is new.
+    # A retry that (wrongly) fetches messages 1..5 again: only 3..5 are new.
+    # The refused bodies share fsync calls with new ones, still running
+    # when the rows are refused: discarding them must not fail those calls.
     result = MailboxResult(A, INBOX)
-    again = defer.Deferred.fromCoroutine(sync._receive(fake_fetch(sync, 3), result))
+    options = {"flush_every": 1, "flush_soon": task.Clock()} if new_mail else {}
+    again = defer.Deferred.fromCoroutine(sync._receive(fake_fetch(sync, 5), result, **options))  # type: ignore[arg-type]
     sync.syncer.release()  # type: ignore[attr-defined]
     again.result  # noqa: B018
 
     after = sync.state.messages(A, INBOX)
     assert {u: after[u] for u in before} == before  # no row replaced
-    assert set(after) == {1, 2, 3}
+    assert set(after) == {1, 2, 3, 4, 5}
     files = sync.maildir.scan()
-    assert len(files) == 3 and set(files_before) <= set(files)
+    assert len(files) == 5 and set(files_before) <= set(files)
     assert set(files) == {r.key for r in after.values()}
     assert tmp_files(sync) == []
-    assert result.fetched == 1
+    assert result.fetched == 3
     assert sync.state.pending(A, INBOX) == {}
 
 
